@@ -1,0 +1,97 @@
+"""The canonical, format-free adapter: what lands on which rows of which module.
+
+Every file layout is read into this one shape, so the engine, the tools and the converters never
+see a trainer's key spelling. Tensors keep the dtype they had in the file; the math promotes to fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ALGORITHMS = ("lora", "lokr", "loha", "full")
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A file key that was not applied, with the reason (text encoder, no such module, ...)."""
+
+    key: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"key": self.key, "reason": self.reason}
+
+
+@dataclass
+class Dora:
+    """DoRA magnitude. `on_out`: one value per output row (PEFT, LyCORIS default) or per input column.
+
+    Strength convention (ComfyUI's): the user's scale `t` interpolates between the base weight and the
+    DoRA-adapted weight, W' = W + t * (m * V / ||V|| - W) with V = W + s * dW. At t = 1 this is exactly
+    PEFT's and LyCORIS's result, and it keeps re-weighting O(1) in dynamic mode.
+    """
+
+    magnitude: torch.Tensor
+    on_out: bool = True
+
+
+@dataclass
+class Target:
+    """One delta for one module.
+
+    `rows`: the slice of the module's output rows this delta covers (a split `to_q` adapter on a fused
+    `qkv` Linear); None means all rows. `delta_rows`: the slice of the built delta that is kept (a fused
+    `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it. `scale` is the one implied by
+    alpha and rank for this module; the user's strength multiplies it at apply time.
+    """
+
+    module: str
+    algorithm: str
+    tensors: dict[str, torch.Tensor]
+    scale: float = 1.0
+    rows: tuple[int, int] | None = None
+    delta_rows: tuple[int, int] | None = None
+    dora: Dora | None = None
+    source_keys: tuple[str, ...] = ()
+    rank: int | None = None
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        """Module name, with the row slice when the delta covers only part of it."""
+        if self.rows is None:
+            return self.module
+        return f"{self.module}[{self.rows[0]}:{self.rows[1]}]"
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if self.dora is not None:
+            total += self.dora.magnitude.numel() * self.dora.magnitude.element_size()
+        return total
+
+
+@dataclass
+class Adapter:
+    """A whole adapter, resolved against one model's module names."""
+
+    name: str
+    format: str
+    source: str
+    targets: list[Target]
+    unmatched: list[Unmatched] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def modules(self) -> list[str]:
+        """Model module names that receive a delta, in file order, without repeats."""
+        return list(dict.fromkeys(t.module for t in self.targets))
+
+    @property
+    def algorithms(self) -> list[str]:
+        return sorted({t.algorithm for t in self.targets})
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.targets)

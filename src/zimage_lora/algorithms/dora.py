@@ -1,0 +1,34 @@
+"""DoRA as a per-row factor, so neither merge nor forward needs more than the base weight once.
+
+With V = W + s * dW and magnitude m (one value per output row), DoRA's weight is f * V with
+f = m / ||V||_row. The user's strength t interpolates: W' = W + t * (f * V - W), so
+
+    y = W x + t * ((f - 1) * (W x) + f * s * (dW x))
+
+`dora_row_factor` returns f once; the forward only needs two per-row vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dora_row_factor(
+    weight: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, on_out: bool = True
+) -> torch.Tensor:
+    """f = m / ||W + s dW||, per output row (shape (out, 1)) or per input column (shape (1, in)), fp32."""
+    v = weight.float() + scaled_delta.float()
+    eps = torch.finfo(torch.float32).eps
+    if on_out:
+        return magnitude.float().reshape(-1, 1) / (v.norm(dim=1, keepdim=True) + eps)
+    return magnitude.float().reshape(1, -1) / (v.norm(dim=0, keepdim=True) + eps)
+
+
+def dora_merged(
+    weight: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, strength: float, on_out: bool
+) -> torch.Tensor:
+    """W + t * (f * (W + s dW) - W) in fp32, for merging."""
+    w = weight.float()
+    v = w + scaled_delta.float()
+    f = dora_row_factor(w, scaled_delta, magnitude, on_out)
+    return w + strength * (f * v - w)

@@ -1,0 +1,47 @@
+"""Backends for base layers. Quantized backends are imported only when their package is loaded."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+from ..errors import UnsupportedError
+from .base import Backend
+from .plain import PlainLinearBackend
+
+# (module path, class name, top-level package that must already be imported for it to apply).
+# A quantized layer can only exist if its package was imported, so checking sys.modules keeps
+# start-up free of optional imports.
+REGISTRY: list[tuple[str, str, str]] = []
+
+_PLAIN = PlainLinearBackend()
+_loaded: dict[str, Backend] = {}
+
+
+def _candidates() -> list[Backend]:
+    found: list[Backend] = []
+    for path, cls, package in REGISTRY:
+        if package not in sys.modules:
+            continue
+        key = f"{path}:{cls}"
+        if key not in _loaded:
+            _loaded[key] = getattr(importlib.import_module(path, __name__), cls)()
+        found.append(_loaded[key])
+    return found
+
+
+def backend_for(module: torch.nn.Module) -> Backend:
+    for backend in _candidates():
+        if backend.matches(module):
+            return backend
+    if _PLAIN.matches(module):
+        return _PLAIN
+    raise UnsupportedError(
+        f"no backend handles layers of type {type(module).__name__}; supported: plain Linear"
+        + "".join(f", {cls}" for _p, cls, _k in REGISTRY)
+    )
+
+
+__all__ = ["Backend", "PlainLinearBackend", "REGISTRY", "backend_for"]

@@ -1,0 +1,51 @@
+"""Typed errors. Every failure a user can cause is a `LoRAError`.
+
+Messages follow one shape: what failed, where (file, key, module), what was expected and what was
+found, and how to fix it. Subclasses let callers react to one kind of failure without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class LoRAError(Exception):
+    """Base class of every error raised by zimage_lora."""
+
+
+class AdapterNotFoundError(LoRAError, FileNotFoundError):
+    """The source names no readable file, folder or hub repository."""
+
+
+class InvalidFormatError(LoRAError, ValueError):
+    """The file is not a valid adapter: bad header, unknown layout, missing partner tensor."""
+
+
+class IncompatibleWeightsError(LoRAError, ValueError):
+    """A key resolves to a real module but its shapes, dtype or values cannot be applied to it."""
+
+
+class DownloadError(LoRAError):
+    """Fetching from the Hugging Face Hub failed (offline, gated, missing file)."""
+
+
+class AmbiguousSourceError(LoRAError, ValueError):
+    """A folder or repository holds several candidate files and none was chosen."""
+
+
+class UnsafeFileError(LoRAError):
+    """The file would need unpickling or escapes its folder; it is refused, never executed."""
+
+
+class UnsupportedError(LoRAError, NotImplementedError):
+    """A valid request this library (or this backend) cannot carry out, e.g. merging into GGUF K-quants."""
+
+
+__all__ = [
+    "LoRAError",
+    "AdapterNotFoundError",
+    "InvalidFormatError",
+    "IncompatibleWeightsError",
+    "DownloadError",
+    "AmbiguousSourceError",
+    "UnsafeFileError",
+    "UnsupportedError",
+]

@@ -1,0 +1,243 @@
+"""Resolution: grouped file stems -> `Target`s on the model's modules, validated by shape first and
+only then read from disk (only the tensors that will be used)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import algorithms
+from ..adapter import Adapter, Dora, Target, Unmatched
+from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..formats.reader import AdapterFile, Group, pattern_value
+from .index import ModuleIndex, Site
+
+# Lower wins when two stems land on the same rows: the model's own spelling, then an alias, then
+# a fused/split translation (mixed files such as F11 carry both).
+_PREFERENCE = {("direct", True): 0, ("direct", False): 1, ("rows", False): 2, ("split", False): 2}
+
+
+@dataclass
+class _Placed:
+    group: Group
+    site: Site
+    rank: int | None
+    scale: float
+    alpha: float | None
+
+
+def resolve(file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = False) -> Adapter:
+    unmatched = list(file.unmatched)
+    placed: list[_Placed] = []
+    for group in file.groups:
+        site = index.lookup(group.stem)
+        if site is None:
+            unmatched.extend(
+                Unmatched(k, f"no module '{group.stem}' in the model (after removing prefix '{group.prefix}')")
+                for k in group.source_keys
+            )
+            continue
+        _check_shapes(file, group, site, index)
+        rank, scale, alpha = _scale(file, group)
+        placed.append(_Placed(group, site, rank, scale, alpha))
+
+    notes: list[str] = []
+    placed = _drop_overlaps(placed, unmatched, notes)
+    if strict and unmatched:
+        listing = "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10])
+        more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
+        raise IncompatibleWeightsError(
+            f"{file.path}: strict mode and {len(unmatched)} key(s) did not match: {listing}{more}. "
+            "Pass strict=False to apply the matched part."
+        )
+    if not placed:
+        sample = ", ".join(repr(g.stem) for g in file.groups[:3]) or "none"
+        raise IncompatibleWeightsError(
+            f"{file.path}: no key of this {file.format} file matches a module of the model "
+            f"({len(file.groups)} adapter stems, e.g. {sample}; {len(unmatched)} keys unmatched). "
+            "Is it an adapter for Z-Image's transformer? Run `zimage-lora inspect` to see every key and reason."
+        )
+    tensors = file.load(sorted({k for p in placed for k in p.group.source_keys}))
+    _check_finite(file, tensors)
+    targets: list[Target] = []
+    for p in placed:
+        targets.extend(_targets(p, tensors, index))
+    return Adapter(
+        name=name,
+        format=file.format,
+        source=str(file.path),
+        targets=targets,
+        unmatched=unmatched,
+        metadata=dict(file.header.metadata),
+        notes=notes,
+    )
+
+
+def _expected(site: Site, index: ModuleIndex) -> tuple[tuple[int, ...], bool]:
+    shapes = [index.shapes[m] for m in site.modules]
+    if site.kind == "rows":
+        a, b = site.rows
+        return (b - a, *shapes[0].shape[1:]), shapes[0].bias
+    if site.kind == "split":
+        return (sum(s.shape[0] for s in shapes), *shapes[0].shape[1:]), all(s.bias for s in shapes)
+    return shapes[0].shape, shapes[0].bias
+
+
+def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleIndex) -> None:
+    expected, has_bias = _expected(site, index)
+    where = f"{file.path}: key '{next(iter(group.keys.values()))}' -> module '{'/'.join(site.modules)}'"
+    shapes = {r: s for r, s in group.shapes.items() if r != "dora"}
+    if not index.shapes[site.modules[0]].is_linear:
+        # A norm layer: only a full diff of its 1-D weight (and bias) can patch it.
+        if group.algorithm != "full" or "diff" not in shapes or tuple(shapes["diff"]) != tuple(expected):
+            found = {r: list(s) for r, s in shapes.items()}
+            raise IncompatibleWeightsError(
+                f"{where}: a norm layer takes only a full '.diff' of shape {list(expected)}; found {found}."
+            )
+        want = expected
+    else:
+        try:
+            if group.algorithm == "full" and "diff" not in shapes:
+                got = (shapes["diff_b"][0], expected[-1])
+            else:
+                got = algorithms.delta_shape(group.algorithm, {r: s for r, s in shapes.items() if r != "diff_b"})
+        except (ValueError, KeyError) as exc:
+            raise InvalidFormatError(
+                f"{where}: inconsistent {group.algorithm} tensors: {exc}. The file is corrupt."
+            ) from None
+        want = expected
+        if tuple(got) != tuple(want):
+            raise IncompatibleWeightsError(
+                f"{where}: the {group.algorithm} delta has shape {list(got)} but the module expects "
+                f"{list(want)}. The adapter was made for another model (or another Z-Image variant), "
+                "or the file is corrupt."
+            )
+    if "diff_b" in shapes:
+        if not has_bias:
+            raise IncompatibleWeightsError(f"{where}: the file has a bias diff but the module has no bias.")
+        if tuple(shapes["diff_b"]) != (want[0],):
+            raise IncompatibleWeightsError(
+                f"{where}: bias diff has shape {list(shapes['diff_b'])}, expected {[want[0]]}."
+            )
+    if "dora" in group.shapes:
+        n = math.prod(group.shapes["dora"])
+        if n not in (want[0], want[-1]):
+            raise IncompatibleWeightsError(
+                f"{where}: DoRA magnitude has {n} values; expected {want[0]} (one per output row)."
+            )
+
+
+def _scale(file: AdapterFile, group: Group) -> tuple[int | None, float, float | None]:
+    """(rank, alpha/rank scale, alpha) for one module, following each trainer's rule."""
+    shapes = {r: s for r, s in group.shapes.items() if r not in ("dora", "diff_b")}
+    rank = algorithms.rank(group.algorithm, shapes) if group.algorithm != "full" else None
+    if rank is None:
+        return None, 1.0, group.alpha
+    alpha = group.alpha
+    rslora = False
+    cfg = file.config or {}
+    if alpha is None and group.algorithm == "lora" and cfg:
+        if "kohya_alpha" in cfg:
+            alpha = cfg["kohya_alpha"]
+        elif "lora_alpha" in cfg:
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem)
+            if alpha is None:
+                alpha = cfg["lora_alpha"]
+            rslora = bool(cfg.get("use_rslora"))
+    if alpha is None or alpha == 0 or rank == 0:
+        return rank, 1.0, alpha
+    alpha = float(alpha)
+    return rank, (alpha / math.sqrt(rank) if rslora else alpha / rank), alpha
+
+
+def _drop_overlaps(placed: list[_Placed], unmatched: list[Unmatched], notes: list[str]) -> list[_Placed]:
+    """Keep one stem per module rows; the others are reported with the reason."""
+    claims: dict[str, list[tuple[tuple[int, int] | None, _Placed]]] = {}
+    for p in placed:
+        for module in p.site.modules:
+            claims.setdefault(module, []).append((p.site.rows, p))
+    losers: set[int] = set()
+    for _module, entries in claims.items():
+        for i, (rows_i, p_i) in enumerate(entries):
+            for rows_j, p_j in entries[i + 1:]:
+                if id(p_i) in losers or id(p_j) in losers or not _overlap(rows_i, rows_j):
+                    continue
+                rank_i = _PREFERENCE[(p_i.site.kind, p_i.site.native)]
+                rank_j = _PREFERENCE[(p_j.site.kind, p_j.site.native)]
+                if rank_i == rank_j:
+                    raise IncompatibleWeightsError(
+                        f"duplicate targets: '{p_i.group.stem}' and '{p_j.group.stem}' (keys "
+                        f"'{p_i.group.source_keys[0]}', '{p_j.group.source_keys[0]}') both land on module "
+                        f"'{_module}'. The file mixes two copies of the same layer; keep one of them."
+                    )
+                keep, drop = (p_i, p_j) if rank_i < rank_j else (p_j, p_i)
+                losers.add(id(drop))
+                notes.append(
+                    f"'{drop.group.stem}' and '{keep.group.stem}' cover the same weights; "
+                    f"used '{keep.group.stem}', ignored '{drop.group.stem}'"
+                )
+                unmatched.extend(
+                    Unmatched(k, f"redundant: '{keep.group.stem}' already covers these weights")
+                    for k in drop.group.source_keys
+                )
+    return [p for p in placed if id(p) not in losers]
+
+
+def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _check_finite(file: AdapterFile, tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise IncompatibleWeightsError(
+                f"{file.path}: key '{key}' holds {bad} NaN/Inf value(s) out of {t.numel()}. "
+                "The adapter is broken (diverged training or a bad conversion); it was not applied."
+            )
+
+
+def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -> list[Target]:
+    g, site = p.group, p.site
+    own = {role: tensors[key] for role, key in g.keys.items()}
+    dora = None
+    if g.dora_key is not None:
+        mag = tensors[g.dora_key]
+        # PEFT: (out,); LyCORIS: (out, 1) by default, (1, in) when decomposed per input column.
+        on_out = not (mag.dim() == 2 and mag.shape[0] == 1 and mag.shape[1] > 1)
+        dora = Dora(mag.reshape(-1), on_out=on_out)
+    common = dict(
+        algorithm=g.algorithm, scale=p.scale, source_keys=g.source_keys, rank=p.rank, alpha=p.alpha
+    )
+    if site.kind == "direct":
+        return [Target(module=site.modules[0], tensors=own, dora=dora, **common)]
+    if site.kind == "rows":
+        return [Target(module=site.modules[0], tensors=own, rows=site.rows, dora=dora, **common)]
+    # A fused stem on split layers: LoRA shares down and takes row blocks of up; the other algorithms
+    # keep their factors and take row blocks of the delta they build.
+    out: list[Target] = []
+    start = 0
+    for module in site.modules:
+        n = index.shapes[module].shape[0]
+        rows = (start, start + n)
+        part = dict(own)
+        if g.algorithm == "lora":
+            part["up"] = own["up"][rows[0]:rows[1]]
+            delta_rows = None
+        else:
+            delta_rows = rows
+        if "diff_b" in part and delta_rows is None:
+            part["diff_b"] = own["diff_b"][rows[0]:rows[1]]
+        part_dora = None
+        if dora is not None:
+            part_dora = Dora(dora.magnitude[rows[0]:rows[1]] if dora.on_out else dora.magnitude, dora.on_out)
+        out.append(Target(module=module, tensors=part, delta_rows=delta_rows, dora=part_dora, **common))
+        start += n
+    return out
+
+
+__all__ = ["resolve", "LoRAError"]

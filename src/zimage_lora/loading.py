@@ -1,0 +1,41 @@
+"""Source -> canonical `Adapter` resolved against a model: the one entry point the engine and the
+tools use to read adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter
+from .formats import read_adapter_file
+from .keys import ModuleIndex, resolve
+from .sources import LoRAConfiguration, resolve_source
+
+
+def load_adapter(
+    source: str | Path | LoRAConfiguration,
+    model: torch.nn.Module | ModuleIndex | None = None,
+    *,
+    name: str | None = None,
+    filename: str | None = None,
+    revision: str | None = None,
+    strict: bool = False,
+) -> Adapter:
+    """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory)."""
+    cfg = source if isinstance(source, LoRAConfiguration) else LoRAConfiguration(source)
+    if filename is not None:
+        cfg.filename = filename
+    if revision is not None:
+        cfg.revision = revision
+    resolved = resolve_source(cfg)
+    file = read_adapter_file(resolved.path, resolved.config)
+    if isinstance(model, ModuleIndex):
+        index = model
+    else:
+        if model is None:
+            from .inventory import meta_model
+
+            model = meta_model()
+        index = ModuleIndex(model)
+    return resolve(file, index, name=name or cfg.name or resolved.default_name, strict=strict)
