@@ -214,8 +214,8 @@ def _format_label(groups: list[Group], header: Header) -> str:
             return "ai-toolkit (lycoris)"
         if fused:
             return "comfyui (fused qkv)"
-        if any(k.endswith(".lora_down.weight") for k in keys):
-            return "onetrainer (comfy)"
+        if any(k.endswith(".lora_down.weight") for k in keys) or any(g.alpha is not None for g in groups):
+            return "comfyui"
         return "ai-toolkit"
     if "transformer." in prefixes:
         if any(k.endswith(".lora_down.weight") for k in keys):

@@ -1,0 +1,1 @@
+"""Subcommands of the `zimage-lora` CLI (one module each)."""
