@@ -129,7 +129,7 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> TensorIn
 
 def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((t.start, t.end, t.key) for t in tensors.values() if t.end > t.start)
-    for (s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
+    for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:], strict=False):
         if s1 < e0:
             raise InvalidFormatError(
                 f"{path}: tensors '{k0}' and '{k1}' overlap in the file (bytes {s1}..{e0}). The file is corrupt."
