@@ -4,6 +4,7 @@ tensor data not yet read (only the tiny alpha scalars are)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class Group:
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key
     infos: dict[str, TensorInfo] = field(default_factory=dict)  # role -> header info
     alpha: float | None = None
+    alpha_key: str | None = None
     dora_key: str | None = None
     dora_role: str | None = None
 
@@ -36,6 +38,8 @@ class Group:
     @property
     def source_keys(self) -> tuple[str, ...]:
         keys = list(self.keys.values())
+        if self.alpha_key:
+            keys.append(self.alpha_key)
         if self.dora_key:
             keys.append(self.dora_key)
         return tuple(keys)
@@ -135,8 +139,12 @@ def _make_group(
             group.keys[role] = key
             group.infos[role] = info
         elif family == "scale":
-            group.alpha = alphas.get(key)
+            group.alpha, group.alpha_key = alphas.get(key), key
         elif family == "dora":
+            if info.dtype not in FLOAT_DTYPES:
+                raise InvalidFormatError(
+                    f"{header.path}: key '{key}' has dtype {info.dtype}; a DoRA magnitude must be floating point."
+                )
             group.dora_key, group.dora_role = key, role
             group.infos["dora"] = info
         else:
@@ -169,7 +177,7 @@ def _metadata_config(header: Header) -> dict | None:
     if text:
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise InvalidFormatError(
                 f"{header.path}: metadata 'lora_adapter_metadata' is not valid JSON. Re-save the adapter."
             ) from None
@@ -181,9 +189,15 @@ def _metadata_config(header: Header) -> dict | None:
             return doc
     if "ss_network_alpha" in meta:
         try:
-            return {"kohya_alpha": float(meta["ss_network_alpha"]), "kohya_dim": meta.get("ss_network_dim")}
+            alpha = float(meta["ss_network_alpha"])
         except ValueError:
             return None
+        if not math.isfinite(alpha):
+            raise InvalidFormatError(
+                f"{header.path}: metadata 'ss_network_alpha' is {meta['ss_network_alpha']!r}; expected a finite "
+                "number. Fix the metadata or add per-module '.alpha' tensors."
+            )
+        return {"kohya_alpha": alpha, "kohya_dim": meta.get("ss_network_dim")}
     return None
 
 

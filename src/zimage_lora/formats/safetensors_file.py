@@ -80,9 +80,11 @@ def read_header(path: str | Path) -> Header:
         raise InvalidFormatError(f"{path}: cannot read the file ({exc}). Check the path and permissions.") from exc
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert; RecursionError deep nesting.
         raise InvalidFormatError(
-            f"{path}: the safetensors header is not valid JSON ({exc}). The file is corrupt: download it again."
+            f"{path}: the safetensors header is not valid JSON ({str(exc)[:200]}). "
+            "The file is corrupt: download it again."
         ) from None
     if not isinstance(doc, dict):
         raise InvalidFormatError(f"{path}: the safetensors header must be a JSON object, found {type(doc).__name__}.")
@@ -106,12 +108,13 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> TensorIn
             f"{path}: key '{key}' has dtype {dtype!r}; expected one of {sorted(DTYPES)}. "
             "Re-save the adapter with a standard dtype (e.g. float16)."
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    # `type(...) is int`: JSON true/false are Python ints too, and must not pass as sizes.
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidFormatError(f"{path}: key '{key}' has an invalid shape {shape!r}.")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
         raise InvalidFormatError(

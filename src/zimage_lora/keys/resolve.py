@@ -159,6 +159,7 @@ def _drop_overlaps(placed: list[_Placed], unmatched: list[Unmatched], notes: lis
         for module in p.site.modules:
             claims.setdefault(module, []).append((p.site.rows, p))
     losers: set[int] = set()
+    dropped: dict[tuple[str, str], list[str]] = {}
     for _module, entries in claims.items():
         for i, (rows_i, p_i) in enumerate(entries):
             for rows_j, p_j in entries[i + 1:]:
@@ -174,15 +175,25 @@ def _drop_overlaps(placed: list[_Placed], unmatched: list[Unmatched], notes: lis
                     )
                 keep, drop = (p_i, p_j) if rank_i < rank_j else (p_j, p_i)
                 losers.add(id(drop))
-                notes.append(
-                    f"'{drop.group.stem}' and '{keep.group.stem}' cover the same weights; "
-                    f"used '{keep.group.stem}', ignored '{drop.group.stem}'"
-                )
+                dropped.setdefault((_describe(keep.site), _describe(drop.site)), []).append(drop.group.stem)
                 unmatched.extend(
                     Unmatched(k, f"redundant: '{keep.group.stem}' already covers these weights")
                     for k in drop.group.source_keys
                 )
+    for (kept, ignored), stems in dropped.items():
+        notes.append(
+            f"the file carries the same weights twice: used the {kept} keys, ignored the {ignored} keys "
+            f"({len(stems)} module(s), e.g. '{stems[0]}')"
+        )
     return [p for p in placed if id(p) not in losers]
+
+
+def _describe(site: Site) -> str:
+    if site.kind == "split":
+        return "fused qkv"
+    if site.kind == "rows":
+        return "split to_q/to_k/to_v"
+    return "model-named" if site.native else "alias-named (e.g. 'out', 'x_embedder')"
 
 
 def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:

@@ -1,0 +1,90 @@
+"""`zimage-lora inspect SOURCE`: what a file is and where it would land, without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = """Show an adapter's format, algorithms, ranks/alphas, matched and unmatched targets, coverage by
+block type, its size and the extra memory it needs in dynamic mode. The model inventory is built on
+the meta device (no weights needed); default: the Z-Image-Turbo transformer.
+
+examples:
+  zimage-lora inspect style.safetensors
+  zimage-lora inspect ./my_peft_folder --json
+  zimage-lora inspect org/zimage-style --filename style_v2.safetensors
+  zimage-lora inspect style.safetensors --model ./Z-Image-Turbo/transformer
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="describe an adapter file and how it maps onto the model",
+        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="a .safetensors file, a folder (PEFT folders too) or a hub id org/name")
+    p.add_argument("--filename", help="file inside a folder or hub repository")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--model", help="diffusers transformer folder or its config.json (default: Z-Image-Turbo)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--strict", action="store_true", help="fail when any key does not match")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inventory import load_config, meta_model
+    from ..keys import ModuleIndex
+    from ..loading import load_adapter
+    from ..report import summarize
+
+    index = ModuleIndex(meta_model(load_config(args.model)))
+    adapter = load_adapter(args.source, index, filename=args.filename, revision=args.revision, strict=args.strict)
+    info = summarize(adapter, index)
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    _print_tables(info)
+    return 0
+
+
+def _print_tables(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{info['source']}[/bold]")
+    summary = Table(show_header=False, box=None)
+    summary.add_row("format", info["format"])
+    summary.add_row("algorithms", ", ".join(info["algorithms"]) + (" + DoRA" if info["dora"] else ""))
+    summary.add_row("ranks", ", ".join(f"{r} (x{n})" for r, n in info["ranks"].items()) or "-")
+    summary.add_row("alphas", ", ".join(f"{a} (x{n})" for a, n in info["alphas"].items()) or "none (scale 1)")
+    summary.add_row("matched", f"{info['matched_count']} of {info['model_linear_count']} Linear layers")
+    summary.add_row("unmatched keys", str(len(info["unmatched"])))
+    summary.add_row("adapter size", _mb(info["adapter_bytes"]))
+    summary.add_row("dynamic extra memory", _mb(info["dynamic_extra_bytes"]))
+    console.print(summary)
+    cov = Table(title="coverage")
+    cov.add_column("block")
+    cov.add_column("matched")
+    for k, v in info["coverage"]["by_block"].items():
+        cov.add_row(k, v)
+    for k, v in info["coverage"]["by_kind"].items():
+        cov.add_row(f"({k})", v)
+    console.print(cov)
+    for note in info["notes"]:
+        console.print(f"note: {note}")
+    if info["unmatched"]:
+        um = Table(title="unmatched keys")
+        um.add_column("key")
+        um.add_column("reason")
+        for u in info["unmatched"][:40]:
+            um.add_row(u["key"], u["reason"])
+        if len(info["unmatched"]) > 40:
+            um.add_row("...", f"{len(info['unmatched']) - 40} more (use --json for all)")
+        console.print(um)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

@@ -1,0 +1,103 @@
+"""What `inspect` reports about an adapter: format, algorithms, ranks, coverage and memory."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .adapter import Adapter, Target
+from .keys import ModuleIndex
+
+
+def block_type(module: str) -> str:
+    """'layers', 'noise_refiner', 'context_refiner' or 'global' (embedders, final layer, ...)."""
+    head = module.split(".", 1)[0]
+    return head if head in ("layers", "noise_refiner", "context_refiner") else "global"
+
+
+def layer_kind(module: str) -> str:
+    if ".attention." in module:
+        return "attention"
+    if ".feed_forward." in module:
+        return "feed_forward"
+    if "adaLN_modulation" in module:
+        return "adaLN"
+    return "other"
+
+
+def dynamic_extra_bytes(target: Target) -> int:
+    """Memory a target holds when attached dynamically (factors, or the cached delta for LoHa / full)."""
+    size = next(iter(target.tensors.values())).element_size()
+    t = target.tensors
+    if target.algorithm == "lora":
+        n = sum(v.numel() for k, v in t.items() if k in ("down", "up", "mid"))
+    elif target.algorithm == "lokr":
+        o1 = t["w1"].shape[0] if "w1" in t else t["w1_a"].shape[0]
+        i1 = t["w1"].shape[1] if "w1" in t else t["w1_b"].shape[1]
+        if "w2" in t:
+            o2, i2 = t["w2"].shape[:2]
+        elif "t2" in t:
+            o2, i2 = t["w2_a"].shape[1], t["w2_b"].shape[1]
+        else:
+            o2, i2 = t["w2_a"].shape[0], t["w2_b"].shape[1]
+        n = o1 * i1 + o2 * i2
+    elif target.algorithm == "loha":
+        n = t["w1_a"].shape[0] * t["w1_b"].shape[1]
+    else:
+        n = t["diff"].numel() if "diff" in t else 0
+    if "diff_b" in t:
+        n += t["diff_b"].numel()
+    extra = n * size
+    if target.dora is not None:
+        extra += 2 * target.dora.magnitude.numel() * 4
+    return extra
+
+
+def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
+    """A JSON-ready description; `format`, `matched` and `unmatched` are read by outside tools."""
+    linear = index.linear_names()
+    matched = adapter.modules
+    by_block_total = Counter(block_type(m) for m in linear)
+    by_block_hit = Counter(block_type(m) for m in set(matched) if m in index.shapes and index.shapes[m].is_linear)
+    by_kind_total = Counter(layer_kind(m) for m in linear)
+    by_kind_hit = Counter(layer_kind(m) for m in set(matched) if m in index.shapes and index.shapes[m].is_linear)
+    ranks = Counter(t.rank for t in adapter.targets if t.rank is not None)
+    alphas = Counter(t.alpha for t in adapter.targets if t.alpha is not None)
+    reasons = Counter(_reason_class(u.reason) for u in adapter.unmatched)
+    return {
+        "name": adapter.name,
+        "source": adapter.source,
+        "format": adapter.format,
+        "algorithms": adapter.algorithms,
+        "dora": any(t.dora is not None for t in adapter.targets),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {_num(k): v for k, v in sorted(alphas.items())},
+        "scales": sorted({round(t.scale, 6) for t in adapter.targets}),
+        "matched": matched,
+        "matched_count": len(matched),
+        "model_linear_count": len(linear),
+        "targets": [
+            {"module": t.module, "rows": list(t.rows) if t.rows else None, "algorithm": t.algorithm,
+             "rank": t.rank, "alpha": t.alpha, "scale": t.scale, "dora": t.dora is not None,
+             "keys": list(t.source_keys)}
+            for t in adapter.targets
+        ],
+        "unmatched": [u.as_dict() for u in adapter.unmatched],
+        "unmatched_by_reason": dict(reasons),
+        "coverage": {
+            "by_block": {k: f"{by_block_hit.get(k, 0)}/{v}" for k, v in sorted(by_block_total.items())},
+            "by_kind": {k: f"{by_kind_hit.get(k, 0)}/{v}" for k, v in sorted(by_kind_total.items())},
+        },
+        "adapter_bytes": adapter.nbytes(),
+        "dynamic_extra_bytes": sum(dynamic_extra_bytes(t) for t in adapter.targets),
+        "notes": list(adapter.notes),
+        "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in adapter.metadata.items()},
+    }
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _reason_class(reason: str) -> str:
+    return re.split(r"[:(']", reason, maxsplit=1)[0].strip()
