@@ -1,0 +1,1 @@
+"""Library code behind the `merge`, `convert`, `generate` and `demo` commands."""

@@ -1,0 +1,312 @@
+"""Bake adapters into a base checkpoint, streaming: one tensor in memory at a time.
+
+Each tensor is read from its file with a plain positioned read (no memory map, so the pages of a
+multi-GB file never count against the process), the adapters that target it are merged in fp32,
+the result is rounded once into the output dtype and written with `StreamingWriter`. Output goes
+to a temporary path next to `out` and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, Target
+from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..formats.safetensors_file import DTYPES, TensorInfo
+from ..loading import load_adapter
+from ..sources import LoRAConfiguration
+from .checkpoint import Checkpoint, data_start, open_checkpoint
+from .safetensors_writer import StreamingWriter
+from .specs import parse_lora_spec
+from .target_math import merge_bias, merge_weight
+
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    adapters: list[dict] = field(default_factory=list)
+    tensors: int = 0
+    merged_tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def merge_checkpoint(
+    model: str | Path,
+    loras: Sequence[LoRAConfiguration | str | Path | Adapter],  # str: SOURCE[:SCALE]
+    out: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = False,
+) -> MergeReport:
+    """Merge `loras` (each with its scale) into the checkpoint at `model` and write it to `out`.
+
+    `model`: diffusers transformer folder (or pipeline folder, or hub id in the HF cache) or one
+    .safetensors file. `out`: a folder (same shard layout as the input) or a `.safetensors` file.
+    `dtype`: output dtype of floating tensors ("bf16", "fp16", "fp32" or a torch dtype; None keeps each
+    tensor's own). Returns what was done; raises `LoRAError` before writing anything when an adapter
+    does not fit.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    out_dtype = _output_dtype(dtype)
+    if not loras:
+        raise InvalidFormatError("nothing to merge: give at least one adapter (--lora SOURCE[:SCALE]).")
+    ckpt = open_checkpoint(model)
+    _check_out(out, ckpt, overwrite)
+    index = ckpt.module_index()
+    plan: dict[str, list[tuple[Target, float]]] = {}
+    report = MergeReport(out=out)
+    for spec in loras:
+        adapter, strength = _load(spec, index, strict)
+        for target in adapter.targets:
+            plan.setdefault(target.module, []).append((target, strength))
+        report.adapters.append({
+            "name": adapter.name, "source": adapter.source, "format": adapter.format, "scale": strength,
+            "targets": len(adapter.targets), "unmatched": len(adapter.unmatched),
+        })
+    by_key = _plan_by_key(ckpt, plan)
+    metadata = {"zimage_lora_merged": json.dumps([{k: a[k] for k in ("source", "scale")} for a in report.adapters])}
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    try:
+        _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
+        if out.exists() or out.is_symlink():
+            _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or dtype == "keep":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InvalidFormatError(f"output dtype must be floating point, got {dtype}.")
+        return dtype
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    key = aliases.get(str(dtype), str(dtype))
+    if key not in OUTPUT_DTYPES:
+        raise InvalidFormatError(f"unknown dtype {dtype!r}; choose one of {sorted(OUTPUT_DTYPES)} or 'keep'.")
+    return OUTPUT_DTYPES[key]
+
+
+def _check_out(out: Path, ckpt: Checkpoint, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LoRAError(f"{out} already exists; choose another --out or pass --overwrite.")
+    resolved = out.resolve()
+    for path in [ckpt.root, *ckpt.files]:
+        if resolved == path.resolve():
+            raise LoRAError(f"{out} is the input checkpoint; write the merged model somewhere else.")
+    if ckpt.kind == "folder" and resolved.is_relative_to(ckpt.root.resolve()):
+        raise LoRAError(f"{out} is inside the input folder {ckpt.root}; write it somewhere else.")
+    if not out.parent.exists():
+        raise LoRAError(f"{out.parent}: no such folder for the output.")
+
+
+def _load(spec, index, strict: bool) -> tuple[Adapter, float]:
+    if isinstance(spec, Adapter):
+        return spec, 1.0
+    if isinstance(spec, str):
+        cfg = parse_lora_spec(spec)
+    else:
+        cfg = spec if isinstance(spec, LoRAConfiguration) else LoRAConfiguration(spec)
+    return load_adapter(cfg, index, strict=strict), cfg.scale
+
+
+def _plan_by_key(ckpt: Checkpoint, plan: dict[str, list[tuple[Target, float]]]) -> dict[str, tuple[str, list]]:
+    """checkpoint key -> ("weight" | "bias", targets); every target must find its tensor, with its shape."""
+    infos = {info.key: info for _p, info in ckpt.tensors()}
+    by_key: dict[str, tuple[str, list]] = {}
+    for module, targets in plan.items():
+        key = f"{ckpt.prefix}{module}.weight"
+        info = infos.get(key)
+        if info is None:
+            raise IncompatibleWeightsError(
+                f"{ckpt.root}: the adapter targets module '{module}' but the checkpoint has no tensor '{key}'. "
+                "The config does not describe these weights; pass the matching checkpoint."
+            )
+        _check_shape(ckpt, info, targets)
+        by_key[key] = ("weight", targets)
+        if any("diff_b" in t.tensors for t, _s in targets):
+            bias_key = f"{ckpt.prefix}{module}.bias"
+            if bias_key not in infos:
+                raise IncompatibleWeightsError(
+                    f"{ckpt.root}: an adapter has a bias diff for '{module}' but the checkpoint has no '{bias_key}'."
+                )
+            by_key[bias_key] = ("bias", targets)
+    return by_key
+
+
+def _check_shape(ckpt: Checkpoint, info: TensorInfo, targets: list[tuple[Target, float]]) -> None:
+    if not DTYPES[info.dtype][0].is_floating_point:
+        raise IncompatibleWeightsError(
+            f"{ckpt.root}: '{info.key}' is {info.dtype} (quantized?); merging needs a floating-point checkpoint."
+        )
+    for target, _s in targets:
+        rows = info.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
+        if target.rows is not None and target.rows[1] > info.shape[0]:
+            rows = -1
+        shapes = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
+        if not shapes:
+            continue
+        if target.algorithm == "full":
+            want = tuple(shapes["diff"])
+        else:
+            from .. import algorithms
+
+            want = algorithms.delta_shape(target.algorithm, shapes)
+        if target.delta_rows is not None:
+            want = (target.delta_rows[1] - target.delta_rows[0], *want[1:])
+        if tuple(want) != (rows, *info.shape[1:]):
+            raise IncompatibleWeightsError(
+                f"{ckpt.root}: '{info.key}' has shape {list(info.shape)}; adapter target {target.label} "
+                f"({target.source_keys[0] if target.source_keys else target.algorithm}) brings {list(want)}."
+            )
+
+
+def _out_files(ckpt: Checkpoint, out: Path) -> list[tuple[Path, list[tuple[Path, TensorInfo]]]]:
+    """(output file name relative to the output root, tensors) per output file."""
+    if out.suffix == ".safetensors":
+        return [(Path(""), ckpt.tensors())]
+    groups = []
+    for path in ckpt.files:
+        infos = sorted(ckpt.headers[path].tensors.values(), key=lambda t: t.start)
+        groups.append((Path(path.name), [(path, i) for i in infos]))
+    return groups
+
+
+def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: MergeReport, progress: bool) -> None:
+    single = out.suffix == ".safetensors"
+    if not single:
+        tmp.mkdir(parents=True)
+    total = ckpt.nbytes
+    bar = _progress(progress)
+    task = bar.add_task(f"merging into {out.name}", total=total) if bar else None
+    weight_map: dict[str, str] = {}
+    data_bytes = 0
+    try:
+        if bar:
+            bar.start()
+        for rel, tensors in _out_files(ckpt, out):
+            target_path = tmp if single else tmp / rel
+            entries = []
+            for _p, info in tensors:
+                src_dtype = DTYPES[info.dtype][0]
+                dtype = out_dtype if (out_dtype is not None and src_dtype.is_floating_point) else src_dtype
+                entries.append((info.key, dtype, info.shape))
+                weight_map[info.key] = rel.name
+            file_meta = dict(ckpt.headers[tensors[0][0]].metadata) if tensors else {}
+            writer = StreamingWriter(target_path, entries, {**file_meta, **metadata})
+            try:
+                _stream(ckpt, tensors, entries, by_key, writer, report, bar, task)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            report.bytes_written += target_path.stat().st_size
+            data_bytes += writer.data_bytes
+        if not single:
+            _write_folder_files(ckpt, tmp, weight_map, data_bytes)
+    finally:
+        if bar:
+            bar.stop()
+
+
+def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar, task) -> None:
+    handles: dict[Path, object] = {}
+    starts: dict[Path, int] = {}
+    try:
+        for (path, info), (_key, dtype, _shape) in zip(tensors, entries, strict=True):
+            if path not in handles:
+                handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
+                starts[path] = data_start(path)
+            raw = _read_raw(handles[path], starts[path], info)
+            src_dtype = DTYPES[info.dtype][0]
+            plan = by_key.get(info.key)
+            if plan is None and dtype == src_dtype:
+                writer.write_raw(info.key, raw)  # untouched: bytes copied as they are
+            else:
+                tensor = _decode(raw, src_dtype, info.shape)
+                if plan is not None:
+                    kind, targets = plan
+                    merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
+                    merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
+                    _check_finite(ckpt, info.key, merged)
+                    tensor = merged
+                    report.merged_tensors += 1
+                writer.write(info.key, tensor.to(dtype))
+            report.tensors += 1
+            if bar:
+                bar.advance(task, info.nbytes)
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
+def _read_raw(fh, start: int, info: TensorInfo) -> torch.Tensor:
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        fh.seek(start + info.start)
+        got = fh.readinto(memoryview(buf.numpy()))
+        if got != info.nbytes:
+            raise InvalidFormatError(f"{fh.name}: '{info.key}' is truncated ({got} of {info.nbytes} bytes).")
+    return buf
+
+
+def _decode(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if raw.numel() == 0:
+        return torch.empty(shape, dtype=dtype)
+    return raw.view(dtype).reshape(shape)
+
+
+def _check_finite(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise IncompatibleWeightsError(
+            f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter overflow); "
+            "nothing was written. Lower the scale or check the adapter."
+        )
+
+
+def _write_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], data_bytes: int) -> None:
+    for extra in ckpt.extra_files:
+        shutil.copy2(extra, tmp / extra.name)
+    if ckpt.index_name is not None:
+        doc = dict(ckpt.index_doc or {})
+        doc["metadata"] = {**(doc.get("metadata") or {}), "total_size": data_bytes}
+        doc["weight_map"] = {k: weight_map[k] for k in doc.get("weight_map", weight_map)}
+        (tmp / ckpt.index_name).write_text(json.dumps(doc, indent=2))
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=False
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
