@@ -171,7 +171,7 @@ def _from_hub(repo_id: str, filename: str | None, revision: str | None) -> Resol
     try:
         if filename is not None:
             if Path(filename).suffix.lower() in PICKLE_SUFFIXES:
-                _refuse_pickle(Path(filename))
+                _refuse_pickle(Path(display))
             local = Path(_hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
             config = _read_peft_config(local.parent)
             return ResolvedSource(_check_file(local), config, display)

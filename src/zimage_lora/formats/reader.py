@@ -201,11 +201,33 @@ def _metadata_config(header: Header) -> dict | None:
     return None
 
 
-def pattern_value(patterns: dict, stem: str):
-    """PEFT's rank/alpha pattern lookup: a pattern matches a module name ending with it."""
+_LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
+    """PEFT's rank/alpha pattern lookup: a pattern matches a module name ending with it.
+
+    Patterns come from the file, so they are untrusted: plain names are compared as text, and real
+    regular expressions run on the `regex` engine (a diffusers dependency) with a time limit, since a
+    pattern like '(.*)*(.*)*Z' would freeze Python's `re` for hours.
+    """
+    if not isinstance(patterns, dict):
+        kind = type(patterns).__name__
+        raise InvalidFormatError(f"{source}: alpha/rank pattern must be a JSON object, found {kind}.")
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", stem):
-            return value
+        if _LITERAL_PATTERN.match(pattern):
+            if stem == pattern or stem.endswith("." + pattern):
+                return value
+            continue
+        import regex
+
+        try:
+            if regex.match(rf"(.*\.)?({pattern})$", stem, timeout=1.0):
+                return value
+        except (regex.error, TimeoutError) as exc:
+            raise InvalidFormatError(
+                f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
+            ) from None
     return None
 
 

@@ -44,7 +44,7 @@ def resolve(file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = 
         placed.append(_Placed(group, site, rank, scale, alpha))
 
     notes: list[str] = []
-    placed = _drop_overlaps(placed, unmatched, notes)
+    placed = _drop_overlaps(placed, unmatched, notes, file.path)
     if strict and unmatched:
         listing = "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10])
         more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
@@ -100,6 +100,8 @@ def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleInde
     else:
         try:
             if group.algorithm == "full" and "diff" not in shapes:
+                if len(shapes["diff_b"]) != 1:
+                    raise ValueError(f"'diff_b' must be 1-D, found shape {list(shapes['diff_b'])}")
                 got = (shapes["diff_b"][0], expected[-1])
             else:
                 got = algorithms.delta_shape(group.algorithm, {r: s for r, s in shapes.items() if r != "diff_b"})
@@ -114,6 +116,7 @@ def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleInde
                 f"{list(want)}. The adapter was made for another model (or another Z-Image variant), "
                 "or the file is corrupt."
             )
+    _check_size(where, group, want)
     if "diff_b" in shapes:
         if not has_bias:
             raise IncompatibleWeightsError(f"{where}: the file has a bias diff but the module has no bias.")
@@ -129,6 +132,25 @@ def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleInde
             )
 
 
+# Factors may hold at most this many times the values of the dense delta they stand for (plus a floor
+# for tiny layers). Real adapters stay far below 1x; a header claiming more (e.g. rank 2**30 in a
+# sparse file whose offsets are consistent) is refused before any tensor is read into memory.
+_MAX_FACTOR_RATIO = 2
+_FACTOR_FLOOR = 1 << 16
+
+
+def _check_size(where: str, group: Group, want: tuple[int, ...]) -> None:
+    held = sum(math.prod(info.shape) for info in group.infos.values())
+    dense = math.prod(want)
+    if held > _MAX_FACTOR_RATIO * dense + _FACTOR_FLOOR:
+        shapes = {r: list(s) for r, s in group.shapes.items()}
+        raise IncompatibleWeightsError(
+            f"{where}: the {group.algorithm} tensors {shapes} hold {held} values, more than "
+            f"{_MAX_FACTOR_RATIO}x the {dense} of the full delta {list(want)} they describe (rank far above the "
+            "layer's size). The file is corrupt or hostile; it was not read into memory."
+        )
+
+
 def _scale(file: AdapterFile, group: Group) -> tuple[int | None, float, float | None]:
     """(rank, alpha/rank scale, alpha) for one module, following each trainer's rule."""
     shapes = {r: s for r, s in group.shapes.items() if r not in ("dora", "diff_b")}
@@ -142,17 +164,35 @@ def _scale(file: AdapterFile, group: Group) -> tuple[int | None, float, float | 
         if "kohya_alpha" in cfg:
             alpha = cfg["kohya_alpha"]
         elif "lora_alpha" in cfg:
-            alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem)
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem, file.path)
             if alpha is None:
                 alpha = cfg["lora_alpha"]
             rslora = bool(cfg.get("use_rslora"))
+        alpha = _config_alpha(file, group, alpha)
     if alpha is None or alpha == 0 or rank == 0:
         return rank, 1.0, alpha
     alpha = float(alpha)
-    return rank, (alpha / math.sqrt(rank) if rslora else alpha / rank), alpha
+    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    if not math.isfinite(scale):
+        raise InvalidFormatError(f"{file.path}: module '{group.stem}': alpha {alpha} gives a non-finite scale.")
+    return rank, scale, alpha
 
 
-def _drop_overlaps(placed: list[_Placed], unmatched: list[Unmatched], notes: list[str]) -> list[_Placed]:
+def _config_alpha(file: AdapterFile, group: Group, alpha: object) -> float | None:
+    # Config values come from JSON in the file or folder: anything may be there.
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidFormatError(
+            f"{file.path}: the adapter config gives alpha {alpha!r} for module '{group.stem}'; expected a finite "
+            "number. Fix 'lora_alpha' / 'alpha_pattern' in adapter_config.json (or lora_adapter_metadata)."
+        )
+    return float(alpha)
+
+
+def _drop_overlaps(
+    placed: list[_Placed], unmatched: list[Unmatched], notes: list[str], path: object
+) -> list[_Placed]:
     """Keep one stem per module rows; the others are reported with the reason."""
     claims: dict[str, list[tuple[tuple[int, int] | None, _Placed]]] = {}
     for p in placed:
@@ -169,7 +209,7 @@ def _drop_overlaps(placed: list[_Placed], unmatched: list[Unmatched], notes: lis
                 rank_j = _PREFERENCE[(p_j.site.kind, p_j.site.native)]
                 if rank_i == rank_j:
                     raise IncompatibleWeightsError(
-                        f"duplicate targets: '{p_i.group.stem}' and '{p_j.group.stem}' (keys "
+                        f"{path}: duplicate targets: '{p_i.group.stem}' and '{p_j.group.stem}' (keys "
                         f"'{p_i.group.source_keys[0]}', '{p_j.group.source_keys[0]}') both land on module "
                         f"'{_module}'. The file mixes two copies of the same layer; keep one of them."
                     )
