@@ -192,16 +192,17 @@ def _from_hub(repo_id: str, filename: str | None, revision: str | None) -> Resol
         ) from None
     except hf_errors.RevisionNotFoundError as exc:
         raise DownloadError(f"{display}: revision {revision!r} not found ({_short(exc)}).") from None
-    except hf_errors.EntryNotFoundError as exc:
-        raise DownloadError(
-            f"{display}: the repository has no file {filename!r} ({_short(exc)}). Check the file name."
-        ) from None
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: the offline case must be caught first.
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as exc:
         raise DownloadError(
             f"{display}: not in the local Hugging Face cache and the Hub cannot be reached "
             f"({_short(exc)}). Download it once while online (`hf download {repo_id}"
             f"{' ' + filename if filename else ''}`), point HF_HOME/HF_HUB_CACHE at a cache that has it, "
             "or pass a local path."
+        ) from None
+    except hf_errors.EntryNotFoundError as exc:
+        raise DownloadError(
+            f"{display}: the repository has no file {filename!r} ({_short(exc)}). Check the file name."
         ) from None
     except OSError as exc:
         raise DownloadError(f"{display}: download failed ({_short(exc)}). Check the network and try again.") from None
