@@ -1,6 +1,7 @@
 """zimage-lora: LoRA-family adapters for the Z-Image diffusion transformer."""
 
 from .adapter import Adapter, Dora, Target, Unmatched
+from .apply import AdapterInfo, ApplyReport, apply_adapter, list_adapters, remove_adapter, set_adapter_scale
 from .errors import (
     AdapterNotFoundError,
     AmbiguousSourceError,
@@ -23,6 +24,12 @@ __all__ = [
     "Unmatched",
     "LoRAConfiguration",
     "load_adapter",
+    "apply_adapter",
+    "remove_adapter",
+    "set_adapter_scale",
+    "list_adapters",
+    "ApplyReport",
+    "AdapterInfo",
     "LoRAError",
     "AdapterNotFoundError",
     "AmbiguousSourceError",

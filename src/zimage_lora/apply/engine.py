@@ -1,0 +1,418 @@
+"""apply / remove / re-weight / list: the engine's public functions.
+
+Every change follows the same pattern: validate everything, then mutate inside one transaction that
+undoes exactly what it did if anything raises, all under the model's write lock so that concurrent
+forward passes see the adapters before or after the change.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, Target
+from ..backends import backend_for
+from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..loading import load_adapter
+from ..sources import LoRAConfiguration
+from . import merge
+from .layer import AdapterLinear, Slot, prepare
+from .report import AdapterInfo, ApplyReport
+from .state import EngineState, Record, Strength, drop_state, get_state
+from .validate import Planned, base_of, plan
+
+MODES = ("dynamic", "merged")
+#: Above this requantization loss a merged adapter warns and suggests dynamic mode.
+REQUANT_WARN = 0.1
+
+
+def _model_of(model: Any) -> nn.Module:
+    """Accept a pipeline (anything with a `.transformer` module) as well as the transformer itself."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "transformer", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise InvalidFormatError(f"expected a torch.nn.Module (the Z-Image transformer) or a pipeline, got {type(model)}")
+
+
+def _check_scale(scale: Any) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise InvalidFormatError(f"scale must be a number, got {scale!r}") from None
+    if not math.isfinite(value):
+        raise InvalidFormatError(f"scale must be finite, got {scale!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+def apply_adapter(
+    model: nn.Module,
+    source: str | Path | LoRAConfiguration | Adapter,
+    *,
+    scale: float = 1.0,
+    mode: str = "dynamic",
+    name: str | None = None,
+    filename: str | None = None,
+    strict: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> ApplyReport:
+    """Attach an adapter to `model`, merged into the weights or as dynamic wrapped layers.
+
+    `source`: a `.safetensors` path, a folder, a hub id, a `LoRAConfiguration` (its scale multiplies
+    `scale`) or an `Adapter` from `load_adapter`. Applying a name that is already attached replaces it
+    (in place, without touching compiled graphs, when the shapes match). `compute_dtype`: dynamic
+    mode's compute dtype (default: the input's; `torch.float32` for extra precision on bf16 models).
+    On any error the model is left exactly as it was.
+    """
+    model = _model_of(model)
+    if mode not in MODES:
+        raise InvalidFormatError(f"mode must be one of {MODES}, got {mode!r}")
+    strength = _check_scale(scale)
+    if isinstance(source, LoRAConfiguration):
+        strength *= source.scale
+        name = name or source.name
+    if isinstance(source, Adapter):
+        adapter = source
+        if strict and adapter.unmatched:
+            listing = "; ".join(f"{u.key}: {u.reason}" for u in adapter.unmatched[:10])
+            raise IncompatibleWeightsError(f"{adapter.source}: strict mode and unmatched keys: {listing}")
+    else:
+        adapter = load_adapter(source, model, name=name, filename=filename, strict=strict)
+    name = name or adapter.name
+    if not isinstance(name, str) or not name:
+        raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")
+    planned = plan(model, adapter, mode)
+
+    state = get_state(model, create=True)
+    try:
+        with state.lock:
+            report = _apply_locked(model, state, adapter, planned, name, mode, strength, compute_dtype)
+    finally:
+        if not state.records:
+            drop_state(model)
+    for module, loss in report.requant_loss.items():
+        if loss > REQUANT_WARN:
+            warnings.warn(
+                f"merging adapter '{name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
+                "requantization; apply it with mode='dynamic' to keep it exact.",
+                stacklevel=2,
+            )
+    return report
+
+
+def _apply_locked(
+    model: nn.Module,
+    state: EngineState,
+    adapter: Adapter,
+    planned: list[Planned],
+    name: str,
+    mode: str,
+    strength: float,
+    compute_dtype: torch.dtype | None,
+) -> ApplyReport:
+    dynamic = [p for p in planned if mode == "dynamic" and not p.is_patch]
+    patches = [p.target for p in planned if mode == "merged" or p.is_patch]
+    prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
+    report = ApplyReport(
+        name=name,
+        mode=mode,
+        scale=strength,
+        source=adapter.source,
+        format=adapter.format,
+        applied=[p.target.label for p in planned],
+        unmatched=list(adapter.unmatched),
+        notes=list(adapter.notes),
+    )
+    old = state.records.get(name)
+    report.replaced = old is not None
+    if old is not None and not patches and not old.patches and _hotswap(model, old, prepared, adapter, strength):
+        report.hotswapped = True
+        return report
+
+    record = Record(name, mode, adapter, Strength(strength), compute_dtype, patches=patches)
+    prior_records = dict(state.records)
+    touched_patch = list(dict.fromkeys([t.module for t in patches] + ([t.module for t in old.patches] if old else [])))
+    txn = _Transaction(model, state)
+    try:
+        if old is not None:
+            txn.detach(old)
+        state.records[name] = record
+        state.install_hooks(model)
+        for p, kind, tensors in prepared:
+            txn.attach(record, p, kind, tensors)
+        txn.publish_all(state)
+        for module_name, loss in txn.rebuild(touched_patch).items():
+            report.requant_loss[module_name] = loss
+    except BaseException:
+        state.records = prior_records
+        txn.rollback(touched_patch)
+        raise
+    txn.finish()
+    return report
+
+
+def _hotswap(
+    model: nn.Module, old: Record, prepared: list[tuple[Planned, str, dict]], adapter: Adapter, strength: float
+) -> bool:
+    """Copy a same-shaped adapter's values into the existing slots, keeping every tensor object."""
+    if old.mode != "dynamic":
+        return False
+    by_place: dict[tuple[str, int, int], Slot] = {}
+    for module_name, keys in old.wrapped.items():
+        wrapper = model.get_submodule(module_name)
+        for k in keys:
+            slot = wrapper.slots[k]
+            by_place[(module_name, slot.lo, slot.hi)] = slot
+    if len(by_place) != len(prepared):
+        return False
+    slots: list[Slot] = []
+    for p, kind, tensors in prepared:
+        slot = by_place.get((p.target.module, *_rows(p)))
+        if slot is None or slot.kind != kind or slot.needs_wx != ("fm1" in tensors):
+            return False
+        if set(slot.names) != set(tensors) or slot.shapes() != {k: tuple(v.shape) for k, v in tensors.items()}:
+            return False
+        slots.append(slot)
+    if len(set(map(id, slots))) != len(slots):
+        return False
+    for slot, (p, _kind, tensors) in zip(slots, prepared, strict=True):
+        slot.load_(tensors)
+        slot.target = p.target
+        slot.adapter_name = old.name
+    old.adapter = adapter
+    old.strength.set(strength)
+    return True
+
+
+def _rows(p: Planned) -> tuple[int, int]:
+    return p.target.rows if p.target.rows is not None else (0, p.out_features)
+
+
+class _Transaction:
+    """The mutations of one change, with what is needed to undo each."""
+
+    def __init__(self, model: nn.Module, state: EngineState) -> None:
+        self.model = model
+        self.state = state
+        # module name -> (wrapper, slots before, active keys before, created here)
+        self.wrappers: dict[str, tuple[AdapterLinear, dict[str, Slot], list[str], bool]] = {}
+        self.new_snapshots: list[str] = []
+
+    def _wrapper(self, module_name: str, create: bool) -> AdapterLinear | None:
+        if module_name in self.wrappers:
+            return self.wrappers[module_name][0]
+        current = self.model.get_submodule(module_name)
+        created = False
+        if not isinstance(current, AdapterLinear):
+            if not create:
+                return None
+            out_f = getattr(current, "out_features", None)
+            in_f = getattr(current, "in_features", None)
+            if not isinstance(out_f, int) or not isinstance(in_f, int):
+                out_f, in_f = current.weight.shape[0], current.weight.shape[1]
+            wrapper = AdapterLinear(current, out_f, in_f)
+            _set_child(self.model, module_name, wrapper)
+            current, created = wrapper, True
+        self.wrappers[module_name] = (current, dict(current.slots.items()), current.active_keys(), created)
+        return current
+
+    def detach(self, record: Record) -> None:
+        for module_name, keys in record.wrapped.items():
+            wrapper = self._wrapper(module_name, create=False)
+            if wrapper is None:
+                continue
+            for k in keys:
+                del wrapper.slots[k]
+
+    def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        wrapper = self._wrapper(p.target.module, create=True)
+        weight = getattr(p.module, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        slot = Slot(
+            record.name, p.target, record.strength, kind, tensors, _rows(p), record.compute_dtype, dtype, device
+        )
+        key = wrapper.new_key()
+        wrapper.slots[key] = slot
+        record.wrapped.setdefault(p.target.module, []).append(key)
+
+    def publish_all(self, state: EngineState) -> None:
+        """Active set of every touched wrapper = its slots in adapter order, one assignment each."""
+        order: dict[str, list[str]] = {}
+        for record in state.records.values():
+            for module_name, keys in record.wrapped.items():
+                order.setdefault(module_name, []).extend(keys)
+        for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
+            wrapper.publish([k for k in order.get(module_name, []) if k in wrapper.slots])
+
+    def rebuild(self, module_names: list[str]) -> dict[str, float]:
+        losses: dict[str, float] = {}
+        by_module = _patches_by_module(self.state)
+        for module_name in module_names:
+            module = base_of(self.model.get_submodule(module_name))
+            contribs = by_module.get(module_name, [])
+            snap = self.state.snapshots.get(module_name)
+            if snap is None:
+                if not contribs:
+                    continue
+                touches_bias = any("diff_b" in t.tensors for t, _ in contribs)
+                snap = merge.take_snapshot(module, backend_for(module), touches_bias)
+                self.state.snapshots[module_name] = snap
+                self.new_snapshots.append(module_name)
+            elif snap.bias is None and any("diff_b" in t.tensors for t, _ in contribs):
+                merge.restore(module, snap)  # bias untouched so far; keep it from now on
+                snap.bias = module.bias.detach().clone()
+            if not contribs:
+                merge.restore(module, snap)
+                del self.state.snapshots[module_name]
+                continue
+            loss = merge.rebuild(module_name, module, snap, contribs)
+            if loss is not None:
+                losses[module_name] = loss
+        return losses
+
+    def rollback(self, patched: list[str]) -> None:
+        # Wrappers: put back their slots and active sets; unwrap the ones created here.
+        for module_name, (wrapper, slots, keys, created) in self.wrappers.items():
+            for k in list(wrapper.slots):
+                if k not in slots:
+                    del wrapper.slots[k]
+            for k, slot in slots.items():
+                if k not in wrapper.slots:
+                    wrapper.slots[k] = slot
+            wrapper.publish(keys)
+            if created:
+                _set_child(self.model, module_name, wrapper.base_layer)
+        for record in self.state.records.values():
+            for module_name in list(record.wrapped):
+                entry = self.wrappers.get(module_name)
+                if entry is not None:
+                    record.wrapped[module_name] = [k for k in record.wrapped[module_name] if k in entry[1]]
+        # Weights: recompute from the kept originals with the prior records (exact, deterministic).
+        self.new_snapshots_restore()
+        self.rebuild([m for m in patched if m in self.state.snapshots])
+
+    def new_snapshots_restore(self) -> None:
+        for module_name in self.new_snapshots:
+            snap = self.state.snapshots.pop(module_name, None)
+            if snap is not None:
+                merge.restore(base_of(self.model.get_submodule(module_name)), snap)
+
+    def finish(self) -> None:
+        """Unwrap layers left without adapters, so the module tree is the original again."""
+        for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
+            if len(wrapper.slots) == 0:
+                wrapper.publish([])
+                _set_child(self.model, module_name, wrapper.base_layer)
+
+
+def _set_child(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _patches_by_module(state: EngineState) -> dict[str, list[tuple[Target, float]]]:
+    out: dict[str, list[tuple[Target, float]]] = {}
+    for record in state.records.values():
+        for t in record.patches:
+            out.setdefault(t.module, []).append((t, record.strength.value))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
+    """Remove one adapter (or all, `name=None`). Returns the names removed.
+
+    Merged weights are restored from the kept originals, never by subtracting; with every adapter gone
+    the model's parameters, buffers and module tree are bit-identical to before the first apply.
+    """
+    model = _model_of(model)
+    state = get_state(model)
+    if state is None:
+        if name is None:
+            return []
+        raise LoRAError(f"no adapter named '{name}' is attached (none are); list_adapters(model) shows them.")
+    with state.lock:
+        if name is not None and name not in state.records:
+            raise LoRAError(
+                f"no adapter named '{name}' is attached; attached: {sorted(state.records) or 'none'}."
+            )
+        names = [name] if name is not None else list(state.records)
+        records = [state.records[n] for n in names]
+        touched = list(dict.fromkeys(t.module for r in records for t in r.patches))
+        prior = dict(state.records)
+        txn = _Transaction(model, state)
+        try:
+            for r in records:
+                txn.detach(r)
+                del state.records[r.name]
+            txn.publish_all(state)
+            txn.rebuild(touched)
+        except BaseException:
+            state.records = prior
+            txn.rollback(touched)
+            raise
+        txn.finish()
+    if not state.records:
+        for module_name, snap in list(state.snapshots.items()):  # nothing left: everything goes back
+            merge.restore(base_of(model.get_submodule(module_name)), snap)
+        state.snapshots.clear()
+        drop_state(model)
+    return names
+
+
+def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
+    original of every module it touches."""
+    model = _model_of(model)
+    value = _check_scale(scale)
+    state = get_state(model)
+    if state is None or name not in state.records:
+        attached = sorted(state.records) if state else []
+        raise LoRAError(f"no adapter named '{name}' is attached; attached: {attached or 'none'}.")
+    with state.lock:
+        record = state.records[name]
+        old = record.strength.value
+        record.strength.set(value)
+        if record.patches:
+            touched = list(dict.fromkeys(t.module for t in record.patches))
+            txn = _Transaction(model, state)
+            try:
+                txn.rebuild(touched)
+            except BaseException:
+                record.strength.set(old)
+                txn.rebuild(touched)
+                raise
+
+
+def list_adapters(model: nn.Module) -> list[AdapterInfo]:
+    """The attached adapters in the order they were applied: name, mode, scale, source, format, size."""
+    model = _model_of(model)
+    state = get_state(model)
+    if state is None:
+        return []
+    return [
+        AdapterInfo(
+            name=r.name,
+            mode=r.mode,
+            scale=r.strength.value,
+            source=r.adapter.source,
+            format=r.adapter.format,
+            modules=len(r.adapter.modules),
+            algorithms=tuple(r.adapter.algorithms),
+        )
+        for r in state.records.values()
+    ]
+
+
+def attached(model: nn.Module, name: str) -> Record | None:
+    state = get_state(_model_of(model))
+    return None if state is None else state.records.get(name)

@@ -1,0 +1,208 @@
+"""The dynamic-mode layer: the original Linear, untouched, plus every adapter attached to it.
+
+`AdapterLinear` calls its `base_layer` (so quantized kernels run as they are) and adds each active
+adapter's delta into the base output in place. The active set is one immutable tuple replaced in a
+single assignment: a forward reads it once and sees the old set or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import algorithms
+from ..adapter import Target
+from ..algorithms._shapes import as_matrix
+from ..algorithms.dora import dora_merged, dora_row_factor
+from ..algorithms.lokr import factors as lokr_factors
+from . import kernels
+from .state import Strength
+
+
+def _base_weight(base: nn.Module, backend: Any) -> torch.Tensor:
+    return backend.get_base_weight(base).float()
+
+
+def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, fp32 tensors) for one target: factors with alpha/rank folded in, or a cached delta.
+
+    kinds: "lora" (down, up[, fm1]), "lokr" (w1, w2), "dense" (delta), "bias" (only a bias diff).
+    Every kind may add "bias" (the bias diff, strength-scaled only).
+    """
+    t, s = target.tensors, target.scale
+    lo, hi = target.rows if target.rows is not None else (0, out_features)
+    n = hi - lo
+    d0 = target.delta_rows[0] if target.delta_rows is not None else 0
+    out: dict[str, torch.Tensor] = {}
+    kind = "bias"
+    dora = target.dora
+    has_weight = target.algorithm != "full" or "diff" in t
+    if target.algorithm == "lora" and has_weight and (dora is None or dora.on_out):
+        down = as_matrix(t["down"]).float()
+        if "mid" in t:
+            down = as_matrix(t["mid"]).float() @ down
+        up = as_matrix(t["up"]).float()[d0 : d0 + n] * s
+        kind = "lora"
+        if dora is not None:
+            w = _base_weight(base, backend)[lo:hi]
+            f = dora_row_factor(w, up @ down, dora.magnitude)  # (n, 1)
+            up = up * f
+            out["fm1"] = (f - 1).reshape(-1)
+        out |= {"down": down.contiguous(), "up": up.contiguous()}
+    elif target.algorithm == "lokr" and dora is None:
+        w1, w2 = lokr_factors(t, torch.float32)
+        o2 = w2.shape[0]
+        if d0 % o2 == 0 and n % o2 == 0:  # the kept rows are whole blocks of W1's rows
+            kind = "lokr"
+            out |= {"w1": (w1[d0 // o2 : (d0 + n) // o2] * s).contiguous(), "w2": w2.contiguous()}
+    if kind == "bias" and has_weight:
+        delta = algorithms.delta(target.algorithm, t)[d0 : d0 + n] * s
+        if dora is not None:
+            w = _base_weight(base, backend)[lo:hi]
+            mag = dora.magnitude
+            delta = dora_merged(w, delta, mag, 1.0, dora.on_out) - w
+        kind = "dense"
+        out["delta"] = delta.contiguous()
+    if "diff_b" in t:
+        out["bias"] = t["diff_b"].float().reshape(-1)[d0 : d0 + n].contiguous()
+    return kind, out
+
+
+class Slot(nn.Module):
+    """One adapter on one layer: its prepared tensors as non-persistent buffers (they follow `.to()`
+    but never appear in the state_dict)."""
+
+    def __init__(
+        self,
+        adapter_name: str,
+        target: Target,
+        strength: Strength,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        rows: tuple[int, int],
+        compute_dtype: torch.dtype | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.adapter_name = adapter_name
+        self.target = target
+        self.strength = strength
+        self.kind = kind
+        self.lo, self.hi = rows
+        self.compute_dtype = compute_dtype
+        self.needs_wx = "fm1" in tensors
+        self.names = tuple(tensors)
+        for key, value in tensors.items():
+            self.register_buffer(key, value.to(device=device, dtype=compute_dtype or dtype), persistent=False)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(getattr(self, k).shape) for k in self.names}
+
+    def load_(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Hot swap: copy new values into the existing buffers (same shapes), keeping compiled graphs valid."""
+        for key in self.names:
+            getattr(self, key).copy_(tensors[key])
+
+    def recast(self, dtype: torch.dtype, device: torch.device) -> None:
+        for key in self.names:
+            setattr(self, key, getattr(self, key).to(device=device, dtype=dtype))
+
+    def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
+        """out (n, out_features) += this adapter's share for input x (n, in_features)."""
+        probe = getattr(self, self.names[0])
+        want = self.compute_dtype or x.dtype
+        if probe.dtype != want or probe.device != x.device:
+            self.recast(want, x.device)  # first call with a new dtype or device: once, not per call
+        rows = out if (self.lo, self.hi) == (0, out.shape[1]) else out[:, self.lo : self.hi]
+        if want != out.dtype or want != x.dtype:
+            acc = torch.zeros(rows.shape, dtype=want, device=out.device)
+            xs = x.to(want)
+            wxs = wx.to(want) if wx is not None else None
+            self._add(acc, xs, wxs, alpha)
+            rows.add_(acc.to(out.dtype))
+        else:
+            self._add(rows, x, wx, alpha)
+
+    def _add(self, rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
+        kind = self.kind
+        if kind == "lora":
+            kernels.lora_add_(rows, x, self.down, self.up, alpha)
+            if self.needs_wx:
+                part = wx if wx.shape[1] == rows.shape[1] else wx[:, self.lo : self.hi]
+                kernels.scaled_addcmul_(rows, part, self.fm1, alpha)
+        elif kind == "lokr":
+            kernels.kron_add_(rows, x, self.w1, self.w2, alpha)
+        elif kind == "dense":
+            kernels.dense_add_(rows, x, self.delta, alpha)
+        if "bias" in self.names:
+            kernels.scaled_add_(rows, self.bias, alpha)
+
+
+class AdapterLinear(nn.Module):
+    """A Linear-like layer with adapters: `base_layer(x) + sum_i s_i * delta_i(x)`."""
+
+    def __init__(self, base_layer: nn.Module, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.slots = nn.ModuleDict()
+        self.out_features = out_features
+        self.in_features = in_features
+        # (slots in order, whether any needs the base output without bias). Replaced, never mutated.
+        self._active: tuple[tuple[Slot, ...], bool] = ((), False)
+        self._next_key = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    # -- slots ------------------------------------------------------------------------------------
+    def new_key(self) -> str:
+        self._next_key += 1
+        return f"s{self._next_key}"
+
+    def publish(self, order: list[str]) -> None:
+        """Make the slots named in `order` the active set, in one assignment."""
+        slots = tuple(self.slots[k] for k in order)
+        self._active = (slots, any(s.needs_wx for s in slots))
+
+    def active_keys(self) -> list[str]:
+        by_id = {id(m): k for k, m in self.slots.items()}
+        return [by_id[id(s)] for s in self._active[0]]
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        slots, needs_wx = self._active  # read once
+        out = self.base_layer(x, *args, **kwargs)
+        if not slots:
+            return out
+        if not out.is_contiguous():
+            out = out.contiguous()
+        out2 = out.view(-1, out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        wx = None
+        if needs_wx:
+            bias = self.bias
+            wx = out2 - bias if bias is not None else out2.clone()
+        compiling = torch.compiler.is_compiling()
+        for slot in slots:
+            slot.add_(out2, x2, wx, slot.strength.tensor if compiling else slot.strength.value)
+        return out
+
+    def extra_repr(self) -> str:
+        names = ", ".join(s.adapter_name for s in self._active[0])
+        return f"adapters=[{names}]"

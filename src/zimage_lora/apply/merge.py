@@ -1,0 +1,134 @@
+"""Writing merged deltas into weights, always from the kept original.
+
+A module's weight is a pure function of its kept original and the ordered list of deltas on it, so
+adding, removing or re-weighting one merged adapter recomputes that function: exact, never a
+subtraction. Plain layers are rebuilt a block of rows at a time (fp32 add, one rounding); quantized
+layers go through their backend, which dequantizes, and we report how much requantizing lost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapter import Target
+from ..backends import PlainLinearBackend
+from ..errors import IncompatibleWeightsError
+from .rows import Prepared
+from .state import Snapshot
+
+# About 4 MiB of fp32 per block: large enough for fast matmuls, small next to any real layer.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def take_snapshot(module: torch.nn.Module, backend, touches_bias: bool) -> Snapshot:
+    bias = getattr(module, "bias", None)
+    kept_bias = bias.detach().clone() if touches_bias and isinstance(bias, torch.Tensor) else None
+    return Snapshot(backend=backend, weight=backend.snapshot(module), bias=kept_bias)
+
+
+def restore(module: torch.nn.Module, snap: Snapshot) -> None:
+    snap.backend.restore(module, snap.weight)
+    if snap.bias is not None:
+        with torch.no_grad():
+            module.bias.copy_(snap.bias)
+
+
+def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[tuple[Target, float]]) -> float | None:
+    """Set `module` to original + contributions (in order). Returns the requantization loss, if any."""
+    shape = snap.backend.shape(module)
+    prepared = [(Prepared(t, shape[0]), s) for t, s in contribs]
+    _rebuild_bias(name, module, snap, prepared)
+    weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
+    if isinstance(snap.backend, PlainLinearBackend):
+        _rebuild_plain(name, module, snap, weighted)
+        return None
+    snap.backend.restore(module, snap.weight)
+    if not weighted:
+        return None
+    return _rebuild_backend(name, module, snap, weighted)
+
+
+def _rebuild_bias(name: str, module: torch.nn.Module, snap: Snapshot, prepared: list[tuple[Prepared, float]]) -> None:
+    if snap.bias is None:
+        return
+    bias = snap.bias.float().clone()
+    for p, s in prepared:
+        placed = p.bias_delta()
+        if placed is not None:
+            lo, hi, db = placed
+            bias[lo:hi].add_(db, alpha=s)
+    with torch.no_grad():
+        module.bias.copy_(bias)
+    _check_finite(name + ".bias", module.bias)
+
+
+def _apply_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:
+    for p, s in weighted:
+        d = p.target.dora
+        if d is None:
+            p.add_into(chunk, r0, p.target.scale * s)
+        elif d.on_out:
+            p.dora_into(chunk, r0, s)
+        else:
+            p.dora_whole(chunk, s)
+
+
+def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int:
+    if any(p.target.dora is not None and not p.target.dora.on_out for p, _ in weighted):
+        return shape[0]  # column norms need every row
+    cols = shape[1] if len(shape) > 1 else 1
+    return max(1, CHUNK_ELEMENTS // max(1, cols))
+
+
+def _rebuild_plain(name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]) -> None:
+    weight = module.weight
+    original: torch.Tensor = snap.weight
+    if not weighted:
+        with torch.no_grad():
+            weight.copy_(original)
+        return
+    if weight.dim() == 1:  # a norm's weight: the diff is a vector
+        w = original.to(torch.float32, copy=True)
+        for p, s in weighted:
+            w.add_(p.parts["diff"].reshape(-1), alpha=p.target.scale * s)
+        with torch.no_grad():
+            weight.copy_(w)
+        _check_finite(name + ".weight", weight)
+        return
+    rows = weight.shape[0]
+    step = _step(tuple(weight.shape), weighted)
+    with torch.no_grad():
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = original[r0:r1].to(torch.float32, copy=True)
+            _apply_rows(chunk, r0, weighted)
+            weight[r0:r1].copy_(chunk)  # the one rounding into the weight's dtype
+            _check_finite(name + ".weight", weight[r0:r1])
+
+
+def _rebuild_backend(
+    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]
+) -> float:
+    backend = snap.backend
+    base = backend.get_base_weight(module).float()
+    new = base.clone()
+    step = _step(tuple(new.shape), weighted)
+    for r0 in range(0, new.shape[0], step):
+        _apply_rows(new[r0 : r0 + step], r0, weighted)
+    _check_finite(name + ".weight", new)
+    delta_norm = float(torch.linalg.vector_norm(new - base))
+    del base
+    backend.set_base_weight(module, new)
+    stored = backend.get_base_weight(module).float()
+    err = float(torch.linalg.vector_norm(stored.sub_(new)))
+    if delta_norm == 0.0:
+        return 0.0 if err == 0.0 else float("inf")
+    return err / delta_norm
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise IncompatibleWeightsError(
+            f"merging into '{name}' gives non-finite values (the delta times the scale overflows the "
+            f"weight's dtype {t.dtype}). Lower the scale or use mode='dynamic'."
+        )

@@ -1,0 +1,94 @@
+"""What an apply did: modules and row slices touched, keys left out and why, requantization loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..adapter import Unmatched
+
+
+@dataclass
+class ApplyReport:
+    """The outcome of `apply_adapter`.
+
+    `applied`: module names that received a delta (with `[a:b]` when only rows a:b of a fused layer
+    did). `unmatched`: file keys not applied, with reasons. `requant_loss`: for quantized layers merged
+    in place, ||deq(Q(W + dW)) - (W + dW)|| / ||dW|| per module (0 is lossless; above 0.1 the merge lost
+    a real part of the adapter and dynamic mode is the better choice). `hotswapped`: the adapter
+    replaced one of the same name and shapes by copying values into its tensors.
+    """
+
+    name: str
+    mode: str
+    scale: float
+    source: str = ""
+    format: str = ""
+    applied: list[str] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
+    requant_loss: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    replaced: bool = False
+    hotswapped: bool = False
+
+    @property
+    def modules(self) -> list[str]:
+        """Applied module names without row slices, in order, without repeats."""
+        return list(dict.fromkeys(a.split("[", 1)[0] for a in self.applied))
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "scale": self.scale,
+            "source": self.source,
+            "format": self.format,
+            "applied": list(self.applied),
+            "unmatched": [u.as_dict() for u in self.unmatched],
+            "requant_loss": dict(self.requant_loss),
+            "notes": list(self.notes),
+            "replaced": self.replaced,
+            "hotswapped": self.hotswapped,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"adapter '{self.name}' ({self.format or 'adapter'}) applied {self.mode} at scale {self.scale:g} "
+            f"to {len(self.applied)} target(s) on {len(self.modules)} module(s)"
+        ]
+        if self.unmatched:
+            lines.append(f"{len(self.unmatched)} key(s) not applied:")
+            lines += [f"  {u.key}: {u.reason}" for u in self.unmatched[:20]]
+            if len(self.unmatched) > 20:
+                lines.append(f"  ... and {len(self.unmatched) - 20} more")
+        if self.requant_loss:
+            worst = max(self.requant_loss, key=self.requant_loss.__getitem__)
+            lines.append(f"requantization loss: worst {self.requant_loss[worst]:.3g} on '{worst}'")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One attached adapter, as `list_adapters` reports it."""
+
+    name: str
+    mode: str
+    scale: float
+    source: str
+    format: str
+    modules: int
+    algorithms: tuple[str, ...]
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "scale": self.scale,
+            "source": self.source,
+            "format": self.format,
+            "modules": self.modules,
+            "algorithms": list(self.algorithms),
+        }

@@ -1,0 +1,172 @@
+"""Per-model bookkeeping: which adapters are attached, the kept originals, and the lock that keeps
+forward passes from seeing half of a change.
+
+The state lives on the model as one private attribute and is deleted when the last adapter goes, so
+a model with everything removed is exactly the object it was before.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, Target
+
+ATTR = "_zimage_lora_state"
+
+
+class Strength:
+    """One adapter's user scale, shared by every layer it touches: changing it is O(1) for the model.
+
+    `value` is read by eager forwards; `tensor` (0-d fp32) by compiled ones, updated in place so a
+    compiled graph sees the new value without recompiling.
+    """
+
+    __slots__ = ("value", "tensor")
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+        self.tensor = torch.tensor(self.value, dtype=torch.float32)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+        self.tensor.fill_(self.value)
+
+    def __deepcopy__(self, memo: dict) -> Strength:
+        return Strength(self.value)
+
+
+@dataclass
+class Record:
+    """One attached adapter."""
+
+    name: str
+    mode: str  # "merged" | "dynamic"
+    adapter: Adapter
+    strength: Strength
+    compute_dtype: torch.dtype | None = None
+    # Targets written into weights (every target in merged mode; norm patches in dynamic mode).
+    patches: list[Target] = field(default_factory=list)
+    # Dynamic mode: module name -> slot key inside that module's wrapper.
+    wrapped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.strength.value
+
+
+@dataclass
+class Snapshot:
+    """The exact original of one patched module: backend state of the weight, and the bias if touched."""
+
+    backend: Any
+    weight: Any
+    bias: torch.Tensor | None = None
+
+
+class ReadWriteLock:
+    """Many forward passes at once, or one change at a time.
+
+    Readers (forwards) never wait for each other; a change waits until running forwards finish and
+    holds new ones back until it is done, so every forward sees the adapters before or after it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._depth = 0
+
+    def acquire_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            while self._writer is not None and self._writer != me:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers <= 0:
+                self._readers = 0
+                self._cond.notify_all()
+
+    def __enter__(self) -> ReadWriteLock:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+                return self
+            while self._writer is not None or self._readers:
+                self._cond.wait()
+            self._writer = me
+            self._depth = 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._writer = None
+                self._cond.notify_all()
+
+
+class EngineState:
+    """Everything the engine keeps for one model."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Record] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.lock = ReadWriteLock()
+        # Ids of the forward hooks on the root model (ids, not handles: they stay valid in a deep copy).
+        self.hooks: tuple[int, int] | None = None
+
+    # Forward hooks on the root model: a forward holds the read side for its whole duration.
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.lock.acquire_read()
+
+    def _exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.lock.release_read()
+
+    def install_hooks(self, model: torch.nn.Module) -> None:
+        if self.hooks is None:
+            pre = model.register_forward_pre_hook(self._enter)
+            post = model.register_forward_hook(self._exit, always_call=True)
+            self.hooks = (pre.id, post.id)
+
+    def remove_hooks(self, model: torch.nn.Module) -> None:
+        if self.hooks is None:
+            return
+        pre, post = self.hooks
+        model._forward_pre_hooks.pop(pre, None)
+        model._forward_pre_hooks_with_kwargs.pop(pre, None)
+        for hooks in (model._forward_hooks, model._forward_hooks_with_kwargs, model._forward_hooks_always_called):
+            hooks.pop(post, None)
+        self.hooks = None
+
+    def __deepcopy__(self, memo: dict) -> EngineState:
+        new = EngineState.__new__(EngineState)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, ReadWriteLock() if key == "lock" else copy.deepcopy(value, memo))
+        return new
+
+
+def get_state(model: torch.nn.Module, create: bool = False) -> EngineState | None:
+    state = model.__dict__.get(ATTR)
+    if state is None and create:
+        state = EngineState()
+        model.__dict__[ATTR] = state
+    return state
+
+
+def drop_state(model: torch.nn.Module) -> None:
+    state = model.__dict__.pop(ATTR, None)
+    if state is not None:
+        state.remove_hooks(model)
