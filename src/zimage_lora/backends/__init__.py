@@ -14,7 +14,13 @@ from .plain import PlainLinearBackend
 # (module path, class name, top-level package that must already be imported for it to apply).
 # A quantized layer can only exist if its package was imported, so checking sys.modules keeps
 # start-up free of optional imports.
-REGISTRY: list[tuple[str, str, str]] = []
+REGISTRY: list[tuple[str, str, str]] = [
+    (".torchao_backend", "TorchAOBackend", "torchao"),
+    (".bnb_backend", "BnB4bitBackend", "bitsandbytes"),
+    (".bnb_backend", "BnB8bitBackend", "bitsandbytes"),
+    (".gguf_backend", "GGUFBackend", "gguf"),
+    (".gguf_backend", "GGUFReadOnlyBackend", "gguf"),
+]
 
 _PLAIN = PlainLinearBackend()
 _loaded: dict[str, Backend] = {}
