@@ -92,9 +92,10 @@ class TorchAOBackend:
         if target.keys() != source.keys() or any(
             target[k].shape != source[k].shape or target[k].dtype != source[k].dtype for k in target
         ):
+            got = {k: tuple(v.shape) for k, v in source.items()}
+            want = {k: tuple(v.shape) for k, v in target.items()}
             raise UnsupportedError(
-                f"requantizing a torchao {type(old).__name__} gave a different layout "
-                f"({ {k: tuple(v.shape) for k, v in source.items()} } vs { {k: tuple(v.shape) for k, v in target.items()} }); "
+                f"requantizing a torchao {type(old).__name__} gave a different layout ({got} vs {want}); "
                 "use mode='dynamic'"
             )
         with torch.no_grad():
