@@ -43,7 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_imports() -> None:
+    """Optional packages (torchao via diffusers) log CUDA-library and deprecation noise on import on
+    CPU machines; it says nothing about the user's command. ZIMAGE_LORA_VERBOSE=1 keeps it."""
+    import logging
+    import os
+
+    if os.environ.get("ZIMAGE_LORA_VERBOSE"):
+        return
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers", "diffusers.utils.import_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
