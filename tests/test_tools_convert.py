@@ -157,6 +157,6 @@ def test_cli_convert_and_refusal(model, tmp_path, capsys):
     assert main(["convert", str(lokr), "--to", "diffusers", "--out", str(tmp_path / "x.safetensors"),
                  "--model", str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert "holds LoRA and DoRA only" in err and "lycoris_layers_0" in err
+    assert "holds LoRA and DoRA only" in err and ".lokr_w1" in err
     with pytest.raises(LoRAError, match="unknown target layout"):
         convert_adapter(src, "onnx", tmp_path / "y.safetensors", model=model)
