@@ -1,0 +1,153 @@
+"""The demo: a small Z-Image transformer and an example adapter in every supported layout, each
+applied merged and dynamic, its effect measured and its removal checked bit for bit."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoRAError
+from ..examples import LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
+
+#: dynamic and merged outputs must agree to this relative error (fp32).
+AGREEMENT = 1e-4
+
+
+@dataclass
+class DemoRow:
+    layout: str
+    mode: str
+    format: str = ""
+    algorithm: str = ""
+    targets: int = 0
+    change: float = 0.0  # ||y_adapted - y_base|| / ||y_base||
+    agrees: bool = True  # dynamic rows: matches the merged output
+    restore_exact: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and self.targets > 0 and self.change > 1e-6 and self.restore_exact and self.agrees
+
+
+def run_demo(layouts: list[str] | None = None, workdir: str | Path | None = None, seed: int = 0) -> list[DemoRow]:
+    """Every row: one layout in one mode. `workdir`: where the example files go (default: a temp folder)."""
+    chosen = list(LAYOUTS) if layouts is None else layouts
+    unknown = [x for x in chosen if x not in LAYOUTS]
+    if unknown:
+        raise LoRAError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is several times faster than contended threads
+    try:
+        return _run(chosen, workdir, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(chosen: list[str], workdir: str | Path | None, seed: int) -> list[DemoRow]:
+    from ..apply import apply_adapter, remove_adapter
+    from ..keys import ModuleIndex
+    from ..loading import load_adapter
+
+    model = tiny_model(seed=seed)
+    inputs = tiny_inputs(seed=seed)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    base = run_model(model, inputs)
+    index = ModuleIndex(model)
+    rows: list[DemoRow] = []
+    with tempfile.TemporaryDirectory(prefix="zimage-lora-demo-") as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for layout in chosen:
+            suffix = "" if layout.startswith("peft") else ".safetensors"
+            path = make_adapter(layout, folder / f"{layout}{suffix}", model, seed=seed + 1)
+            merged_out = None
+            for mode in ("merged", "dynamic"):
+                row = DemoRow(layout, mode)
+                started = time.perf_counter()
+                try:
+                    adapter = load_adapter(path, index, name=layout)
+                    report = apply_adapter(model, adapter, mode=mode, name=layout)
+                    out = run_model(model, inputs)
+                    remove_adapter(model, layout)
+                    row.seconds = time.perf_counter() - started
+                    row.format, row.targets = report.format, len(report.applied)
+                    row.algorithm = _algorithms(adapter)
+                    row.change = float((out - base).norm() / base.norm())
+                    if mode == "merged":
+                        merged_out = out
+                    elif merged_out is not None:
+                        row.agrees = float((out - merged_out).norm() / (out - base).norm()) < AGREEMENT
+                    row.restore_exact = _same(model, original, classes) and torch.equal(run_model(model, inputs), base)
+                except LoRAError as exc:
+                    row.error = str(exc)
+                    row.seconds = time.perf_counter() - started
+                    _reset(model, original)
+                rows.append(row)
+    return rows
+
+
+def _algorithms(adapter) -> str:
+    algos = list(adapter.algorithms)
+    if any(t.dora is not None for t in adapter.targets):
+        algos.append("dora")
+    return "+".join(algos)
+
+
+def _same(model: torch.nn.Module, original: dict[str, torch.Tensor], classes: dict[str, type]) -> bool:
+    state = model.state_dict()
+    if state.keys() != original.keys():
+        return False
+    if any(type(m) is not classes.get(n) for n, m in model.named_modules()):
+        return False
+    return all(v.dtype == original[k].dtype and torch.equal(v, original[k]) for k, v in state.items())
+
+
+def _reset(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
+    from ..apply import remove_adapter
+
+    try:
+        remove_adapter(model)
+    except LoRAError:
+        pass
+    model.load_state_dict(original)
+
+
+def print_table(rows: list[DemoRow], console=None) -> None:
+    """One line per layout: both modes side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+            console = Console(width=150)
+    table = Table(title="every layout, merged and dynamic, on a tiny Z-Image transformer")
+    for col in ("layout", "format detected", "algorithm", "targets", "output change",
+                "merged = dynamic", "restore exact", "time m/d", ""):
+        table.add_column(col, justify="right" if col in ("targets", "output change", "time m/d") else "left")
+    by_layout: dict[str, list[DemoRow]] = {}
+    for r in rows:
+        by_layout.setdefault(r.layout, []).append(r)
+    for layout, pair in by_layout.items():
+        first = pair[0]
+        ok = all(r.passed for r in pair)
+        errors = "; ".join(r.error for r in pair if r.error)
+        table.add_row(
+            layout, first.format, first.algorithm, str(first.targets),
+            f"{first.change:.1%}",
+            "yes" if all(r.agrees for r in pair) else "[red]no[/red]",
+            "yes" if all(r.restore_exact for r in pair) else "[red]no[/red]",
+            "/".join(f"{r.seconds * 1000:.0f}" for r in pair) + " ms",
+            "[green]ok[/green]" if ok else f"[red]FAIL[/red] {errors[:100]}",
+        )
+    console.print(table)
+    failed = sum(not r.passed for r in rows)
+    summary = "all passed" if not failed else f"{failed} of {len(rows)} failed"
+    console.print(f"{len(by_layout)} layouts x {len({r.mode for r in rows})} modes: {summary}")
