@@ -126,7 +126,7 @@ def _decode(module: torch.nn.Module) -> torch.Tensor | None:
     return reference_dequant(module.weight) if TorchAOBackend().matches(module) else None
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["int8", "int4"])  # float8 shares the int8 path; kept fast
 def test_engine_dynamic_merged_restore(kind, tmp_path):
     quant = _quantized_tiny(kind)
     assert sum(TorchAOBackend().matches(m) for m in quant.modules()) > 20
