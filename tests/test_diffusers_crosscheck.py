@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _deltas import resolved_deltas
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
 from safetensors.torch import load_file
 
-from test_formats_layouts import resolved_deltas
 from zimage_lora import examples, load_adapter
 
 # Layouts whose files diffusers' Z-Image converter accepts.

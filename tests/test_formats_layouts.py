@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
+from _deltas import resolved_deltas
 from safetensors import safe_open
 
-from zimage_lora import algorithms, examples, load_adapter
+from zimage_lora import examples, load_adapter
 from zimage_lora.examples import native_name
 
 FUSED_LAYOUTS = {"kohya-fused", "comfy-fused"}
@@ -33,7 +34,8 @@ def _lora_rule(prefix, down, up, flat=False, native=False, alpha_from=None):
     """Expected delta of a LoRA module stored under `prefix + name`: scale * up @ down."""
 
     def rule(sd, meta, cfg, name):
-        stem = prefix + (_flat(native_name(name) if native else name) if flat else (native_name(name) if native else name))
+        module = native_name(name) if native else name
+        stem = prefix + (_flat(module) if flat else module)
         a, b = sd[stem + down].float(), sd[stem + up].float()
         r = a.shape[0]
         if alpha_from == "key":
@@ -112,23 +114,6 @@ RULES = {
     "mixed": _lora_rule("lora_unet_", ".lora.down.weight", ".lora.up.weight", flat=True, alpha_from="key"),
     "peft": _lora_rule("base_model.model.", ".lora_A.weight", ".lora_B.weight", alpha_from="config"),
 }
-
-
-def resolved_deltas(adapter, model) -> dict[str, torch.Tensor]:
-    """Per module: the sum of its targets' scaled deltas, placed on their rows."""
-    weights = dict(model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    for t in adapter.targets:
-        w = weights[t.module + ".weight"]
-        d = algorithms.delta(t.algorithm, t.tensors) * t.scale
-        if t.delta_rows is not None:
-            d = d[t.delta_rows[0]:t.delta_rows[1]]
-        full = out.setdefault(t.module, torch.zeros(w.shape))
-        if t.rows is None:
-            full += d
-        else:
-            full[t.rows[0]:t.rows[1]] += d
-    return out
 
 
 @pytest.mark.parametrize("layout", sorted(RULES))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from _deltas import resolved_deltas
 from torch import nn
 
-from test_formats_layouts import resolved_deltas
 from zimage_lora import examples, load_adapter
 
 
@@ -21,7 +21,9 @@ class _Attention(nn.Module):
 class _FeedForward(nn.Module):
     def __init__(self, d: int, h: int) -> None:
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False), nn.Linear(d, h, bias=False)
+        self.w1 = nn.Linear(d, h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
+        self.w3 = nn.Linear(d, h, bias=False)
 
 
 class _Block(nn.Module):

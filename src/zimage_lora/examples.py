@@ -113,7 +113,8 @@ def _lokr(g, out_f: int, in_f: int, rank: int, factorized: bool, tucker: bool = 
     if factorized or tucker:
         r = min(rank, o2, i2)
         if tucker:
-            t |= {"w2_a": _rand(g, r, o2, scale=0.3), "w2_b": _rand(g, r, i2, scale=0.3), "t2": _rand(g, r, r, scale=0.3)}
+            t |= {"w2_a": _rand(g, r, o2, scale=0.3), "w2_b": _rand(g, r, i2, scale=0.3)}
+            t["t2"] = _rand(g, r, r, scale=0.3)
         else:
             t |= {"w2_a": _rand(g, o2, r, scale=0.3), "w2_b": _rand(g, r, i2, scale=0.3)}
     else:

@@ -1,0 +1,88 @@
+"""The pure algorithm functions against LyCORIS's functional implementations, and each bypass
+against its own full delta."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris.functional import locon as ly_locon
+from lycoris.functional import loha as ly_loha
+from lycoris.functional import lokr as ly_lokr
+
+from zimage_lora import algorithms
+
+g = torch.Generator().manual_seed(0)
+
+
+def r(*shape):
+    return torch.randn(*shape, generator=g)
+
+
+CASES = {
+    "lora": ("lora", {"down": r(4, 24), "up": r(18, 4)}),
+    "lora-mid": ("lora", {"down": r(4, 24), "up": r(18, 4), "mid": r(4, 4)}),
+    "lokr-full": ("lokr", {"w1": r(3, 4), "w2": r(6, 6)}),
+    "lokr-factorized": ("lokr", {"w1": r(3, 4), "w2_a": r(6, 2), "w2_b": r(2, 6)}),
+    "lokr-both-factorized": ("lokr", {"w1_a": r(3, 2), "w1_b": r(2, 4), "w2_a": r(6, 2), "w2_b": r(2, 6)}),
+    "lokr-tucker": ("lokr", {"w1": r(3, 4), "w2_a": r(2, 6), "w2_b": r(2, 6), "t2": r(2, 2)}),
+    "loha": ("loha", {"w1_a": r(18, 3), "w1_b": r(3, 24), "w2_a": r(18, 3), "w2_b": r(3, 24)}),
+    "loha-tucker": ("loha", {"w1_a": r(3, 18), "w1_b": r(3, 24), "t1": r(3, 3),
+                             "w2_a": r(3, 18), "w2_b": r(3, 24), "t2": r(3, 3)}),
+    "full": ("full", {"diff": r(18, 24)}),
+}
+
+
+def lycoris_delta(name: str, t: dict) -> torch.Tensor:
+    if name.startswith("lora"):
+        mid = t.get("mid")
+        return ly_locon.diff_weight(t["down"], t["up"], mid, gamma=1.0, backend="torch")
+    if name.startswith("lokr"):
+        # LyCORIS's diff_weight divides gamma by `w?_a.shape[1]` (the rank, or out2 for tucker factors);
+        # pass that as gamma to get the unscaled delta.
+        a = t.get("w1_a", t.get("w2_a"))
+        rank = a.shape[1] if a is not None else 1
+        weights = (t.get("w1"), t.get("w1_a"), t.get("w1_b"), t.get("w2"), t.get("w2_a"), t.get("w2_b"), t.get("t2"))
+        gamma = float(rank) if ("w1_a" in t or "w2_a" in t) else 1.0
+        return ly_lokr.diff_weight(*weights, gamma=gamma, backend="torch")
+    if name.startswith("loha"):
+        return ly_loha.diff_weight(
+            t["w1_b"], t["w1_a"], t["w2_b"], t["w2_a"], t.get("t1"), t.get("t2"), gamma=1.0, backend="torch"
+        )
+    return t["diff"]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
+def test_delta_matches_lycoris_functional(name):
+    algo, tensors = CASES[name]
+    torch.testing.assert_close(algorithms.delta(algo, tensors), lycoris_delta(name, tensors).float())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bypass_equals_x_times_delta(name):
+    algo, tensors = CASES[name]
+    x = r(5, 7, 24)
+    expected = x @ algorithms.delta(algo, tensors).T
+    torch.testing.assert_close(algorithms.bypass(algo, x, tensors), expected, rtol=1e-4, atol=1e-4)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    assert algorithms.delta_shape(algo, shapes) == (18, 24)
+
+
+def test_lokr_kron_apply_never_needs_the_product():
+    w1, w2 = r(40, 60), r(96, 64)  # kron would be 3840 x 3840
+    x = r(3, 60 * 64)
+    y = algorithms.lokr.kron_apply(x, w1, w2)
+    torch.testing.assert_close(y, x @ torch.kron(w1, w2).T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "algo,shapes,message",
+    [
+        ("lora", {"down": (4, 24), "up": (18, 5)}, "rank mismatch"),
+        ("lokr", {"w1": (3, 4)}, "w2"),
+        ("loha", {"w1_a": (18, 3), "w1_b": (3, 24), "w2_a": (10, 3), "w2_b": (3, 24)}, "disagree"),
+        ("lora", {"down": (4, 24, 3), "up": (18, 4)}, "2-D"),
+    ],
+)
+def test_inconsistent_shapes_are_reported(algo, shapes, message):
+    with pytest.raises(ValueError, match=message):
+        algorithms.delta_shape(algo, shapes)
