@@ -1,0 +1,38 @@
+"""Helpers shared by the engine tests: reference comparisons and exact-restore checks."""
+
+from __future__ import annotations
+
+import torch
+
+from zimage_lora import examples
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
+    """||ours - ref|| relative to the adapter's effect ||ref - base||."""
+    effect = float((ref - base).norm())
+    assert effect > 1e-3, "the adapter must visibly change the output for the comparison to mean anything"
+    return float((ours - ref).norm()) / effect
+
+
+class Pristine:
+    """Everything that must come back after the last remove: tensors, names, module tree."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self.tree = [(n, type(m), id(m)) for n, m in model.named_modules()]
+        self.attrs = set(model.__dict__)
+        self.hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+
+    def assert_same(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        assert list(state) == list(self.state)
+        for key, value in self.state.items():
+            assert state[key].dtype == value.dtype, key
+            assert torch.equal(state[key], value), f"{key} changed"
+        assert [(n, type(m), id(m)) for n, m in model.named_modules()] == self.tree
+        assert set(model.__dict__) == self.attrs
+        assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == self.hooks
+
+
+def output(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return examples.run_model(model, examples.tiny_inputs(seed=1, dtype=dtype))
