@@ -16,6 +16,16 @@ from zimage_lora.keys import ModuleIndex
 from zimage_lora.tools.convert import convert_adapter
 from zimage_lora.tools.target_math import merge_bias, merge_weight
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster than several contending for two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LORA_LAYOUTS = ["kohya", "kohya-fused", "comfy-fused", "musubi-other", "peft", "peft-dora", "mixed", "lycoris-dora"]
 OTHER_LAYOUTS = ["lycoris-lokr-factorized", "lycoris-loha", "lycoris-full", "lycoris-lokr-tucker"]
 
@@ -160,3 +170,28 @@ def test_cli_convert_and_refusal(model, tmp_path, capsys):
     assert "holds LoRA and DoRA only" in err and ".lokr_w1" in err
     with pytest.raises(LoRAError, match="unknown target layout"):
         convert_adapter(src, "onnx", tmp_path / "y.safetensors", model=model)
+
+
+@pytest.mark.parametrize(
+    "layout,to",
+    [("kohya", "comfy"), ("peft-dora", "diffusers"), ("lycoris-loha", "kohya"), ("comfy-fused", "peft"),
+     ("lycoris-lokr-factorized", "comfy"), ("mixed", "kohya")],
+)
+def test_converted_file_gives_the_same_output_through_the_engine(model, tmp_path, layout, to):
+    from zimage_lora import apply_adapter, remove_adapter
+
+    src = make_adapter(layout, tmp_path / ("src" if layout.startswith("peft") else "src.safetensors"), model)
+    out = convert_adapter(src, to, tmp_path / ("out" if to == "peft" else "out.safetensors"), model=model)
+    inputs = tiny_inputs()
+    base = run_model(model, inputs)
+    results = []
+    for path in (src, out):
+        for mode in ("dynamic", "merged"):
+            apply_adapter(model, path, scale=0.9, mode=mode, name="x")
+            results.append(run_model(model, inputs))
+            remove_adapter(model, "x")
+    assert torch.equal(run_model(model, inputs), base)
+    effect = (results[0] - base).norm()
+    assert effect > 1e-2 * base.norm()
+    for r in results[1:]:
+        assert (r - results[0]).norm() < 1e-4 * effect

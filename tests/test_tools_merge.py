@@ -17,6 +17,15 @@ from zimage_lora.tools import checkpoint_merge
 from zimage_lora.tools.checkpoint_merge import merge_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster than several contending for two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
@@ -186,3 +195,33 @@ def test_cli_merge(base, tmp_path, capsys):
     w = model.state_dict()[t.module + ".weight"]
     torch.testing.assert_close(merged[t.module + ".weight"], w + 0.5 * t.scale * t.tensors["up"] @ t.tensors["down"])
     assert main(["merge", "--model", str(folder), "--lora", str(lora), "--out", str(out), "--quiet"]) == 1
+
+
+def test_bf16_merge_matches_the_engine_merged_mode(tmp_path):
+    """The streaming merge and the in-memory engine give the same bf16 weights for stacked adapters."""
+    from zimage_lora import apply_adapter
+
+    model = tiny_model(seed=7, dtype=torch.bfloat16)
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    ref = tiny_model(seed=7)
+    specs = [
+        (make_adapter("lycoris-dora", tmp_path / "a.safetensors", ref, seed=1), 0.8),
+        (make_adapter("comfy-fused", tmp_path / "b.safetensors", ref, seed=2), -1.4),
+        (make_adapter("lycoris-lokr-tucker", tmp_path / "c.safetensors", ref, seed=3), 2.0),
+        (make_adapter("lycoris-full", tmp_path / "d.safetensors", ref, seed=4), 0.5),
+    ]
+    out = tmp_path / "merged.safetensors"
+    merge_checkpoint(folder, [f"{p}:{s}" for p, s in specs], out)
+    for i, (p, s) in enumerate(specs):
+        apply_adapter(model, p, scale=s, mode="merged", name=f"a{i}")
+    merged = load_file(str(out))
+    state = model.state_dict()
+    assert merged.keys() == state.keys()
+    total = same = 0
+    for k, v in state.items():
+        assert merged[k].dtype == v.dtype == torch.bfloat16
+        torch.testing.assert_close(merged[k].float(), v.float(), rtol=1e-2, atol=1e-2)
+        total += v.numel()
+        same += int((merged[k] == v).sum())
+    assert same / total > 0.999
