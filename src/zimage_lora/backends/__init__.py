@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import torch
 
@@ -23,7 +24,7 @@ REGISTRY: list[tuple[str, str, str]] = [
 ]
 
 _PLAIN = PlainLinearBackend()
-_loaded: dict[str, Backend] = {}
+_loaded: dict[str, Backend | None] = {}
 
 
 def _candidates() -> list[Backend]:
@@ -33,8 +34,18 @@ def _candidates() -> list[Backend]:
             continue
         key = f"{path}:{cls}"
         if key not in _loaded:
-            _loaded[key] = getattr(importlib.import_module(path, __name__), cls)()
-        found.append(_loaded[key])
+            # diffusers imports every quantization package it finds; a version of one that this
+            # backend cannot work with must not break plain models, so it is skipped with a warning.
+            try:
+                _loaded[key] = getattr(importlib.import_module(path, __name__), cls)()
+            except (ImportError, AttributeError) as exc:
+                warnings.warn(
+                    f"zimage_lora: {package} backend unavailable ({exc}); its layers are not supported", stacklevel=3
+                )
+                _loaded[key] = None
+        backend = _loaded[key]
+        if backend is not None:
+            found.append(backend)
     return found
 
 
