@@ -18,3 +18,32 @@ def as_matrix(t):
     if t.dim() == 4 and t.shape[2:] == (1, 1):
         return t.reshape(t.shape[0], t.shape[1])
     return t
+
+
+def product_shape(shapes: dict[str, tuple[int, ...]], a: str, b: str, t: str) -> tuple[int, int]:
+    """(out, in) of `a @ b`, or of LyCORIS's tucker form `a^T @ t @ b` when the core `t` is present
+    (t (r1, r2), a (r1, out), b (r2, in))."""
+    if a not in shapes or b not in shapes:
+        raise ValueError(f"needs both '{a}' and '{b}'")
+    if t in shapes:
+        r1, r2 = matrix(shapes, t)
+        ra, n_out = matrix(shapes, a)
+        rb, n_in = matrix(shapes, b)
+        if (ra, rb) != (r1, r2):
+            raise ValueError(f"tucker core '{t}' is {r1}x{r2} but '{a}'/'{b}' have ranks {ra}/{rb}")
+        return n_out, n_in
+    n_out, ra = matrix(shapes, a)
+    rb, n_in = matrix(shapes, b)
+    if ra != rb:
+        raise ValueError(f"rank mismatch between '{a}' ({ra} columns) and '{b}' ({rb} rows)")
+    return n_out, n_in
+
+
+def product(tensors, a: str, b: str, t: str, dtype):
+    """The dense matrix `a @ b` (or `a^T @ t @ b`) in `dtype`."""
+    ma = as_matrix(tensors[a]).to(dtype)
+    mb = as_matrix(tensors[b]).to(dtype)
+    core = tensors.get(t)
+    if core is not None:
+        return ma.T @ as_matrix(core).to(dtype) @ mb
+    return ma @ mb

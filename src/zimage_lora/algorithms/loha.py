@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import as_matrix, matrix
+from ._shapes import matrix, product, product_shape
 
 
 def _half_shape(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[int, int]:
-    a, b, t = f"w{i}_a", f"w{i}_b", f"t{i}"
-    if t in shapes:
-        r1, r2 = matrix(shapes, t)
-        ra, n_out = matrix(shapes, a)
-        rb, n_in = matrix(shapes, b)
-        if (ra, rb) != (r1, r2):
-            raise ValueError(f"tucker core '{t}' is {r1}x{r2} but '{a}'/'{b}' have ranks {ra}/{rb}")
-        return n_out, n_in
-    n_out, ra = matrix(shapes, a)
-    rb, n_in = matrix(shapes, b)
-    if ra != rb:
-        raise ValueError(f"rank mismatch between '{a}' ({ra} columns) and '{b}' ({rb} rows)")
-    return n_out, n_in
+    return product_shape(shapes, f"w{i}_a", f"w{i}_b", f"t{i}")
 
 
 def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
@@ -35,12 +23,7 @@ def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
 
 
 def _half(tensors: dict[str, torch.Tensor], i: int) -> torch.Tensor:
-    a = as_matrix(tensors[f"w{i}_a"]).float()
-    b = as_matrix(tensors[f"w{i}_b"]).float()
-    t = tensors.get(f"t{i}")
-    if t is not None:
-        return a.T @ as_matrix(t).float() @ b
-    return a @ b
+    return product(tensors, f"w{i}_a", f"w{i}_b", f"t{i}", torch.float32)
 
 
 def delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

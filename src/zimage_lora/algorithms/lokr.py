@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import as_matrix, matrix
-
-
-def _tucker_shape(shapes: dict[str, tuple[int, ...]], t: str, a: str, b: str) -> tuple[int, int]:
-    # LyCORIS tucker: t (r1, r2[, 1, 1]), a (r1, out), b (r2, in) -> W = a^T t b (out, in).
-    r1, r2 = matrix(shapes, t)
-    ra, n_out = matrix(shapes, a)
-    rb, n_in = matrix(shapes, b)
-    if (ra, rb) != (r1, r2):
-        raise ValueError(f"tucker core '{t}' is {r1}x{r2} but '{a}'/'{b}' have ranks {ra}/{rb}")
-    return n_out, n_in
+from ._shapes import as_matrix, matrix, product, product_shape
 
 
 def _factor_shape(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[int, int]:
@@ -27,13 +17,7 @@ def _factor_shape(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[int, int]
         return matrix(shapes, w)
     if a not in shapes or b not in shapes:
         raise ValueError(f"LoKr needs '{w}' or both '{a}' and '{b}'")
-    if t in shapes:
-        return _tucker_shape(shapes, t, a, b)
-    n_out, ra = matrix(shapes, a)
-    rb, n_in = matrix(shapes, b)
-    if ra != rb:
-        raise ValueError(f"rank mismatch between '{a}' ({ra} columns) and '{b}' ({rb} rows)")
-    return n_out, n_in
+    return product_shape(shapes, a, b, t)
 
 
 def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
@@ -54,12 +38,7 @@ def _factor(tensors: dict[str, torch.Tensor], i: int, dtype: torch.dtype) -> tor
     w = tensors.get(f"w{i}")
     if w is not None:
         return as_matrix(w).to(dtype)
-    a = as_matrix(tensors[f"w{i}_a"]).to(dtype)
-    b = as_matrix(tensors[f"w{i}_b"]).to(dtype)
-    t = tensors.get(f"t{i}")
-    if t is not None:
-        return a.T @ as_matrix(t).to(dtype) @ b
-    return a @ b
+    return product(tensors, f"w{i}_a", f"w{i}_b", f"t{i}", dtype)
 
 
 def factors(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
