@@ -115,6 +115,8 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
+    if tensor.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; the upcast is exact
+        tensor = tensor.float()
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise IncompatibleWeightsError(

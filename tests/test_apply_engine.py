@@ -1,0 +1,365 @@
+"""Engine behaviour: exact restore, stacking, re-weighting, replacing, fused targets, failures mid-way."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _apply_util import Pristine, output, rel_err
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from zimage_lora import (
+    Adapter,
+    IncompatibleWeightsError,
+    LoRAError,
+    Target,
+    apply_adapter,
+    examples,
+    list_adapters,
+    load_adapter,
+    remove_adapter,
+    set_adapter_scale,
+)
+from zimage_lora.apply import AdapterLinear, merge
+from zimage_lora.apply.layer import Slot
+
+TOL = 2e-5
+
+
+def _file(tmp_path, model, layout, seed=0, **kw):
+    suffix = "" if layout.startswith("peft") else ".safetensors"
+    return examples.make_adapter(layout, tmp_path / f"{layout}-{seed}{suffix}", model, seed=seed, **kw)
+
+
+def _norm_adapter(model, seed=0) -> Adapter:
+    """Full diffs on two norm layers (ComfyUI files carry these) plus one on a biased Linear."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [
+        Target("layers.0.attention_norm1", "full", {"diff": torch.randn(64, generator=g) * 0.1}),
+        Target("layers.1.ffn_norm2", "full", {"diff": torch.randn(64, generator=g) * 0.1}),
+        Target(
+            "layers.0.adaLN_modulation.0", "full",
+            {"diff": torch.randn(256, 64, generator=g) * 0.02, "diff_b": torch.randn(256, generator=g) * 0.02},
+        ),
+    ]
+    return Adapter(name="norms", format="test", source="test", targets=targets)
+
+
+# --- exact restore ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stacked_adapters_restore_bit_exact(tmp_path, dtype):
+    model = examples.tiny_model(seed=1, dtype=dtype)
+    files = {
+        "lora": _file(tmp_path, model, "kohya", seed=1),
+        "lokr": _file(tmp_path, model, "lycoris-lokr-factorized", seed=2),
+        "loha": _file(tmp_path, model, "lycoris-loha", seed=3),
+        "dora": _file(tmp_path, model, "peft-dora", seed=4),
+        "full": _file(tmp_path, model, "lycoris-full", seed=5),
+    }
+    pristine = Pristine(model)
+    base = output(model, dtype)
+    modes = {"lora": "merged", "lokr": "dynamic", "loha": "merged", "dora": "dynamic", "full": "merged"}
+    for name, path in files.items():
+        apply_adapter(model, path, name=name, mode=modes[name], scale=0.5)
+    apply_adapter(model, _norm_adapter(model), mode="dynamic", scale=2.0)
+    assert [a.name for a in list_adapters(model)] == [*files, "norms"]
+    assert isinstance(model.layers[0].attention.to_q, AdapterLinear)
+    stacked = output(model, dtype)
+    assert not torch.allclose(stacked, base)
+    set_adapter_scale(model, "lora", -1.5)
+    set_adapter_scale(model, "lokr", 3.0)
+    set_adapter_scale(model, "norms", -1.0)
+    for name in ("loha", "norms", "lokr"):
+        remove_adapter(model, name)
+    assert [a.name for a in list_adapters(model)] == ["lora", "dora", "full"]
+    remove_adapter(model)
+    pristine.assert_same(model)
+    assert torch.equal(output(model, dtype), base)
+    assert list_adapters(model) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_removing_one_merged_adapter_equals_never_applying_it(tmp_path, dtype):
+    model = examples.tiny_model(seed=2, dtype=dtype)
+    a, b = _file(tmp_path, model, "kohya", seed=1), _file(tmp_path, model, "lycoris-loha", seed=2)
+    apply_adapter(model, b, mode="merged", name="b", scale=0.7)
+    only_b = {k: v.clone() for k, v in model.state_dict().items()}
+    remove_adapter(model)
+    apply_adapter(model, a, mode="merged", name="a")
+    apply_adapter(model, b, mode="merged", name="b", scale=0.7)
+    remove_adapter(model, "a")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, only_b[key]), key  # re-merged from the original: no subtraction drift
+
+
+def test_merged_rounds_once_and_rescale_is_an_exact_remerge(tmp_path):
+    model = examples.tiny_model(seed=3, dtype=torch.bfloat16)
+    path = _file(tmp_path, model, "ai-toolkit", seed=3)
+    name = "layers.0.feed_forward.w1"
+    w0 = model.get_submodule(name).weight.detach().clone()
+    adapter = load_adapter(path, model)
+    t = next(t for t in adapter.targets if t.module == name)
+    expected = (w0.float() + 0.8 * t.scale * (t.tensors["up"].float() @ t.tensors["down"].float())).to(torch.bfloat16)
+    apply_adapter(model, path, mode="merged", scale=0.3, name="x")
+    set_adapter_scale(model, "x", 0.8)
+    assert torch.equal(model.get_submodule(name).weight, expected)
+
+
+def test_small_chunks_give_the_same_merge(tmp_path, monkeypatch):
+    model = examples.tiny_model(seed=4)
+    path = _file(tmp_path, model, "lycoris-lokr", seed=4)
+    apply_adapter(model, path, mode="merged")
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    remove_adapter(model)
+    monkeypatch.setattr(merge, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per block: blocks straddle W1 rows
+    apply_adapter(model, path, mode="merged")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, whole[key], rtol=1e-6, atol=1e-7)
+
+
+# --- dynamic specifics ------------------------------------------------------------------------------
+
+def test_dynamic_scale_zero_and_negative(tmp_path, tiny):
+    path = _file(tmp_path, tiny, "lycoris-lokr", seed=6)
+    base = output(tiny)
+    apply_adapter(tiny, path, name="k", scale=1.0)
+    plus = output(tiny)
+    set_adapter_scale(tiny, "k", 0.0)
+    assert torch.equal(output(tiny), base)
+    set_adapter_scale(tiny, "k", -1.0)
+    minus = output(tiny)
+    assert not torch.allclose(minus, base) and not torch.allclose(minus, plus)
+    remove_adapter(tiny)
+    apply_adapter(tiny, path, name="k", scale=-1.0, mode="merged")
+    assert rel_err(minus, output(tiny), base) < TOL
+
+
+def test_reapplying_a_name_replaces_it_and_hotswaps_in_place(tmp_path, tiny):
+    first, second = _file(tmp_path, tiny, "kohya", seed=1), _file(tmp_path, tiny, "kohya", seed=2)
+    apply_adapter(tiny, second, name="x", scale=0.6)
+    want = output(tiny)
+    remove_adapter(tiny)
+    apply_adapter(tiny, first, name="x")
+    slot = tiny.layers[0].attention.to_q.slots["s1"]
+    ptr = slot.up.data_ptr()
+    report = apply_adapter(tiny, second, name="x", scale=0.6)
+    assert report.replaced and report.hotswapped
+    assert tiny.layers[0].attention.to_q.slots["s1"] is slot and slot.up.data_ptr() == ptr
+    assert torch.equal(output(tiny), want)
+    # Different shapes: a full replacement, same result as a fresh apply.
+    other = _file(tmp_path, tiny, "lycoris-loha", seed=3)
+    report = apply_adapter(tiny, other, name="x", mode="merged")
+    assert report.replaced and not report.hotswapped
+    assert [(a.name, a.mode) for a in list_adapters(tiny)] == [("x", "merged")]
+    assert not isinstance(tiny.layers[0].attention.to_q, AdapterLinear)
+
+
+def test_fp32_compute_on_bf16_model_is_closer_to_fp32_reference(tmp_path):
+    ref_model = examples.tiny_model(seed=5)
+    model = examples.tiny_model(seed=5, dtype=torch.bfloat16)
+    path = _file(tmp_path, ref_model, "kohya", seed=5)
+    linear = ref_model.layers[0].feed_forward.w1
+    x = torch.randn(16, 64)
+    apply_adapter(ref_model, path, name="x")
+    ref = ref_model.layers[0].feed_forward.w1(x)
+    apply_adapter(model, path, name="x")
+    low = model.layers[0].feed_forward.w1(x.bfloat16()).float()
+    apply_adapter(model, path, name="x", compute_dtype=torch.float32)
+    high = model.layers[0].feed_forward.w1(x.bfloat16()).float()
+    assert linear is ref_model.layers[0].feed_forward.w1.base_layer
+    assert (high - ref).norm() <= (low - ref).norm()
+
+
+# --- fused targets ----------------------------------------------------------------------------------
+
+class _Attention(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.qkv = nn.Linear(64, 192)
+        else:
+            self.to_q, self.to_k, self.to_v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.qkv(x) if self.fused else torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
+
+
+class _Tree(nn.Module):
+    """Two blocks with only attention: the fused (ComfyUI) or split (diffusers) spelling of qkv."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"attention": _Attention(fused)}) for _ in range(2))
+
+    def forward(self, x):
+        return torch.cat([blk["attention"](x) for blk in self.layers], -1)
+
+
+def _twins(seed=0):
+    torch.manual_seed(seed)
+    fused, split = _Tree(True), _Tree(False)
+    with torch.no_grad():
+        for i in range(2):
+            qkv = fused.layers[i]["attention"].qkv
+            qkv.weight.normal_(0, 0.125)
+            qkv.bias.normal_(0, 0.1)
+            att = split.layers[i]["attention"]
+            for j, part in enumerate((att.to_q, att.to_k, att.to_v)):
+                part.weight.copy_(qkv.weight[64 * j : 64 * (j + 1)])
+                part.bias.copy_(qkv.bias[64 * j : 64 * (j + 1)])
+    return fused, split
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "merged"])
+@pytest.mark.parametrize("layout", ["kohya", "lycoris-lokr-factorized", "lycoris-loha", "lycoris-dora", "lycoris-full"])
+def test_split_files_on_a_fused_qkv_tree(tmp_path, layout, mode):
+    fused, split = _twins()
+    x = torch.randn(5, 64)
+    path = _file(tmp_path, split, layout, seed=1)
+    base = split(x)
+    pristine = Pristine(fused)
+    r_fused = apply_adapter(fused, path, mode=mode)
+    assert any(a.endswith("attention.qkv[64:128]") for a in r_fused.applied)
+    apply_adapter(split, path, mode=mode)
+    assert rel_err(fused(x), split(x), base) < TOL
+    remove_adapter(fused)
+    pristine.assert_same(fused)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "merged"])
+@pytest.mark.parametrize("algo", ["lora", "lokr", "loha", "full"])
+def test_fused_qkv_file_on_split_layers(tmp_path, algo, mode):
+    fused, split = _twins(1)
+    g = torch.Generator().manual_seed(2)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(2):
+        stem = f"diffusion_model.layers.{i}.attention.qkv"
+        if algo == "lora":
+            sd |= {f"{stem}.lora_A.weight": torch.randn(4, 64, generator=g) / 8,
+                   f"{stem}.lora_B.weight": torch.randn(192, 4, generator=g) / 4, f"{stem}.alpha": torch.tensor(2.0)}
+        elif algo == "lokr":
+            sd |= {f"{stem}.lokr_w1": torch.randn(12, 8, generator=g) / 4,
+                   f"{stem}.lokr_w2": torch.randn(16, 8, generator=g) / 4}
+        elif algo == "loha":
+            sd |= {f"{stem}.hada_w1_a": torch.randn(192, 2, generator=g) / 2,
+                   f"{stem}.hada_w1_b": torch.randn(2, 64, generator=g) / 2,
+                   f"{stem}.hada_w2_a": torch.randn(192, 2, generator=g) / 2,
+                   f"{stem}.hada_w2_b": torch.randn(2, 64, generator=g) / 2, f"{stem}.alpha": torch.tensor(1.0)}
+        else:
+            sd |= {f"{stem}.diff": torch.randn(192, 64, generator=g) / 50,
+                   f"{stem}.diff_b": torch.randn(192, generator=g)}
+    path = tmp_path / f"fused-{algo}.safetensors"
+    save_file(sd, str(path))
+    x = torch.randn(5, 64)
+    base = fused(x)
+    pristine = Pristine(split)
+    report = apply_adapter(split, path, mode=mode, scale=0.9)
+    assert "layers.1.attention.to_v" in report.applied
+    apply_adapter(fused, path, mode=mode, scale=0.9)  # direct on the fused tree: the reference
+    assert rel_err(split(x), fused(x), base) < TOL
+    remove_adapter(split)
+    pristine.assert_same(split)
+
+
+def test_fused_kohya_file_equals_the_split_file_it_was_made_from(tmp_path, tiny):
+    fused_path = _file(tmp_path, tiny, "kohya-fused", seed=3, rank=2, alpha=1.0)
+    sd = load_file(str(fused_path))
+    split: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():  # undo the block-diagonal packing by hand: q, k, v get their own factors
+        if "_qkv." not in key:
+            split[key] = value
+            continue
+        stem, suffix = key.split("_qkv.")
+        for j, part in enumerate(("to_q", "to_k", "to_v")):
+            name = f"{stem}_{part}.{suffix}"
+            if suffix == "lora_down.weight":
+                split[name] = value[2 * j : 2 * j + 2].contiguous()
+            elif suffix == "lora_up.weight":
+                split[name] = value[64 * j : 64 * j + 64, 2 * j : 2 * j + 2].contiguous()
+            else:
+                split[name] = value / 3  # alpha x3 over rank x3 -> same scale
+    split_path = tmp_path / "split.safetensors"
+    save_file(split, str(split_path))
+    base = output(tiny)
+    for mode in ("dynamic", "merged"):
+        apply_adapter(tiny, split_path, mode=mode, name="s")
+        ref = output(tiny)
+        remove_adapter(tiny)
+        apply_adapter(tiny, fused_path, mode=mode, name="f")
+        assert rel_err(output(tiny), ref, base) < TOL
+        remove_adapter(tiny)
+
+
+# --- everything or nothing --------------------------------------------------------------------------
+
+def test_bad_target_found_before_any_change(tmp_path, tiny):
+    adapter = load_adapter(_file(tmp_path, tiny, "kohya", seed=1), tiny)
+    adapter.targets[-1].tensors["up"][0, 0] = math.nan
+    pristine = Pristine(tiny)
+    for mode in ("dynamic", "merged"):
+        with pytest.raises(IncompatibleWeightsError, match="NaN"):
+            apply_adapter(tiny, adapter, mode=mode)
+        pristine.assert_same(tiny)
+    wrong = Adapter("w", "test", "test", [Target("layers.0.attention.to_q", "lora",
+                                                  {"down": torch.ones(2, 65), "up": torch.ones(64, 2)})])
+    with pytest.raises(IncompatibleWeightsError, match="65 inputs"):
+        apply_adapter(tiny, wrong)
+    pristine.assert_same(tiny)
+
+
+def _fail_after(n: int, fn):
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise RuntimeError("injected failure")
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("where", ["merge", "wrap"])
+def test_failure_mid_apply_restores_exactly(tmp_path, monkeypatch, dtype, where):
+    model = examples.tiny_model(seed=6, dtype=dtype)
+    first = _file(tmp_path, model, "lycoris-loha", seed=1)
+    second = _file(tmp_path, model, "kohya", seed=2)
+    apply_adapter(model, first, name="a", mode="merged")
+    apply_adapter(model, _norm_adapter(model), mode="dynamic")
+    apply_adapter(model, second, name="b", mode="dynamic")
+    before = Pristine(model)
+    out_before = output(model, dtype)
+    if where == "merge":
+        monkeypatch.setattr(merge, "_rebuild_plain", _fail_after(20, merge._rebuild_plain))
+        mode = "merged"
+    else:
+        monkeypatch.setattr(Slot, "__init__", _fail_after(20, Slot.__init__))
+        mode = "dynamic"
+    third = _file(tmp_path, model, "lycoris-lokr", seed=3)
+    for name in ("c", "a", "b"):  # a new name, and replacing a merged and a dynamic one
+        with pytest.raises(RuntimeError, match="injected"):
+            apply_adapter(model, third, name=name, mode=mode)
+        before.assert_same(model)
+        assert torch.equal(output(model, dtype), out_before)
+        assert [a.name for a in list_adapters(model)] == ["a", "norms", "b"]
+    monkeypatch.undo()
+    remove_adapter(model)
+
+
+def test_unknown_names_and_bad_arguments(tmp_path, tiny):
+    with pytest.raises(LoRAError):
+        remove_adapter(tiny, "nope")
+    with pytest.raises(LoRAError):
+        set_adapter_scale(tiny, "nope", 1.0)
+    path = _file(tmp_path, tiny, "kohya")
+    with pytest.raises(LoRAError):
+        apply_adapter(tiny, path, mode="fused")
+    with pytest.raises(LoRAError):
+        apply_adapter(tiny, path, scale=float("nan"))
+    assert remove_adapter(tiny) == []
+    assert not hasattr(tiny, "_zimage_lora_state")
