@@ -102,7 +102,8 @@ def test_single_fused_file_equals_folder_merge(base, tmp_path):
     # A fused LoKr file and a split LoRA on the same checkpoint, stacked.
     lokr = make_adapter("lycoris-lokr-factorized", tmp_path / "lokr.safetensors", model, seed=3)
     lora = make_adapter("kohya", tmp_path / "k.safetensors", model, seed=4)
-    specs = [f"{lora}:1.3", f"{lokr}:-0.5"]
+    dora = make_adapter("lycoris-dora", tmp_path / "d.safetensors", model, seed=5)  # per-row norms on qkv rows
+    specs = [f"{lora}:1.3", f"{lokr}:-0.5", f"{dora}:0.6"]
     merge_checkpoint(native, specs, tmp_path / "fused_out.safetensors")
     merge_checkpoint(folder, specs, tmp_path / "split_out.safetensors")
     fused = load_file(str(tmp_path / "fused_out.safetensors"))
@@ -165,6 +166,17 @@ def test_interrupted_merge_leaves_nothing(base, tmp_path, monkeypatch):
             merge_checkpoint(folder, [lora], out)
         assert not out.exists()
         assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_refuses_scaled_fp8_checkpoint(base, tmp_path):
+    model, _folder, _root = base
+    sd = _native_state(model)
+    sd["model.diffusion_model.layers.0.attention.qkv.scale_weight"] = torch.tensor(1.0)
+    path = tmp_path / "scaled.safetensors"
+    save_file(sd, str(path))
+    lora = make_adapter("kohya", tmp_path / "k.safetensors", model)
+    with pytest.raises(LoRAError, match="scaled"):
+        merge_checkpoint(path, [lora], tmp_path / "o.safetensors")
 
 
 def test_refuses_mismatched_adapter_and_existing_out(base, tmp_path):

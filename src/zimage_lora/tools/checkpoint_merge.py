@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, Target
-from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, UnsupportedError
 from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..loading import load_adapter
 from ..sources import LoRAConfiguration
@@ -143,6 +143,13 @@ def _plan_by_key(ckpt: Checkpoint, plan: dict[str, list[tuple[Target, float]]]) 
                 f"{ckpt.root}: the adapter targets module '{module}' but the checkpoint has no tensor '{key}'. "
                 "The config does not describe these weights; pass the matching checkpoint."
             )
+        for scale_key in (f"{ckpt.prefix}{module}.scale_weight", f"{ckpt.prefix}{module}.weight_scale"):
+            if scale_key in infos:
+                raise UnsupportedError(
+                    f"{ckpt.root}: '{key}' is stored scaled ('{scale_key}', e.g. a scaled-fp8 checkpoint); "
+                    "merging would need to requantize it. Merge into the bf16/fp16 checkpoint instead, or apply "
+                    "the adapter at run time (dynamic mode)."
+                )
         _check_shape(ckpt, info, targets)
         by_key[key] = ("weight", targets)
         if any("diff_b" in t.tensors for t, _s in targets):
