@@ -1,7 +1,16 @@
 """zimage-lora: LoRA-family adapters for the Z-Image diffusion transformer."""
 
 from .adapter import Adapter, Dora, Target, Unmatched
-from .apply import AdapterInfo, ApplyReport, apply_adapter, list_adapters, remove_adapter, set_adapter_scale
+from .apply import (
+    AdapterInfo,
+    Adapters,
+    ApplyReport,
+    apply_adapter,
+    list_adapters,
+    remove_adapter,
+    set_active_adapters,
+    set_adapter_scale,
+)
 from .errors import (
     AdapterNotFoundError,
     AmbiguousSourceError,
@@ -28,6 +37,8 @@ __all__ = [
     "remove_adapter",
     "set_adapter_scale",
     "list_adapters",
+    "set_active_adapters",
+    "Adapters",
     "ApplyReport",
     "AdapterInfo",
     "LoRAError",

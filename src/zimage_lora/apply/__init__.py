@@ -1,6 +1,7 @@
 """Applying adapters to a model: merged into the weights (exact restore) or dynamic (wrapped layers)."""
 
-from .engine import apply_adapter, list_adapters, remove_adapter, set_adapter_scale
+from .engine import apply_adapter, list_adapters, remove_adapter, set_active_adapters, set_adapter_scale
+from .handle import Adapters
 from .layer import AdapterLinear
 from .report import AdapterInfo, ApplyReport
 
@@ -9,6 +10,8 @@ __all__ = [
     "remove_adapter",
     "set_adapter_scale",
     "list_adapters",
+    "set_active_adapters",
+    "Adapters",
     "ApplyReport",
     "AdapterInfo",
     "AdapterLinear",

@@ -162,7 +162,7 @@ def _hotswap(
     model: nn.Module, old: Record, prepared: list[tuple[Planned, str, dict]], adapter: Adapter, strength: float
 ) -> bool:
     """Copy a same-shaped adapter's values into the existing slots, keeping every tensor object."""
-    if old.mode != "dynamic":
+    if old.mode != "dynamic" or not old.active:
         return False
     by_place: dict[tuple[str, int, int], Slot] = {}
     for module_name, keys in old.wrapped.items():
@@ -247,6 +247,8 @@ class _Transaction:
         """Active set of every touched wrapper = its slots in adapter order, one assignment each."""
         order: dict[str, list[str]] = {}
         for record in state.records.values():
+            if not record.active:
+                continue
             for module_name, keys in record.wrapped.items():
                 order.setdefault(module_name, []).extend(keys)
         for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
@@ -322,6 +324,8 @@ def _set_child(model: nn.Module, dotted: str, module: nn.Module) -> None:
 def _patches_by_module(state: EngineState) -> dict[str, list[tuple[Target, float]]]:
     out: dict[str, list[tuple[Target, float]]] = {}
     for record in state.records.values():
+        if not record.active:
+            continue
         for t in record.patches:
             out.setdefault(t.module, []).append((t, record.strength.value))
     return out
@@ -393,6 +397,62 @@ def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
                 raise
 
 
+def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list[float] | None = None) -> None:
+    """Make exactly `names` active (None: all), optionally with new scales; the others stay attached but off.
+
+    Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
+    are re-merged from the kept originals.
+    """
+    model = _model_of(model)
+    state = get_state(model)
+    attached = list(state.records) if state else []
+    wanted = attached if names is None else list(names)
+    unknown = [n for n in wanted if n not in attached]
+    if unknown:
+        raise LoRAError(f"no adapter named {unknown} is attached; attached: {attached or 'none'}.")
+    if weights is not None and len(weights) != len(wanted):
+        raise InvalidFormatError(f"{len(wanted)} adapter names but {len(weights)} weights")
+    values = [_check_scale(w) for w in weights] if weights is not None else None
+    if state is None:
+        return
+    with state.lock:
+        before = {n: (r.active, r.strength.value) for n, r in state.records.items()}
+        touched_merged: list[str] = []
+        for name, record in state.records.items():
+            record.active = name in wanted
+            if values is not None and record.active:
+                record.strength.set(values[wanted.index(name)])
+            if record.patches and (record.active, record.strength.value) != before[name]:
+                touched_merged.extend(t.module for t in record.patches)
+        txn = _Transaction(model, state)
+        try:
+            _publish_fast(model, state)
+            txn.rebuild(list(dict.fromkeys(touched_merged)))
+        except BaseException:
+            for name, (active, value) in before.items():
+                state.records[name].active = active
+                state.records[name].strength.set(value)
+            _publish_fast(model, state)
+            txn.rebuild(list(dict.fromkeys(touched_merged)))
+            raise
+
+
+def _publish_fast(model: nn.Module, state: EngineState) -> None:
+    """Re-publish every wrapper's active tuple from the records (one assignment per layer)."""
+    order: dict[str, list[Slot]] = {}
+    wrappers: dict[str, AdapterLinear] = {}
+    for record in state.records.values():
+        for module_name, keys in record.wrapped.items():
+            wrapper = wrappers.get(module_name)
+            if wrapper is None:
+                wrapper = wrappers[module_name] = model.get_submodule(module_name)
+                order[module_name] = []
+            if record.active:
+                order[module_name].extend(wrapper.slots[k] for k in keys)
+    for module_name, wrapper in wrappers.items():
+        wrapper.set_active(tuple(order[module_name]))
+
+
 def list_adapters(model: nn.Module) -> list[AdapterInfo]:
     """The attached adapters in the order they were applied: name, mode, scale, source, format, size."""
     model = _model_of(model)
@@ -404,6 +464,7 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
             name=r.name,
             mode=r.mode,
             scale=r.strength.value,
+            active=r.active,
             source=r.adapter.source,
             format=r.adapter.format,
             modules=len(r.adapter.modules),

@@ -177,7 +177,9 @@ class AdapterLinear(nn.Module):
 
     def publish(self, order: list[str]) -> None:
         """Make the slots named in `order` the active set, in one assignment."""
-        slots = tuple(self.slots[k] for k in order)
+        self.set_active(tuple(self.slots[k] for k in order))
+
+    def set_active(self, slots: tuple[Slot, ...]) -> None:
         self._active = (slots, any(s.needs_wx for s in slots))
 
     def active_keys(self) -> list[str]:

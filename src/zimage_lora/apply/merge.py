@@ -39,7 +39,7 @@ def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[t
     prepared = [(Prepared(t, shape[0]), s) for t, s in contribs]
     _rebuild_bias(name, module, snap, prepared)
     weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
-    if isinstance(snap.backend, PlainLinearBackend):
+    if type(snap.backend) is PlainLinearBackend:  # subclasses may requantize: they go through their backend
         _rebuild_plain(name, module, snap, weighted)
         return None
     snap.backend.restore(module, snap.weight)

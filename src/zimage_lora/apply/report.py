@@ -78,6 +78,7 @@ class AdapterInfo:
     format: str
     modules: int
     algorithms: tuple[str, ...]
+    active: bool = True
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -91,4 +92,5 @@ class AdapterInfo:
             "format": self.format,
             "modules": self.modules,
             "algorithms": list(self.algorithms),
+            "active": self.active,
         }

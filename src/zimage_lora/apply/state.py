@@ -51,8 +51,10 @@ class Record:
     compute_dtype: torch.dtype | None = None
     # Targets written into weights (every target in merged mode; norm patches in dynamic mode).
     patches: list[Target] = field(default_factory=list)
-    # Dynamic mode: module name -> slot key inside that module's wrapper.
-    wrapped: dict[str, str] = field(default_factory=dict)
+    # Dynamic mode: module name -> slot keys inside that module's wrapper.
+    wrapped: dict[str, list[str]] = field(default_factory=dict)
+    # Inactive adapters stay attached (their slots and factors kept) but add nothing.
+    active: bool = True
 
     @property
     def scale(self) -> float:
