@@ -53,6 +53,7 @@ def test_adapter_changes_the_image_and_modes_agree(setup, monkeypatch):
 
 
 def test_quantized_transformer_with_adapter(setup):
+    pytest.importorskip("torchao")  # the optional 'quant' extra
     root, pipe, lora = setup
     image = _gen(root, pipe, "int8", "--lora", str(lora), "--quantize", "int8")
     assert image.shape == (32, 32, 3)
