@@ -237,3 +237,22 @@ def test_bf16_merge_matches_the_engine_merged_mode(tmp_path):
         total += v.numel()
         same += int((merged[k] == v).sum())
     assert same / total > 0.999
+
+
+def test_hub_id_is_found_in_the_local_cache_offline(base, tmp_path, monkeypatch):
+    """`--model org/name` merges from the Hugging Face cache without the network."""
+    from huggingface_hub import constants
+
+    model, _folder, _root = base
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny-zimage"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    model.save_pretrained(repo / "snapshots" / rev / "transformer")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    lora = make_adapter("kohya", tmp_path / "k.safetensors", model)
+    report = merge_checkpoint("org/tiny-zimage", [lora], tmp_path / "out.safetensors")
+    assert report.merged_tensors == 37
+    with pytest.raises(LoRAError, match="not in the Hugging Face cache"):
+        merge_checkpoint("org/absent", [lora], tmp_path / "out2.safetensors")
