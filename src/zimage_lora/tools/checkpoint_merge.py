@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import algorithms
 from ..adapter import Adapter, Target
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, UnsupportedError
 from ..formats.safetensors_file import DTYPES, TensorInfo
@@ -163,26 +164,23 @@ def _plan_by_key(ckpt: Checkpoint, plan: dict[str, list[tuple[Target, float]]]) 
 
 
 def _check_shape(ckpt: Checkpoint, info: TensorInfo, targets: list[tuple[Target, float]]) -> None:
+    """The checkpoint's own tensor must fit each delta (the inventory may come from a config)."""
     if not DTYPES[info.dtype][0].is_floating_point:
         raise IncompatibleWeightsError(
             f"{ckpt.root}: '{info.key}' is {info.dtype} (quantized?); merging needs a floating-point checkpoint."
         )
     for target, _s in targets:
-        rows = info.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
-        if target.rows is not None and target.rows[1] > info.shape[0]:
-            rows = -1
-        shapes = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
-        if not shapes:
-            continue
+        factors = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
+        if not factors:
+            continue  # a bias-only diff: checked against the bias when it is merged
         if target.algorithm == "full":
-            want = tuple(shapes["diff"])
+            want = factors["diff"]
         else:
-            from .. import algorithms
-
-            want = algorithms.delta_shape(target.algorithm, shapes)
+            want = algorithms.delta_shape(target.algorithm, factors)
         if target.delta_rows is not None:
             want = (target.delta_rows[1] - target.delta_rows[0], *want[1:])
-        if tuple(want) != (rows, *info.shape[1:]):
+        a, b = target.rows if target.rows is not None else (0, info.shape[0])
+        if tuple(want) != (b - a, *info.shape[1:]) or b > info.shape[0]:
             raise IncompatibleWeightsError(
                 f"{ckpt.root}: '{info.key}' has shape {list(info.shape)}; adapter target {target.label} "
                 f"({target.source_keys[0] if target.source_keys else target.algorithm}) brings {list(want)}."
