@@ -196,9 +196,13 @@ def test_refuses_mismatched_adapter_and_existing_out(base, tmp_path):
 def test_cli_merge(base, tmp_path, capsys):
     model, folder, _root = base
     lora = make_adapter("diffusers", tmp_path / "d.safetensors", model)
+    sd = load_file(str(lora))
+    sd["text_encoder.layers.0.q_proj.lora_A.weight"] = torch.zeros(4, 8)  # reported, not merged
+    save_file(sd, str(lora), metadata=safe_open(str(lora), "pt").metadata())
     out = tmp_path / "cli_out"
     assert main(["merge", "--model", str(folder), "--lora", f"{lora}:0.5", "--out", str(out), "--quiet"]) == 0
-    assert "changed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "changed" in err and "not merged: text_encoder.layers.0.q_proj.lora_A.weight: text-encoder" in err
     adapter = load_adapter(lora, model)
     t = adapter.targets[0]
     merged = {}

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args.source, meta_model(load_config(args.model)), filename=args.filename)
     out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     skipped = f"; {len(adapter.unmatched)} unmatched keys not carried over" if adapter.unmatched else ""
     console.print(f"{adapter.source} ({adapter.format}, {len(adapter.modules)} modules) -> {out} ({args.to}){skipped}")
     return 0

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..tools.generate import generate
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     result = generate(
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,

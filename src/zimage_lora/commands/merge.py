@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.checkpoint_merge import merge_checkpoint
     from ..tools.specs import parse_lora_spec
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)
     specs = [parse_lora_spec(s) for s in args.lora]
     report = merge_checkpoint(
         args.model, specs, args.out, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     for a in report.adapters:
         unmatched = f", {a['unmatched']} unmatched keys" if a["unmatched"] else ""
         console.print(f"merged {a['source']} ({a['format']}) x{a['scale']:g}: {a['targets']} targets{unmatched}")
+        for key, reason in a["unmatched_sample"]:
+            console.print(f"  not merged: {key}: {reason}")
+        if a["unmatched"] > len(a["unmatched_sample"]):
+            console.print(f"  ... run `zimage-lora inspect {a['source']}` for every unmatched key")
     console.print(
         f"wrote {report.out}: {report.tensors} tensors ({report.merged_tensors} changed), "
         f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.1f} s"

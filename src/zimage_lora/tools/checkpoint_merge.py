@@ -77,6 +77,7 @@ def merge_checkpoint(
         report.adapters.append({
             "name": adapter.name, "source": adapter.source, "format": adapter.format, "scale": strength,
             "targets": len(adapter.targets), "unmatched": len(adapter.unmatched),
+            "unmatched_sample": [(u.key, u.reason) for u in adapter.unmatched[:5]],
         })
     by_key = _plan_by_key(ckpt, plan)
     metadata = {"zimage_lora_merged": json.dumps([{k: a[k] for k in ("source", "scale")} for a in report.adapters])}
