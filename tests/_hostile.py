@@ -45,10 +45,11 @@ def raw_file(path: Path, tensors: dict[str, tuple[str, list[int]]], *, metadata:
 
 def _values(dtype: str, shape: list[int], fill: float | None) -> bytes:
     count = math.prod(shape)
-    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(dtype)
+    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                   "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}.get(dtype)
     if torch_dtype is None or fill is None:
         return bytes(count * ITEMSIZE[dtype])
-    return torch.full((count,), fill, dtype=torch_dtype).view(torch.uint8).numpy().tobytes()
+    return torch.full((count,), fill, dtype=torch.float32).to(torch_dtype).view(torch.uint8).numpy().tobytes()
 
 
 def lora(path: Path, *, down=(4, 64), up=(64, 4), dtype="F32", stem=STEM, fill=0.01, extra=None, metadata=None):

@@ -125,6 +125,14 @@ def _nan(tmp: Path, suffix: str, value: float):
     return with_value(path, suffix, value), {}
 
 
+def _f8_nan(tmp: Path):
+    path = lora(tmp / "f8.safetensors", dtype="F8_E4M3")
+    blob = bytearray(path.read_bytes())
+    blob[-1] = 0x7F  # NaN in float8_e4m3fn (which has no Inf); torch has no isfinite for this dtype
+    path.write_bytes(bytes(blob))
+    return path, {}
+
+
 def _mixed_duplicate(tmp: Path):
     # The same layer under ComfyUI's and diffusers' prefixes: two copies of one layer, neither preferred.
     return raw_file(tmp / "dup.safetensors", {
@@ -252,6 +260,7 @@ CASES: list[Case] = [
          IncompatibleWeightsError, "NaN/Inf"),
     Case("inf-factor", "+Inf in lora_A", lambda t: _nan(t, "lora_A.weight", float("inf")),
          IncompatibleWeightsError, "NaN/Inf"),
+    Case("nan-float8", "NaN in an F8_E4M3 lora_B", _f8_nan, IncompatibleWeightsError, "NaN/Inf"),
     Case("nan-alpha", "NaN alpha tensor", lambda t: _nan(t, ".alpha", float("nan")),
          InvalidFormatError, "expected a finite number"),
     Case("inf-kohya-alpha", "ss_network_alpha metadata 'inf'", lambda t: _meta(t, {"ss_network_alpha": "inf"}),
@@ -408,6 +417,25 @@ def test_huge_rank_check_needs_no_memory(model, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors_file, "safe_open", tripwire)
     with pytest.raises(IncompatibleWeightsError, match="rank far above"):
         load_adapter(path, model)
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2", "F16", "BF16", "F64"])
+def test_every_float_dtype_applies(dtype, model, pristine, tmp_path):
+    """Edge dtypes are read, checked for NaN/Inf (float8 included) and applied in both modes."""
+    path = lora(tmp_path / "f.safetensors", dtype=dtype, fill=0.25)
+    assert load_adapter(path, model).targets[0].tensors["down"].dtype == getattr(torch, {
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F16": "float16", "BF16": "bfloat16",
+        "F64": "float64"}[dtype])
+    apply_adapter = _engine()
+    if apply_adapter is None:
+        return
+    base = examples.run_model(model, examples.tiny_inputs(seed=1))
+    for mode in ("dynamic", "merged"):
+        apply_adapter(model, path, mode=mode, name="edge")
+        out = examples.run_model(model, examples.tiny_inputs(seed=1))
+        assert torch.isfinite(out).all() and not torch.equal(out, base)
+        zimage_lora.remove_adapter(model)
+        assert_untouched(model, pristine)
 
 
 def test_high_but_sane_rank_still_loads(model, tmp_path):
