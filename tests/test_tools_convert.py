@@ -135,8 +135,12 @@ def test_diffusers_metadata_and_peft_load(model, tmp_path):
     # PEFT itself loads the converted PEFT folder and produces the merged weights' output.
     from peft import PeftModel
 
-    kohya = make_adapter("kohya", tmp_path / "k.safetensors", model, alpha=3.0)
+    # Fused qkv with separate downs: rank 12 on q/k/v, 4 elsewhere, so rank_pattern and alpha_pattern matter.
+    kohya = make_adapter("kohya-fused", tmp_path / "k.safetensors", model, alpha=3.0)
     folder = convert_adapter(kohya, "peft", tmp_path / "peft_out", model=model)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"]["layers.0.attention.to_q"] == 12
+    assert cfg["alpha_pattern"]["layers.0.attention.to_q"] == 9
     merged = tiny_model(seed=2)
     adapter = load_adapter(kohya, model)
     plan: dict[str, list] = {}
@@ -151,6 +155,17 @@ def test_diffusers_metadata_and_peft_load(model, tmp_path):
     ref, got, base = run_model(merged, inputs), run_model(peft_model, inputs), run_model(model, inputs)
     assert (ref - base).abs().max() > 1e-2
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_rslora_scale_is_kept(model, index, tmp_path):
+    src = make_adapter("peft", tmp_path / "src", model, alpha=8.0)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    original = load_adapter(src, index)
+    assert original.targets[0].scale == pytest.approx(8.0 / 2.0)  # alpha / sqrt(r), r = 4
+    for to in ("diffusers", "kohya", "comfy", "peft"):
+        out = convert_adapter(src, to, tmp_path / (to if to == "peft" else f"{to}.safetensors"), model=model)
+        assert_same(model, original, load_adapter(out, index))
 
 
 def test_cli_convert_and_refusal(model, tmp_path, capsys):
