@@ -51,7 +51,18 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 1.0 / math.sqrt(p.shape[1]))
-    return model.to(dtype).eval()
+    if dtype != torch.float32:
+        # diffusers warns about `.to(dtype)` on any ZImage model; the tiny model has nothing to keep in fp32.
+        import logging
+
+        log = logging.getLogger("diffusers.models.modeling_utils")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            model = model.to(dtype)
+        finally:
+            log.setLevel(level)
+    return model.eval()
 
 
 def tiny_inputs(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict:
