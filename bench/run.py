@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank for merge and load")
     p.add_argument("--layers", type=int, default=6, help="transformer blocks for merge (7 full-width Linears each)")
     p.add_argument("--workdir", default="/tmp/zimage-lora-bench", help="where the checkpoint bench writes its files")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend for the recompile check")
+    p.add_argument("--backend", default="auto", help="torch.compile backend for the recompile check (auto: inductor on "
+                   "CUDA, aot_eager on CPU)")
     p.add_argument("--tag", default="", help="suffix for the result file names")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
