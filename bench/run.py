@@ -41,6 +41,7 @@ def _lora_grid(args: argparse.Namespace) -> list[tuple]:
         grid = [("3840->3840", 256, 32, "fp32")]
         if dev == "cuda":
             grid = [(s, n, 32, d) for s in ALL_SHAPES for n in (1024, 4096) for d in ("fp32", "bf16")]
+            grid += [("3840->3840", 256, 32, "bf16")] + [("3840->10240", 4096, r, "bf16") for r in (16, 64, 128)]
         return grid
     grid = []
     for dt in args.dtypes:
