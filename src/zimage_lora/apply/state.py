@@ -75,6 +75,10 @@ class ReadWriteLock:
 
     Readers (forwards) never wait for each other; a change waits until running forwards finish and
     holds new ones back until it is done, so every forward sees the adapters before or after it.
+    A waiting change also holds back forwards that have not started yet: with two threads running
+    forwards back to back the reader count would otherwise never reach zero and the change would
+    wait for ever. A thread already inside a forward (a nested call) is let through, since making it
+    wait for the change would deadlock.
     """
 
     def __init__(self) -> None:
@@ -82,11 +86,16 @@ class ReadWriteLock:
         self._readers = 0
         self._writer: int | None = None
         self._depth = 0
+        self._writers_waiting = 0
+        self._local = threading.local()
 
     def acquire_read(self) -> None:
         me = threading.get_ident()
+        nested = getattr(self._local, "reads", 0) > 0
         with self._cond:
-            while self._writer is not None and self._writer != me:
+            while (self._writer is not None and self._writer != me) or (
+                self._writers_waiting and not nested and self._writer != me
+            ):
                 self._cond.wait()
             self._readers += 1
 
@@ -103,8 +112,12 @@ class ReadWriteLock:
             if self._writer == me:
                 self._depth += 1
                 return self
-            while self._writer is not None or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = me
             self._depth = 1
         return self
