@@ -98,8 +98,10 @@ class ReadWriteLock:
             ):
                 self._cond.wait()
             self._readers += 1
+        self._local.reads = getattr(self._local, "reads", 0) + 1
 
     def release_read(self) -> None:
+        self._local.reads = max(0, getattr(self._local, "reads", 0) - 1)
         with self._cond:
             self._readers -= 1
             if self._readers <= 0:
