@@ -12,6 +12,7 @@ from .. import algorithms
 from ..adapter import Adapter, Dora, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group, pattern_value
+from ..numerics import all_finite, count_nonfinite
 from .index import ModuleIndex, Site
 
 # Lower wins when two stems land on the same rows: the model's own spelling, then an alias, then
@@ -244,14 +245,9 @@ def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
 
 def _check_finite(file: AdapterFile, tensors: dict[str, torch.Tensor]) -> None:
     for key, t in tensors.items():
-        if not t.is_floating_point():
-            continue
-        if t.element_size() == 1:  # torch has no isfinite for float8; the upcast is exact
-            t = t.float()
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if not all_finite(t):
             raise IncompatibleWeightsError(
-                f"{file.path}: key '{key}' holds {bad} NaN/Inf value(s) out of {t.numel()}. "
+                f"{file.path}: key '{key}' holds {count_nonfinite(t)} NaN/Inf value(s) out of {t.numel()}. "
                 "The adapter is broken (diverged training or a bad conversion); it was not applied."
             )
 
