@@ -144,7 +144,6 @@ def _apply_locked(
         if old is not None:
             txn.detach(old)
         state.records[name] = record
-        state.install_hooks(model)
         for p, kind, tensors in prepared:
             txn.attach(record, p, kind, tensors)
         txn.publish_all(state)
@@ -281,6 +280,7 @@ class _Transaction:
         return losses
 
     def rollback(self, patched: list[str]) -> None:
+        self.state.invalidate()
         # Wrappers: put back their slots and active sets; unwrap the ones created here.
         for module_name, (wrapper, slots, keys, created) in self.wrappers.items():
             for k in list(wrapper.slots):
@@ -309,6 +309,7 @@ class _Transaction:
 
     def finish(self) -> None:
         """Unwrap layers left without adapters, so the module tree is the original again."""
+        self.state.invalidate()
         for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
             if len(wrapper.slots) == 0:
                 wrapper.publish([])
@@ -438,19 +439,35 @@ def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list
 
 
 def _publish_fast(model: nn.Module, state: EngineState) -> None:
-    """Re-publish every wrapper's active tuple from the records (one assignment per layer)."""
-    order: dict[str, list[Slot]] = {}
+    """Re-publish every wrapper's active tuple for the current active set (one assignment per layer)."""
+    names = tuple(n for n, r in state.records.items() if r.active)
+    table = state.switch_cache.get(names)
+    if table is None:
+        if state.plan is None:
+            state.plan = _switch_plan(model, state)
+        on = set(names)
+        table = []
+        for wrapper, entries in state.plan:
+            slots = tuple(s for rec_name, rec_slots in entries if rec_name in on for s in rec_slots)
+            table.append((wrapper, (slots, any(s.needs_wx for s in slots))))
+        if len(state.switch_cache) > 64:
+            state.switch_cache.clear()
+        state.switch_cache[names] = table
+    for wrapper, active in table:
+        wrapper.__dict__["_active"] = active  # a plain dict store: nn.Module.__setattr__ costs ~10x more
+
+
+def _switch_plan(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:
+    entries: dict[str, list[tuple[str, tuple]]] = {}
     wrappers: dict[str, AdapterLinear] = {}
     for record in state.records.values():
         for module_name, keys in record.wrapped.items():
-            wrapper = wrappers.get(module_name)
-            if wrapper is None:
-                wrapper = wrappers[module_name] = model.get_submodule(module_name)
-                order[module_name] = []
-            if record.active:
-                order[module_name].extend(wrapper.slots[k] for k in keys)
-    for module_name, wrapper in wrappers.items():
-        wrapper.set_active(tuple(order[module_name]))
+            if module_name not in wrappers:
+                wrappers[module_name] = model.get_submodule(module_name)
+                entries[module_name] = []
+            wrapper = wrappers[module_name]
+            entries[module_name].append((record.name, tuple(wrapper.slots[k] for k in keys)))
+    return [(wrappers[m], entries[m]) for m in wrappers]
 
 
 def list_adapters(model: nn.Module) -> list[AdapterInfo]:

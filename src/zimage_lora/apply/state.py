@@ -132,58 +132,90 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-class EngineState:
-    """Everything the engine keeps for one model."""
+class ForwardGate:
+    """The pair of forward hooks on the root model: a forward holds the read side of `lock` throughout.
+
+    The gate stays on the model after the last adapter is removed (it holds no tensors and changes no
+    output), so a forward that starts while nothing is attached still waits for, or is waited for
+    by, the next attach. Only a forward already running before the very first attach on a model is
+    outside it. Under torch.compile the hooks do nothing (a compiled graph is not locked).
+    """
 
     def __init__(self) -> None:
-        self.records: dict[str, Record] = {}
-        self.snapshots: dict[str, Snapshot] = {}
         self.lock = ReadWriteLock()
-        # Ids of the forward hooks on the root model (ids, not handles: they stay valid in a deep copy).
-        self.hooks: tuple[int, int] | None = None
 
-    # Forward hooks on the root model: a forward holds the read side for its whole duration.
-    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+    def enter(self, module: torch.nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():
             self.lock.acquire_read()
 
-    def _exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling():
             self.lock.release_read()
 
-    def install_hooks(self, model: torch.nn.Module) -> None:
-        if self.hooks is None:
-            pre = model.register_forward_pre_hook(self._enter)
-            post = model.register_forward_hook(self._exit, always_call=True)
-            self.hooks = (pre.id, post.id)
+    # A copy or an unpickled model gets its own lock (locks cannot be copied or pickled).
+    def __deepcopy__(self, memo: dict) -> ForwardGate:
+        return ForwardGate()
 
-    def remove_hooks(self, model: torch.nn.Module) -> None:
-        if self.hooks is None:
-            return
-        pre, post = self.hooks
-        model._forward_pre_hooks.pop(pre, None)
-        model._forward_pre_hooks_with_kwargs.pop(pre, None)
-        for hooks in (model._forward_hooks, model._forward_hooks_with_kwargs, model._forward_hooks_always_called):
-            hooks.pop(post, None)
-        self.hooks = None
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.lock = ReadWriteLock()
+
+
+def gate_of(model: torch.nn.Module) -> ForwardGate:
+    """The model's gate, installed on first use (found again through the hooks, also in a deep copy)."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, ForwardGate):
+            return owner
+    gate = ForwardGate()
+    model.register_forward_pre_hook(gate.enter)
+    model.register_forward_hook(gate.exit, always_call=True)
+    return gate
+
+
+class EngineState:
+    """Everything the engine keeps for one model."""
+
+    def __init__(self, gate: ForwardGate) -> None:
+        self.records: dict[str, Record] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.gate = gate
+        # Switching: per wrapped layer, each adapter's slots; and the active tuples of every set seen so
+        # far, so switching back to a known set is one attribute assignment per layer.
+        self.plan: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
+        self.switch_cache: dict[tuple[str, ...], list[tuple[Any, tuple[Any, bool]]]] = {}
+
+    @property
+    def lock(self) -> ReadWriteLock:
+        return self.gate.lock
+
+    def invalidate(self) -> None:
+        """The set of wrapped layers or slots changed: forget the switching tables."""
+        self.plan = None
+        self.switch_cache = {}
 
     def __deepcopy__(self, memo: dict) -> EngineState:
         new = EngineState.__new__(EngineState)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            setattr(new, key, ReadWriteLock() if key == "lock" else copy.deepcopy(value, memo))
+            setattr(new, key, copy.deepcopy(value, memo))
+        new.invalidate()
         return new
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "plan": None, "switch_cache": {}}
 
 
 def get_state(model: torch.nn.Module, create: bool = False) -> EngineState | None:
     state = model.__dict__.get(ATTR)
     if state is None and create:
-        state = EngineState()
+        state = EngineState(gate_of(model))
         model.__dict__[ATTR] = state
     return state
 
 
 def drop_state(model: torch.nn.Module) -> None:
-    state = model.__dict__.pop(ATTR, None)
-    if state is not None:
-        state.remove_hooks(model)
+    """Forget the bookkeeping once nothing is attached; the gate hooks stay (see `ForwardGate`)."""
+    model.__dict__.pop(ATTR, None)
