@@ -12,7 +12,9 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
     """||ours - ref|| relative to the adapter's effect ||ref - base||."""
     effect = float((ref - base).norm())
     assert effect > 1e-3, "the adapter must visibly change the output for the comparison to mean anything"
-    return float((ours - ref).norm()) / effect
+    err = float((ours - ref).norm()) / effect
+    print(f"relative error {err:.2e}")  # shown with `pytest -s`
+    return err
 
 
 class Pristine:
