@@ -221,6 +221,9 @@ CASES: list[Case] = [
     Case("dtype-unknown", "dtype 'Q4_K' (not a safetensors dtype)", lambda t: _header(
         t, json.dumps({f"{STEM}.lora_A.weight": {"dtype": "Q4_K", "shape": [4], "data_offsets": [0, 4]}}).encode(),
         data=bytes(4)), InvalidFormatError, "dtype 'Q4_K'"),
+    Case("dtype-list", "dtype given as a JSON list (found by fuzzing: unhashable)", lambda t: _header(
+        t, json.dumps({f"{STEM}.lora_A.weight": {"dtype": [], "shape": [4], "data_offsets": [0, 4]}}).encode(),
+        data=bytes(4)), InvalidFormatError, "has dtype []"),
     Case("dtype-int", "LoRA factors stored as I32", lambda t: _src(lora(t / "i.safetensors", dtype="I32")),
          InvalidFormatError, "must be floating point"),
     Case("dtype-dora-bool", "DoRA magnitude stored as BOOL", lambda t: _src(lora(

@@ -5,7 +5,7 @@ Property: for any file, `load_adapter(path, model)` either succeeds with a sane 
 `remove_adapter` then restores the model bit for bit) or fails with a `LoRAError` and the model is
 bit-identical to before.
 
-Examples per test: `ZIMAGE_FUZZ_EXAMPLES` (default 60, so the whole file runs in well under a
+Examples per test: `ZIMAGE_FUZZ_EXAMPLES` (default 40, so the whole file runs in well under a
 minute); a nightly-style run uses `ZIMAGE_FUZZ_EXAMPLES=10000`.
 """
 
@@ -29,7 +29,7 @@ from zimage_lora import LoRAError, examples, load_adapter, sources
 from zimage_lora.formats import grammar
 from zimage_lora.keys import ModuleIndex
 
-EXAMPLES = int(os.environ.get("ZIMAGE_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("ZIMAGE_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -155,6 +155,8 @@ def plausible_specs(draw) -> dict[str, tuple[str, list[int], float]]:
         for suffix, shape in parts.items():
             specs[stem + suffix] = ("F32" if suffix == ".alpha" else dtype, shape, fill)
     for _ in range(draw(st.integers(0, 2))):
+        if not specs:
+            break
         key = draw(st.sampled_from(sorted(specs)))
         d, shape, fill = specs[key]
         mutation = draw(st.sampled_from(["dim", "rank", "dtype", "drop", "nan", "junk", "te"]))

@@ -103,7 +103,7 @@ def _check_entry(path: Path, key: str, entry: object, data_len: int) -> TensorIn
     if not isinstance(entry, dict):
         raise InvalidFormatError(f"{path}: header entry for key '{key}' is not an object.")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or object here is unhashable
         raise InvalidFormatError(
             f"{path}: key '{key}' has dtype {dtype!r}; expected one of {sorted(DTYPES)}. "
             "Re-save the adapter with a standard dtype (e.g. float16)."
