@@ -79,8 +79,10 @@ def cmd_lokr(args: argparse.Namespace) -> dict:
 def cmd_merge(args: argparse.Namespace) -> dict:
     from merge import run_merge
 
-    layers = 1 if args.quick and _device(args) == "cpu" else args.layers
-    return run_merge(layers, args.rank, _device(args), max(2, args.rounds // 2) if not args.quick else 2)
+    cpu_quick = args.quick and _device(args) == "cpu"
+    layers = 1 if cpu_quick else args.layers
+    rounds = 1 if cpu_quick else 2 if args.quick else max(2, args.rounds // 2)
+    return run_merge(layers, args.rank, _device(args), rounds)
 
 
 def cmd_switch(args: argparse.Namespace) -> dict:
@@ -92,7 +94,7 @@ def cmd_switch(args: argparse.Namespace) -> dict:
 def cmd_load(args: argparse.Namespace) -> dict:
     from load import run_load
 
-    return run_load(args.rank, rounds=5 if args.quick else 9)
+    return run_load(args.rank, rounds=3 if args.quick else 9)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> dict:
