@@ -189,3 +189,43 @@ def test_wrong_shape_adapter_object_is_refused(files, model):
         with pytest.raises(LoRAError):
             apply_adapter(model, adapter, mode=mode, name="bad")
         assert_untouched(model, before)
+
+
+_KILL_SCRIPT = """
+import sys, time
+from zimage_lora.tools import checkpoint_merge
+real = checkpoint_merge.merge_weight
+def slow(weight, targets):
+    time.sleep(0.05)  # long enough for the parent to kill us mid-write
+    return real(weight, targets)
+checkpoint_merge.merge_weight = slow
+checkpoint_merge.merge_checkpoint(sys.argv[1], [sys.argv[2]], sys.argv[3])
+"""
+
+
+def test_merge_killed_mid_write_leaves_no_output(files, tmp_path):
+    """SIGKILL (no cleanup can run) while `merge_checkpoint` writes: the output path never exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = examples.tiny_model(seed=0)
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder, max_shard_size="60KB")
+    out = tmp_path / "merged.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(folder), str(files["kohya"]), str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while not any("partial" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None, "merge finished before it could be killed"
+            assert time.monotonic() < deadline, "merge never started writing"
+            time.sleep(0.01)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
