@@ -270,6 +270,9 @@ CASES: list[Case] = [
          InvalidFormatError, "ss_network_alpha"),
     Case("nan-config-alpha", "lora_adapter_metadata with lora_alpha NaN", lambda t: _meta(
         t, {"lora_adapter_metadata": '{"r": 4, "lora_alpha": NaN}'}), InvalidFormatError, "finite number"),
+    Case("huge-config-alpha", "lora_adapter_metadata with lora_alpha 1.4e39 (found by fuzzing: fp32 overflow)",
+         lambda t: _meta(t, {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 1.4e39}'}), InvalidFormatError,
+         "beyond the float32 range"),
     Case("str-config-alpha", "lora_adapter_metadata with lora_alpha \"x\"", lambda t: _meta(
         t, {"lora_adapter_metadata": '{"r": 4, "lora_alpha": "x"}'}), InvalidFormatError, "finite number"),
     Case("deep-metadata", "lora_adapter_metadata nested 5000 deep", lambda t: _meta(

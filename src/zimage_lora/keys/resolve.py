@@ -137,6 +137,7 @@ def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleInde
 # for tiny layers). Real adapters stay far below 1x; a header claiming more (e.g. rank 2**30 in a
 # sparse file whose offsets are consistent) is refused before any tensor is read into memory.
 _MAX_FACTOR_RATIO = 2
+_FP32_MAX = torch.finfo(torch.float32).max
 _FACTOR_FLOOR = 1 << 16
 
 
@@ -174,8 +175,12 @@ def _scale(file: AdapterFile, group: Group) -> tuple[int | None, float, float | 
         return rank, 1.0, alpha
     alpha = float(alpha)
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-    if not math.isfinite(scale):
-        raise InvalidFormatError(f"{file.path}: module '{group.stem}': alpha {alpha} gives a non-finite scale.")
+    # Deltas are built in fp32: a scale beyond its range overflows there (found by fuzzing: alpha 1.4e39).
+    if not math.isfinite(scale) or abs(scale) > _FP32_MAX:
+        raise InvalidFormatError(
+            f"{file.path}: module '{group.stem}': alpha {alpha} / rank {rank} gives scale {scale:g}, beyond the "
+            "float32 range. The alpha is corrupt: fix it in the file or its config."
+        )
     return rank, scale, alpha
 
 
