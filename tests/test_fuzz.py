@@ -251,7 +251,7 @@ def _check_adapter(adapter) -> None:
     for t in adapter.targets:
         assert t.module in INDEX.shapes, t.module
         for v in t.tensors.values():
-            assert not v.is_floating_point() or bool(torch.isfinite(v).all())
+            assert not v.is_floating_point() or bool(torch.isfinite(v.float()).all())
         assert math.isfinite(t.scale)
 
 
