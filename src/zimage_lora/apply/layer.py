@@ -47,7 +47,9 @@ def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) ->
         kind = "lora"
         if dora is not None:
             w = _base_weight(base, backend)[lo:hi]
-            f = dora_row_factor(w, up @ down, dora.magnitude)  # (n, 1)
+            # The factors come from the CPU; the norm is taken where the weight lives (maybe a GPU).
+            up, down = up.to(w.device), down.to(w.device)
+            f = dora_row_factor(w, up @ down, dora.magnitude.to(w.device))  # (n, 1)
             up = up * f
             out["fm1"] = (f - 1).reshape(-1)
         out |= {"down": down.contiguous(), "up": up.contiguous()}
@@ -61,7 +63,8 @@ def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) ->
         delta = algorithms.delta(target.algorithm, t)[d0 : d0 + n] * s
         if dora is not None:
             w = _base_weight(base, backend)[lo:hi]
-            mag = dora.magnitude
+            delta = delta.to(w.device)
+            mag = dora.magnitude.to(w.device)
             delta = dora_merged(w, delta, mag, 1.0, dora.on_out) - w
         kind = "dense"
         out["delta"] = delta.contiguous()

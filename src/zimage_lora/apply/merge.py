@@ -38,7 +38,8 @@ def restore(module: torch.nn.Module, snap: Snapshot) -> None:
 def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[tuple[Target, float]]) -> float | None:
     """Set `module` to original + contributions (in order). Returns the requantization loss, if any."""
     shape = snap.backend.shape(module)
-    prepared = [(Prepared(t, shape[0]), s) for t, s in contribs]
+    device = module.weight.device if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+    prepared = [(Prepared(t, shape[0], device), s) for t, s in contribs]
     _rebuild_bias(name, module, snap, prepared)
     weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
     if type(snap.backend) is PlainLinearBackend:  # subclasses may requantize: they go through their backend

@@ -19,8 +19,10 @@ from ..algorithms.lokr import factors as lokr_factors
 class Prepared:
     """A target's factors cast to fp32 once per merge, with its row placement in the module."""
 
-    def __init__(self, target: Target, out_features: int) -> None:
+    def __init__(self, target: Target, out_features: int, device: torch.device | None = None) -> None:
         self.target = target
+        # Factors live on the CPU after loading; the weight may be on an accelerator.
+        self.device = device
         self.mod_lo, self.mod_hi = target.rows if target.rows is not None else (0, out_features)
         self.d0 = target.delta_rows[0] if target.delta_rows is not None else 0
         t = target.tensors
@@ -42,6 +44,8 @@ class Prepared:
                 self.parts[f"b{i}"] = as_matrix(t[f"w{i}_b"]).float()
         elif algo == "full" and "diff" in t:
             self.parts["diff"] = t["diff"].float()
+        if device is not None:
+            self.parts = {k: v.to(device) for k, v in self.parts.items()}
 
     @property
     def has_weight_delta(self) -> bool:
@@ -61,7 +65,7 @@ class Prepared:
             return torch.kron(w1[i0:i1], w2)[lo - i0 * o2 : hi - i0 * o2]
         if algo == "full":
             return p["diff"][lo:hi]
-        return algorithms.delta(algo, self.target.tensors)[lo:hi]
+        return algorithms.delta(algo, self.target.tensors)[lo:hi].to(self.device)
 
     def add_into(self, chunk: torch.Tensor, r0: int, alpha: float) -> None:
         """chunk (rows r0 .. r0+len of the module, fp32) += alpha * matching delta rows."""
@@ -82,7 +86,7 @@ class Prepared:
             return
         d_lo, d_hi = lo - self.mod_lo + self.d0, hi - self.mod_lo + self.d0
         view = chunk[lo - r0 : hi - r0]
-        mag = self.target.dora.magnitude.float()[lo - self.mod_lo : hi - self.mod_lo]
+        mag = self.target.dora.magnitude.float()[lo - self.mod_lo : hi - self.mod_lo].to(view.device)
         merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi), mag, strength, True)
         view.copy_(merged)
 
@@ -92,7 +96,7 @@ class Prepared:
         n = self.mod_hi - self.mod_lo
         dw = self.block(self.d0, self.d0 + n)
         d = self.target.dora
-        view.copy_(dora_merged(view, self.target.scale * dw, d.magnitude, strength, d.on_out))
+        view.copy_(dora_merged(view, self.target.scale * dw, d.magnitude.to(view.device), strength, d.on_out))
 
     def bias_delta(self) -> tuple[int, int, torch.Tensor] | None:
         """(module row lo, hi, fp32 bias diff for those rows) or None."""
@@ -100,5 +104,5 @@ class Prepared:
         if db is None:
             return None
         n = self.mod_hi - self.mod_lo
-        db = db.float().reshape(-1)[self.d0 : self.d0 + n]
+        db = db.float().reshape(-1)[self.d0 : self.d0 + n].to(self.device)
         return self.mod_lo, self.mod_hi, db
