@@ -86,3 +86,12 @@ def test_lokr_kron_apply_never_needs_the_product():
 def test_inconsistent_shapes_are_reported(algo, shapes, message):
     with pytest.raises(ValueError, match=message):
         algorithms.delta_shape(algo, shapes)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("lo,hi", [(0, 18), (0, 1), (5, 11), (17, 18)])
+def test_row_blocks_equal_rows_of_the_full_delta(name, lo, hi):
+    algo, tensors = CASES[name]
+    module = algorithms.get(algo)
+    block = module.delta_block(module.row_parts(tensors), lo, hi)
+    torch.testing.assert_close(block, algorithms.delta(algo, tensors)[lo:hi], rtol=1e-5, atol=1e-5)

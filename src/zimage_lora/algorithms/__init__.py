@@ -7,6 +7,8 @@ Each algorithm module exposes the same four functions, all free of module wrappi
 - `rank(shapes) -> int | None`: the rank that alpha is divided by (None: no rank, scale 1).
 - `delta(tensors) -> Tensor`: the full fp32 weight delta, unscaled.
 - `bypass(x, tensors) -> Tensor`: `x @ delta.T` computed without building the delta where that is cheaper.
+- `row_parts(tensors) -> parts` and `delta_block(parts, lo, hi)`: rows [lo, hi) of the fp32 delta from
+  parts prepared once, so merges work a block of rows at a time without the full delta in memory.
 """
 
 from __future__ import annotations

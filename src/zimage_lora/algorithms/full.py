@@ -28,3 +28,11 @@ def delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return x @ tensors["diff"].to(x.dtype).T
+
+
+def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"diff": tensors["diff"].float()} if "diff" in tensors else {}
+
+
+def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    return parts["diff"][lo:hi]

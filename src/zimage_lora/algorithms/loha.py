@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import matrix, product, product_shape
+from ._shapes import as_matrix, matrix, product, product_shape
 
 
 def _half_shape(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[int, int]:
@@ -33,3 +33,19 @@ def delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     # The Hadamard product has no cheap factored form; dynamic mode caches `delta` instead.
     return x @ delta(tensors).to(x.dtype).T
+
+
+def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each half as (left, right) with its tucker core folded into the left factor."""
+    parts = {}
+    for i in (1, 2):
+        a = as_matrix(tensors[f"w{i}_a"]).float()
+        if f"t{i}" in tensors:
+            a = (a.T @ as_matrix(tensors[f"t{i}"]).float()).contiguous()
+        parts[f"a{i}"] = a
+        parts[f"b{i}"] = as_matrix(tensors[f"w{i}_b"]).float()
+    return parts
+
+
+def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    return (parts["a1"][lo:hi] @ parts["b1"]) * (parts["a2"][lo:hi] @ parts["b2"])

@@ -65,3 +65,16 @@ def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
 def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     w1, w2 = factors(tensors, x.dtype)
     return kron_apply(x, w1, w2)
+
+
+def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    w1, w2 = factors(tensors, torch.float32)
+    return {"w1": w1, "w2": w2}
+
+
+def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of kron(W1, W2): only the rows of W1 that cover the block are expanded."""
+    w1, w2 = parts["w1"], parts["w2"]
+    o2 = w2.shape[0]
+    i0, i1 = lo // o2, (hi - 1) // o2 + 1
+    return torch.kron(w1[i0:i1], w2)[lo - i0 * o2 : hi - i0 * o2]

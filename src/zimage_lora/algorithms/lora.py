@@ -38,3 +38,16 @@ def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if "mid" in tensors:
         h = h @ as_matrix(tensors["mid"]).to(x.dtype).T
     return h @ as_matrix(tensors["up"]).to(x.dtype).T
+
+
+def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 parts from which any block of rows of the delta is cheap: (up, down with mid folded in)."""
+    down = as_matrix(tensors["down"]).float()
+    if "mid" in tensors:
+        down = as_matrix(tensors["mid"]).float() @ down
+    return {"up": as_matrix(tensors["up"]).float(), "down": down}
+
+
+def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of the delta: a slice of up times down."""
+    return parts["up"][lo:hi] @ parts["down"]

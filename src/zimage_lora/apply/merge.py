@@ -15,7 +15,7 @@ import torch
 from ..adapter import Target
 from ..backends import PlainLinearBackend
 from ..errors import IncompatibleWeightsError
-from .rows import Prepared
+from .rows import Prepared, add_rows
 from .state import Snapshot
 
 # About 4 MiB of fp32 per block: large enough for fast matmuls, small next to any real layer.
@@ -65,17 +65,6 @@ def _rebuild_bias(name: str, module: torch.nn.Module, snap: Snapshot, prepared: 
     _check_finite(name + ".bias", module.bias)
 
 
-def _apply_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:
-    for p, s in weighted:
-        d = p.target.dora
-        if d is None:
-            p.add_into(chunk, r0, p.target.scale * s)
-        elif d.on_out:
-            p.dora_into(chunk, r0, s)
-        else:
-            p.dora_whole(chunk, s)
-
-
 def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int:
     if any(p.target.dora is not None and not p.target.dora.on_out for p, _ in weighted):
         return shape[0]  # column norms need every row
@@ -104,7 +93,7 @@ def _rebuild_plain(name: str, module: torch.nn.Module, snap: Snapshot, weighted:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             chunk = original[r0:r1].to(torch.float32, copy=True)
-            _apply_rows(chunk, r0, weighted)
+            add_rows(chunk, r0, weighted)
             weight[r0:r1].copy_(chunk)  # the one rounding into the weight's dtype
             if not _surely_finite(chunk, weight.dtype):
                 _check_finite(name + ".weight", weight[r0:r1])
@@ -118,7 +107,7 @@ def _rebuild_backend(
     new = base.clone()
     step = _step(tuple(new.shape), weighted)
     for r0 in range(0, new.shape[0], step):
-        _apply_rows(new[r0 : r0 + step], r0, weighted)
+        add_rows(new[r0 : r0 + step], r0, weighted)
     _check_finite(name + ".weight", new)
     delta_norm = float(torch.linalg.vector_norm(new - base))
     del base

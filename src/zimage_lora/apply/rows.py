@@ -1,8 +1,7 @@
 """Row blocks of a target's delta, added into an fp32 block of the weight in place.
 
 Merging works on a few hundred rows at a time so the extra memory stays far below one fp32 copy of
-the layer. Every algorithm has a cheap row slice: LoRA and LoHa slice their left factor, LoKr takes
-the rows of W1 that cover the block, full diffs slice the diff.
+the layer. The row-block math of each algorithm lives in `algorithms` (`row_parts`, `delta_block`).
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ import torch
 
 from .. import algorithms
 from ..adapter import Target
-from ..algorithms._shapes import as_matrix
 from ..algorithms.dora import dora_merged
-from ..algorithms.lokr import factors as lokr_factors
 
 
 class Prepared:
@@ -25,25 +22,7 @@ class Prepared:
         self.device = device
         self.mod_lo, self.mod_hi = target.rows if target.rows is not None else (0, out_features)
         self.d0 = target.delta_rows[0] if target.delta_rows is not None else 0
-        t = target.tensors
-        algo = target.algorithm
-        self.parts: dict[str, torch.Tensor] = {}
-        if algo == "lora":
-            down = as_matrix(t["down"]).float()
-            if "mid" in t:
-                down = as_matrix(t["mid"]).float() @ down
-            self.parts = {"up": as_matrix(t["up"]).float(), "down": down}
-        elif algo == "lokr":
-            self.parts["w1"], self.parts["w2"] = lokr_factors(t, torch.float32)
-        elif algo == "loha":
-            for i in (1, 2):
-                a = as_matrix(t[f"w{i}_a"]).float()
-                if f"t{i}" in t:
-                    a = (a.T @ as_matrix(t[f"t{i}"]).float()).contiguous()
-                self.parts[f"a{i}"] = a
-                self.parts[f"b{i}"] = as_matrix(t[f"w{i}_b"]).float()
-        elif algo == "full" and "diff" in t:
-            self.parts["diff"] = t["diff"].float()
+        self.parts: dict[str, torch.Tensor] = algorithms.get(target.algorithm).row_parts(target.tensors)
         if device is not None:
             self.parts = {k: v.to(device) for k, v in self.parts.items()}
 
@@ -53,19 +32,7 @@ class Prepared:
 
     def block(self, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of the full fp32 delta (delta coordinates), unscaled."""
-        algo, p = self.target.algorithm, self.parts
-        if algo == "lora":
-            return p["up"][lo:hi] @ p["down"]
-        if algo == "loha":
-            return (p["a1"][lo:hi] @ p["b1"]) * (p["a2"][lo:hi] @ p["b2"])
-        if algo == "lokr":
-            w1, w2 = p["w1"], p["w2"]
-            o2 = w2.shape[0]
-            i0, i1 = lo // o2, (hi - 1) // o2 + 1
-            return torch.kron(w1[i0:i1], w2)[lo - i0 * o2 : hi - i0 * o2]
-        if algo == "full":
-            return p["diff"][lo:hi]
-        return algorithms.delta(algo, self.target.tensors)[lo:hi].to(self.device)
+        return algorithms.get(self.target.algorithm).delta_block(self.parts, lo, hi)
 
     def add_into(self, chunk: torch.Tensor, r0: int, alpha: float) -> None:
         """chunk (rows r0 .. r0+len of the module, fp32) += alpha * matching delta rows."""
@@ -106,3 +73,15 @@ class Prepared:
         n = self.mod_hi - self.mod_lo
         db = db.float().reshape(-1)[self.d0 : self.d0 + n].to(self.device)
         return self.mod_lo, self.mod_hi, db
+
+
+def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:
+    """fp32 `chunk` (module rows r0 .. r0+len) += every (prepared target, strength), DoRA included."""
+    for p, s in weighted:
+        d = p.target.dora
+        if d is None:
+            p.add_into(chunk, r0, p.target.scale * s)
+        elif d.on_out:
+            p.dora_into(chunk, r0, s)
+        else:
+            p.dora_whole(chunk, s)
