@@ -40,7 +40,7 @@ def _inject(monkeypatch, owner, attr: str, after: int, exc: type[BaseException] 
 
 # (mode, owner, attribute): something the engine calls per layer / per block while changing weights.
 POINTS = [
-    ("merged", merge, "_apply_rows"),  # once per block of rows, after earlier blocks and layers were written
+    ("merged", merge, "add_rows"),  # once per block of rows, after earlier blocks and layers were written
     ("merged", merge, "rebuild"),  # once per merged module
     ("merged", merge, "take_snapshot"),
     ("dynamic", engine._Transaction, "attach"),  # once per wrapped layer
@@ -141,7 +141,7 @@ def test_failure_during_merged_rescale(after, files, model, monkeypatch):
     apply_adapter(model, files["lycoris-lokr"], mode="merged", name="m", scale=1.0)
     apply_adapter(model, files["kohya"], mode="merged", name="k", scale=0.3)
     before, names_before = state_bits(model), _names(model)
-    _inject(monkeypatch, merge, "_apply_rows", after)
+    _inject(monkeypatch, merge, "add_rows", after)
     with pytest.raises(Injected):
         set_adapter_scale(model, "m", 4.0)
     monkeypatch.undo()
@@ -155,7 +155,7 @@ def test_failure_during_remove(after, files, model, monkeypatch):
     apply_adapter(model, files["kohya"], mode="merged", name="k")
     apply_adapter(model, files["lycoris-full"], mode="dynamic", name="d")
     before, names_before, out_before = state_bits(model), _names(model), _output(model)
-    _inject(monkeypatch, merge, "_apply_rows", after)
+    _inject(monkeypatch, merge, "add_rows", after)
     with pytest.raises(Injected):
         remove_adapter(model, "m")
     monkeypatch.undo()

@@ -15,6 +15,7 @@ import torch
 from ..adapter import Target
 from ..backends import PlainLinearBackend
 from ..errors import IncompatibleWeightsError
+from ..numerics import all_finite
 from .rows import Prepared, add_rows
 from .state import Snapshot
 
@@ -134,7 +135,7 @@ def _surely_finite(chunk: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise IncompatibleWeightsError(
             f"merging into '{name}' gives non-finite values (the delta times the scale overflows the "
             f"weight's dtype {t.dtype}). Lower the scale or use mode='dynamic'."

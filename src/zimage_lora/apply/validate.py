@@ -13,6 +13,7 @@ from .. import algorithms
 from ..adapter import ALGORITHMS, Adapter, Target
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, UnsupportedError
+from ..numerics import all_finite, count_nonfinite
 from .layer import AdapterLinear
 
 
@@ -115,12 +116,10 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
-    if tensor.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; the upcast is exact
-        tensor = tensor.float()
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not all_finite(tensor):
         raise IncompatibleWeightsError(
-            f"{at}: tensor '{role}' holds {bad} NaN/Inf value(s); the adapter is broken and was not applied."
+            f"{at}: tensor '{role}' holds {count_nonfinite(tensor)} NaN/Inf value(s); the adapter is broken "
+            "and was not applied."
         )
 
 

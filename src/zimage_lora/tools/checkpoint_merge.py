@@ -23,6 +23,7 @@ from ..adapter import Adapter, Target
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, UnsupportedError
 from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..loading import load_adapter
+from ..numerics import all_finite
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, data_start, open_checkpoint
 from .safetensors_writer import StreamingWriter
@@ -284,7 +285,7 @@ def _decode(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> to
 
 
 def _check_finite(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise IncompatibleWeightsError(
             f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter overflow); "
             "nothing was written. Lower the scale or check the adapter."
