@@ -142,10 +142,6 @@ def test_concurrent_changes_are_serialised(files):
     assert_untouched(model, pristine)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "engine race: when the last adapter is removed the per-model state is dropped outside its lock, so "
-    "a concurrent apply can land in the dropped state (its adapter then cannot be found or removed); "
-    "see docs/threading.md"))
 def test_concurrent_changes_from_an_empty_model(files):
     model = examples.tiny_model(seed=0)
     pristine = state_bits(model)

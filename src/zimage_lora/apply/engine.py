@@ -90,13 +90,17 @@ def apply_adapter(
         raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")
     planned = plan(model, adapter, mode)
 
-    state = get_state(model, create=True)
-    try:
+    while True:
+        state = get_state(model, create=True)
         with state.lock:
-            report = _apply_locked(model, state, adapter, planned, name, mode, strength, compute_dtype)
-    finally:
-        if not state.records:
-            drop_state(model)
+            if get_state(model) is not state:
+                continue  # a concurrent remove dropped this state while we waited: use the new one
+            try:
+                report = _apply_locked(model, state, adapter, planned, name, mode, strength, compute_dtype)
+            finally:
+                if not state.records:
+                    drop_state(model)  # under the lock, so no other change can be waiting on this state
+            break
     for module, loss in report.requant_loss.items():
         if loss > REQUANT_WARN:
             warnings.warn(
@@ -346,6 +350,10 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
             return []
         raise LoRAError(f"no adapter named '{name}' is attached (none are); list_adapters(model) shows them.")
     with state.lock:
+        if get_state(model) is not state:  # dropped by a concurrent remove: nothing is attached any more
+            if name is None:
+                return []
+            raise LoRAError(f"no adapter named '{name}' is attached (none are); list_adapters(model) shows them.")
         if name is not None and name not in state.records:
             raise LoRAError(
                 f"no adapter named '{name}' is attached; attached: {sorted(state.records) or 'none'}."
@@ -366,11 +374,11 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
             txn.rollback(touched)
             raise
         txn.finish()
-    if not state.records:
-        for module_name, snap in list(state.snapshots.items()):  # nothing left: everything goes back
-            merge.restore(base_of(model.get_submodule(module_name)), snap)
-        state.snapshots.clear()
-        drop_state(model)
+        if not state.records:
+            for module_name, snap in list(state.snapshots.items()):  # nothing left: everything goes back
+                merge.restore(base_of(model.get_submodule(module_name)), snap)
+            state.snapshots.clear()
+            drop_state(model)  # under the lock: a waiting change sees the state is gone and starts afresh
     return names
 
 
