@@ -363,3 +363,17 @@ def test_unknown_names_and_bad_arguments(tmp_path, tiny):
         apply_adapter(tiny, path, scale=float("nan"))
     assert remove_adapter(tiny) == []
     assert not hasattr(tiny, "_zimage_lora_state")
+
+
+def test_strength_beyond_float32_is_refused_before_anything_changes(tmp_path):
+    import zimage_lora as zl
+    from zimage_lora import examples as ex
+
+    model = ex.tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = ex.make_adapter("kohya", tmp_path / "k.safetensors", model)
+    for mode in ("merged", "dynamic"):
+        with pytest.raises(zl.InvalidFormatError, match="float32"):
+            zl.apply_adapter(model, path, scale=1e39, mode=mode)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert zl.list_adapters(model) == []

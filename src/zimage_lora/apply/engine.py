@@ -41,13 +41,19 @@ def _model_of(model: Any) -> nn.Module:
     raise InvalidFormatError(f"expected a torch.nn.Module (the Z-Image transformer) or a pipeline, got {type(model)}")
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_scale(scale: Any) -> float:
     try:
         value = float(scale)
     except (TypeError, ValueError):
         raise InvalidFormatError(f"scale must be a number, got {scale!r}") from None
-    if not math.isfinite(value):
-        raise InvalidFormatError(f"scale must be finite, got {scale!r}")
+    # Strengths are applied in fp32; beyond its range every delta overflows (a typo, not a strength).
+    if not math.isfinite(value) or abs(value) > FP32_MAX:
+        raise InvalidFormatError(
+            f"scale must be a finite number within float32's range (|scale| <= {FP32_MAX:.3g}), got {scale!r}"
+        )
     return value
 
 
