@@ -13,6 +13,15 @@ from zimage_lora import examples
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is faster than several contending for two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny ZImageTransformer2DModel (dim 64, 2 layers, 1 refiner layer; 37 Linear layers)."""

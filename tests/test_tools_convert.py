@@ -16,14 +16,7 @@ from zimage_lora.keys import ModuleIndex
 from zimage_lora.tools.convert import convert_adapter
 from zimage_lora.tools.target_math import merge_bias, merge_weight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than several contending for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LORA_LAYOUTS = ["kohya", "kohya-fused", "comfy-fused", "musubi-other", "peft", "peft-dora", "mixed", "lycoris-dora"]

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from zimage_lora.cli import main
 from zimage_lora.examples import LAYOUTS
 from zimage_lora.tools import demo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than several contending for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_all_layouts_pass(capsys, tmp_path):

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from zimage_lora.cli import main
 from zimage_lora.examples import make_adapter, tiny_model
 from zimage_lora.tools.tiny_pipeline import save_tiny_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than several contending for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ARGS = ["--steps", "2", "--width", "32", "--height", "32", "--dtype", "fp32", "--device", "cpu", "--quiet"]

@@ -16,14 +16,7 @@ from zimage_lora.examples import make_adapter, native_name, tiny_model
 from zimage_lora.tools import checkpoint_merge
 from zimage_lora.tools.checkpoint_merge import merge_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than several contending for two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..adapter import Unmatched
 
@@ -36,19 +36,7 @@ class ApplyReport:
         return list(dict.fromkeys(a.split("[", 1)[0] for a in self.applied))
 
     def as_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "scale": self.scale,
-            "source": self.source,
-            "format": self.format,
-            "applied": list(self.applied),
-            "unmatched": [u.as_dict() for u in self.unmatched],
-            "requant_loss": dict(self.requant_loss),
-            "notes": list(self.notes),
-            "replaced": self.replaced,
-            "hotswapped": self.hotswapped,
-        }
+        return asdict(self)  # JSON-ready: Unmatched entries become {"key", "reason"} objects
 
     def __str__(self) -> str:
         lines = [
@@ -84,13 +72,4 @@ class AdapterInfo:
         return getattr(self, key)
 
     def as_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "mode": self.mode,
-            "scale": self.scale,
-            "source": self.source,
-            "format": self.format,
-            "modules": self.modules,
-            "algorithms": list(self.algorithms),
-            "active": self.active,
-        }
+        return {**asdict(self), "algorithms": list(self.algorithms)}
