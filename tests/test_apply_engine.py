@@ -377,3 +377,26 @@ def test_strength_beyond_float32_is_refused_before_anything_changes(tmp_path):
             zl.apply_adapter(model, path, scale=1e39, mode=mode)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert zl.list_adapters(model) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_that_overflows_the_weight_dtype_is_refused_and_rolled_back(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    import zimage_lora as zl
+    from zimage_lora import examples as ex
+
+    model = ex.tiny_model(dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "big.safetensors"
+    stems = ["layers.0.attention.to_q", "layers.1.feed_forward.w2"]
+    tensors = {}
+    for stem in stems:
+        module = model.get_submodule(stem)
+        tensors[f"diffusion_model.{stem}.lora_A.weight"] = torch.full((2, module.in_features), 100.0)
+        tensors[f"diffusion_model.{stem}.lora_B.weight"] = torch.full((module.out_features, 2), 100.0)
+    save_file(tensors, str(path))
+    with pytest.raises(zl.IncompatibleWeightsError, match="non-finite"):
+        zl.apply_adapter(model, path, scale=1e36, mode="merged")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert zl.list_adapters(model) == []
