@@ -21,8 +21,13 @@ def load_adapter(
     filename: str | None = None,
     revision: str | None = None,
     strict: bool = False,
+    check_finite: bool = True,
 ) -> Adapter:
-    """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory)."""
+    """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory).
+
+    Every tensor read is checked for NaN/Inf unless `check_finite=False` (the engine passes that: it
+    validates every tensor again right before attaching or merging, so one pass is enough).
+    """
     cfg = source if isinstance(source, LoRAConfiguration) else LoRAConfiguration(source)
     if filename is not None:
         cfg.filename = filename
@@ -38,4 +43,6 @@ def load_adapter(
 
             model = meta_model()
         index = ModuleIndex(model)
-    return resolve(file, index, name=name or cfg.name or resolved.default_name, strict=strict)
+    return resolve(
+        file, index, name=name or cfg.name or resolved.default_name, strict=strict, check_finite=check_finite
+    )

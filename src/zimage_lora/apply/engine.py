@@ -90,7 +90,8 @@ def apply_adapter(
             listing = "; ".join(f"{u.key}: {u.reason}" for u in adapter.unmatched[:10])
             raise IncompatibleWeightsError(f"{adapter.source}: strict mode and unmatched keys: {listing}")
     else:
-        adapter = load_adapter(source, model, name=name, filename=filename, strict=strict)
+        # The finite scan happens once, in validation before anything changes (see apply.validate).
+        adapter = load_adapter(source, model, name=name, filename=filename, strict=strict, check_finite=False)
     name = name or adapter.name
     if not isinstance(name, str) or not name:
         raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")

@@ -29,7 +29,10 @@ class _Placed:
     alpha: float | None
 
 
-def resolve(file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = False) -> Adapter:
+def resolve(
+    file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = False, check_finite: bool = True
+) -> Adapter:
+    """`check_finite=False` skips the NaN/Inf scan for callers that validate every tensor themselves."""
     unmatched = list(file.unmatched)
     placed: list[_Placed] = []
     for group in file.groups:
@@ -61,7 +64,8 @@ def resolve(file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = 
             "Is it an adapter for Z-Image's transformer? Run `zimage-lora inspect` to see every key and reason."
         )
     tensors = file.load(sorted({k for p in placed for k in p.group.source_keys}))
-    _check_finite(file, tensors)
+    if check_finite:
+        _check_finite(file, tensors)
     targets: list[Target] = []
     for p in placed:
         targets.extend(_targets(p, tensors, index))
