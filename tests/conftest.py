@@ -23,6 +23,18 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the Hugging Face Hub fails the test."""
+    from zimage_lora import sources
+
+    def refuse(**kwargs):
+        raise AssertionError(f"download attempted: {kwargs}")
+
+    monkeypatch.setattr(sources, "_hf_hub_download", refuse)
+    monkeypatch.setattr(sources, "_snapshot_download", refuse)
+
+
+@pytest.fixture
 def tiny():
     """A fresh tiny ZImageTransformer2DModel (dim 64, 2 layers, 1 refiner layer; 37 Linear layers)."""
     return examples.tiny_model(seed=0)

@@ -333,13 +333,7 @@ def pristine(model):
     return state_bits(model)
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    def refuse(**kwargs):
-        raise AssertionError(f"download attempted: {kwargs}")
-
-    monkeypatch.setattr(sources, "_hf_hub_download", refuse)
-    monkeypatch.setattr(sources, "_snapshot_download", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _modes() -> list[str]:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import zimage_lora
-from zimage_lora import LoRAError, examples, load_adapter, sources
+from zimage_lora import LoRAError, examples, load_adapter
 from zimage_lora.formats import grammar
 from zimage_lora.keys import ModuleIndex
 
@@ -50,13 +50,7 @@ DTYPE_NAMES = list(ITEMSIZE) + ["F4", "Q4_K", "", "f32"]
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    def refuse(**kwargs):
-        raise AssertionError(f"download attempted: {kwargs}")
-
-    monkeypatch.setattr(sources, "_hf_hub_download", refuse)
-    monkeypatch.setattr(sources, "_snapshot_download", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 # --- strategies ---------------------------------------------------------------------------------------
