@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .keys.aliases import alias_names
+from .keys.aliases import native_name
 
 TINY_CONFIG: dict = {
     "all_patch_size": [2],
@@ -84,14 +84,6 @@ def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 def linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def native_name(name: str) -> str:
-    """diffusers module name -> the original / ComfyUI spelling (to_out.0 -> out, ...)."""
-    for alias in alias_names(name):
-        if alias != name and not any(seg in alias for seg in ("to_out", "all_x_embedder", "all_final_layer")):
-            return alias
-    return name
 
 
 def _flat(name: str) -> str:

@@ -54,6 +54,7 @@ class Header:
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    data_start: int = 0  # byte offset of the data area (8 + header length); tensor offsets count from it
 
 
 def read_header(path: str | Path) -> Header:
@@ -96,7 +97,7 @@ def read_header(path: str | Path) -> Header:
     for key, entry in doc.items():
         tensors[key] = _check_entry(path, key, entry, data_len)
     _check_overlaps(path, tensors)
-    return Header(path=path, tensors=tensors, metadata=dict(metadata))
+    return Header(path=path, tensors=tensors, metadata=dict(metadata), data_start=8 + n)
 
 
 def _check_entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:

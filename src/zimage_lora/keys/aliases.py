@@ -36,3 +36,10 @@ def _has_segment(name: str, seg: str) -> bool:
 
 def _replace_segment(name: str, a: str, b: str) -> str:
     return f".{name}.".replace(f".{a}.", f".{b}.", 1)[1:-1]
+
+
+def native_name(name: str) -> str:
+    """diffusers module name -> the original / ComfyUI spelling (to_out.0 -> out, norm_q -> q_norm, ...)."""
+    for diffusers_seg, native_seg in NAME_ALIASES:
+        name = _replace_segment(name, diffusers_seg, native_seg)
+    return name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,9 +186,3 @@ def stand_in_model(tensors: list[tuple[Path, TensorInfo]], prefix: str = "") -> 
         parent.add_module(last, leaf)
     return root
 
-
-def data_start(path: Path) -> int:
-    """Byte offset where a safetensors file's tensor data begins."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-    return 8 + n

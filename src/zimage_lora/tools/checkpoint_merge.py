@@ -25,7 +25,7 @@ from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..loading import load_adapter
 from ..numerics import all_finite
 from ..sources import LoRAConfiguration
-from .checkpoint import Checkpoint, data_start, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .safetensors_writer import StreamingWriter
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
@@ -239,13 +239,11 @@ def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: Merg
 
 def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar, task) -> None:
     handles: dict[Path, object] = {}
-    starts: dict[Path, int] = {}
     try:
         for (path, info), (_key, dtype, _shape) in zip(tensors, entries, strict=True):
             if path not in handles:
                 handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
-                starts[path] = data_start(path)
-            raw = _read_raw(handles[path], starts[path], info)
+            raw = _read_raw(handles[path], ckpt.headers[path].data_start, info)
             src_dtype = DTYPES[info.dtype][0]
             plan = by_key.get(info.key)
             if plan is None and dtype == src_dtype:

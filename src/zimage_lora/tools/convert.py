@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter import Adapter, Dora, Target
+from ..algorithms._shapes import as_matrix
 from ..errors import LoRAError, UnsupportedError
-from ..keys.aliases import NAME_ALIASES, SPLIT_QKV
+from ..keys.aliases import SPLIT_QKV, native_name
 from ..sources import LoRAConfiguration
 
 FORMATS = ("diffusers", "kohya", "comfy", "peft")
@@ -116,10 +117,8 @@ def _item(t: Target) -> Item:
     if t.algorithm == "lora" and "mid" in tensors:  # fold a LoCon mid into down: exact in fp32
         mid = tensors.pop("mid")
         down = tensors["down"]
-        tensors["down"] = mid.reshape(mid.shape[0], mid.shape[1]).float() @ down.reshape(down.shape[0], -1).float()
-    for role, v in list(tensors.items()):
-        if v.dim() == 4 and v.shape[2:] == (1, 1):
-            tensors[role] = v.reshape(v.shape[0], v.shape[1])
+        tensors["down"] = as_matrix(mid).float() @ as_matrix(down).float()
+    tensors = {role: as_matrix(v) for role, v in tensors.items()}
     rank = t.rank
     if rank is None and t.algorithm == "lora":
         rank = tensors["down"].shape[0]
@@ -157,15 +156,8 @@ def build_state_dict(items: list[Item], to: str, where: str = "adapter") -> tupl
         return sd, {}, None
     sd = {}
     for item in _fuse_for_comfy(items):
-        _put_lycoris_style(sd, "diffusion_model." + native(item.name), item, "comfy")
+        _put_lycoris_style(sd, "diffusion_model." + native_name(item.name), item, "comfy")
     return sd, {}, None
-
-
-def native(name: str) -> str:
-    """diffusers module name -> the original / ComfyUI spelling (to_out.0 -> out, norm_q -> q_norm, ...)."""
-    for diffusers_seg, native_seg in NAME_ALIASES:
-        name = f".{name}.".replace(f".{diffusers_seg}.", f".{native_seg}.", 1)[1:-1]
-    return name
 
 
 def _put_lycoris_style(sd: dict, stem: str, item: Item, layout: str) -> None:
@@ -335,4 +327,4 @@ def describe(items: list[Item]) -> dict[str, int]:
     return dict(Counter(i.algorithm for i in items))
 
 
-__all__ = ["FORMATS", "convert_adapter", "canonical_items", "build_state_dict", "native"]
+__all__ = ["FORMATS", "convert_adapter", "canonical_items", "build_state_dict"]
