@@ -230,3 +230,25 @@ def check_engine(
     assert raw_state(quant) == before
     assert torch.equal(run_model(quant, inputs), base_q)
     return dict(report.requant_loss)
+
+
+def lowrank_delta(base: torch.Tensor, rank: int = 16, ratio: float = 0.2, seed: int = 1) -> torch.Tensor:
+    """A rank-`rank` delta for `base` (out, in) with norm `ratio * ||base||` (as in bench/quant_requant_loss.py)."""
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(base.shape[0], rank, generator=g) @ torch.randn(rank, base.shape[1], generator=g)
+    return delta * (ratio * base.norm() / delta.norm())
+
+
+def raw_state(
+    model: torch.nn.Module, quant_bytes: Callable[[torch.nn.Module], dict[str, bytes] | None]
+) -> dict[str, bytes]:
+    """Stored bytes of every plain parameter, plus `quant_bytes(module)` of each quantized layer."""
+    out = {}
+    for name, module in model.named_modules():
+        stored = quant_bytes(module)
+        if stored is not None:
+            out |= {f"{name}.{k}": v for k, v in stored.items()}
+    for name, p in model.named_parameters():
+        if type(p) is torch.nn.Parameter:
+            out[name] = raw_bytes(p)
+    return out

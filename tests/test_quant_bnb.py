@@ -13,7 +13,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
 import torch
-from _quant import check_engine, dense_reference, raw_bytes, replace_linears
+from _quant import check_engine, dense_reference, lowrank_delta, raw_bytes, raw_state, replace_linears
 
 from zimage_lora.backends import backend_for
 from zimage_lora.backends.bnb_backend import BnB4bitBackend, BnB8bitBackend
@@ -141,9 +141,7 @@ def test_requantize_and_restore_exact(kind, repacked):
     snap = backend.snapshot(q)
 
     base = backend.get_base_weight(q)
-    g = torch.Generator().manual_seed(1)
-    delta = torch.randn(128, 16, generator=g) @ torch.randn(16, 256, generator=g)
-    delta *= 0.2 * base.norm() / delta.norm()
+    delta = lowrank_delta(base)  # rank 16, 20% of the weight's norm
     backend.set_base_weight(q, base + delta)
     assert state_bytes(q) != before
     loss = float((backend.get_base_weight(q) - base - delta).norm() / delta.norm())
@@ -166,14 +164,8 @@ def _quantized_tiny(kind: str) -> torch.nn.Module:
 
 
 def _raw_state(model: torch.nn.Module) -> dict[str, bytes]:
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            out |= {f"{name}.{k}": v for k, v in state_bytes(module).items()}
-    for name, p in model.named_parameters():
-        if type(p) is torch.nn.Parameter:
-            out[name] = raw_bytes(p)
-    return out
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return raw_state(model, lambda m: state_bytes(m) if isinstance(m, quantized) else None)
 
 
 def _decode(module: torch.nn.Module) -> torch.Tensor | None:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-from _quant import check_engine, dense_reference, gguf_bytes, load_gguf_model, raw_bytes, reference_dequant, write_gguf
+from _quant import (
+    check_engine,
+    dense_reference,
+    gguf_bytes,
+    load_gguf_model,
+    lowrank_delta,
+    raw_bytes,
+    reference_dequant,
+    write_gguf,
+)
 from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
 
 from zimage_lora import LoRAError, apply_adapter
@@ -63,9 +72,7 @@ def test_requantize_in_place_and_restore_exact(qtype):
     snap = backend.snapshot(lin)
 
     base = backend.get_base_weight(lin)
-    g = torch.Generator().manual_seed(1)
-    delta = torch.randn(128, 16, generator=g) @ torch.randn(16, 256, generator=g)
-    delta *= 0.2 * base.norm() / delta.norm()
+    delta = lowrank_delta(base)  # rank 16, 20% of the weight's norm
     backend.set_base_weight(lin, base + delta)
     assert lin.weight.data_ptr() == ptr and lin.weight.quant_type == qtype and raw_bytes(lin.weight) != before
     # the stored bytes are exactly gguf's encoding of the merged weight

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _quant import check_engine, dense_reference, raw_bytes
+from _quant import check_engine, dense_reference, lowrank_delta, raw_bytes, raw_state
 from torchao.quantization import (
     Float8WeightOnlyConfig,
     Int8WeightOnlyConfig,
@@ -86,10 +86,8 @@ def test_requantize_same_layout_and_restore_exact(kind):
     out_before = lin(x)
     snap = backend.snapshot(lin)
 
-    g = torch.Generator().manual_seed(1)
     base = backend.get_base_weight(lin)
-    delta = torch.randn(128, 16, generator=g) @ torch.randn(16, 256, generator=g)
-    delta *= 0.2 * base.norm() / delta.norm()  # rank-16 delta at 20% of the weight (bench/quant_requant_loss.py)
+    delta = lowrank_delta(base)  # rank 16, 20% of the weight's norm
     backend.set_base_weight(lin, base + delta)
     assert lin.weight is param  # same parameter object, written in place
     assert {n: (getattr(lin.weight, n).shape, getattr(lin.weight, n).dtype) for n in before} == layout
@@ -111,15 +109,13 @@ def _quantized_tiny(kind: str) -> torch.nn.Module:
     return model
 
 
+def _quantized(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and type(weight) is not torch.nn.Parameter
+
+
 def _raw_state(model: torch.nn.Module) -> dict[str, bytes]:
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "weight", None), torch.Tensor) and type(module.weight) is not torch.nn.Parameter:
-            out |= {f"{name}.{k}": v for k, v in inner_bytes(module).items()}
-    for name, p in model.named_parameters():
-        if type(p) is torch.nn.Parameter:
-            out[name] = raw_bytes(p)
-    return out
+    return raw_state(model, lambda m: inner_bytes(m) if _quantized(m) else None)
 
 
 def _decode(module: torch.nn.Module) -> torch.Tensor | None:
