@@ -32,9 +32,12 @@ def dense_reference(model: torch.nn.Module, decode: Decode) -> torch.nn.Module:
             state[name + ".weight"] = weight.float()
             if getattr(module, "bias", None) is not None:
                 state[name + ".bias"] = module.bias.detach().float()
-    for name, tensor in model.state_dict().items():
-        if name not in state and name in dense.state_dict() and tensor.is_floating_point():
-            state[name] = tensor.float()
+    # Parameters and buffers, not `state_dict()`: bitsandbytes' `_save_to_state_dict` converts a 4-bit
+    # weight out of its CPU-kernel layout in place (and, for non-nested absmax, leaves it transposed).
+    wanted = dense.state_dict()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in state and name in wanted and tensor.is_floating_point():
+            state[name] = tensor.detach().float()
     missing = set(dense.state_dict()) - set(state)
     assert not missing, missing
     dense.load_state_dict(state)
