@@ -21,7 +21,7 @@ from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..loading import load_adapter
 from ..sources import LoRAConfiguration
 from . import merge
-from .layer import AdapterLinear, Slot, prepare
+from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .report import AdapterInfo, ApplyReport
 from .state import EngineState, Record, Strength, drop_state, get_state
 from .validate import Planned, base_of, plan
@@ -288,6 +288,7 @@ class _Transaction:
             loss = merge.rebuild(module_name, module, snap, contribs)
             if loss is not None:
                 losses[module_name] = loss
+        refresh_dora(self.model, module_names)  # dynamic DoRA norms are of the weight just rewritten
         return losses
 
     def rollback(self, patched: list[str]) -> None:
@@ -317,6 +318,7 @@ class _Transaction:
             snap = self.state.snapshots.pop(module_name, None)
             if snap is not None:
                 merge.restore(base_of(self.model.get_submodule(module_name)), snap)
+        refresh_dora(self.model, self.new_snapshots)
 
     def finish(self) -> None:
         """Unwrap layers left without adapters, so the module tree is the original again."""

@@ -3,6 +3,11 @@
 `AdapterLinear` calls its `base_layer` (so quantized kernels run as they are) and adds each active
 adapter's delta into the base output in place. The active set is one immutable tuple replaced in a
 single assignment: a forward reads it once and sees the old set or the new one, never a mix.
+
+The wrapper is invisible to `state_dict()` / `load_state_dict()`: it saves and loads its base's
+entries under its own prefix (`x.weight`, not `x.base_layer.weight`) and the slots hold only
+non-persistent buffers, so a model with dynamic adapters saves the base checkpoint exactly and a
+base checkpoint loads into it with the adapters kept on top.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ..adapter import Target
 from ..algorithms._shapes import as_matrix
 from ..algorithms.dora import dora_merged, dora_row_factor
 from ..algorithms.lokr import factors as lokr_factors
+from ..backends import backend_for
 from . import kernels
 from .state import Strength
 
@@ -156,6 +162,8 @@ class AdapterLinear(nn.Module):
         # (slots in order, whether any needs the base output without bias). Replaced, never mutated.
         self._active: tuple[tuple[Slot, ...], bool] = ((), False)
         self._next_key = 0
+        self.register_state_dict_post_hook(_as_base_state)
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -189,6 +197,35 @@ class AdapterLinear(nn.Module):
         by_id = {id(m): k for k, m in self.slots.items()}
         return [by_id[id(s)] for s in self._active[0]]
 
+    def refresh_dora(self) -> None:
+        """Recompute every DoRA slot's factors from the weight as it is now.
+
+        DoRA's row norm is of the whole weight under the adapter (base plus any merged deltas), so it
+        goes stale when a merge, remove, restore or load changes that weight. Values are copied into
+        the existing buffers, so compiled graphs stay valid.
+        """
+        slots = [s for s in self.slots.values() if s.target.dora is not None]
+        if not slots:
+            return
+        base = self.base_layer
+        backend = backend_for(base)
+        with torch.no_grad():
+            for slot in slots:
+                # `prepare` reads out_features only when the target has no row range; then it is slot.hi.
+                _kind, tensors = prepare(slot.target, base, backend, slot.hi)
+                slot.load_(tensors)
+
+    # -- state_dict: as if unwrapped --------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        # A checkpoint of the unwrapped model names the base's entries `prefix + name`: hand them to
+        # base_layer (loaded next, from this same dict). Keys already under `base_layer.` are kept.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            head = key[len(prefix) :].split(".", 1)[0]
+            inner = prefix + _BASE + key[len(prefix) :]
+            if head not in self._modules and inner not in state_dict:
+                state_dict[inner] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         slots, needs_wx = self._active  # read once
@@ -211,3 +248,41 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         names = ", ".join(s.adapter_name for s in self._active[0])
         return f"adapters=[{names}]"
+
+
+_BASE = "base_layer."
+
+
+def _as_base_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook of `AdapterLinear`: the base's entries under the wrapper's prefix.
+
+    The wrapper's subtree is the tail of `state_dict` when this runs, so popping and re-inserting its
+    keys keeps the unwrapped model's order. The per-module `_metadata` (versions) is renamed alike and
+    the slots' entries dropped, so the result is the unwrapped model's state dict exactly.
+    """
+    inner = prefix + _BASE
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is None:
+        return
+    slots = prefix + "slots"
+    for key in [k for k in meta if k == inner[:-1] or k.startswith(inner) or k == slots or k.startswith(slots + ".")]:
+        value = meta.pop(key)
+        if key == inner[:-1]:
+            meta[prefix[:-1]] = value  # the wrapper's own entry: replaced in place, keeping its position
+        elif key.startswith(inner):
+            meta[prefix + key[len(inner) :]] = value
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook of `AdapterLinear`: the loaded weight is the new base under the adapters."""
+    module.refresh_dora()
+
+
+def refresh_dora(model: nn.Module, module_names: list[str]) -> None:
+    """Re-prepare the DoRA slots of these layers after their weights changed (merge, remove, restore)."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLinear):
+            module.refresh_dora()
