@@ -11,7 +11,7 @@ import torch
 from _apply_util import output
 from safetensors.torch import load_file
 
-from zimage_lora import apply_adapter, examples, remove_adapter
+from zimage_lora import Adapter, Target, apply_adapter, examples, remove_adapter
 from zimage_lora.apply import AdapterLinear
 
 
@@ -212,3 +212,65 @@ def test_quantized_gguf_keys_unchanged(tmp_path):
     model = load_gguf_model(tmp_path / "m.gguf", tmp_path / "cfg")
     adapter = examples.make_adapter("ai-toolkit", tmp_path / "a.safetensors", examples.tiny_model(0), rank=4)
     _check_quantized(model, adapter)
+
+
+def _norm_adapter(seed: int, name: str) -> Adapter:
+    """Full diffs on norm layers: no dynamic form, so dynamic mode writes them into the weights."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [
+        Target(module, "full", {"diff": torch.randn(64, generator=g) * 0.1})
+        for module in ("layers.0.attention_norm1", "layers.1.ffn_norm2", "context_refiner.0.attention_norm2")
+    ]
+    targets.append(Target("layers.0.attention.to_q", "full", {"diff": torch.randn(64, 64, generator=g) * 0.02}))
+    return Adapter(name=name, format="test", source="test", targets=targets)
+
+
+def test_dynamic_norm_patches_stay_out_of_state_dict():
+    model = examples.tiny_model(seed=0)
+    want, want_meta = _snapshot(model)
+    base_out = output(model)
+    apply_adapter(model, _norm_adapter(1, "n"), mode="dynamic", name="n")
+    with_adapter = output(model)
+    assert not torch.equal(model.layers[0].attention_norm1.weight, want["layers.0.attention_norm1.weight"])
+    sd = model.state_dict()
+    _assert_same_state(sd, want)
+    assert dict(sd._metadata) == want_meta
+    model.load_state_dict(sd, strict=True)  # a round trip changes nothing: the patches stay on top
+    assert torch.equal(output(model), with_adapter)
+    remove_adapter(model)
+    _assert_same_state(model.state_dict(), want)
+    assert torch.equal(output(model), base_out)
+
+
+def test_load_state_dict_under_dynamic_norm_patches():
+    other = examples.tiny_model(seed=5)
+    new_sd, _ = _snapshot(other)
+    apply_adapter(other, _norm_adapter(1, "n"), mode="dynamic", name="n")
+    expected = output(other)
+
+    model = examples.tiny_model(seed=0)
+    apply_adapter(model, _norm_adapter(1, "n"), mode="dynamic", name="n")
+    model.load_state_dict(new_sd, strict=True)
+    assert torch.equal(output(model), expected)
+    _assert_same_state(model.state_dict(), new_sd)
+    remove_adapter(model)  # the loaded weights are the originals now
+    _assert_same_state(model.state_dict(), new_sd)
+
+
+def test_norm_patched_by_merged_and_dynamic():
+    """On one norm layer, the saved value holds the merged adapter and not the dynamic one."""
+    ref = examples.tiny_model(seed=0)
+    apply_adapter(ref, _norm_adapter(2, "m"), mode="merged", name="m")
+    want, _ = _snapshot(ref)
+
+    model = examples.tiny_model(seed=0)
+    pristine, _ = _snapshot(model)
+    apply_adapter(model, _norm_adapter(2, "m"), mode="merged", name="m")
+    apply_adapter(model, _norm_adapter(1, "n"), mode="dynamic", name="n")
+    both = output(model)
+    sd = model.state_dict()
+    _assert_same_state(sd, want)
+    model.load_state_dict(sd)
+    assert torch.equal(output(model), both)
+    remove_adapter(model)
+    _assert_same_state(model.state_dict(), pristine)

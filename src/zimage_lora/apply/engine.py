@@ -20,7 +20,7 @@ from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..loading import load_adapter
 from ..sources import LoRAConfiguration
-from . import merge
+from . import checkpoint, merge
 from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .report import AdapterInfo, ApplyReport
 from .state import EngineState, Record, Strength, drop_state, get_state
@@ -148,6 +148,8 @@ def _apply_locked(
         return report
 
     record = Record(name, mode, adapter, Strength(strength), compute_dtype, patches=patches)
+    if mode == "dynamic" and patches:
+        checkpoint.install(model)  # its norm-layer patches stay out of state_dict (see apply.checkpoint)
     prior_records = dict(state.records)
     touched_patch = list(dict.fromkeys([t.module for t in patches] + ([t.module for t in old.patches] if old else [])))
     txn = _Transaction(model, state)

@@ -55,15 +55,36 @@ def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[t
 def _rebuild_bias(name: str, module: torch.nn.Module, snap: Snapshot, prepared: list[tuple[Prepared, float]]) -> None:
     if snap.bias is None:
         return
-    bias = snap.bias.float().clone()
+    with torch.no_grad():
+        module.bias.copy_(_bias_value(snap.bias, prepared))
+    _check_finite(name + ".bias", module.bias)
+
+
+def _bias_value(original: torch.Tensor, prepared: list[tuple[Prepared, float]]) -> torch.Tensor:
+    bias = original.float().clone()
     for p, s in prepared:
         placed = p.bias_delta()
         if placed is not None:
             lo, hi, db = placed
             bias[lo:hi].add_(db, alpha=s)
-    with torch.no_grad():
-        module.bias.copy_(bias)
-    _check_finite(name + ".bias", module.bias)
+    return bias
+
+
+def _vector_value(original: torch.Tensor, weighted: list[tuple[Prepared, float]]) -> torch.Tensor:
+    """A norm's weight (1-D) plus its full diffs, fp32."""
+    w = original.to(torch.float32, copy=True)
+    for p, s in weighted:
+        w.add_(p.parts["diff"].reshape(-1), alpha=p.target.scale * s)
+    return w
+
+
+def norm_values(snap: Snapshot, contribs: list[tuple[Target, float]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A norm layer's weight and bias (fp32, bias None when not kept) = kept original + contributions,
+    computed as `rebuild` writes them but without touching the layer."""
+    weight: torch.Tensor = snap.weight
+    prepared = [(Prepared(t, weight.shape[0], weight.device), s) for t, s in contribs]
+    w = _vector_value(weight, [(p, s) for p, s in prepared if p.has_weight_delta])
+    return w, (_bias_value(snap.bias, prepared) if snap.bias is not None else None)
 
 
 def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int:
@@ -81,11 +102,8 @@ def _rebuild_plain(name: str, module: torch.nn.Module, snap: Snapshot, weighted:
             weight.copy_(original)
         return
     if weight.dim() == 1:  # a norm's weight: the diff is a vector
-        w = original.to(torch.float32, copy=True)
-        for p, s in weighted:
-            w.add_(p.parts["diff"].reshape(-1), alpha=p.target.scale * s)
         with torch.no_grad():
-            weight.copy_(w)
+            weight.copy_(_vector_value(original, weighted))
         _check_finite(name + ".weight", weight)
         return
     rows = weight.shape[0]
