@@ -112,3 +112,16 @@ def test_failed_merge_under_dora_leaves_output_exact(files):
     with pytest.raises(IncompatibleWeightsError):
         apply_adapter(model, bad, mode="merged", name="bad")
     assert torch.equal(output(model), before)
+
+
+def test_fuse_and_unfuse_dora(files):
+    """`unfuse` prepares the dynamic DoRA while its merged form is still in the weight."""
+    from zimage_lora import Adapters
+
+    model = examples.tiny_model(seed=0)
+    handle = Adapters(model)
+    handle.load(files["peft-dora"], name="dora")
+    handle.fuse()
+    handle.unfuse()
+    base, ref = _fresh(files, "peft-dora", [])
+    assert rel_err(output(model), ref, base) < TOL
