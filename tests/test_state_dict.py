@@ -295,3 +295,22 @@ def test_norm_patched_by_merged_and_dynamic():
     assert torch.equal(output(model), both)
     remove_adapter(model)
     _assert_same_state(model.state_dict(), pristine)
+
+
+def test_copies_save_and_load_on_their_own(files):
+    """The hooks act on the model they are called on: a deep copy saves its base and loads on its own."""
+    import copy
+
+    model = examples.tiny_model(seed=0)
+    want, _ = _snapshot(model)
+    apply_adapter(model, _norm_adapter(1, "n"), mode="dynamic", name="n")
+    apply_adapter(model, files["dora"], mode="dynamic", name="d")
+    out = output(model)
+    twin = copy.deepcopy(model)
+    _assert_same_state(twin.state_dict(), want)
+    new_sd, _ = _snapshot(examples.tiny_model(seed=5))
+    twin.load_state_dict(new_sd)
+    remove_adapter(twin)
+    _assert_same_state(twin.state_dict(), new_sd)
+    assert torch.equal(output(model), out)  # the original keeps its weights and adapters
+    _assert_same_state(model.state_dict(), want)

@@ -8,7 +8,10 @@ new original under them, so the patches stay on top. Merged adapters stay in the
 a model with merged adapters writes the merged model.
 
 The hooks are registered on the first dynamic apply that patches a norm layer and stay on the model
-(they hold nothing and do nothing once no adapter is attached).
+(they hold nothing and do nothing once no adapter is attached). They are on the model adapters were
+applied to: a submodule's own `state_dict()` still shows the patched norm values. On a norm layer that
+also holds a merged adapter, a loaded value is taken as original plus the merged share (the saved
+value's meaning), so the new original is the loaded value less that share, in fp32.
 """
 
 from __future__ import annotations

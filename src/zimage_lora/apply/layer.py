@@ -216,7 +216,16 @@ class AdapterLinear(nn.Module):
                 slot.load_(tensors)
 
     # -- state_dict: as if unwrapped --------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing: list[str],
+        unexpected: list[str],
+        errors: list[str],
+    ) -> None:
         # A checkpoint of the unwrapped model names the base's entries `prefix + name`: hand them to
         # base_layer (loaded next, from this same dict). Keys already under `base_layer.` are kept.
         for key in [k for k in state_dict if k.startswith(prefix)]:
