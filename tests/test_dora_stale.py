@@ -18,6 +18,7 @@ from zimage_lora import (
     set_adapter_scale,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-5
 
 

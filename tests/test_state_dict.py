@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from zimage_lora import Adapter, Target, apply_adapter, examples, remove_adapter
 from zimage_lora.apply import AdapterLinear
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     sd = model.state_dict()
