@@ -5,7 +5,9 @@ f = m / ||V||_row. The user's strength t interpolates: W' = W + t * (f * V - W),
 
     y = W x + t * ((f - 1) * (W x) + f * s * (dW x))
 
-`dora_row_factor` returns f once; the forward only needs two per-row vectors.
+`dora_row_factor` returns f once; the forward only needs two per-row vectors. f depends on the whole
+weight W under the adapter (merged deltas included), so a dynamic DoRA recomputes it whenever that
+weight changes (`AdapterLinear.refresh_dora`).
 """
 
 from __future__ import annotations
