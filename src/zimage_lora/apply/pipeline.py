@@ -29,6 +29,11 @@ from . import engine
 from .report import AdapterInfo, ApplyReport
 from .validate import plan
 
+#: diffusers' Z-Image pipelines (0.42.1): each has `transformer` and `text_encoder`.
+PIPELINE_CLASSES = (
+    "ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
+    "ZImageControlNetInpaintPipeline", "ZImageOmniPipeline",
+)
 TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
 _LABELS = {TRANSFORMER: "transformer", TEXT_ENCODER: "text encoder"}
 
@@ -86,6 +91,8 @@ def load_parts(
     left: list[Unmatched] = []
     for part, module in parts.items():
         file = read_adapter_file(resolved.path, resolved.config if part == TRANSFORMER else None, component=part)
+        # The transformer's read reports the text-encoder keys; here the text encoder's read takes them.
+        file.unmatched = [u for u in file.unmatched if u.reason != te_keys.TRANSFORMER_ONLY_REASON]
         index = _index(part, module)
         if not any(index.lookup(g.stem) is not None for g in file.groups):
             left += file.unmatched
