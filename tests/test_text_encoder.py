@@ -236,3 +236,20 @@ def test_transformer_alpha_is_the_transformer_s(tmp_path, pipe):
     te_scales = {t.scale for t in attached(pipe.text_encoder, path.stem).adapter.targets}
     assert tr_scales == {TR_ALPHA / 4} and te_scales == {te_scale("diffusers")}
     assert report.format == "diffusers + diffusers (text encoder)"
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_every_spelling_lands_on_a_causal_lm_text_encoder_too(tmp_path, pipe, spelling):
+    """A text encoder loaded as Qwen3ForCausalLM names its layers `model.layers.N`: same targets."""
+    from transformers import Qwen3ForCausalLM
+
+    causal = Qwen3ForCausalLM(pipe.text_encoder.config).eval()
+    causal.model.load_state_dict(pipe.text_encoder.state_dict())
+    host = types.SimpleNamespace(transformer=pipe.transformer, text_encoder=causal)
+    path, te_f, _ = _files(tmp_path, pipe, spelling)
+    ref = _peft(causal, {"model." + n: f for n, f in te_f.items()}, te_scale(spelling), 1.0)
+    inputs = token_inputs(causal.config.vocab_size)
+    base = te_output(causal, inputs)
+    report = apply_adapter(host, path, mode="merged")
+    assert report.parts["text_encoder"].modules == ["model." + n for n in TE_TARGETS]
+    assert _rel(te_output(causal, inputs), te_output(ref, inputs), base) < TOL
