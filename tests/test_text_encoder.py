@@ -253,3 +253,39 @@ def test_every_spelling_lands_on_a_causal_lm_text_encoder_too(tmp_path, pipe, sp
     report = apply_adapter(host, path, mode="merged")
     assert report.parts["text_encoder"].modules == ["model." + n for n in TE_TARGETS]
     assert _rel(te_output(causal, inputs), te_output(ref, inputs), base) < TOL
+
+
+@pytest.mark.parametrize("prior", ["none", "inactive", "hotswapped"])
+def test_a_text_encoder_failure_after_the_transformer_changed_puts_the_transformer_back(
+    tmp_path, pipe, monkeypatch, prior
+):
+    """Past validation the text encoder's apply can still fail (memory): the transformer part is undone,
+    back to no adapter or to the same-named one it replaced (also when it was swapped in place)."""
+    from zimage_lora.apply import engine, pipeline
+
+    old, _, _ = _files(tmp_path, pipe, "kohya", seed=1)
+    new, _, _ = _files(tmp_path, pipe, "kohya", seed=2)
+    if prior != "none":
+        apply_adapter(pipe, old, name="x", scale=0.5)
+    if prior == "inactive":
+        set_active_adapters(pipe, [])
+    tr_before, te_before = output(pipe.transformer), Pristine(pipe.text_encoder)
+    tr_pristine = Pristine(pipe.transformer)
+    listed = list_adapters(pipe)
+    real = engine.apply_adapter
+
+    def failing(model, source, **kwargs):
+        if model is pipe.text_encoder:
+            raise MemoryError("out of memory")
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(pipeline.engine, "apply_adapter", failing)
+    with pytest.raises(MemoryError):
+        apply_adapter(pipe, new, name="x", mode="dynamic" if prior == "hotswapped" else "merged")
+    monkeypatch.undo()
+    te_before.assert_same(pipe.text_encoder)
+    assert list_adapters(pipe) == listed
+    if prior != "none":
+        assert torch.equal(output(pipe.transformer), tr_before)
+    else:
+        tr_pristine.assert_same(pipe.transformer)

@@ -11,7 +11,7 @@ a forward pass running at the same time on the other component.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ def apply(
     if TEXT_ENCODER in adapters:
         plan(parts[TEXT_ENCODER], adapters[TEXT_ENCODER], mode)
     reports: dict[str, ApplyReport] = {}
-    before = {part: engine.attached(module, name) for part, module in parts.items()}
+    before = {part: _snapshot(engine.attached(module, name)) for part, module in parts.items()}
     try:
         for part in (TRANSFORMER, TEXT_ENCODER):
             if part in adapters:
@@ -166,15 +166,30 @@ def apply(
     return _merge_reports(reports, left, name, mode, strength)
 
 
-def _put_back(module: nn.Module, name: str, prior: Any) -> None:
-    """Undo one component's apply after the other component refused: its prior record, or nothing."""
+def _snapshot(record: Any) -> dict | None:
+    """What re-creates a record. A hot swap changes the record in place and copies the new values into
+    the slots' tensors, which may be the old adapter's own (fp32 factors are used as they are): a
+    dynamic record's tensors are copied here so that the undo has the old values."""
+    if record is None:
+        return None
+    adapter = record.adapter
+    if record.mode == "dynamic":
+        targets = [replace(t, tensors={k: v.clone() for k, v in t.tensors.items()}) for t in adapter.targets]
+        adapter = replace(adapter, targets=targets)
+    return dict(adapter=adapter, scale=record.scale, mode=record.mode, compute_dtype=record.compute_dtype,
+                active=record.active)
+
+
+def _put_back(module: nn.Module, name: str, prior: dict | None) -> None:
+    """Undo one component's apply after the other component failed: its prior adapter, or nothing."""
     if prior is None:
         engine.remove_adapter(module, name)
         return
     engine.apply_adapter(
-        module, prior.adapter, scale=prior.scale, mode=prior.mode, name=name, compute_dtype=prior.compute_dtype
+        module, prior["adapter"], scale=prior["scale"], mode=prior["mode"], name=name,
+        compute_dtype=prior["compute_dtype"],
     )
-    if not prior.active:
+    if not prior["active"]:
         active = [a.name for a in engine.list_adapters(module) if a.active and a.name != name]
         engine.set_active_adapters(module, active)
 
