@@ -41,6 +41,13 @@ def _model_of(model: Any) -> nn.Module:
     raise InvalidFormatError(f"expected a torch.nn.Module (the Z-Image transformer) or a pipeline, got {type(model)}")
 
 
+def _pipeline(model: Any):
+    """The pipeline dispatcher when `model` is a pipeline with a text encoder (see apply.pipeline)."""
+    from . import pipeline
+
+    return pipeline if pipeline.components(model) is not None else None
+
+
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -75,8 +82,12 @@ def apply_adapter(
     `scale`) or an `Adapter` from `load_adapter`. Applying a name that is already attached replaces it
     (in place, without touching compiled graphs, when the shapes match). `compute_dtype`: dynamic
     mode's compute dtype (default: the input's; `torch.float32` for extra precision on bf16 models).
-    On any error the model is left exactly as it was.
+    On any error the model is left exactly as it was. A pipeline with a text encoder gets the file's
+    transformer part on `pipe.transformer` and its text-encoder part on `pipe.text_encoder`.
     """
+    if (p := _pipeline(model)) is not None:
+        return p.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
+                       compute_dtype=compute_dtype)
     model = _model_of(model)
     if mode not in MODES:
         raise InvalidFormatError(f"mode must be one of {MODES}, got {mode!r}")
@@ -354,6 +365,8 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
     Merged weights are restored from the kept originals, never by subtracting; with every adapter gone
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
+    if (p := _pipeline(model)) is not None:
+        return p.remove(model, name)
     model = _model_of(model)
     state = get_state(model)
     if state is None:
@@ -396,6 +409,8 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
 def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
     original of every module it touches."""
+    if (p := _pipeline(model)) is not None:
+        return p.set_scale(model, name, scale)
     model = _model_of(model)
     value = _check_scale(scale)
     state = get_state(model)
@@ -423,6 +438,8 @@ def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
     """
+    if (p := _pipeline(model)) is not None:
+        return p.set_active(model, names, weights)
     model = _model_of(model)
     state = get_state(model)
     attached = list(state.records) if state else []
@@ -491,6 +508,8 @@ def _switch_plan(model: nn.Module, state: EngineState) -> list[tuple[AdapterLine
 
 def list_adapters(model: nn.Module) -> list[AdapterInfo]:
     """The attached adapters in the order they were applied: name, mode, scale, source, format, size."""
+    if (p := _pipeline(model)) is not None:
+        return p.list_all(model)
     model = _model_of(model)
     state = get_state(model)
     if state is None:

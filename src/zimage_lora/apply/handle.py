@@ -20,6 +20,7 @@ from .engine import (
     set_active_adapters,
     set_adapter_scale,
 )
+from .pipeline import components, switch_mode
 from .report import AdapterInfo, ApplyReport
 from .state import get_state
 
@@ -32,7 +33,8 @@ class Adapters:
     """
 
     def __init__(self, model: Any) -> None:
-        self.model: nn.Module = _model_of(model)
+        # A pipeline with a text encoder stays a pipeline: every call then covers both components.
+        self.model: nn.Module = model if components(model) is not None else _model_of(model)
 
     def load(
         self,
@@ -98,6 +100,8 @@ class Adapters:
         return [a.name for a in self.list()]
 
     def _switch_mode(self, names: str | Sequence[str] | None, mode: str) -> None:
+        if components(self.model) is not None:
+            return switch_mode(self.model, names, mode)
         state = get_state(self.model)
         attached = list(state.records) if state else []
         wanted = attached if names is None else ([names] if isinstance(names, str) else list(names))

@@ -14,6 +14,7 @@ import torch
 from ..adapter import Unmatched
 from ..errors import InvalidFormatError
 from . import grammar
+from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, load_tensors, read_header
 
 
@@ -65,19 +66,25 @@ _FAMILY_TO_ALGO = {"lora": "lora", "lokr": "lokr", "loha": "loha", "full": "full
 _PRIORITY = ("lokr", "loha", "lora", "full")
 
 
-def read_adapter_file(path: str | Path, config: dict | None = None) -> AdapterFile:
-    """Group the file's keys; `config` is a PEFT `adapter_config.json` dict when the source had one."""
+def read_adapter_file(path: str | Path, config: dict | None = None, *, component: str = "transformer") -> AdapterFile:
+    """Group the file's keys; `config` is a PEFT `adapter_config.json` dict when the source had one.
+
+    `component="text_encoder"` reads the text-encoder keys instead (the other keys are left to the
+    transformer's read of the same file, not reported twice).
+    """
     header = read_header(path)
     path = header.path
+    text_encoder = component == "text_encoder"
     if config is None:
-        config = _metadata_config(header)
+        config = _metadata_config(header, component)
     unmatched: list[Unmatched] = []
     raw: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
     for key in header.tensors:
-        if grammar.is_text_encoder(key):
-            unmatched.append(Unmatched(key, "text-encoder key: this library adapts the transformer only"))
+        if te_keys.is_text_encoder(key) != text_encoder:
+            if not text_encoder:
+                unmatched.append(Unmatched(key, te_keys.TRANSFORMER_ONLY_REASON))
             continue
-        parsed = grammar.parse_key(key)
+        parsed = te_keys.parse_key(key) if text_encoder else grammar.parse_key(key)
         if parsed is None:
             algo = grammar.unsupported_algorithm(key)
             reason = (
@@ -170,7 +177,7 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
     return out
 
 
-def _metadata_config(header: Header) -> dict | None:
+def _metadata_config(header: Header, component: str = "transformer") -> dict | None:
     """diffusers' `lora_adapter_metadata` (PEFT-config JSON) or kohya's `ss_network_*` fields."""
     meta = header.metadata
     text = meta.get("lora_adapter_metadata")
@@ -182,10 +189,10 @@ def _metadata_config(header: Header) -> dict | None:
                 f"{header.path}: metadata 'lora_adapter_metadata' is not valid JSON. Re-save the adapter."
             ) from None
         # diffusers may nest per component: {"transformer": {...}} or prefix keys "transformer.r"
-        if isinstance(doc, dict) and isinstance(doc.get("transformer"), dict):
-            doc = doc["transformer"]
+        if isinstance(doc, dict) and isinstance(doc.get(component), dict):
+            doc = doc[component]
         if isinstance(doc, dict):
-            doc = {k.removeprefix("transformer."): v for k, v in doc.items()}
+            doc = {k.removeprefix(component + "."): v for k, v in doc.items()}
             return doc
     if "ss_network_alpha" in meta:
         try:

@@ -1,4 +1,4 @@
-"""Text-to-image with diffusers' `ZImagePipeline` and our adapters (dynamic or merged), optionally on
+"""Text-to-image with diffusers' Z-Image pipelines and our adapters (dynamic or merged), optionally on
 a torchao-quantized transformer, offline from the Hugging Face cache when the model is there."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..apply.pipeline import PIPELINE_CLASSES
 from ..errors import DownloadError, InvalidFormatError, LoRAError, UnsupportedError
 from ..sources import LoRAConfiguration
 from .specs import parse_lora_spec
@@ -28,11 +29,12 @@ class GenerateResult:
 
 
 def load_pipeline(model: str | Path, dtype: torch.dtype):
-    """`ZImagePipeline.from_pretrained`, from the local cache first; online only when that fails."""
-    from diffusers import ZImagePipeline
+    """The folder's Z-Image pipeline (any class, from its model_index.json), from the local cache first;
+    online only when that fails."""
+    from diffusers import DiffusionPipeline
 
     try:
-        return ZImagePipeline.from_pretrained(str(model), dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as local_exc:
         if Path(str(model)).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise DownloadError(
@@ -41,12 +43,28 @@ def load_pipeline(model: str | Path, dtype: torch.dtype):
                 f"{model}`)."
             ) from None
         try:
-            return ZImagePipeline.from_pretrained(str(model), dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
         except (OSError, ValueError) as exc:
             raise DownloadError(
                 f"{model}: not in the Hugging Face cache and the download failed ({exc}). "
                 "Check the id and the network, or pass a local pipeline folder."
             ) from None
+    if type(pipe).__name__ not in PIPELINE_CLASSES:
+        raise UnsupportedError(
+            f"{model}: a {type(pipe).__name__}, not a Z-Image pipeline; expected one of {', '.join(PIPELINE_CLASSES)}."
+        )
+    return pipe
+
+
+def text_to_image(pipe):
+    """A pipeline that draws from a prompt alone, sharing `pipe`'s modules (and so its adapters):
+    `pipe` itself for ZImagePipeline and Omni (no image given), a ZImagePipeline view of the image-
+    and control-conditioned ones."""
+    from diffusers import ZImagePipeline
+
+    if type(pipe).__name__ in ("ZImagePipeline", "ZImageOmniPipeline"):
+        return pipe
+    return ZImagePipeline.from_pipe(pipe)
 
 
 def quantize_transformer(transformer: torch.nn.Module, kind: str) -> None:
@@ -102,8 +120,8 @@ def generate(
     progress: bool = False,
     pipeline=None,
 ) -> GenerateResult:
-    """Generate one image and save it at `out`. `pipeline`: reuse an already loaded `ZImagePipeline`
-    (adapters are applied to it and removed again afterwards)."""
+    """Generate one image and save it at `out`. `pipeline`: reuse an already loaded Z-Image pipeline of
+    any class (adapters are applied to its transformer and text encoder and removed again afterwards)."""
     from ..apply import apply_adapter, remove_adapter
 
     started = time.perf_counter()
@@ -114,7 +132,7 @@ def generate(
         raise InvalidFormatError(f"steps must be >= 1 and the size at least 16x16 (got {steps}, {width}x{height}).")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = pipeline if pipeline is not None else load_pipeline(model, torch_dtype)
+    pipe = text_to_image(pipeline if pipeline is not None else load_pipeline(model, torch_dtype))
     pipe.to(device)
     if quantize:
         quantize_transformer(pipe.transformer, quantize)
@@ -122,11 +140,11 @@ def generate(
     result = GenerateResult(out=out, seconds=0.0)
     try:
         for spec, name in zip(specs, _names(specs), strict=True):
-            result.adapters.append(apply_adapter(pipe.transformer, spec, mode=mode, name=name))
+            result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name))
         image = _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress)
     finally:
         if pipeline is not None and result.adapters:
-            remove_adapter(pipe.transformer)
+            remove_adapter(pipe)
     image.save(out)
     result.seconds = time.perf_counter() - started
     return result

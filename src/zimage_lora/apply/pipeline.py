@@ -1,0 +1,303 @@
+"""Adapters on a whole pipeline: the transformer part of a file on `pipe.transformer`, its text-encoder
+part on `pipe.text_encoder`, with the engine's own apply / remove / re-weight / switch on each.
+
+Every Z-Image pipeline (text-to-image, img2img, inpaint, the two ControlNet ones, Omni) carries
+`transformer` and `text_encoder`; other components (ControlNet, SigLIP, VAE) are never adapted.
+One adapter name covers both components: it is applied, re-weighted, switched and removed on both.
+Each component keeps its own engine state and lock, so a forward pass of one component sees its
+adapters before or after a change; a change to the pipeline as a whole is not one atomic step for
+a forward pass running at the same time on the other component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, Unmatched
+from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..formats import text_encoder as te_keys
+from ..formats.reader import read_adapter_file
+from ..keys import ModuleIndex, resolve
+from ..keys.text_encoder import TextEncoderIndex
+from ..sources import LoRAConfiguration, resolve_source
+from . import engine
+from .report import AdapterInfo, ApplyReport
+from .validate import plan
+
+#: diffusers' Z-Image pipelines (0.42.1): each has `transformer` and `text_encoder`.
+PIPELINE_CLASSES = (
+    "ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageControlNetPipeline",
+    "ZImageControlNetInpaintPipeline", "ZImageOmniPipeline",
+)
+TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
+_LABELS = {TRANSFORMER: "transformer", TEXT_ENCODER: "text encoder"}
+
+
+def components(obj: Any) -> dict[str, nn.Module] | None:
+    """A pipeline's adaptable components, or None when `obj` is a bare model or a pipeline without a
+    text encoder (the engine then adapts the transformer alone and reports text-encoder keys)."""
+    if isinstance(obj, nn.Module):
+        return None
+    transformer, text_encoder = getattr(obj, TRANSFORMER, None), getattr(obj, TEXT_ENCODER, None)
+    if isinstance(transformer, nn.Module) and isinstance(text_encoder, nn.Module):
+        return {TRANSFORMER: transformer, TEXT_ENCODER: text_encoder}
+    return None
+
+
+def component_of(label: str) -> tuple[str, str]:
+    """(component, module label) of an entry of `PipelineReport.applied`."""
+    if label.startswith(TEXT_ENCODER + "."):
+        return TEXT_ENCODER, label[len(TEXT_ENCODER) + 1:]
+    return TRANSFORMER, label
+
+
+@dataclass
+class PipelineReport(ApplyReport):
+    """`ApplyReport` over a pipeline. `applied`: transformer modules by their own names (as for a bare
+    transformer), text-encoder modules as `text_encoder.<name>`; `parts`: each component's own report."""
+
+    parts: dict[str, ApplyReport] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineAdapterInfo(AdapterInfo):
+    """`AdapterInfo` over a pipeline: `modules` counts both components; `components` names them."""
+
+    components: tuple[str, ...] = ()
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def _index(part: str, module: nn.Module) -> ModuleIndex:
+    return TextEncoderIndex(module) if part == TEXT_ENCODER else ModuleIndex(module)
+
+
+def load_parts(
+    parts: dict[str, nn.Module], source: str | Path | LoRAConfiguration, *, name: str | None,
+    filename: str | None, strict: bool,
+) -> tuple[dict[str, Adapter], list[Unmatched], str]:
+    """Each component's part of one file resolved against that component, the keys no part took,
+    and the adapter name. Nothing matching anywhere is an error; a part that matches nothing is not."""
+    cfg = source if isinstance(source, LoRAConfiguration) else LoRAConfiguration(source)
+    if filename is not None:
+        cfg.filename = filename
+    resolved = resolve_source(cfg)
+    name = name or cfg.name or resolved.default_name
+    adapters: dict[str, Adapter] = {}
+    left: list[Unmatched] = []
+    for part, module in parts.items():
+        file = read_adapter_file(resolved.path, resolved.config if part == TRANSFORMER else None, component=part)
+        # The transformer's read reports the text-encoder keys; here the text encoder's read takes them.
+        file.unmatched = [u for u in file.unmatched if u.reason != te_keys.TRANSFORMER_ONLY_REASON]
+        index = _index(part, module)
+        if not any(index.lookup(g.stem) is not None for g in file.groups):
+            left += file.unmatched
+            left += [
+                Unmatched(k, f"no module '{g.stem}' in the {_LABELS[part]} (after removing prefix '{g.prefix}')")
+                for g in file.groups for k in g.source_keys
+            ]
+            continue
+        # The engine validates every tensor (finite values) right before changing anything.
+        adapter = resolve(file, index, name=name, strict=False, check_finite=False)
+        if part == TEXT_ENCODER:
+            adapter.format = te_keys.format_label({g.prefix for g in file.groups})
+        adapters[part] = adapter
+    unmatched = [u for a in adapters.values() for u in a.unmatched] + left
+    if not adapters:
+        raise IncompatibleWeightsError(
+            f"{resolved.path}: no key matches a module of the pipeline's transformer or text encoder "
+            f"({len(unmatched)} keys, e.g. {_listing(unmatched)}). Is it a Z-Image adapter? "
+            "`zimage-lora inspect` lists every key with its reason."
+        )
+    if strict and unmatched:
+        raise IncompatibleWeightsError(
+            f"{resolved.path}: strict mode and {len(unmatched)} key(s) did not match: {_listing(unmatched)}. "
+            "Pass strict=False to apply the matched part."
+        )
+    return adapters, left, name
+
+
+def _listing(unmatched: list[Unmatched]) -> str:
+    more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
+    return "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10]) + more
+
+
+# -- apply -------------------------------------------------------------------------------------------
+def apply(
+    pipe: Any, source: Any, *, scale: float, mode: str, name: str | None, filename: str | None, strict: bool,
+    compute_dtype: torch.dtype | None,
+) -> ApplyReport:
+    parts = components(pipe)
+    if isinstance(source, Adapter):  # resolved against one model already: the transformer's
+        return engine.apply_adapter(
+            parts[TRANSFORMER], source, scale=scale, mode=mode, name=name, strict=strict, compute_dtype=compute_dtype
+        )
+    if mode not in engine.MODES:
+        raise InvalidFormatError(f"mode must be one of {engine.MODES}, got {mode!r}")
+    strength = engine._check_scale(scale)
+    if isinstance(source, LoRAConfiguration):
+        strength *= source.scale
+    if name is not None and (not isinstance(name, str) or not name):
+        raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")
+    adapters, left, name = load_parts(parts, source, name=name, filename=filename, strict=strict)
+    # Validate the text-encoder part before the transformer changes (the transformer's apply validates
+    # its own part first): a refusal then leaves both components as they were.
+    if TEXT_ENCODER in adapters:
+        plan(parts[TEXT_ENCODER], adapters[TEXT_ENCODER], mode)
+    reports: dict[str, ApplyReport] = {}
+    before = {part: _snapshot(engine.attached(module, name)) for part, module in parts.items()}
+    try:
+        for part in (TRANSFORMER, TEXT_ENCODER):
+            if part in adapters:
+                reports[part] = engine.apply_adapter(
+                    parts[part], adapters[part], scale=strength, mode=mode, name=name, compute_dtype=compute_dtype
+                )
+    except BaseException:
+        for part in reports:
+            _put_back(parts[part], name, before[part])
+        raise
+    for part, module in parts.items():  # the name now means this file: an older part elsewhere goes
+        if part not in adapters and before[part] is not None:
+            engine.remove_adapter(module, name)
+    return _merge_reports(reports, left, name, mode, strength)
+
+
+def _snapshot(record: Any) -> dict | None:
+    """What re-creates a record. A hot swap changes the record in place and copies the new values into
+    the slots' tensors, which may be the old adapter's own (fp32 factors are used as they are): a
+    dynamic record's tensors are copied here so that the undo has the old values."""
+    if record is None:
+        return None
+    adapter = record.adapter
+    if record.mode == "dynamic":
+        targets = [replace(t, tensors={k: v.clone() for k, v in t.tensors.items()}) for t in adapter.targets]
+        adapter = replace(adapter, targets=targets)
+    return dict(adapter=adapter, scale=record.scale, mode=record.mode, compute_dtype=record.compute_dtype,
+                active=record.active)
+
+
+def _put_back(module: nn.Module, name: str, prior: dict | None) -> None:
+    """Undo one component's apply after the other component failed: its prior adapter, or nothing."""
+    if prior is None:
+        engine.remove_adapter(module, name)
+        return
+    engine.apply_adapter(
+        module, prior["adapter"], scale=prior["scale"], mode=prior["mode"], name=name,
+        compute_dtype=prior["compute_dtype"],
+    )
+    if not prior["active"]:
+        active = [a.name for a in engine.list_adapters(module) if a.active and a.name != name]
+        engine.set_active_adapters(module, active)
+
+
+def _merge_reports(
+    reports: dict[str, ApplyReport], left: list[Unmatched], name: str, mode: str, strength: float
+) -> PipelineReport:
+    tr, te = reports.get(TRANSFORMER), reports.get(TEXT_ENCODER)
+    first = tr or te
+    prefix = TEXT_ENCODER + "."
+    out = PipelineReport(
+        name=name, mode=mode, scale=strength, source=first.source,
+        format=" + ".join(r.format for r in reports.values()),
+        applied=(tr.applied if tr else []) + [prefix + a for a in (te.applied if te else [])],
+        unmatched=[u for r in reports.values() for u in r.unmatched] + left,
+        requant_loss={
+            **(tr.requant_loss if tr else {}),
+            **{prefix + k: v for k, v in (te.requant_loss if te else {}).items()},
+        },
+        notes=(tr.notes if tr else []) + [f"text encoder: {n}" for n in (te.notes if te else [])],
+        replaced=any(r.replaced for r in reports.values()),
+        hotswapped=all(r.hotswapped for r in reports.values()),
+        parts=dict(reports),
+    )
+    counts = ", ".join(f"{_LABELS[p]}: {len(r.applied)} target(s)" for p, r in reports.items())
+    out.notes.append(f"applied to the pipeline's {counts}")
+    return out
+
+
+# -- everything else, over the components holding each name ---------------------------------------------
+def _holders(parts: dict[str, nn.Module], name: str) -> dict[str, nn.Module]:
+    return {p: m for p, m in parts.items() if engine.attached(m, name) is not None}
+
+
+def _attached_names(parts: dict[str, nn.Module]) -> list[str]:
+    return list(dict.fromkeys(a.name for m in parts.values() for a in engine.list_adapters(m)))
+
+
+def _no_such(name: str, parts: dict[str, nn.Module]) -> LoRAError:
+    return LoRAError(f"no adapter named '{name}' is attached; attached: {_attached_names(parts) or 'none'}.")
+
+
+def remove(pipe: Any, name: str | None) -> list[str]:
+    parts = components(pipe)
+    holders = parts if name is None else _holders(parts, name)
+    if name is not None and not holders:
+        raise _no_such(name, parts)
+    removed: list[str] = []
+    for module in holders.values():
+        removed += engine.remove_adapter(module, name)
+    return list(dict.fromkeys(removed))
+
+
+def set_scale(pipe: Any, name: str, scale: float) -> None:
+    parts = components(pipe)
+    engine._check_scale(scale)
+    holders = _holders(parts, name)
+    if not holders:
+        raise _no_such(name, parts)
+    for module in holders.values():
+        engine.set_adapter_scale(module, name, scale)
+
+
+def set_active(pipe: Any, names: list[str] | None, weights: list[float] | None) -> None:
+    parts = components(pipe)
+    attached = _attached_names(parts)
+    wanted = attached if names is None else list(names)
+    unknown = [n for n in wanted if n not in attached]
+    if unknown:
+        raise LoRAError(f"no adapter named {unknown} is attached; attached: {attached or 'none'}.")
+    if weights is not None and len(weights) != len(wanted):
+        raise InvalidFormatError(f"{len(wanted)} adapter names but {len(weights)} weights")
+    values = [engine._check_scale(w) for w in weights] if weights is not None else None
+    for module in parts.values():
+        here = {a.name for a in engine.list_adapters(module)}
+        keep = [i for i, n in enumerate(wanted) if n in here]
+        engine.set_active_adapters(
+            module, [wanted[i] for i in keep], [values[i] for i in keep] if values is not None else None
+        )
+
+
+def list_all(pipe: Any) -> list[AdapterInfo]:
+    merged: dict[str, list[tuple[str, AdapterInfo]]] = {}
+    for part, module in components(pipe).items():
+        for info in engine.list_adapters(module):
+            merged.setdefault(info.name, []).append((part, info))
+    out: list[AdapterInfo] = []
+    for name, entries in merged.items():
+        first = entries[0][1]
+        out.append(PipelineAdapterInfo(
+            name=name, mode=first.mode, scale=first.scale, source=first.source,
+            format=" + ".join(i.format for _, i in entries), modules=sum(i.modules for _, i in entries),
+            algorithms=tuple(sorted({a for _, i in entries for a in i.algorithms})), active=first.active,
+            components=tuple(p for p, _ in entries),
+        ))
+    return out
+
+
+def switch_mode(pipe: Any, names: str | list[str] | None, mode: str) -> None:
+    """`Adapters.fuse` / `unfuse` on a pipeline: the same switch on each component holding the name."""
+    from .handle import Adapters  # the handle's hooks import this module
+
+    parts = components(pipe)
+    attached = _attached_names(parts)
+    wanted = attached if names is None else ([names] if isinstance(names, str) else list(names))
+    for name in wanted:
+        if name not in attached:
+            raise _no_such(name, parts)
+    for module in parts.values():
+        here = {a.name for a in engine.list_adapters(module)}
+        Adapters(module)._switch_mode([n for n in wanted if n in here], mode)
