@@ -157,6 +157,19 @@ def test_reapplying_a_name_replaces_it_and_hotswaps_in_place(tmp_path, tiny):
     assert not isinstance(tiny.layers[0].attention.to_q, AdapterLinear)
 
 
+@pytest.mark.parametrize("layout", ["kohya", "ai-toolkit-lokr"])
+def test_hot_swap_never_writes_into_the_callers_adapter(tmp_path, tiny, layout):
+    """A hot swap copies into the slot's buffers; an fp32 factor used as it is must not be shared with them."""
+    files = [examples.make_adapter(layout, tmp_path / f"{n}.safetensors", tiny, seed=n) for n in (1, 2)]
+    first = load_adapter(files[0], tiny, name="x")
+    kept = {(i, k): v.clone() for i, t in enumerate(first.targets) for k, v in t.tensors.items()}
+    apply_adapter(tiny, first, name="x")
+    report = apply_adapter(tiny, files[1], name="x")
+    assert report.hotswapped
+    assert all(torch.equal(first.targets[i].tensors[k], v) for (i, k), v in kept.items())
+    remove_adapter(tiny)
+
+
 def test_fp32_compute_on_bf16_model_is_closer_to_fp32_reference(tmp_path):
     ref_model = examples.tiny_model(seed=5)
     model = examples.tiny_model(seed=5, dtype=torch.bfloat16)

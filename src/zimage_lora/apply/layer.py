@@ -104,8 +104,13 @@ class Slot(nn.Module):
         self.compute_dtype = compute_dtype
         self.needs_wx = "fm1" in tensors
         self.names = tuple(tensors)
+        # A hot swap writes into these buffers in place, so none may share memory with the caller's Adapter.
+        theirs = {t.untyped_storage().data_ptr() for t in target.tensors.values()}
         for key, value in tensors.items():
-            self.register_buffer(key, value.to(device=device, dtype=compute_dtype or dtype), persistent=False)
+            buf = value.to(device=device, dtype=compute_dtype or dtype)
+            if buf.untyped_storage().data_ptr() in theirs:
+                buf = buf.clone()
+            self.register_buffer(key, buf, persistent=False)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(getattr(self, k).shape) for k in self.names}
