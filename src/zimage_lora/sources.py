@@ -15,6 +15,7 @@ from .errors import (
     AdapterNotFoundError,
     AmbiguousSourceError,
     DownloadError,
+    InvalidArgumentError,
     InvalidFormatError,
     UnsafeFileError,
 )
@@ -80,7 +81,13 @@ def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
     if cfg.filename is not None:
         _check_filename(cfg.filename, str(cfg.source))
     path = Path(str(cfg.source)).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name over the filesystem's limit: a caller mistake, not a missing file
+        raise InvalidArgumentError(
+            f"{str(cfg.source)[:120]}...: not a usable path ({exc.strerror or exc}); check the path."
+        ) from None
+    if exists:
         if path.is_dir():
             return _from_folder(path, cfg.filename, str(cfg.source))
         return ResolvedSource(_check_file(path), None, str(cfg.source))
