@@ -246,8 +246,9 @@ def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], streng
     for role, t in tensors.items():
         merge._check_finite(f"{name} ({role})", t.to(dtype), dynamic=True)
     headroom = torch.finfo(dtype).max / max(_bound(kind, tensors), 1e-300)
-    if abs(strength) > headroom:
-        _check_exact(name, kind, tensors, strength, dtype)
+    need = max(abs(strength), 1.0)  # the kernels form the delta at strength 1, then scale it
+    if need > headroom:
+        _check_exact(name, kind, tensors, need, dtype)
     return headroom
 
 
