@@ -159,6 +159,48 @@ def test_a_forward_refused_before_the_gate_releases_no_other_forwards_read(files
     assert list_adapters(model)[0].scale == 0.5
 
 
+def test_a_read_is_held_for_the_frame_that_runs_the_forward(files):
+    """The lock tells a live forward from a stale one by `Module._call_impl`'s frame: if torch moves the
+    hooks elsewhere this fails here, not as a forward taken for stale in the middle of a run."""
+    model = examples.tiny_model(seed=0)
+    apply_adapter(model, files["a"], name="a")
+    lock = get_state(model).lock
+    seen = []
+
+    def look(module, args, output):
+        seen.extend(lock._held[threading.get_ident()])
+
+    handle = model.layers[0].register_forward_hook(look)
+    examples.run_model(model, examples.tiny_inputs(seed=3))
+    handle.remove()
+    assert len(seen) == 1 and seen[0].f_code is torch.nn.Module._call_impl.__code__
+    assert lock.readers == 0
+
+
+def test_keyboard_interrupt_inside_a_change_leaves_the_model_as_it_was(files, monkeypatch):
+    from zimage_lora.apply import merge
+
+    model = examples.tiny_model(seed=0)
+    pristine = state_bits(model)
+    real = merge.rebuild
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "rebuild", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_adapter(model, files["a"], name="a", mode="merged")
+    monkeypatch.setattr(merge, "rebuild", real)
+    assert_untouched(model, pristine)
+    worker = Worker(lambda: apply_adapter(model, files["a"], name="a", mode="merged"))
+    assert worker.finished() and worker.error is None
+    assert [a.name for a in list_adapters(model)] == ["a"]
+
+
 # --- item 2: a change racing a remove ----------------------------------------------------------------
 def _race_with_remove(model: torch.nn.Module, change: Callable[[], object], remove: list[str]) -> BaseException | None:
     """Start `change` while this thread holds the model's write lock, let it wait for the lock, remove
