@@ -80,10 +80,22 @@ MISTAKES = {
     "target-scale-text": lambda m, p: apply_adapter(m, _hand_built(scale="strong")),
     "target-scale-nan": lambda m, p: apply_adapter(m, _hand_built(scale=math.nan), mode="merged"),
     "target-scale-overflow": lambda m, p: apply_adapter(m, _hand_built(scale=1e39)),
+    "target-rows-text": lambda m, p: apply_adapter(m, _hand_built(rows=("0", "8"))),
+    "config-scale-text": lambda m, p: apply_adapter(m, zl.LoRAConfiguration(p, scale="strong")),
     "targets-not-targets": lambda m, p: apply_adapter(
         m, zl.Adapter(name="x", format="x", source="", targets=[{"module": STEM}])),
     "handle-weights-text": lambda m, p: Adapters(m).set_adapters("g", "strong"),
 }
+
+
+def test_disabled_block_restores_only_adapters_still_attached(kohya, tmp_path):
+    model = examples.tiny_model()
+    handle = Adapters(model)
+    handle.load(kohya, "g")
+    handle.load(examples.make_adapter("kohya", tmp_path / "h.safetensors", examples.tiny_model(), seed=4), "h")
+    with handle.disabled():
+        handle.unload("h")
+    assert [(a.name, a.active) for a in handle.list()] == [("g", True)]
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))

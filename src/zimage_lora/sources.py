@@ -18,6 +18,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidFormatError,
     UnsafeFileError,
+    _LegacyArgumentError,
 )
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -45,7 +46,7 @@ class LoRAConfiguration:
         try:
             self.scale = float(self.scale)
         except (TypeError, ValueError):
-            raise InvalidFormatError(f"scale must be a number, got {self.scale!r}") from None
+            raise _LegacyArgumentError(f"scale must be a number, got {self.scale!r}") from None
 
 
 @dataclass

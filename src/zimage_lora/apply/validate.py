@@ -137,6 +137,13 @@ def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
     at = f"{where}, module '{t.label}' (keys {', '.join(t.source_keys[:2]) or 'n/a'})"
     # The loader derives the scale from a checked alpha; a hand-built Target may carry anything.
     check_scale(t.scale, f"{at}: Target.scale", InvalidArgumentError)
+    for what, span in (("rows", t.rows), ("delta_rows", t.delta_rows)):
+        if span is not None and not (
+            isinstance(span, (tuple, list)) and len(span) == 2 and all(type(i) is int for i in span)
+        ):
+            raise InvalidArgumentError(
+                f"{at}: Target.{what} must be None or a (start, stop) pair of ints, got {span!r}"
+            )
     try:
         module = base_of(model.get_submodule(t.module))
     except AttributeError:
