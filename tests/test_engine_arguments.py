@@ -88,16 +88,6 @@ MISTAKES = {
 }
 
 
-def test_disabled_block_restores_only_adapters_still_attached(kohya, tmp_path):
-    model = examples.tiny_model()
-    handle = Adapters(model)
-    handle.load(kohya, "g")
-    handle.load(examples.make_adapter("kohya", tmp_path / "h.safetensors", examples.tiny_model(), seed=4), "h")
-    with handle.disabled():
-        handle.unload("h")
-    assert [(a.name, a.active) for a in handle.list()] == [("g", True)]
-
-
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_caller_mistakes_raise_invalid_argument_error_and_change_nothing(mistake, kohya):
     model = examples.tiny_model()

@@ -137,13 +137,13 @@ def apply_adapter(
     return report
 
 
-def _warn_requant(report: ApplyReport) -> None:
+def _warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
     for module, loss in report.requant_loss.items():
         if loss > REQUANT_WARN:
             warnings.warn(
                 f"merging adapter '{report.name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
                 "requantization; apply it with mode='dynamic' to keep it exact.",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
 
@@ -564,7 +564,7 @@ def _reattach(model: nn.Module, state: EngineState, record: Record, mode: str) -
         model, state, record.adapter, planned, record.name, mode, record.strength.value, record.compute_dtype,
         active=record.active,
     )
-    _warn_requant(report)
+    _warn_requant(report, stacklevel=5)  # the caller of Adapters.fuse / unfuse
 
 
 def _publish_fast(model: nn.Module, state: EngineState) -> None:

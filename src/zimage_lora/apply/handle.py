@@ -82,8 +82,8 @@ class Adapters:
         set_active_adapters(self.model, [])
         try:
             yield
-        finally:  # those removed inside the block stay removed
-            set_active_adapters(self.model, [n for n in before if n in self.names])
+        finally:
+            set_active_adapters(self.model, before)
 
     def enable(self, names: str | Sequence[str] | None = None) -> None:
         current = [a.name for a in self.list() if a.active]
