@@ -35,6 +35,17 @@ class UnsafeFileError(LoRAError):
     """The file would need unpickling or escapes its folder; it is refused, never executed."""
 
 
+class InvalidArgumentError(LoRAError, ValueError):
+    """A caller mistake in an argument: a scale that is not a finite number, an unknown mode, a
+    compute dtype that is not a float type, mismatched names and weights, a hand-built `Adapter`
+    without real tensors. Nothing was read and nothing changed."""
+
+
+class _LegacyArgumentError(InvalidArgumentError, InvalidFormatError):
+    """An argument error that was raised as `InvalidFormatError` before `InvalidArgumentError`
+    existed; it is both, so handlers written against the old type still catch it."""
+
+
 class UnsupportedError(LoRAError, NotImplementedError):
     """A valid request this library (or this backend) cannot carry out, e.g. merging into GGUF K-quants."""
 
@@ -44,6 +55,7 @@ __all__ = [
     "AdapterNotFoundError",
     "InvalidFormatError",
     "IncompatibleWeightsError",
+    "InvalidArgumentError",
     "DownloadError",
     "AmbiguousSourceError",
     "UnsafeFileError",

@@ -15,8 +15,10 @@ from .errors import (
     AdapterNotFoundError,
     AmbiguousSourceError,
     DownloadError,
+    InvalidArgumentError,
     InvalidFormatError,
     UnsafeFileError,
+    _LegacyArgumentError,
 )
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -44,7 +46,7 @@ class LoRAConfiguration:
         try:
             self.scale = float(self.scale)
         except (TypeError, ValueError):
-            raise InvalidFormatError(f"scale must be a number, got {self.scale!r}") from None
+            raise _LegacyArgumentError(f"scale must be a number, got {self.scale!r}") from None
 
 
 @dataclass
@@ -80,7 +82,13 @@ def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
     if cfg.filename is not None:
         _check_filename(cfg.filename, str(cfg.source))
     path = Path(str(cfg.source)).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name over the filesystem's limit: a caller mistake, not a missing file
+        raise InvalidArgumentError(
+            f"{str(cfg.source)[:120]}...: not a usable path ({exc.strerror or exc}); check the path."
+        ) from None
+    if exists:
         if path.is_dir():
             return _from_folder(path, cfg.filename, str(cfg.source))
         return ResolvedSource(_check_file(path), None, str(cfg.source))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,28 @@ from torch import nn
 
 from ..adapter import Adapter, Target
 from ..backends import backend_for
-from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..errors import IncompatibleWeightsError, LoRAError, _LegacyArgumentError
 from ..loading import load_adapter
 from ..sources import LoRAConfiguration
 from . import checkpoint, merge
 from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .report import AdapterInfo, ApplyReport
 from .state import EngineState, Record, Strength, drop_state, get_state
-from .validate import Planned, base_of, plan
+from .validate import (
+    MODES,  # noqa: F401 - re-exported: the modes were defined here first
+    Planned,
+    base_of,
+    check_compute_dtype,
+    check_dynamic,
+    check_mode,
+    check_name,
+    check_names,
+    check_scale,
+    check_weights,
+    plan,
+    slot_dtype,
+)
 
-MODES = ("dynamic", "merged")
 #: Above this requantization loss a merged adapter warns and suggests dynamic mode.
 REQUANT_WARN = 0.1
 
@@ -38,7 +52,9 @@ def _model_of(model: Any) -> nn.Module:
     inner = getattr(model, "transformer", None)
     if isinstance(inner, nn.Module):
         return inner
-    raise InvalidFormatError(f"expected a torch.nn.Module (the Z-Image transformer) or a pipeline, got {type(model)}")
+    raise _LegacyArgumentError(
+        f"expected a torch.nn.Module (the Z-Image transformer) or a pipeline, got {type(model)}"
+    )
 
 
 def _pipeline(model: Any):
@@ -48,20 +64,30 @@ def _pipeline(model: Any):
     return pipeline if pipeline.components(model) is not None else None
 
 
-FP32_MAX = float(torch.finfo(torch.float32).max)
+@contextmanager
+def _locked(model: nn.Module, create: bool = False) -> Iterator[EngineState | None]:
+    """The model's current state with its write lock held (None: nothing attached, and not `create`).
+
+    Every public function looks its records up inside this, never before: a state that a concurrent
+    remove dropped while we waited for its lock is not used; we look again (and find the new one).
+    """
+    while True:
+        state = get_state(model, create=create)
+        if state is None:
+            yield None
+            return
+        with state.lock:
+            if get_state(model) is state:
+                yield state
+                return
 
 
-def _check_scale(scale: Any) -> float:
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise InvalidFormatError(f"scale must be a number, got {scale!r}") from None
-    # Strengths are applied in fp32; beyond its range every delta overflows (a typo, not a strength).
-    if not math.isfinite(value) or abs(value) > FP32_MAX:
-        raise InvalidFormatError(
-            f"scale must be a finite number within float32's range (|scale| <= {FP32_MAX:.3g}), got {scale!r}"
-        )
-    return value
+def _not_attached(names: list[str], state: EngineState | None) -> LoRAError:
+    attached = list(state.records) if state is not None else []
+    which = f"'{names[0]}'" if len(names) == 1 else str(names)
+    return LoRAError(
+        f"no adapter named {which} is attached; attached: {attached or 'none'}. list_adapters(model) shows them."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,22 +105,28 @@ def apply_adapter(
     """Attach an adapter to `model`, merged into the weights or as dynamic wrapped layers.
 
     `source`: a `.safetensors` path, a folder, a hub id, a `LoRAConfiguration` (its scale multiplies
-    `scale`) or an `Adapter` from `load_adapter`. Applying a name that is already attached replaces it
-    (in place, without touching compiled graphs, when the shapes match). `compute_dtype`: dynamic
-    mode's compute dtype (default: the input's; `torch.float32` for extra precision on bf16 models).
-    On any error the model is left exactly as it was. A pipeline with a text encoder gets the file's
-    transformer part on `pipe.transformer` and its text-encoder part on `pipe.text_encoder`.
+    `scale`) or an `Adapter` from `load_adapter`. `name`: an explicit name replaces the adapter of that
+    name if one is attached (in place, without touching compiled graphs, when the shapes match; the
+    report says `replaced`). Without one the name comes from the source (the file stem); when that is
+    taken by an adapter from another source, a free `stem_2`, `stem_3`, ... is used instead and the
+    report says so (`renamed_from`). `compute_dtype`: dynamic mode's compute dtype (default: the
+    input's; `torch.float32` for extra precision on bf16 models). On any error the model is left
+    exactly as it was. A pipeline with a text encoder gets the file's transformer part on
+    `pipe.transformer` and its text-encoder part on `pipe.text_encoder`.
     """
     if (p := _pipeline(model)) is not None:
         return p.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
                        compute_dtype=compute_dtype)
     model = _model_of(model)
-    if mode not in MODES:
-        raise InvalidFormatError(f"mode must be one of {MODES}, got {mode!r}")
-    strength = _check_scale(scale)
+    mode = check_mode(mode)
+    strength = check_scale(scale)
+    compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength *= source.scale
-        name = name or source.name
+        strength = check_scale(strength * source.scale)
+        name = name if name is not None else source.name
+    explicit = name is not None
+    if explicit:
+        check_name(name)
     if isinstance(source, Adapter):
         adapter = source
         if strict and adapter.unmatched:
@@ -103,30 +135,36 @@ def apply_adapter(
     else:
         # The finite scan happens once, in validation before anything changes (see apply.validate).
         adapter = load_adapter(source, model, name=name, filename=filename, strict=strict, check_finite=False)
-    name = name or adapter.name
-    if not isinstance(name, str) or not name:
-        raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")
+    name = name if explicit else check_name(adapter.name)
     planned = plan(model, adapter, mode)
 
-    while True:
-        state = get_state(model, create=True)
-        with state.lock:
-            if get_state(model) is not state:
-                continue  # a concurrent remove dropped this state while we waited: use the new one
-            try:
-                report = _apply_locked(model, state, adapter, planned, name, mode, strength, compute_dtype)
-            finally:
-                if not state.records:
-                    drop_state(model)  # under the lock, so no other change can be waiting on this state
-            break
+    with _locked(model, create=True) as state:
+        try:
+            report = _apply_locked(model, state, adapter, planned, name, mode, strength, compute_dtype, explicit)
+        finally:
+            if not state.records:
+                drop_state(model)  # under the lock, so no other change can be waiting on this state
+    _warn_requant(report)
+    return report
+
+
+def _warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
     for module, loss in report.requant_loss.items():
         if loss > REQUANT_WARN:
             warnings.warn(
-                f"merging adapter '{name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
+                f"merging adapter '{report.name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
                 "requantization; apply it with mode='dynamic' to keep it exact.",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
-    return report
+
+
+def _free_name(state: EngineState, derived: str, source: str) -> str:
+    """`derived`, or the first of `derived_2`, `derived_3`, ... that is free or holds the same source."""
+    candidate, i = derived, 1
+    while candidate in state.records and state.records[candidate].adapter.source != source:
+        i += 1
+        candidate = f"{derived}_{i}"
+    return candidate
 
 
 def _apply_locked(
@@ -138,10 +176,31 @@ def _apply_locked(
     mode: str,
     strength: float,
     compute_dtype: torch.dtype | None,
+    explicit: bool = True,
+    active: bool = True,
 ) -> ApplyReport:
+    notes = list(adapter.notes)
+    renamed_from = None
+    if not explicit:
+        free = _free_name(state, name, adapter.source)
+        if free != name:
+            other = state.records[name].adapter.source or "an Adapter object"
+            notes.append(
+                f"the name '{name}' is taken by the adapter from {other}; this one is attached as '{free}' "
+                f"(pass name='{name}' to replace that one instead)."
+            )
+            renamed_from, name = name, free
     dynamic = [p for p in planned if mode == "dynamic" and not p.is_patch]
     patches = [p.target for p in planned if mode == "merged" or p.is_patch]
     prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
+    headroom = math.inf
+    for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
+        where = f"adapter '{name}', module '{p.target.label}'"
+        dtype = slot_dtype(p.module, compute_dtype)
+        headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype))
+    old = state.records.get(name)
+    if old is not None:
+        notes.append(f"replaced the attached adapter '{name}' (from {old.adapter.source or 'an Adapter object'}).")
     report = ApplyReport(
         name=name,
         mode=mode,
@@ -150,15 +209,23 @@ def _apply_locked(
         format=adapter.format,
         applied=[p.target.label for p in planned],
         unmatched=list(adapter.unmatched),
-        notes=list(adapter.notes),
+        notes=notes,
+        replaced=old is not None,
+        renamed_from=renamed_from,
     )
-    old = state.records.get(name)
-    report.replaced = old is not None
-    if old is not None and not patches and not old.patches and _hotswap(model, old, prepared, adapter, strength):
+    if (
+        old is not None
+        and active
+        and not patches
+        and not old.patches
+        and _hotswap(model, old, prepared, adapter, strength)
+    ):
+        old.headroom = headroom
         report.hotswapped = True
         return report
 
-    record = Record(name, mode, adapter, Strength(strength), compute_dtype, patches=patches)
+    record = Record(name, mode, adapter, Strength(strength), compute_dtype, patches=patches, active=active)
+    record.headroom = headroom
     if mode == "dynamic" and patches:
         checkpoint.install(model)  # its norm-layer patches stay out of state_dict (see apply.checkpoint)
     prior_records = dict(state.records)
@@ -257,7 +324,7 @@ class _Transaction:
     def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         wrapper = self._wrapper(p.target.module, create=True)
         weight = getattr(p.module, "weight", None)
-        dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         slot = Slot(
             record.name, p.target, record.strength, kind, tensors, _rows(p), record.compute_dtype, dtype, device
@@ -368,20 +435,15 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
     if (p := _pipeline(model)) is not None:
         return p.remove(model, name)
     model = _model_of(model)
-    state = get_state(model)
-    if state is None:
-        if name is None:
-            return []
-        raise LoRAError(f"no adapter named '{name}' is attached (none are); list_adapters(model) shows them.")
-    with state.lock:
-        if get_state(model) is not state:  # dropped by a concurrent remove: nothing is attached any more
+    if name is not None:
+        check_name(name)
+    with _locked(model) as state:
+        if state is None:
             if name is None:
                 return []
-            raise LoRAError(f"no adapter named '{name}' is attached (none are); list_adapters(model) shows them.")
+            raise _not_attached([name], None)
         if name is not None and name not in state.records:
-            raise LoRAError(
-                f"no adapter named '{name}' is attached; attached: {sorted(state.records) or 'none'}."
-            )
+            raise _not_attached([name], state)
         names = [name] if name is not None else list(state.records)
         records = [state.records[n] for n in names]
         touched = list(dict.fromkeys(t.module for r in records for t in r.patches))
@@ -408,20 +470,20 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
 
 def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
-    original of every module it touches."""
+    original of every module it touches. A scale whose delta overflows is refused in both modes."""
     if (p := _pipeline(model)) is not None:
         return p.set_scale(model, name, scale)
     model = _model_of(model)
-    value = _check_scale(scale)
-    state = get_state(model)
-    if state is None or name not in state.records:
-        attached = sorted(state.records) if state else []
-        raise LoRAError(f"no adapter named '{name}' is attached; attached: {attached or 'none'}.")
-    with state.lock:
+    check_name(name)
+    value = check_scale(scale)
+    with _locked(model) as state:
+        if state is None or name not in state.records:
+            raise _not_attached([name], state)
         record = state.records[name]
+        _check_strength(model, record, value)
         old = record.strength.value
         record.strength.set(value)
-        if record.patches:
+        if record.patches and record.active:
             touched = list(dict.fromkeys(t.module for t in record.patches))
             txn = _Transaction(model, state)
             try:
@@ -432,8 +494,24 @@ def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
                 raise
 
 
-def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list[float] | None = None) -> None:
-    """Make exactly `names` active (None: all), optionally with new scales; the others stay attached but off.
+def _check_strength(model: nn.Module, record: Record, value: float) -> None:
+    """Dynamic mode's overflow rule for a new strength: free within the headroom found at apply time."""
+    if not record.wrapped or abs(value) <= record.headroom:
+        return
+    for module_name, keys in record.wrapped.items():
+        wrapper = model.get_submodule(module_name)
+        for k in keys:
+            slot = wrapper.slots[k]
+            tensors = {n: getattr(slot, n) for n in slot.names}
+            dtype = next(iter(tensors.values())).dtype
+            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype)
+
+
+def set_active_adapters(
+    model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None
+) -> None:
+    """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
+    attached but off.
 
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
@@ -441,18 +519,19 @@ def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list
     if (p := _pipeline(model)) is not None:
         return p.set_active(model, names, weights)
     model = _model_of(model)
-    state = get_state(model)
-    attached = list(state.records) if state else []
-    wanted = attached if names is None else list(names)
-    unknown = [n for n in wanted if n not in attached]
-    if unknown:
-        raise LoRAError(f"no adapter named {unknown} is attached; attached: {attached or 'none'}.")
-    if weights is not None and len(weights) != len(wanted):
-        raise InvalidFormatError(f"{len(wanted)} adapter names but {len(weights)} weights")
-    values = [_check_scale(w) for w in weights] if weights is not None else None
-    if state is None:
-        return
-    with state.lock:
+    asked = None if names is None else check_names(names)
+    with _locked(model) as state:
+        attached = list(state.records) if state is not None else []
+        wanted = attached if asked is None else asked
+        values = check_weights(weights, wanted)
+        unknown = [n for n in wanted if n not in attached]
+        if unknown:
+            raise _not_attached(unknown, state)
+        if state is None:
+            return
+        if values is not None:
+            for name, value in zip(wanted, values, strict=True):
+                _check_strength(model, state.records[name], value)
         before = {n: (r.active, r.strength.value) for n, r in state.records.items()}
         touched_merged: list[str] = []
         for name, record in state.records.items():
@@ -472,6 +551,43 @@ def set_active_adapters(model: nn.Module, names: list[str] | None, weights: list
             _publish_fast(model, state)
             txn.rebuild(list(dict.fromkeys(touched_merged)))
             raise
+
+
+def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> None:
+    """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
+    and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
+    is enabled). All or nothing: if one fails, those already switched go back."""
+    if (p := _pipeline(model)) is not None:
+        return p.switch_mode(model, names, mode)
+    model = _model_of(model)
+    mode = check_mode(mode)
+    asked = None if names is None else check_names(names)
+    with _locked(model) as state:
+        attached = list(state.records) if state is not None else []
+        wanted = attached if asked is None else asked
+        unknown = [n for n in wanted if n not in attached]
+        if unknown:
+            raise _not_attached(unknown, state)
+        done: list[Record] = []
+        try:
+            for name in wanted:
+                record = state.records[name]
+                if record.mode != mode:
+                    _reattach(model, state, record, mode)
+                    done.append(record)
+        except BaseException:
+            for record in reversed(done):
+                _reattach(model, state, record, record.mode)
+            raise
+
+
+def _reattach(model: nn.Module, state: EngineState, record: Record, mode: str) -> None:
+    planned = plan(model, record.adapter, mode)
+    report = _apply_locked(
+        model, state, record.adapter, planned, record.name, mode, record.strength.value, record.compute_dtype,
+        active=record.active,
+    )
+    _warn_requant(report, stacklevel=5)  # the caller of Adapters.fuse / unfuse
 
 
 def _publish_fast(model: nn.Module, state: EngineState) -> None:
@@ -514,6 +630,7 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
     state = get_state(model)
     if state is None:
         return []
+    records = list(state.records.values())  # one atomic copy: a concurrent change never shows half-done
     return [
         AdapterInfo(
             name=r.name,
@@ -525,7 +642,7 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
             modules=len(r.adapter.modules),
             algorithms=tuple(r.adapter.algorithms),
         )
-        for r in state.records.values()
+        for r in records
     ]
 
 

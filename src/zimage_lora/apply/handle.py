@@ -10,7 +10,6 @@ from typing import Any
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import LoRAError
 from ..sources import LoRAConfiguration
 from .engine import (
     _model_of,
@@ -19,10 +18,11 @@ from .engine import (
     remove_adapter,
     set_active_adapters,
     set_adapter_scale,
+    switch_mode,
 )
-from .pipeline import components, switch_mode
+from .pipeline import components
 from .report import AdapterInfo, ApplyReport
-from .state import get_state
+from .validate import check_names
 
 
 class Adapters:
@@ -30,6 +30,10 @@ class Adapters:
 
     It keeps no state of its own (everything lives on the model), so several handles on the same
     model agree, and the module-level functions can be mixed with it freely.
+
+    `fuse` / `unfuse` change how an adapter runs (merged into the weights, or dynamic), never whether
+    or how strongly: each keeps its scale, and a disabled adapter stays disabled. Fusing a disabled
+    adapter changes no weight; enabling it later merges it at its scale.
     """
 
     def __init__(self, model: Any) -> None:
@@ -49,21 +53,22 @@ class Adapters:
 
     def set_adapters(self, names: str | Sequence[str], weights: float | Sequence[float] | None = None) -> None:
         """Activate exactly `names` (with `weights`); the other attached adapters stay loaded but off."""
-        names = [names] if isinstance(names, str) else list(names)
-        if weights is not None and not isinstance(weights, Sequence):
-            weights = [float(weights)] * len(names)
-        set_active_adapters(self.model, names, list(weights) if weights is not None else None)
+        names = check_names(names)
+        if weights is not None and (isinstance(weights, str) or not isinstance(weights, Sequence)):
+            weights = [weights] * len(names)  # one value for all; checked as a number with the others
+        set_active_adapters(self.model, names, weights)
 
     def set_scale(self, name: str, scale: float) -> None:
         set_adapter_scale(self.model, name, scale)
 
     def fuse(self, names: str | Sequence[str] | None = None) -> None:
-        """Merge dynamic adapters into the weights (exactly restorable with `unfuse` or `unload`)."""
-        self._switch_mode(names, "merged")
+        """Merge dynamic adapters into the weights (exactly restorable with `unfuse` or `unload`), at their
+        current scale; disabled ones stay disabled (see the class doc). All or nothing."""
+        switch_mode(self.model, names, "merged")
 
     def unfuse(self, names: str | Sequence[str] | None = None) -> None:
         """Take merged adapters back out of the weights (from the kept originals) and run them dynamic."""
-        self._switch_mode(names, "dynamic")
+        switch_mode(self.model, names, "dynamic")
 
     def unload(self, names: str | Sequence[str] | None = None) -> None:
         if names is None:
@@ -98,21 +103,3 @@ class Adapters:
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.list()]
-
-    def _switch_mode(self, names: str | Sequence[str] | None, mode: str) -> None:
-        if components(self.model) is not None:
-            return switch_mode(self.model, names, mode)
-        state = get_state(self.model)
-        attached = list(state.records) if state else []
-        wanted = attached if names is None else ([names] if isinstance(names, str) else list(names))
-        for name in wanted:
-            if name not in attached:
-                raise LoRAError(f"no adapter named '{name}' is attached; attached: {attached or 'none'}.")
-            record = state.records[name]
-            if record.mode == mode:
-                continue
-            apply_adapter(
-                self.model, record.adapter, scale=record.scale, mode=mode, name=name,
-                compute_dtype=record.compute_dtype if mode == "dynamic" else None,
-            )
-

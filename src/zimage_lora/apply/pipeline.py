@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, Unmatched
-from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
+from ..errors import IncompatibleWeightsError, LoRAError
 from ..formats import text_encoder as te_keys
 from ..formats.reader import read_adapter_file
 from ..keys import ModuleIndex, resolve
@@ -27,7 +27,7 @@ from ..keys.text_encoder import TextEncoderIndex
 from ..sources import LoRAConfiguration, resolve_source
 from . import engine
 from .report import AdapterInfo, ApplyReport
-from .validate import plan
+from .validate import check_compute_dtype, check_mode, check_name, check_names, check_scale, check_weights, plan
 
 #: diffusers' Z-Image pipelines (0.42.1): each has `transformer` and `text_encoder`.
 PIPELINE_CLASSES = (
@@ -136,13 +136,13 @@ def apply(
         return engine.apply_adapter(
             parts[TRANSFORMER], source, scale=scale, mode=mode, name=name, strict=strict, compute_dtype=compute_dtype
         )
-    if mode not in engine.MODES:
-        raise InvalidFormatError(f"mode must be one of {engine.MODES}, got {mode!r}")
-    strength = engine._check_scale(scale)
+    mode = check_mode(mode)
+    strength = check_scale(scale)
+    compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength *= source.scale
-    if name is not None and (not isinstance(name, str) or not name):
-        raise InvalidFormatError(f"adapter name must be a non-empty string, got {name!r}")
+        strength = check_scale(strength * source.scale)
+    if name is not None:
+        check_name(name)
     adapters, left, name = load_parts(parts, source, name=name, filename=filename, strict=strict)
     # Validate the text-encoder part before the transformer changes (the transformer's apply validates
     # its own part first): a refusal then leaves both components as they were.
@@ -245,7 +245,8 @@ def remove(pipe: Any, name: str | None) -> list[str]:
 
 def set_scale(pipe: Any, name: str, scale: float) -> None:
     parts = components(pipe)
-    engine._check_scale(scale)
+    check_name(name)
+    check_scale(scale)
     holders = _holders(parts, name)
     if not holders:
         raise _no_such(name, parts)
@@ -256,13 +257,11 @@ def set_scale(pipe: Any, name: str, scale: float) -> None:
 def set_active(pipe: Any, names: list[str] | None, weights: list[float] | None) -> None:
     parts = components(pipe)
     attached = _attached_names(parts)
-    wanted = attached if names is None else list(names)
+    wanted = attached if names is None else check_names(names)
+    values = check_weights(weights, wanted)
     unknown = [n for n in wanted if n not in attached]
     if unknown:
         raise LoRAError(f"no adapter named {unknown} is attached; attached: {attached or 'none'}.")
-    if weights is not None and len(weights) != len(wanted):
-        raise InvalidFormatError(f"{len(wanted)} adapter names but {len(weights)} weights")
-    values = [engine._check_scale(w) for w in weights] if weights is not None else None
     for module in parts.values():
         here = {a.name for a in engine.list_adapters(module)}
         keep = [i for i, n in enumerate(wanted) if n in here]
@@ -290,8 +289,6 @@ def list_all(pipe: Any) -> list[AdapterInfo]:
 
 def switch_mode(pipe: Any, names: str | list[str] | None, mode: str) -> None:
     """`Adapters.fuse` / `unfuse` on a pipeline: the same switch on each component holding the name."""
-    from .handle import Adapters  # the handle's hooks import this module
-
     parts = components(pipe)
     attached = _attached_names(parts)
     wanted = attached if names is None else ([names] if isinstance(names, str) else list(names))
@@ -300,4 +297,4 @@ def switch_mode(pipe: Any, names: str | list[str] | None, mode: str) -> None:
             raise _no_such(name, parts)
     for module in parts.values():
         here = {a.name for a in engine.list_adapters(module)}
-        Adapters(module)._switch_mode([n for n in wanted if n in here], mode)
+        engine.switch_mode(module, [n for n in wanted if n in here], mode)

@@ -14,8 +14,10 @@ class ApplyReport:
     `applied`: module names that received a delta (with `[a:b]` when only rows a:b of a fused layer
     did). `unmatched`: file keys not applied, with reasons. `requant_loss`: for quantized layers merged
     in place, ||deq(Q(W + dW)) - (W + dW)|| / ||dW|| per module (0 is lossless; above 0.1 the merge lost
-    a real part of the adapter and dynamic mode is the better choice). `hotswapped`: the adapter
-    replaced one of the same name and shapes by copying values into its tensors.
+    a real part of the adapter and dynamic mode is the better choice). `replaced`: an adapter of this
+    name was attached and this one took its place. `hotswapped`: it did so by copying values into the
+    existing tensors (same shapes). `renamed_from`: the name derived from the source (its file stem)
+    was taken by an adapter from another source, so this one got `name` instead. Both are also notes.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ApplyReport:
     notes: list[str] = field(default_factory=list)
     replaced: bool = False
     hotswapped: bool = False
+    renamed_from: str | None = None
 
     @property
     def modules(self) -> list[str]:

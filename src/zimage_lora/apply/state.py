@@ -8,8 +8,11 @@ a model with everything removed is exactly the object it was before.
 from __future__ import annotations
 
 import copy
+import math
+import sys
 import threading
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -55,6 +58,8 @@ class Record:
     wrapped: dict[str, list[str]] = field(default_factory=dict)
     # Inactive adapters stay attached (their slots and factors kept) but add nothing.
     active: bool = True
+    # Dynamic mode: the largest |strength| its slots surely stay finite at (see validate.check_dynamic).
+    headroom: float = math.inf
 
     @property
     def scale(self) -> float:
@@ -70,6 +75,36 @@ class Snapshot:
     bias: torch.Tensor | None = None
 
 
+# How often a change waiting on forward passes looks for ones that were left without releasing.
+STALE_POLL_S = 0.05
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+
+
+def forward_frame(caller: FrameType | None) -> FrameType | None:
+    """The `Module._call_impl` frame a forward hook was called from (looking a few frames up).
+
+    That frame is on its thread's stack for exactly as long as the forward runs, however the forward
+    is left, so it identifies one forward call: the pre-hook and the post-hook (called from a nested
+    function, or from the exception path) find the same frame.
+    """
+    frame = caller
+    for _ in range(4):
+        if frame is None:
+            break
+        if frame.f_code is _CALL_IMPL:
+            return frame
+        frame = frame.f_back
+    return caller
+
+
+def _stack_ids(top: FrameType | None) -> set[int]:
+    ids = set()
+    while top is not None:
+        ids.add(id(top))
+        top = top.f_back
+    return ids
+
+
 class ReadWriteLock:
     """Many forward passes at once, or one change at a time.
 
@@ -79,34 +114,68 @@ class ReadWriteLock:
     forwards back to back the reader count would otherwise never reach zero and the change would
     wait for ever. A thread already inside a forward (a nested call) is let through, since making it
     wait for the change would deadlock.
+
+    Each read is held for one forward call, identified by its frame. torch runs the releasing hook
+    when a forward raises an `Exception`, but not for a `KeyboardInterrupt` or `SystemExit`, and not
+    for a thread that dies; so a read whose frame is no longer on its thread's stack is forgotten (by
+    a waiting change, and by that thread's next forward). A release that matches no held read (a
+    hook before the gate raised, so the gate never took it) releases nothing.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        # thread id -> the forward frames it holds the read side for, innermost last
+        self._held: dict[int, list[FrameType | None]] = {}
         self._writer: int | None = None
         self._depth = 0
         self._writers_waiting = 0
-        self._local = threading.local()
 
-    def acquire_read(self) -> None:
+    @property
+    def readers(self) -> int:
+        return sum(len(v) for v in list(self._held.values()))
+
+    def acquire_read(self, frame: FrameType | None = None) -> None:
         me = threading.get_ident()
-        nested = getattr(self._local, "reads", 0) > 0
         with self._cond:
+            if me in self._held:
+                self._drop_stale(me)
+            nested = bool(self._held.get(me))
             while (self._writer is not None and self._writer != me) or (
                 self._writers_waiting and not nested and self._writer != me
             ):
                 self._cond.wait()
-            self._readers += 1
-        self._local.reads = getattr(self._local, "reads", 0) + 1
+            self._held.setdefault(me, []).append(frame)
 
-    def release_read(self) -> None:
-        self._local.reads = max(0, getattr(self._local, "reads", 0) - 1)
+    def release_read(self, frame: FrameType | None = None) -> None:
+        me = threading.get_ident()
         with self._cond:
-            self._readers -= 1
-            if self._readers <= 0:
-                self._readers = 0
+            held = self._held.get(me)
+            if not held:
+                return
+            for i in range(len(held) - 1, -1, -1):
+                if held[i] is frame:
+                    del held[i]
+                    break
+            else:
+                return  # this call never took the read side
+            if not held:
+                del self._held[me]
+            if not self._held:
                 self._cond.notify_all()
+
+    def _drop_stale(self, only: int | None = None) -> None:
+        """Forget reads whose forward frame is no longer on its thread's stack (see the class doc)."""
+        tops = {only: sys._getframe()} if only == threading.get_ident() else sys._current_frames()
+        for tid in [only] if only is not None else list(self._held):
+            held = self._held.get(tid)
+            if not held:
+                continue
+            live = _stack_ids(tops.get(tid))
+            held[:] = [f for f in held if f is None or id(f) in live]
+            if not held:
+                del self._held[tid]
+        if not self._held:
+            self._cond.notify_all()
 
     def __enter__(self) -> ReadWriteLock:
         me = threading.get_ident()
@@ -116,8 +185,13 @@ class ReadWriteLock:
                 return self
             self._writers_waiting += 1
             try:
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
+                while True:
+                    if self._writer is None and self._held:
+                        self._drop_stale()
+                    if self._writer is None and not self._held:
+                        break
+                    # With readers held, wake up now and then: a forward left by an interrupt never notifies.
+                    self._cond.wait(STALE_POLL_S if self._held else None)
             finally:
                 self._writers_waiting -= 1
             self._writer = me
@@ -146,11 +220,11 @@ class ForwardGate:
 
     def enter(self, module: torch.nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():
-            self.lock.acquire_read()
+            self.lock.acquire_read(forward_frame(sys._getframe(1)))
 
     def exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling():
-            self.lock.release_read()
+            self.lock.release_read(forward_frame(sys._getframe(1)))
 
     # A copy or an unpickled model gets its own lock (locks cannot be copied or pickled).
     def __deepcopy__(self, memo: dict) -> ForwardGate:

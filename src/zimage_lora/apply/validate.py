@@ -1,8 +1,11 @@
-"""Checks run on every target before the first weight changes: module present, shapes, values, dtype,
-backend support. Any problem raises here, with the model untouched."""
+"""Checks run before the first weight changes: the caller's arguments (scale, mode, names, weights,
+compute dtype), then every target: module present, shapes, values, dtype, backend support, and in
+dynamic mode whether the delta fits the compute dtype. Any problem raises here, model untouched."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +15,90 @@ from torch import nn
 from .. import algorithms
 from ..adapter import ALGORITHMS, Adapter, Target
 from ..backends import backend_for
-from ..errors import IncompatibleWeightsError, UnsupportedError
+from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..numerics import all_finite, count_nonfinite
+from . import merge
 from .layer import AdapterLinear
+
+MODES = ("dynamic", "merged")
+FP32_MAX = float(torch.finfo(torch.float32).max)
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --- the caller's arguments ---------------------------------------------------------------------------
+def check_scale(scale: Any, what: str = "scale", error: type[InvalidArgumentError] = _LegacyArgumentError) -> float:
+    """A strength: any finite number within float32's range (strengths are applied in fp32; beyond its
+    range every delta overflows: a typo, not a strength)."""
+    value = None
+    if not isinstance(scale, (str, bytes)):
+        try:
+            value = float(scale)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if value is None:
+        raise error(f"{what} must be a number, got {scale!r}")
+    if not math.isfinite(value) or abs(value) > FP32_MAX:
+        raise error(
+            f"{what} must be a finite number within float32's range (magnitude <= {FP32_MAX:.3g}), got {scale!r}"
+        )
+    return value
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise _LegacyArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_name(name: Any, what: str = "adapter name") -> str:
+    if not isinstance(name, str) or not name:
+        raise _LegacyArgumentError(f"{what} must be a non-empty string, got {name!r}")
+    return name
+
+
+def check_names(names: Any) -> list[str]:
+    """One name or an iterable of distinct names."""
+    if isinstance(names, str):
+        return [check_name(names)]
+    if isinstance(names, (bytes, Mapping)) or not isinstance(names, Iterable):
+        raise InvalidArgumentError(f"names must be a list of adapter names (or one name, or None), got {names!r}")
+    out = [check_name(n) for n in names]
+    repeated = sorted({n for n in out if out.count(n) > 1})
+    if repeated:
+        raise InvalidArgumentError(f"names lists {repeated} more than once; give each adapter once.")
+    return out
+
+
+def check_weights(weights: Any, names: list[str]) -> list[float] | None:
+    """None, or one finite number per name."""
+    if weights is None:
+        return None
+    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+        raise InvalidArgumentError(
+            f"weights must be a list with one number per name ({len(names)} name(s)), got {weights!r}; "
+            "Adapters(model).set_adapters takes one number for all."
+        )
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise _LegacyArgumentError(f"{len(names)} adapter names but {len(weights)} weights")
+    return [check_scale(w, f"weight for '{n}'") for w, n in zip(weights, names, strict=True)]
+
+
+def check_compute_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or dtype in COMPUTE_DTYPES:
+        return dtype
+    raise InvalidArgumentError(
+        f"compute_dtype must be None (the input's dtype) or one of torch.float16, torch.bfloat16, torch.float32, "
+        f"torch.float64, got {dtype!r}."
+    )
+
+
+def slot_dtype(module: nn.Module, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a dynamic slot on `module` keeps its tensors in and computes in."""
+    if compute_dtype is not None:
+        return compute_dtype
+    weight = getattr(module, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 
 @dataclass
@@ -35,6 +119,8 @@ def base_of(module: nn.Module) -> nn.Module:
 
 
 def plan(model: nn.Module, adapter: Adapter, mode: str) -> list[Planned]:
+    if not isinstance(adapter, Adapter) or not isinstance(adapter.targets, list):
+        raise InvalidArgumentError(f"expected an Adapter with a list of targets, got {adapter!r:.200}")
     where = f"adapter '{adapter.name}' ({adapter.source})"
     if not adapter.targets:
         raise IncompatibleWeightsError(f"{where}: no target matches a module of the model; nothing to apply.")
@@ -45,7 +131,19 @@ def plan(model: nn.Module, adapter: Adapter, mode: str) -> list[Planned]:
 
 
 def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
+    if not isinstance(t, Target) or not isinstance(t.tensors, Mapping) or not isinstance(t.module, str):
+        raise InvalidArgumentError(f"{where}: every target must be a Target with a module name and a dict of tensors, "
+                                   f"got {t!r:.200}")
     at = f"{where}, module '{t.label}' (keys {', '.join(t.source_keys[:2]) or 'n/a'})"
+    # The loader derives the scale from a checked alpha; a hand-built Target may carry anything.
+    check_scale(t.scale, f"{at}: Target.scale", InvalidArgumentError)
+    for what, span in (("rows", t.rows), ("delta_rows", t.delta_rows)):
+        if span is not None and not (
+            isinstance(span, (tuple, list)) and len(span) == 2 and all(type(i) is int for i in span)
+        ):
+            raise InvalidArgumentError(
+                f"{at}: Target.{what} must be None or a (start, stop) pair of ints, got {span!r}"
+            )
     try:
         module = base_of(model.get_submodule(t.module))
     except AttributeError:
@@ -113,7 +211,16 @@ def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
 
 
 def _check_tensor(at: str, role: str, tensor: torch.Tensor) -> None:
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgumentError(f"{at}: tensor '{role}' must be a torch.Tensor, found {type(tensor).__name__}.")
+    # Only a hand-built Adapter can hold these (the loader reads dense CPU tensors).
+    if tensor.layout != torch.strided or tensor.is_meta:
+        kind = "a meta tensor (no data)" if tensor.is_meta else f"a {tensor.layout} tensor"
+        raise InvalidArgumentError(
+            f"{at}: tensor '{role}' is {kind}; an Adapter needs dense tensors holding values "
+            "(.to_dense(), or load it with load_adapter)."
+        )
+    if not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
     if not all_finite(tensor):
@@ -133,3 +240,55 @@ def _check_bias(at: str, module: nn.Module, t: Target, n: int, d_out: int) -> No
     want = d_out if t.delta_rows is not None else n
     if db.numel() != want:
         raise IncompatibleWeightsError(f"{at}: the bias diff has {db.numel()} values, expected {want}.")
+
+
+# --- dynamic mode's overflow rule ------------------------------------------------------------------
+def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], strength: float, dtype: torch.dtype) -> float:
+    """Merged mode's overflow rule (`merge._check_finite`) for a dynamic slot: its tensors, and its delta
+    times `strength`, must be finite in `dtype` (the one it computes in), or every output is NaN/Inf.
+
+    Returns the slot's headroom: the largest |strength| a cheap bound on |delta| admits, so a later
+    re-weight within it needs no check. Only a strength past it builds the delta, a row block at a time.
+    """
+    for role, t in tensors.items():
+        merge._check_finite(f"{name} ({role})", t.to(dtype), dynamic=True)
+    headroom = torch.finfo(dtype).max / max(_bound(kind, tensors), 1e-300)
+    need = max(abs(strength), 1.0)  # the kernels form the delta at strength 1, then scale it
+    if need > headroom:
+        _check_exact(name, kind, tensors, need, dtype)
+    return headroom
+
+
+def _bound(kind: str, t: dict[str, torch.Tensor]) -> float:
+    """An upper bound on |every value| of the slot's delta and bias (fp64, so the bound cannot overflow)."""
+    def amax(x: torch.Tensor) -> float:
+        return float(x.double().abs().max()) if x.numel() else 0.0
+
+    bound = amax(t["bias"]) if "bias" in t else 0.0
+    if kind == "lora":  # |(up @ down)_ij| <= ||up_i|| ||down_:j|| (Cauchy-Schwarz)
+        up, down = t["up"].double(), t["down"].double()
+        rows = float(up.norm(dim=1).max()) if up.numel() else 0.0
+        cols = float(down.norm(dim=0).max()) if down.numel() else 0.0
+        bound = max(bound, rows * cols)
+    elif kind == "lokr":  # kron's values are exactly the products
+        bound = max(bound, amax(t["w1"]) * amax(t["w2"]))
+    elif kind == "dense":
+        bound = max(bound, amax(t["delta"]))
+    return bound
+
+
+def _check_exact(name: str, kind: str, t: dict[str, torch.Tensor], strength: float, dtype: torch.dtype) -> None:
+    def check(values: torch.Tensor) -> None:
+        merge._check_finite(name, (values * strength).to(dtype), dynamic=True)
+
+    if "bias" in t:
+        check(t["bias"].double())
+    if kind == "lora":
+        up, down = t["up"].double(), t["down"].double()
+        step = max(1, (1 << 20) // max(1, down.shape[1]))
+        for r0 in range(0, up.shape[0], step):
+            check(up[r0 : r0 + step] @ down)
+    elif kind == "lokr":
+        check(torch.tensor([float(t["w1"].double().abs().max()) * float(t["w2"].double().abs().max())]))
+    elif kind == "dense":
+        check(t["delta"].double())
