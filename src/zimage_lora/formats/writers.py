@@ -66,7 +66,7 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
     algos = {g.algorithm for g in groups}
     fused = any(is_fused(g.stem) for g in groups)
     split = any(_SPLIT_STEM.search(g.stem) for g in groups)
-    roles = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in tensor_keys}
+    roles = {_role(k) for k in tensor_keys}
     alphas = any(g.alpha is not None for g in groups)
     if fused and split:
         return "mixed (split and fused qkv)"
@@ -76,8 +76,10 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
         return _kohya_label(prefixes, fused, meta, tensor_keys, algos)
     if any(p.startswith("base_model.model.") for p in prefixes):
         return "peft"
+    if _musubi_converted(groups, meta, roles, alphas):
+        return "musubi-tuner convert_lora.py --target other (alpha in the weights)"
     if "diffusion_model." in prefixes or "model.diffusion_model." in prefixes:
-        return _comfy_prefix_label(groups, fused, meta, roles, alphas, algos)
+        return _comfy_prefix_label(fused, meta, roles, alphas, algos)
     if "transformer." in prefixes:
         if is_onetrainer(meta):
             return "onetrainer (legacy)" if "lora_down" in roles else "onetrainer (diffusers)"
@@ -106,15 +108,26 @@ def _kohya_label(prefixes, fused, meta, tensor_keys, algos) -> str:
     return "kohya (fused qkv)" if fused else "kohya"
 
 
-def _comfy_prefix_label(groups, fused, meta, roles, alphas, algos) -> str:
+def _role(key: str) -> str:
+    """'x.lora_A.default.weight' -> 'lora_A'; 'x.alpha' -> 'alpha'."""
+    parts = key.split(".")
+    parts = [p for p in parts[:-1] if p != "default"] + parts[-1:]
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+
+
+def _musubi_converted(groups, meta, roles, alphas) -> bool:
+    # convert_lora.py --target other: lora_A/lora_B without any alpha, and either the kohya metadata
+    # it copies from its source or its '_' -> '.' module names.
+    if alphas or "lora_A" not in roles or is_onetrainer(meta) or is_mflux(meta):
+        return False
+    return has_kohya_metadata(meta) or any(_MUSUBI_DOTTED.search(g.stem) for g in groups)
+
+
+def _comfy_prefix_label(fused, meta, roles, alphas, algos) -> str:
     if is_mflux(meta):
         return "mflux"
     if is_onetrainer(meta):
         return "onetrainer (comfy)"
-    if not alphas and "lora_A" in roles and (
-        has_kohya_metadata(meta) or any(_MUSUBI_DOTTED.search(g.stem) for g in groups)
-    ):
-        return "musubi-tuner convert_lora.py --target other (alpha in the weights)"
     if algos & {"lokr", "loha"}:
         return "ai-toolkit (lycoris)"
     if fused:

@@ -75,7 +75,9 @@ def resolve(
         )
     tensors = file.load(sorted({k for p in placed for k in p.group.source_keys}))
     if check_finite:
-        _check_finite(file, tensors)
+        # Alphas are checked where they enter the math (scales.py): an unused one may be inf.
+        alpha_keys = {p.group.alpha_key for p in placed}
+        _check_finite(file, {k: t for k, t in tensors.items() if k not in alpha_keys})
     targets: list[Target] = []
     for p in placed:
         targets.extend(_targets(p, tensors, index))
