@@ -93,14 +93,18 @@ def _print_tables(info: dict, every_key: bool = False) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     for u in info["ignored"]:
         console.print(f"ignored: {u['key']}: {u['reason']}", markup=False, highlight=False)
-    if info["unmatched"]:
+    if info["unmatched"] and every_key:
+        # Every key, one per line and never cut to the terminal width: this is the whole report.
+        console.print("unmatched keys (every key, with its reason):", markup=False, highlight=False)
+        for u in info["unmatched"]:
+            console.print(f"  {u['key']}: {u['reason']}", markup=False, highlight=False, soft_wrap=True)
+    elif info["unmatched"]:
         um = Table(title="unmatched keys")
         um.add_column("key")
         um.add_column("reason")
-        shown = info["unmatched"] if every_key else info["unmatched"][:40]
-        for u in shown:
+        for u in info["unmatched"][:40]:
             um.add_row(u["key"], u["reason"])
-        if len(info["unmatched"]) > len(shown):
+        if len(info["unmatched"]) > 40:
             um.add_row("...", f"{len(info['unmatched']) - 40} more (use --json for all)")
         console.print(um)
 
