@@ -43,10 +43,14 @@ def is_mflux(meta: dict[str, str]) -> bool:
     return "mflux_version" in meta
 
 
+# musubi-tuner's --network_module values for Z-Image (kohya sd-scripts uses networks.lora, lycoris.kohya).
+_MUSUBI_MODULES = ("networks.lora_zimage", "networks.lokr", "networks.loha")
+
+
 def is_musubi(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
     """musubi-tuner: its network module in ss_network_module, or LoKr's top-level 'lokr_factor' buffer."""
     module = meta.get("ss_network_module", "")
-    return "lokr_factor" in tensor_keys or "musubi" in module or module.startswith("networks.")
+    return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(_MUSUBI_MODULES)
 
 
 def musubi_lokr(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:

@@ -134,6 +134,15 @@ def _check_scale(file: AdapterFile, group: Group, alpha: float, rank: int, scale
         )
 
 
+# Where other loaders read the same file differently (ComfyUI's comfy/lora.py reads only per-module
+# '.alpha' keys; diffusers' kohya conversion likewise, and it reads lora_adapter_metadata itself).
+_OTHER_LOADERS = {
+    "metadata 'ss_network_alpha'": "; ComfyUI and diffusers read only per-module .alpha keys, so they run "
+    "these modules at scale 1",
+    "metadata 'lora_adapter_metadata'": "; ComfyUI does not read this metadata, so it runs these modules at scale 1",
+}
+
+
 def scale_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> list[str]:
     """What `inspect` must say about the scales: every metadata value that set one, every metadata
     alpha that did not apply, unused alphas, and where another loader would give another strength."""
@@ -143,8 +152,9 @@ def scale_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> list[st
         if source.startswith(("metadata", "adapter_config")):
             values = sorted({s.alpha for _g, s in scales if s.source == source})
             shown = ", ".join(f"{v:g}" for v in values[:5])
+            other = _OTHER_LOADERS.get(source, "")
             notes.append(f"the scale of {n} module(s) comes from {source} (alpha {shown}): they carry no "
-                         "per-module alpha")
+                         f"per-module alpha{other}")
     ignored = [g for g, s in scales if s.ignored_metadata]
     if ignored:
         value = file.header.metadata.get("ss_network_alpha", "?")
