@@ -444,3 +444,68 @@ def _diffusers(ix, probe):
     te = "text_encoder.layers.0.self_attn.q_proj"
     b.tensors[te + ".lora_A.weight"], b.tensors[te + ".lora_B.weight"] = _rand(R, 2560), _rand(4096, R)
     return b
+
+
+# -- files people posted in load-failure reports -----------------------------------------------------
+# huggingface/diffusers issue #13221 ("Zimage lora support issue too"): bare diffusers names with full
+# LoKr factors, e.g. 'layers.8.attention.to_v.lokr_w1', '.lokr_w2', '.alpha' (LyCORIS rule: scale 1).
+@builder("posted-bare-lokr")
+def _posted_bare_lokr(ix, probe):
+    b = Built()
+    for m in (V, "layers.8.feed_forward.w3"):
+        o, i = ix.shapes[m].shape
+        w1 = _rand(60 if o == 3840 else 80, 60, scale=0.1)
+        w2 = _rand(o // w1.shape[0], i // 60, scale=0.1)
+        b.tensors |= {f"{m}.lokr_w1": w1, f"{m}.lokr_w2": w2, f"{m}.alpha": torch.tensor(1.0)}
+        b.scales[m] = 1.0
+        b.effects[m] = _kron_effect(w1, w2, 1.0, probe)
+    return b
+
+
+# shootthesound/comfyUI-Realtime-Lora issue #21: an ai-toolkit LyCORIS LoKr saved with the lycoris_
+# prefix: 'lycoris_layers_0_attention_to_k.lokr_w1', '.lokr_w2', '.alpha'.
+@builder("posted-ai-toolkit-lycoris-prefix")
+def _posted_ai_toolkit_lycoris(ix, probe):
+    b = Built()
+    for m in (K, ADA):
+        o, i = ix.shapes[m].shape
+        w1 = _rand(64 if o == 15360 else 60, 16, scale=0.1)
+        w2 = _rand(o // w1.shape[0], i // 16, scale=0.1)
+        stem = "lycoris_" + _flat(m)
+        b.tensors |= {stem + ".lokr_w1": w1, stem + ".lokr_w2": w2, stem + ".alpha": torch.tensor(9999999999.0)}
+        b.scales[m] = 1.0
+        b.effects[m] = _kron_effect(w1, w2, 1.0, probe)
+    return b
+
+
+# invoke-ai/InvokeAI pull request #8709: a Civitai DoRA with 'diffusion_model.layers.X.attention.to_k.
+# lora_down.weight' / '.lora_up.weight' / '.alpha' / '.dora_scale' (LyCORIS shape (out, 1)).
+@builder("posted-civitai-dora")
+def _posted_civitai_dora(ix, probe):
+    b = Built()
+    stem = f"diffusion_model.{K}"
+    _lora(b, ix, probe, K, stem + ".lora_down.weight", stem + ".lora_up.weight", alpha=4.0)
+    b.tensors[stem + ".alpha"] = torch.tensor(4.0)
+    b.tensors[stem + ".dora_scale"] = torch.rand(3840, 1, generator=_G) + 0.5
+    return b
+
+
+# Mixed files ("Anime-Z", F11 in /work/shared/reference/adapter-formats.md): kohya-flat split to_q/k/v
+# and a fused qkv copy of them, dotted '.lora.down.weight' / '.lora.up.weight', '.alpha' each.
+@builder("mixed-anime-z")
+def _mixed(ix, probe):
+    b = Built()
+    down = _rand(R, 3840)
+    ups = []
+    for m in (Q, K, V):
+        up = _rand(3840, R)
+        ups.append(up)
+        stem = "lora_unet_" + _flat(m)
+        b.tensors |= {stem + ".lora.down.weight": down.clone(), stem + ".lora.up.weight": up,
+                      stem + ".alpha": torch.tensor(2.0)}
+        b.scales[m] = 2.0 / R
+        b.effects[m] = 2.0 / R * (up @ (down @ probe(3840)))
+    stem = "lora_unet_layers_0_attention_qkv"
+    b.tensors |= {stem + ".lora.down.weight": down.clone(), stem + ".lora.up.weight": torch.cat(ups, 0),
+                  stem + ".alpha": torch.tensor(2.0)}
+    return b

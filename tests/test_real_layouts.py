@@ -72,6 +72,11 @@ ROWS = [
         "lora_te_encoder_layers_0_self_attn_q_proj.lora_up.weight": TE,
         "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.lora_A.weight": TE,
         "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.lora_B.weight": TE}),
+    Row("posted-bare-lokr", "bare module names (lycoris)", notes=("is unused",)),
+    Row("posted-ai-toolkit-lycoris-prefix", "lycoris", notes=("is unused",)),
+    Row("posted-civitai-dora", "comfyui", dora="per output row"),
+    Row("mixed-anime-z", "mixed (split and fused qkv)", notes=("the same weights twice",), unmatched={
+        f"lora_unet_layers_0_attention_qkv.{k}": "redundant" for k in ("lora.down.weight", "lora.up.weight", "alpha")}),
     Row("diffusers-dreambooth", "diffusers", notes=("comes from metadata 'lora_adapter_metadata'",),
         unmatched={"text_encoder.layers.0.self_attn.q_proj.lora_A.weight": TE,
                    "text_encoder.layers.0.self_attn.q_proj.lora_B.weight": TE}),
@@ -89,10 +94,12 @@ def _probe(n: int) -> torch.Tensor:
 
 def _effect(target) -> torch.Tensor:
     """What the resolved target adds to the module's output for the probe input (or its 1-D diff)."""
-    d = algorithms.delta(target.algorithm, target.tensors) * target.scale
-    if target.delta_rows is not None:
-        d = d[target.delta_rows[0]:target.delta_rows[1]]
-    return d if d.dim() == 1 else d @ _probe(d.shape[1])
+    t = {k: v.float() for k, v in target.tensors.items()}
+    if target.algorithm == "full" and t["diff"].dim() == 1:
+        return t["diff"] * target.scale
+    n_in = algorithms.delta_shape(target.algorithm, {k: tuple(v.shape) for k, v in t.items()})[1]
+    y = algorithms.bypass(target.algorithm, _probe(n_in)[None], t)[0] * target.scale
+    return y if target.delta_rows is None else y[target.delta_rows[0]:target.delta_rows[1]]
 
 
 def _write(tmp_path, built: Built):

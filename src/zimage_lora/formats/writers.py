@@ -94,6 +94,8 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
         return "diffsynth"
     if is_onetrainer(meta):
         return "onetrainer (original)"
+    if algos & {"lokr", "loha"}:
+        return "bare module names (lycoris)"
     if alphas:
         return "onetrainer"
     return "bare module names"
