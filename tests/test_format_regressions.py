@@ -165,3 +165,13 @@ def test_mixed_fused_qkv_and_split_to_q_use_both_parts(tmp_path, turbo, q_copy):
     assert all(torch.equal(by_module[m].tensors["down"], down) for m in by_module if m != Q)
     assert adapter.unmatched == []
     assert any("overlap" in n and "to_q" in n and "to_k" in n for n in adapter.notes)
+
+
+def test_peft_metadata_alpha_does_not_scale_kohya_style_keys(tmp_path, turbo):
+    # lora_adapter_metadata describes PEFT-named lora_A/lora_B factors; on lora_down keys it is not applied.
+    stem = "lora_unet_layers_0_attention_to_q"
+    sd = {stem + ".lora_down.weight": torch.randn(4, D), stem + ".lora_up.weight": torch.randn(D, 4)}
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 1})}
+    adapter = load_adapter(_save(tmp_path / "k.safetensors", sd, meta), turbo)
+    assert [t.scale for t in adapter.targets] == [1.0]
+    assert any("'lora_adapter_metadata' was not applied to 1 module(s)" in n for n in adapter.notes)

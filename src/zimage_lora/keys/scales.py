@@ -27,7 +27,7 @@ class Scale:
     alpha: float | None  # the file's alpha for this module (config/metadata alpha where that applies)
     rule: str  # how `scale` was derived, e.g. "alpha/rank (.alpha key)"
     source: str = "key"  # "key", "none", "unused", a metadata/config name, or "musubi-lokr"
-    ignored_metadata: bool = False  # a kohya metadata alpha exists but does not apply to this module
+    ignored_metadata: str = ""  # a metadata/config alpha that exists but does not describe this module
 
     @property
     def alpha_used(self) -> bool:
@@ -58,28 +58,31 @@ def scale_for(file: AdapterFile, group: Group) -> Scale:
     return Scale(rank, scale, alpha, rule, source, ignored)
 
 
-def _alpha(file: AdapterFile, group: Group) -> tuple[float | None, str, bool, bool]:
-    """(alpha, where it came from, rsLoRA, a kohya metadata alpha was not applied)."""
+def _alpha(file: AdapterFile, group: Group) -> tuple[float | None, str, bool, str]:
+    """(alpha, where it came from, rsLoRA, the name of a metadata/config alpha that was not applied)."""
     if group.alpha is not None:
-        return _finite_key_alpha(file, group), "key", False, False
+        return _finite_key_alpha(file, group), "key", False, ""
     cfg = file.config or {}
     if group.algorithm != "lora" or not cfg:
-        return None, "none", False, False
+        return None, "none", False, ""
     if "kohya_alpha" in cfg:
         # kohya's ss_network_alpha means alpha only for kohya-style keys without a per-module .alpha;
         # converters that bake alpha into the weights (musubi-tuner convert_lora.py --target other) copy
         # the source file's metadata, and applying it there would scale the file a second time.
         if group.prefix not in KOHYA_PREFIXES:
-            return None, "none", False, True
-        return _config_alpha(file, group, cfg["kohya_alpha"]), "metadata 'ss_network_alpha'", False, False
+            return None, "none", False, "metadata 'ss_network_alpha'"
+        return _config_alpha(file, group, cfg["kohya_alpha"]), "metadata 'ss_network_alpha'", False, ""
     if "lora_alpha" in cfg:
+        where = "metadata 'lora_adapter_metadata'" if "lora_adapter_metadata" in file.header.metadata else (
+            "adapter_config.json")
+        # A PEFT config describes PEFT-named factors (lora_A / lora_B), not kohya-style lora_down keys.
+        if ".lora_A" not in group.keys.get("down", ""):
+            return None, "none", False, where
         alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem, file.path)
         if alpha is None:
             alpha = cfg["lora_alpha"]
-        where = "metadata 'lora_adapter_metadata'" if "lora_adapter_metadata" in file.header.metadata else (
-            "adapter_config.json")
-        return _config_alpha(file, group, alpha), where, bool(cfg.get("use_rslora")), False
-    return None, "none", False, False
+        return _config_alpha(file, group, alpha), where, bool(cfg.get("use_rslora")), ""
+    return None, "none", False, ""
 
 
 def _musubi_lokr(file: AdapterFile, shapes: dict) -> bool:
@@ -155,13 +158,21 @@ def scale_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> list[st
             other = _OTHER_LOADERS.get(source, "")
             notes.append(f"the scale of {n} module(s) comes from {source} (alpha {shown}): they carry no "
                          f"per-module alpha{other}")
-    ignored = [g for g, s in scales if s.ignored_metadata]
+    ignored = [g for g, s in scales if s.ignored_metadata == "metadata 'ss_network_alpha'"]
     if ignored:
         value = file.header.metadata.get("ss_network_alpha", "?")
         notes.append(
             f"metadata 'ss_network_alpha' = {value} was not applied to {len(ignored)} module(s) (e.g. "
             f"'{ignored[0].source_keys[0]}'): their keys are not kohya-style, so it does not describe them "
             "(musubi-tuner convert_lora.py --target other bakes alpha into lora_A/lora_B and copies this metadata)"
+        )
+    ignored = [(g, s.ignored_metadata) for g, s in scales if s.ignored_metadata.startswith(("metadata 'lora_",
+                                                                                             "adapter_config"))]
+    if ignored:
+        notes.append(
+            f"the alpha in {ignored[0][1]} was not applied to {len(ignored)} module(s) (e.g. "
+            f"'{ignored[0][0].source_keys[0]}'): they are not PEFT-named lora_A/lora_B keys, so it does not "
+            "describe them"
         )
     if by_source.get("unused"):
         notes.append(f"the alpha of {by_source['unused']} LoKr module(s) is unused: both factors are full, "
