@@ -36,7 +36,7 @@ class Row:
     dora: str | None = None  # expected DoRA orientation
 
 
-# One row per layout; the builders (with provenance) are in _layout_builders.py under the same name.
+# One row per layout; the builders (with provenance) are in _layouts_kohya.py and _layouts_other.py under the same name.
 TE = "text-encoder"
 ROWS = [
     Row("ai-toolkit-lora", "ai-toolkit"),
