@@ -175,3 +175,18 @@ def test_peft_metadata_alpha_does_not_scale_kohya_style_keys(tmp_path, turbo):
     adapter = load_adapter(_save(tmp_path / "k.safetensors", sd, meta), turbo)
     assert [t.scale for t in adapter.targets] == [1.0]
     assert any("'lora_adapter_metadata' was not applied to 1 module(s)" in n for n in adapter.notes)
+
+
+def test_musubi_full_lokr_converts_at_its_trained_strength(tmp_path, turbo):
+    # Written layouts read full LoKr factors at scale 1: musubi's alpha / max(w2 shape) is folded into w2.
+    from zimage_lora.tools.convert import convert_adapter
+
+    path, b = _built_file(tmp_path, "musubi-lokr-full", turbo)
+    for to in ("kohya", "comfy"):
+        out = convert_adapter(load_adapter(path, turbo), to, tmp_path / f"{to}.safetensors")
+        back = load_adapter(out, turbo)
+        assert sorted(back.modules) == sorted(b.effects) and {t.scale for t in back.targets} == {1.0}
+        for t in back.targets:
+            w1, w2 = t.tensors["w1"].float(), t.tensors["w2"].float()
+            got = torch.kron(w1, w2) @ _probe(w1.shape[1] * w2.shape[1])
+            torch.testing.assert_close(got, b.effects[t.module], rtol=1e-4, atol=1e-4 * float(got.abs().max()))
