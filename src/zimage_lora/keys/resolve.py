@@ -54,8 +54,9 @@ def resolve(
         _check_shapes(file, group, site, index)
         placed.append(_Placed(group, site, scale_for(file, group)))
 
-    notes: list[str] = scale_notes(file, [(p.group, p.scale) for p in placed])
-    placed = _drop_overlaps(placed, unmatched, notes, file.path)
+    overlap_notes: list[str] = []
+    placed = _drop_overlaps(placed, unmatched, overlap_notes, file.path)
+    notes = scale_notes(file, [(p.group, p.scale) for p in placed]) + overlap_notes
     if strict and unmatched:
         listing = "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10])
         more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
