@@ -21,6 +21,7 @@ class Built:
     metadata: dict[str, str] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)  # module -> trained scale
     effects: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> trained delta @ probe
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> trained bias diff
 
 
 BUILDERS: dict[str, Callable] = {}

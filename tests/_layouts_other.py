@@ -186,13 +186,23 @@ def _comfy_extract(ix, probe):
     return b
 
 
-# ComfyUI comfy_extras/nodes_train.py TrainLoraNode saving comfy/weight_adapter/lora.py LoraDiff
-# parameters under the native weight name: lora_up.weight, lora_down.weight, alpha (scale alpha/rank).
+# ComfyUI comfy_extras/nodes_train.py TrainLoraNode.execute: for every module of the native model
+# (n = "diffusion_model.layers.0.attention.qkv", ...) the comfy/weight_adapter/lora.py LoraDiff
+# parameters as f"{n}.{name}": lora_up.weight, lora_down.weight, alpha (default 1.0, scale alpha/rank);
+# 1-D weights (norms) as f"{n}.diff", biases as f"{n}.diff_b"; SaveLoRA writes the dict unchanged.
 @builder("comfyui-train-node")
 def _comfy_train(ix, probe):
     b = Built()
     _fused_qkv(b, ix, probe, "diffusion_model.layers.0.attention.qkv", ".lora_down.weight", ".lora_up.weight", 1.0)
     b.tensors["diffusion_model.layers.0.attention.qkv.alpha"] = torch.tensor(1.0)
+    stem = "diffusion_model.layers.3.adaLN_modulation.0"
+    _lora(b, ix, probe, ADA, stem + ".lora_down.weight", stem + ".lora_up.weight", alpha=1.0)
+    b.tensors[stem + ".alpha"] = torch.tensor(1.0)
+    b.tensors[stem + ".diff_b"] = b.biases[ADA] = _rand(15360)
+    diff = _rand(128)
+    b.tensors["diffusion_model.layers.0.attention.k_norm.diff"] = diff
+    b.scales["layers.0.attention.norm_k"] = 1.0
+    b.effects["layers.0.attention.norm_k"] = diff
     return b
 
 

@@ -122,6 +122,8 @@ def test_real_layout(tmp_path, turbo, row):
     assert sorted(adapter.modules) == sorted(built.effects)
     for t in adapter.targets:
         assert t.scale == pytest.approx(built.scales[t.module], rel=1e-6), (t.module, t.scale_rule)
+        if t.module in built.biases:
+            assert torch.equal(t.tensors["diff_b"], built.biases[t.module])
         if t.dora is None:
             want = built.effects[t.module]
             torch.testing.assert_close(_effect(t), want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
