@@ -188,3 +188,15 @@ def _videox_fun(ix, probe):
         _lora(b, ix, probe, m, stem + ".lora_down.weight", stem + ".lora_up.weight", alpha=1.0)
         b.tensors[stem + ".alpha"] = torch.tensor(1.0)
     return b
+
+
+# VideoX-Fun lora_utils.py convert_peft_lora_to_kohya_lora (the ComfyUI-compatible export of its PEFT
+# runs, e.g. the Z-Image-Fun distill LoRAs): "diffusion_model." dropped, "lora_unet__" added, dots ->
+# '_', lora_A/lora_B -> lora_down/lora_up, no alpha; its merge_lora then uses scale 1 (no alpha).
+@builder("videox-fun-peft-export")
+def _videox_fun_peft_export(ix, probe):
+    b = Built()
+    for m in (K, OUT, ADA):
+        stem = "lora_unet__" + _flat(m)
+        _lora(b, ix, probe, m, stem + ".lora_down.weight", stem + ".lora_up.weight", alpha=None)
+    return b

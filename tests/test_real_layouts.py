@@ -53,6 +53,7 @@ ROWS = [
         notes=("musubi-tuner's rule", "ComfyUI and diffusers use scale 1")),
     Row("musubi-lokr-lowrank-bf16-factor", "musubi-tuner lokr", ignored=("lokr_factor",)),
     Row("videox-fun", "videox-fun"),
+    Row("videox-fun-peft-export", "videox-fun"),
     Row("onetrainer-diffusers", "onetrainer (diffusers)"),
     Row("onetrainer-legacy", "onetrainer (legacy)"),
     Row("onetrainer-original", "onetrainer (original)"),
