@@ -165,6 +165,26 @@ def test_mixed_fused_qkv_and_split_to_q_use_both_parts(tmp_path, turbo, q_copy):
     assert all(torch.equal(by_module[m].tensors["down"], down) for m in by_module if m != Q)
     assert adapter.unmatched == []
     assert any("overlap" in n and "to_q" in n and "to_k" in n for n in adapter.notes)
+    # Whether the part given up was a copy is checked, and said when it is not.
+    assert any("different delta" in n for n in adapter.notes) is (not q_copy)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["different", "copies"])
+def test_two_spellings_of_one_module_say_whether_they_are_copies(tmp_path, turbo, copy):
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(4, D, generator=g), torch.randn(D, 4, generator=g)
+    sd = {"lora_unet_layers_0_attention_to_out_0.lora_down.weight": down,
+          "lora_unet_layers_0_attention_to_out_0.lora_up.weight": up,
+          "lora_unet_layers_0_attention_out.lora_down.weight": down.clone() if copy else torch.randn(4, D, generator=g),
+          "lora_unet_layers_0_attention_out.lora_up.weight": up.clone()}
+    adapter = load_adapter(_save(tmp_path / "two.safetensors", sd), turbo)
+    assert adapter.modules == ["layers.0.attention.to_out.0"]
+    assert torch.equal(adapter.targets[0].tensors["down"], down)  # the model's own spelling wins
+    reasons = {u.key: u.reason for u in adapter.unmatched}
+    assert sorted(reasons) == ["lora_unet_layers_0_attention_out.lora_down.weight",
+                               "lora_unet_layers_0_attention_out.lora_up.weight"]
+    assert all(r.startswith("redundant") for r in reasons.values())
+    assert all(("different delta" in r) is (not copy) for r in reasons.values())
 
 
 def test_peft_metadata_alpha_does_not_scale_kohya_style_keys(tmp_path, turbo):

@@ -55,7 +55,7 @@ def resolve(
         placed.append(_Placed(group, site, scale_for(file, group)))
 
     overlap_notes: list[str] = []
-    placed = _drop_overlaps(placed, unmatched, overlap_notes, file.path)
+    placed, losses = _drop_overlaps(placed, unmatched, overlap_notes, file.path)
     notes = scale_notes(file, [(p.group, p.scale) for p in placed]) + overlap_notes
     if strict and unmatched:
         listing = "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10])
@@ -82,6 +82,8 @@ def resolve(
     targets: list[Target] = []
     for p in placed:
         targets.extend(_targets(p, tensors, index))
+    if losses:
+        _describe_losses(file, index, losses, tensors, unmatched, notes)
     return Adapter(
         name=name,
         format=file.format,
@@ -172,7 +174,7 @@ def _check_size(where: str, group: Group, want: tuple[int, ...]) -> None:
 
 def _drop_overlaps(
     placed: list[_Placed], unmatched: list[Unmatched], notes: list[str], path: object
-) -> list[_Placed]:
+) -> tuple[list[_Placed], list[tuple[_Placed, _Placed, str]]]:
     """Give each module's rows to one stem. Where two stems overlap, the preferred one takes the
     module and the other keeps the modules nobody else covers (a fused qkv stem beside a split to_q
     still gives to_k and to_v); a stem left with nothing is reported as redundant."""
@@ -223,7 +225,46 @@ def _drop_overlaps(
             f"'{p.group.stem}': {', '.join(sorted(p.skip))} taken from the other keys); their other parts are "
             f"used ({', '.join(rest)})"
         )
-    return [p for p in placed if not p.skip or any(m not in p.skip for m in p.site.modules)]
+    losses = [(p, taken_by[(id(p), m)], m) for p in placed for m in p.site.modules if m in p.skip]
+    return [p for p in placed if not p.skip or any(m not in p.skip for m in p.site.modules)], losses
+
+
+def _describe_losses(file, index, losses, tensors, unmatched: list[Unmatched], notes: list[str]) -> None:
+    """Say whether the keys given up on a module were a copy of the ones used there or another delta
+    (the file then carries two versions of those rows): compared on a probe input, never silently."""
+    tensors = dict(tensors) | file.load(sorted({k for d, _k, _m in losses for k in d.group.source_keys} - set(tensors)))
+    differ: dict[int, bool] = {}
+    for drop, keep, module in losses:
+        same = _same_effect(drop, keep, module, tensors, index)
+        differ[id(drop)] = differ.get(id(drop), False) or same is False
+    for i, u in enumerate(unmatched):
+        for drop, keep, _m in losses:
+            if differ.get(id(drop)) and u.key in drop.group.source_keys and u.reason.startswith("redundant"):
+                unmatched[i] = Unmatched(u.key, f"redundant: '{keep.group.stem}' covers the same rows with a "
+                                         "different delta (the file carries two versions of them); that one was used")
+    stems = sorted({d.group.stem for d, _k, _m in losses if differ[id(d)]})
+    if stems:
+        notes.append(f"{len(stems)} stem(s) given up where other keys cover the same rows hold a different delta "
+                     f"there, not a copy (e.g. '{stems[0]}'): the preferred keys were used for those rows")
+
+
+def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleIndex) -> bool | None:
+    """Whether two stems add the same output on `module`'s shared rows for a probe input (None: not compared)."""
+    if not index.shapes[module].is_linear:
+        return None
+    x = torch.randn(index.shapes[module].shape[1], generator=torch.Generator().manual_seed(0))
+    parts = []
+    for p in (a, b):
+        t = next(t for t in _targets(_Placed(p.group, p.site, p.scale), tensors, index) if t.module == module)
+        if t.dora is not None or (t.algorithm == "full" and "diff" not in t.tensors):
+            return None
+        y = algorithms.bypass(t.algorithm, x[None], {k: v.float() for k, v in t.tensors.items()})[0] * t.scale
+        y = y if t.delta_rows is None else y[t.delta_rows[0]:t.delta_rows[1]]
+        parts.append((t.rows or (0, y.shape[0]), y))
+    (la, ya), (lb, yb) = parts
+    lo, hi = max(la[0], lb[0]), min(la[1], lb[1])
+    ya, yb = ya[lo - la[0]:hi - la[0]], yb[lo - lb[0]:hi - lb[0]]
+    return bool(torch.allclose(ya, yb, rtol=1e-3, atol=1e-5 * float(ya.abs().max().clamp_min(1e-30))))
 
 
 def _describe(site: Site) -> str:
