@@ -56,7 +56,9 @@ class Target:
     dora: Dora | None = None
     source_keys: tuple[str, ...] = ()
     rank: int | None = None
-    alpha: float | None = None
+    alpha: float | None = None  # the file's alpha for this module
+    scale_rule: str = ""  # how `scale` was derived, for reports (e.g. "alpha/rank (.alpha key)")
+    alpha_used: bool = True  # False where the file's alpha never enters the math (full-factor LoKr)
 
     @property
     def label(self) -> str:
@@ -83,6 +85,7 @@ class Adapter:
     unmatched: list[Unmatched] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ignored: list[Unmatched] = field(default_factory=list)  # trainer data in the file, not adapter weights
 
     @property
     def modules(self) -> list[str]:

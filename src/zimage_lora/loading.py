@@ -22,11 +22,14 @@ def load_adapter(
     revision: str | None = None,
     strict: bool = False,
     check_finite: bool = True,
+    allow_empty: bool = False,
 ) -> Adapter:
     """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory).
 
     Every tensor read is checked for NaN/Inf unless `check_finite=False` (the engine passes that: it
     validates every tensor again right before attaching or merging, so one pass is enough).
+    `allow_empty=True` returns an adapter without targets when no key matches (for reports) instead of
+    raising `IncompatibleWeightsError`.
     """
     cfg = source if isinstance(source, LoRAConfiguration) else LoRAConfiguration(source)
     if filename is not None:
@@ -44,5 +47,6 @@ def load_adapter(
             model = meta_model()
         index = ModuleIndex(model)
     return resolve(
-        file, index, name=name or cfg.name or resolved.default_name, strict=strict, check_finite=check_finite
+        file, index, name=name or cfg.name or resolved.default_name, strict=strict, check_finite=check_finite,
+        allow_empty=allow_empty,
     )

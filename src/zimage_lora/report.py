@@ -62,7 +62,10 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
     by_kind_total = Counter(layer_kind(m) for m in linear)
     by_kind_hit = Counter(layer_kind(m) for m in set(matched) if m in index.shapes and index.shapes[m].is_linear)
     ranks = Counter(t.rank for t in adapter.targets if t.rank is not None)
-    alphas = Counter(t.alpha for t in adapter.targets if t.alpha is not None)
+    alphas: Counter = Counter(_num(t.alpha) for t in adapter.targets if t.alpha is not None and t.alpha_used)
+    unused = sum(1 for t in adapter.targets if t.alpha is not None and not t.alpha_used)
+    if unused:
+        alphas["unused"] = unused
     reasons = Counter(_reason_class(u.reason) for u in adapter.unmatched)
     return {
         "name": adapter.name,
@@ -70,19 +73,24 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
         "format": adapter.format,
         "algorithms": adapter.algorithms,
         "dora": any(t.dora is not None for t in adapter.targets),
+        "dora_orientation": dora_orientation(adapter.targets),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
-        "alphas": {_num(k): v for k, v in sorted(alphas.items())},
+        "alphas": dict(alphas),
         "scales": sorted({round(t.scale, 6) for t in adapter.targets}),
+        "scale_rules": dict(Counter(t.scale_rule for t in adapter.targets if t.scale_rule)),
         "matched": matched,
         "matched_count": len(matched),
         "model_linear_count": len(linear),
         "targets": [
             {"module": t.module, "rows": list(t.rows) if t.rows else None, "algorithm": t.algorithm,
-             "rank": t.rank, "alpha": t.alpha, "scale": t.scale, "dora": t.dora is not None,
+             "rank": t.rank, "alpha": t.alpha if t.alpha_used else None, "alpha_used": t.alpha_used,
+             "scale": t.scale, "scale_rule": t.scale_rule, "dora": t.dora is not None,
+             "dora_on": None if t.dora is None else ("output rows" if t.dora.on_out else "input columns"),
              "keys": list(t.source_keys)}
             for t in adapter.targets
         ],
         "unmatched": [u.as_dict() for u in adapter.unmatched],
+        "ignored": [u.as_dict() for u in adapter.ignored],
         "unmatched_by_reason": dict(reasons),
         "coverage": {
             "by_block": {k: f"{by_block_hit.get(k, 0)}/{v}" for k, v in sorted(by_block_total.items())},
@@ -93,6 +101,17 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
         "notes": list(adapter.notes),
         "metadata": {k: (v if len(v) < 200 else v[:200] + "...") for k, v in adapter.metadata.items()},
     }
+
+
+def dora_orientation(targets: list[Target]) -> str | None:
+    """Where the DoRA magnitude sits: one value per output row (PEFT, LyCORIS default) or per input
+    column (LyCORIS wd_on_output=False, OneTrainer's default); None without DoRA."""
+    kinds = {t.dora.on_out for t in targets if t.dora is not None}
+    if not kinds:
+        return None
+    if len(kinds) == 2:
+        return "mixed (per output row and per input column)"
+    return "per output row" if kinds.pop() else "per input column"
 
 
 def _num(x: float) -> str:

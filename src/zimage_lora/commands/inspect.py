@@ -7,8 +7,10 @@ import json
 import sys
 
 HELP = """Show an adapter's format, algorithms, ranks/alphas, matched and unmatched targets, coverage by
-block type, its size and the extra memory it needs in dynamic mode. The model inventory is built on
-the meta device (no weights needed); default: the Z-Image-Turbo transformer.
+block type, its size and the extra memory it needs in dynamic mode, how each scale was derived (and
+when another loader would differ), and trainer data that is not adapter weights. The model inventory
+is built on the meta device (no weights needed); default: the Z-Image-Turbo transformer. When no key
+matches, every key is listed with its reason and the exit status is 1.
 
 examples:
   zimage-lora inspect style.safetensors
@@ -39,17 +41,27 @@ def run(args: argparse.Namespace) -> int:
     from ..report import summarize
 
     index = ModuleIndex(meta_model(load_config(args.model)))
-    adapter = load_adapter(args.source, index, filename=args.filename, revision=args.revision, strict=args.strict)
+    adapter = load_adapter(
+        args.source, index, filename=args.filename, revision=args.revision, strict=args.strict, allow_empty=True
+    )
     info = summarize(adapter, index)
+    empty = not adapter.targets
     if args.json:
         json.dump(info, sys.stdout, indent=1)
         sys.stdout.write("\n")
-        return 0
-    _print_tables(info)
+    else:
+        _print_tables(info, every_key=empty)
+    if empty:
+        print(
+            f"error: no key of this {info['format']} file matches a module of the model "
+            f"({len(info['unmatched'])} keys unmatched, each listed with its reason).",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
-def _print_tables(info: dict) -> None:
+def _print_tables(info: dict, every_key: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -57,11 +69,15 @@ def _print_tables(info: dict) -> None:
     console.print(f"[bold]{info['source']}[/bold]")
     summary = Table(show_header=False, box=None)
     summary.add_row("format", info["format"])
-    summary.add_row("algorithms", ", ".join(info["algorithms"]) + (" + DoRA" if info["dora"] else ""))
+    dora = f" + DoRA ({info['dora_orientation']})" if info["dora"] else ""
+    summary.add_row("algorithms", (", ".join(info["algorithms"]) or "-") + dora)
     summary.add_row("ranks", ", ".join(f"{r} (x{n})" for r, n in info["ranks"].items()) or "-")
     summary.add_row("alphas", ", ".join(f"{a} (x{n})" for a, n in info["alphas"].items()) or "none (scale 1)")
+    summary.add_row("scale rules", "; ".join(f"{r} (x{n})" for r, n in info["scale_rules"].items()) or "-")
     summary.add_row("matched", f"{info['matched_count']} of {info['model_linear_count']} Linear layers")
     summary.add_row("unmatched keys", str(len(info["unmatched"])))
+    if info["ignored"]:
+        summary.add_row("ignored trainer data", ", ".join(u["key"] for u in info["ignored"]))
     summary.add_row("adapter size", _mb(info["adapter_bytes"]))
     summary.add_row("dynamic extra memory", _mb(info["dynamic_extra_bytes"]))
     console.print(summary)
@@ -74,8 +90,15 @@ def _print_tables(info: dict) -> None:
         cov.add_row(f"({k})", v)
     console.print(cov)
     for note in info["notes"]:
-        console.print(f"note: {note}")
-    if info["unmatched"]:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    for u in info["ignored"]:
+        console.print(f"ignored: {u['key']}: {u['reason']}", markup=False, highlight=False)
+    if info["unmatched"] and every_key:
+        # Every key, one per line and never cut to the terminal width: this is the whole report.
+        console.print("unmatched keys (every key, with its reason):", markup=False, highlight=False)
+        for u in info["unmatched"]:
+            console.print(f"  {u['key']}: {u['reason']}", markup=False, highlight=False, soft_wrap=True)
+    elif info["unmatched"]:
         um = Table(title="unmatched keys")
         um.add_column("key")
         um.add_column("reason")

@@ -56,11 +56,20 @@ TRANSFORMER_PREFIXES: dict[str, str] = {
     "model.diffusion_model.": "comfy",
     "diffusion_model.": "comfy",
     "transformer.": "diffusers",
+    "lora_unet__": "kohya",  # VideoX-Fun: "lora_unet" + "." + "" + "." + module, then '.' -> '_'
     "lora_unet_": "kohya",
     "lora_transformer_": "kohya",
     "lycoris_": "lycoris",
     "unet.": "diffusers",
 }
+KOHYA_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_")
+
+# Tensors trainers keep in adapter files that are not adapter weights: reported as ignored trainer
+# data (never unmatched adapter keys, never an error, whatever their dtype).
+TRAINER_DATA: dict[str, str] = {
+    "lokr_factor": "musubi-tuner LoKr factor (networks/lokr.py network buffer)",
+}
+
 # Prefixes of text-encoder keys: reported, never applied to the transformer.
 TEXT_ENCODER_PREFIXES = (
     "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_", "text_encoder.", "text_encoder_2.",
@@ -95,6 +104,11 @@ def unsupported_algorithm(key: str) -> str | None:
         if key.endswith(suffix) or (suffix + ".") in key:
             return name
     return None
+
+
+def trainer_data(key: str) -> str | None:
+    """What a non-adapter tensor is, for keys a trainer leaves beside the adapter weights."""
+    return TRAINER_DATA.get(key)
 
 
 def is_text_encoder(key: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from ..adapter import Unmatched
 from ..errors import InvalidFormatError
-from . import grammar
+from . import grammar, writers
 from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, load_tensors, read_header
 
@@ -56,6 +56,7 @@ class AdapterFile:
     unmatched: list[Unmatched]
     format: str
     config: dict | None  # PEFT adapter_config.json or diffusers lora_adapter_metadata
+    ignored: list[Unmatched] = field(default_factory=list)  # trainer data that is not adapter weights
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         return load_tensors(self.header, keys)
@@ -78,8 +79,14 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
     if config is None:
         config = _metadata_config(header, component)
     unmatched: list[Unmatched] = []
+    ignored: list[Unmatched] = []
     raw: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
     for key in header.tensors:
+        what = grammar.trainer_data(key)
+        if what is not None:
+            if not text_encoder:  # listed once, by the transformer's read of the file
+                ignored.append(Unmatched(key, f"trainer data, not adapter weights: {what}"))
+            continue
         if te_keys.is_text_encoder(key) != text_encoder:
             if not text_encoder:
                 unmatched.append(Unmatched(key, te_keys.TRANSFORMER_ONLY_REASON))
@@ -115,8 +122,9 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
         header=header,
         groups=groups,
         unmatched=unmatched,
-        format=_format_label(groups, header),
+        format=writers.label(groups, header.metadata, header.tensors.keys()),
         config=config,
+        ignored=ignored,
     )
 
 
@@ -168,13 +176,9 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
             raise InvalidFormatError(
                 f"{header.path}: key '{key}' should be a scalar alpha, found shape {list(info.shape)}."
             )
-    out: dict[str, float] = {}
-    for key, tensor in load_tensors(header, keys).items():
-        value = float(tensor.float().reshape(-1)[0])
-        if not torch.isfinite(torch.tensor(value)):
-            raise InvalidFormatError(f"{header.path}: alpha '{key}' is {value}; expected a finite number.")
-        out[key] = value
-    return out
+    # Not checked for NaN/Inf here: an alpha is validated where it enters the math (resolve), since
+    # some files carry one that is never used (ai-toolkit's full-factor LoKr saves 9999999999, inf in fp16).
+    return {key: float(t.float().reshape(-1)[0]) for key, t in load_tensors(header, keys).items()}
 
 
 def _metadata_config(header: Header, component: str = "transformer") -> dict | None:
@@ -236,36 +240,3 @@ def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
                 f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
             ) from None
     return None
-
-
-def _format_label(groups: list[Group], header: Header) -> str:
-    prefixes = {g.prefix for g in groups}
-    algos = {g.algorithm for g in groups}
-    keys = header.tensors.keys()
-    fused = any(g.stem.endswith(("qkv", "attention.out", "attention_out")) for g in groups)
-    split = any(re.search(r"to[._](q|k|v|out)", g.stem) for g in groups)
-    if fused and split:
-        return "mixed (split and fused qkv)"
-    if "lycoris_" in prefixes:
-        return "lycoris"
-    if "lora_unet_" in prefixes or "lora_transformer_" in prefixes:
-        return "kohya (fused qkv)" if fused else "kohya"
-    if any(p.startswith("base_model.model.") for p in prefixes):
-        return "peft"
-    if "diffusion_model." in prefixes or "model.diffusion_model." in prefixes:
-        if algos & {"lokr", "loha"}:
-            return "ai-toolkit (lycoris)"
-        if fused:
-            return "comfyui (fused qkv)"
-        if any(k.endswith(".lora_down.weight") for k in keys) or any(g.alpha is not None for g in groups):
-            return "comfyui"
-        return "ai-toolkit"
-    if "transformer." in prefixes:
-        if any(k.endswith(".lora_down.weight") for k in keys):
-            return "onetrainer (legacy)"
-        return "diffusers"
-    if any(".default." in k or k.endswith(".default") for k in keys):
-        return "diffsynth"
-    if any(g.alpha is not None for g in groups):
-        return "onetrainer"
-    return "bare module names"

@@ -4,16 +4,17 @@ only then read from disk (only the tensors that will be used)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import algorithms
 from ..adapter import Adapter, Dora, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
-from ..formats.reader import AdapterFile, Group, pattern_value
+from ..formats.reader import AdapterFile, Group
 from ..numerics import all_finite, count_nonfinite
 from .index import ModuleIndex, Site
+from .scales import Scale, scale_for, scale_notes
 
 # Lower wins when two stems land on the same rows: the model's own spelling, then an alias, then
 # a fused/split translation (mixed files such as F11 carry both).
@@ -24,31 +25,38 @@ _PREFERENCE = {("direct", True): 0, ("direct", False): 1, ("rows", False): 2, ("
 class _Placed:
     group: Group
     site: Site
-    rank: int | None
-    scale: float
-    alpha: float | None
+    scale: Scale
+    skip: set[str] = field(default_factory=set)  # modules of the site another stem covers instead
 
 
 def resolve(
-    file: AdapterFile, index: ModuleIndex, *, name: str, strict: bool = False, check_finite: bool = True
+    file: AdapterFile,
+    index: ModuleIndex,
+    *,
+    name: str,
+    strict: bool = False,
+    check_finite: bool = True,
+    allow_empty: bool = False,
 ) -> Adapter:
-    """`check_finite=False` skips the NaN/Inf scan for callers that validate every tensor themselves."""
+    """`check_finite=False` skips the NaN/Inf scan for callers that validate every tensor themselves.
+    `allow_empty=True` returns an adapter without targets (and every key reported) instead of raising
+    when nothing matches: `inspect` shows that report."""
     unmatched = list(file.unmatched)
     placed: list[_Placed] = []
     for group in file.groups:
         site = index.lookup(group.stem)
         if site is None:
             unmatched.extend(
-                Unmatched(k, f"no module '{group.stem}' in the model (after removing prefix '{group.prefix}')")
+                Unmatched(k, f"no such module '{group.stem}' in the model (after removing prefix '{group.prefix}')")
                 for k in group.source_keys
             )
             continue
         _check_shapes(file, group, site, index)
-        rank, scale, alpha = _scale(file, group)
-        placed.append(_Placed(group, site, rank, scale, alpha))
+        placed.append(_Placed(group, site, scale_for(file, group)))
 
-    notes: list[str] = []
-    placed = _drop_overlaps(placed, unmatched, notes, file.path)
+    overlap_notes: list[str] = []
+    placed, losses = _drop_overlaps(placed, unmatched, overlap_notes, file.path)
+    notes = scale_notes(file, [(p.group, p.scale) for p in placed]) + overlap_notes
     if strict and unmatched:
         listing = "; ".join(f"{u.key}: {u.reason}" for u in unmatched[:10])
         more = f" (and {len(unmatched) - 10} more)" if len(unmatched) > 10 else ""
@@ -56,6 +64,9 @@ def resolve(
             f"{file.path}: strict mode and {len(unmatched)} key(s) did not match: {listing}{more}. "
             "Pass strict=False to apply the matched part."
         )
+    if not placed and allow_empty:
+        return Adapter(name=name, format=file.format, source=str(file.path), targets=[], unmatched=unmatched,
+                       metadata=dict(file.header.metadata), notes=notes, ignored=list(file.ignored))
     if not placed:
         sample = ", ".join(repr(g.stem) for g in file.groups[:3]) or "none"
         raise IncompatibleWeightsError(
@@ -65,10 +76,14 @@ def resolve(
         )
     tensors = file.load(sorted({k for p in placed for k in p.group.source_keys}))
     if check_finite:
-        _check_finite(file, tensors)
+        # Alphas are checked where they enter the math (scales.py): an unused one may be inf.
+        alpha_keys = {p.group.alpha_key for p in placed}
+        _check_finite(file, {k: t for k, t in tensors.items() if k not in alpha_keys})
     targets: list[Target] = []
     for p in placed:
         targets.extend(_targets(p, tensors, index))
+    if losses:
+        _describe_losses(file, index, losses, tensors, unmatched, notes)
     return Adapter(
         name=name,
         format=file.format,
@@ -77,6 +92,7 @@ def resolve(
         unmatched=unmatched,
         metadata=dict(file.header.metadata),
         notes=notes,
+        ignored=list(file.ignored),
     )
 
 
@@ -141,7 +157,6 @@ def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleInde
 # for tiny layers). Real adapters stay far below 1x; a header claiming more (e.g. rank 2**30 in a
 # sparse file whose offsets are consistent) is refused before any tensor is read into memory.
 _MAX_FACTOR_RATIO = 2
-_FP32_MAX = torch.finfo(torch.float32).max
 _FACTOR_FLOOR = 1 << 16
 
 
@@ -157,63 +172,21 @@ def _check_size(where: str, group: Group, want: tuple[int, ...]) -> None:
         )
 
 
-def _scale(file: AdapterFile, group: Group) -> tuple[int | None, float, float | None]:
-    """(rank, alpha/rank scale, alpha) for one module, following each trainer's rule."""
-    shapes = {r: s for r, s in group.shapes.items() if r not in ("dora", "diff_b")}
-    rank = algorithms.rank(group.algorithm, shapes) if group.algorithm != "full" else None
-    if rank is None:
-        return None, 1.0, group.alpha
-    alpha = group.alpha
-    rslora = False
-    cfg = file.config or {}
-    if alpha is None and group.algorithm == "lora" and cfg:
-        if "kohya_alpha" in cfg:
-            alpha = cfg["kohya_alpha"]
-        elif "lora_alpha" in cfg:
-            alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem, file.path)
-            if alpha is None:
-                alpha = cfg["lora_alpha"]
-            rslora = bool(cfg.get("use_rslora"))
-        alpha = _config_alpha(file, group, alpha)
-    if alpha is None or alpha == 0 or rank == 0:
-        return rank, 1.0, alpha
-    alpha = float(alpha)
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-    # Deltas are built in fp32: a scale beyond its range overflows there (found by fuzzing: alpha 1.4e39).
-    if not math.isfinite(scale) or abs(scale) > _FP32_MAX:
-        raise InvalidFormatError(
-            f"{file.path}: module '{group.stem}': alpha {alpha} / rank {rank} gives scale {scale:g}, beyond the "
-            "float32 range. The alpha is corrupt: fix it in the file or its config."
-        )
-    return rank, scale, alpha
-
-
-def _config_alpha(file: AdapterFile, group: Group, alpha: object) -> float | None:
-    # Config values come from JSON in the file or folder: anything may be there.
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidFormatError(
-            f"{file.path}: the adapter config gives alpha {alpha!r} for module '{group.stem}'; expected a finite "
-            "number. Fix 'lora_alpha' / 'alpha_pattern' in adapter_config.json (or lora_adapter_metadata)."
-        )
-    return float(alpha)
-
-
 def _drop_overlaps(
     placed: list[_Placed], unmatched: list[Unmatched], notes: list[str], path: object
-) -> list[_Placed]:
-    """Keep one stem per module rows; the others are reported with the reason."""
+) -> tuple[list[_Placed], list[tuple[_Placed, _Placed, str]]]:
+    """Give each module's rows to one stem. Where two stems overlap, the preferred one takes the
+    module and the other keeps the modules nobody else covers (a fused qkv stem beside a split to_q
+    still gives to_k and to_v); a stem left with nothing is reported as redundant."""
     claims: dict[str, list[tuple[tuple[int, int] | None, _Placed]]] = {}
     for p in placed:
         for module in p.site.modules:
             claims.setdefault(module, []).append((p.site.rows, p))
-    losers: set[int] = set()
-    dropped: dict[tuple[str, str], list[str]] = {}
-    for _module, entries in claims.items():
+    taken_by: dict[tuple[int, str], _Placed] = {}
+    for module, entries in claims.items():
         for i, (rows_i, p_i) in enumerate(entries):
             for rows_j, p_j in entries[i + 1:]:
-                if id(p_i) in losers or id(p_j) in losers or not _overlap(rows_i, rows_j):
+                if module in p_i.skip or module in p_j.skip or not _overlap(rows_i, rows_j):
                     continue
                 rank_i = _PREFERENCE[(p_i.site.kind, p_i.site.native)]
                 rank_j = _PREFERENCE[(p_j.site.kind, p_j.site.native)]
@@ -221,21 +194,77 @@ def _drop_overlaps(
                     raise IncompatibleWeightsError(
                         f"{path}: duplicate targets: '{p_i.group.stem}' and '{p_j.group.stem}' (keys "
                         f"'{p_i.group.source_keys[0]}', '{p_j.group.source_keys[0]}') both land on module "
-                        f"'{_module}'. The file mixes two copies of the same layer; keep one of them."
+                        f"'{module}'. The file mixes two copies of the same layer; keep one of them."
                     )
                 keep, drop = (p_i, p_j) if rank_i < rank_j else (p_j, p_i)
-                losers.add(id(drop))
-                dropped.setdefault((_describe(keep.site), _describe(drop.site)), []).append(drop.group.stem)
-                unmatched.extend(
-                    Unmatched(k, f"redundant: '{keep.group.stem}' already covers these weights")
-                    for k in drop.group.source_keys
-                )
+                drop.skip.add(module)
+                taken_by[(id(drop), module)] = keep
+    dropped: dict[tuple[str, str], list[str]] = {}
+    partial: list[tuple[_Placed, list[str]]] = []
+    for p in placed:
+        if not p.skip:
+            continue
+        keep = taken_by[(id(p), next(m for m in p.site.modules if m in p.skip))]
+        rest = [m for m in p.site.modules if m not in p.skip]
+        if rest:
+            partial.append((p, rest))
+            continue
+        dropped.setdefault((_describe(keep.site), _describe(p.site)), []).append(p.group.stem)
+        unmatched.extend(
+            Unmatched(k, f"redundant: '{keep.group.stem}' already covers these weights") for k in p.group.source_keys
+        )
     for (kept, ignored), stems in dropped.items():
         notes.append(
             f"the file carries the same weights twice: used the {kept} keys, ignored the {ignored} keys "
             f"({len(stems)} module(s), e.g. '{stems[0]}')"
         )
-    return [p for p in placed if id(p) not in losers]
+    if partial:
+        p, rest = partial[0]
+        notes.append(
+            f"{len(partial)} {_describe(p.site)} stem(s) overlap other keys for part of their modules (e.g. "
+            f"'{p.group.stem}': {', '.join(sorted(p.skip))} taken from the other keys); their other parts are "
+            f"used ({', '.join(rest)})"
+        )
+    losses = [(p, taken_by[(id(p), m)], m) for p in placed for m in p.site.modules if m in p.skip]
+    return [p for p in placed if not p.skip or any(m not in p.skip for m in p.site.modules)], losses
+
+
+def _describe_losses(file, index, losses, tensors, unmatched: list[Unmatched], notes: list[str]) -> None:
+    """Say whether the keys given up on a module were a copy of the ones used there or another delta
+    (the file then carries two versions of those rows): compared on a probe input, never silently."""
+    tensors = dict(tensors) | file.load(sorted({k for d, _k, _m in losses for k in d.group.source_keys} - set(tensors)))
+    differ: dict[int, bool] = {}
+    for drop, keep, module in losses:
+        same = _same_effect(drop, keep, module, tensors, index)
+        differ[id(drop)] = differ.get(id(drop), False) or same is False
+    for i, u in enumerate(unmatched):
+        for drop, keep, _m in losses:
+            if differ.get(id(drop)) and u.key in drop.group.source_keys and u.reason.startswith("redundant"):
+                unmatched[i] = Unmatched(u.key, f"redundant: '{keep.group.stem}' covers the same rows with a "
+                                         "different delta (the file carries two versions of them); that one was used")
+    stems = sorted({d.group.stem for d, _k, _m in losses if differ[id(d)]})
+    if stems:
+        notes.append(f"{len(stems)} stem(s) given up where other keys cover the same rows hold a different delta "
+                     f"there, not a copy (e.g. '{stems[0]}'): the preferred keys were used for those rows")
+
+
+def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleIndex) -> bool | None:
+    """Whether two stems add the same output on `module`'s shared rows for a probe input (None: not compared)."""
+    if not index.shapes[module].is_linear:
+        return None
+    x = torch.randn(index.shapes[module].shape[1], generator=torch.Generator().manual_seed(0))
+    parts = []
+    for p in (a, b):
+        t = next(t for t in _targets(_Placed(p.group, p.site, p.scale), tensors, index) if t.module == module)
+        if t.dora is not None or (t.algorithm == "full" and "diff" not in t.tensors):
+            return None
+        y = algorithms.bypass(t.algorithm, x[None], {k: v.float() for k, v in t.tensors.items()})[0] * t.scale
+        y = y if t.delta_rows is None else y[t.delta_rows[0]:t.delta_rows[1]]
+        parts.append((t.rows or (0, y.shape[0]), y))
+    (la, ya), (lb, yb) = parts
+    lo, hi = max(la[0], lb[0]), min(la[1], lb[1])
+    ya, yb = ya[lo - la[0]:hi - la[0]], yb[lo - lb[0]:hi - lb[0]]
+    return bool(torch.allclose(ya, yb, rtol=1e-3, atol=1e-5 * float(ya.abs().max().clamp_min(1e-30))))
 
 
 def _describe(site: Site) -> str:
@@ -270,8 +299,10 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         # PEFT: (out,); LyCORIS: (out, 1) by default, (1, in) when decomposed per input column.
         on_out = not (mag.dim() == 2 and mag.shape[0] == 1 and mag.shape[1] > 1)
         dora = Dora(mag.reshape(-1), on_out=on_out)
+    sc = p.scale
     common = dict(
-        algorithm=g.algorithm, scale=p.scale, source_keys=g.source_keys, rank=p.rank, alpha=p.alpha
+        algorithm=g.algorithm, scale=sc.scale, source_keys=g.source_keys, rank=sc.rank, alpha=sc.alpha,
+        scale_rule=sc.rule, alpha_used=sc.alpha_used,
     )
     if site.kind == "direct":
         return [Target(module=site.modules[0], tensors=own, dora=dora, **common)]
@@ -284,6 +315,9 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
     for module in site.modules:
         n = index.shapes[module].shape[0]
         rows = (start, start + n)
+        if module in p.skip:
+            start += n
+            continue
         part = dict(own)
         if g.algorithm == "lora":
             part["up"] = own["up"][rows[0]:rows[1]]

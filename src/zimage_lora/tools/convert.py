@@ -119,6 +119,11 @@ def _item(t: Target) -> Item:
         down = tensors["down"]
         tensors["down"] = as_matrix(mid).float() @ as_matrix(down).float()
     tensors = {role: as_matrix(v) for role, v in tensors.items()}
+    if t.algorithm == "lokr" and "w1" in tensors and "w2" in tensors and t.scale != 1.0:
+        # Written layouts give full LoKr factors scale 1 (LyCORIS rule); a trainer rule with another
+        # scale (musubi-tuner: alpha / max(w2 shape)) is folded into w2, exactly, in fp32.
+        tensors["w2"] = tensors["w2"].float() * t.scale
+        return Item(t.module, t.algorithm, tensors, 1.0, None, t.dora, t.source_keys)
     rank = t.rank
     if rank is None and t.algorithm == "lora":
         rank = tensors["down"].shape[0]

@@ -1,0 +1,144 @@
+"""Which program wrote a file, from its keys and metadata: the `format` label `inspect` shows, and
+the few facts the scale rules depend on (a metadata alpha, musubi-tuner's LoKr rule).
+
+Each rule names the evidence it uses; where the keys alone cannot tell two writers apart the label
+says what the keys are (e.g. "kohya") instead of guessing a program.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+from .grammar import KOHYA_PREFIXES
+
+
+class _Group(Protocol):
+    prefix: str
+    stem: str
+    algorithm: str
+    alpha: float | None
+    keys: dict[str, str]
+
+
+_FUSED_STEM = ("qkv", "attention.out", "attention_out")
+_SPLIT_STEM = re.compile(r"to[._](q|k|v|out)")
+# musubi-tuner's convert_lora.py --target other turns kohya names back into dotted ones by replacing
+# every '_' with '.': 'attention.to.q', 'feed.forward.w1', 'adaLN.modulation.0'.
+_MUSUBI_DOTTED = re.compile(r"\.to\.(q|k|v|out)(\.|$)|feed\.forward\.|adaLN\.modulation\.|final\.layer\.")
+
+
+def is_fused(stem: str) -> bool:
+    return stem.endswith(_FUSED_STEM)
+
+
+def is_onetrainer(meta: dict[str, str]) -> bool:
+    # OneTrainer's DtypeModelSaverMixin._create_safetensors_header writes ot_branch / ot_revision.
+    return "ot_revision" in meta or "ot_branch" in meta
+
+
+def is_mflux(meta: dict[str, str]) -> bool:
+    # mflux ZImageTrainingAdapter.save_lora_adapter writes metadata {"mflux_version", "model"}.
+    return "mflux_version" in meta
+
+
+# musubi-tuner's --network_module values for Z-Image (kohya sd-scripts uses networks.lora, lycoris.kohya).
+_MUSUBI_MODULES = ("networks.lora_zimage", "networks.lokr", "networks.loha")
+
+
+def is_musubi(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
+    """musubi-tuner: its network module in ss_network_module, or LoKr's top-level 'lokr_factor' buffer."""
+    module = meta.get("ss_network_module", "")
+    return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(_MUSUBI_MODULES)
+
+
+def musubi_lokr(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
+    """A file of musubi-tuner's own networks/lokr.py (not LyCORIS), whose forward scales differently."""
+    module = meta.get("ss_network_module", "")
+    return "lokr_factor" in tensor_keys or (module.endswith(".lokr") and "lycoris" not in module)
+
+
+def has_kohya_metadata(meta: dict[str, str]) -> bool:
+    return any(k.startswith("ss_network_") for k in meta)
+
+
+def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]) -> str:
+    """The writer of the file as far as keys and metadata tell."""
+    tensor_keys = list(tensor_keys)
+    prefixes = {g.prefix for g in groups}
+    algos = {g.algorithm for g in groups}
+    fused = any(is_fused(g.stem) for g in groups)
+    split = any(_SPLIT_STEM.search(g.stem) for g in groups)
+    roles = {_role(k) for k in tensor_keys}
+    alphas = any(g.alpha is not None for g in groups)
+    if fused and split:
+        return "mixed (split and fused qkv)"
+    if "lycoris_" in prefixes:
+        return "lycoris"
+    if prefixes & set(KOHYA_PREFIXES):
+        return _kohya_label(prefixes, fused, meta, tensor_keys, algos)
+    if any(p.startswith("base_model.model.") for p in prefixes):
+        return "peft"
+    if _musubi_converted(groups, meta, roles, alphas):
+        return "musubi-tuner convert_lora.py --target other (alpha in the weights)"
+    if "diffusion_model." in prefixes or "model.diffusion_model." in prefixes:
+        return _comfy_prefix_label(fused, meta, roles, alphas, algos)
+    if "transformer." in prefixes:
+        if is_onetrainer(meta):
+            return "onetrainer (legacy)" if "lora_down" in roles else "onetrainer (diffusers)"
+        if "lora_down" in roles:
+            return "onetrainer (legacy)"
+        return "diffusers"
+    if any(".default." in k or k.endswith(".default") for k in tensor_keys):
+        return "diffsynth"
+    if is_onetrainer(meta):
+        return "onetrainer (original)"
+    if algos & {"lokr", "loha"}:
+        return "bare module names (lycoris)"
+    if alphas:
+        return "onetrainer"
+    return "bare module names"
+
+
+def _kohya_label(prefixes, fused, meta, tensor_keys, algos) -> str:
+    if "lora_unet__" in prefixes:
+        # VideoX-Fun lora_utils.LoRANetwork: "lora_unet" + "." + "" + "." + module, dots -> '_'.
+        return "videox-fun (kohya keys, lora_unet__)"
+    if is_onetrainer(meta):
+        return "onetrainer (kohya)"
+    if is_musubi(meta, tensor_keys):
+        kind = "musubi-tuner" + (" lokr" if "lokr" in algos else "")
+        # networks/convert_z_image_lora_to_comfy.py fuses q/k/v (alpha x3) and renames to_out_0 -> out.
+        return kind + (" comfyui export (fused qkv)" if fused else "")
+    return "kohya (fused qkv)" if fused else "kohya"
+
+
+def _role(key: str) -> str:
+    """'x.lora_A.default.weight' -> 'lora_A'; 'x.alpha' -> 'alpha'."""
+    parts = key.split(".")
+    parts = [p for p in parts[:-1] if p != "default"] + parts[-1:]
+    return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+
+
+def _musubi_converted(groups, meta, roles, alphas) -> bool:
+    # convert_lora.py --target other: lora_A/lora_B without any alpha, and either the kohya metadata
+    # it copies from its source or its '_' -> '.' module names.
+    if alphas or "lora_A" not in roles or is_onetrainer(meta) or is_mflux(meta):
+        return False
+    return has_kohya_metadata(meta) or any(_MUSUBI_DOTTED.search(g.stem) for g in groups)
+
+
+def _comfy_prefix_label(fused, meta, roles, alphas, algos) -> str:
+    if is_mflux(meta):
+        return "mflux"
+    if is_onetrainer(meta):
+        return "onetrainer (comfy)"
+    if algos & {"lokr", "loha"}:
+        return "ai-toolkit (lycoris)"
+    if fused:
+        return "comfyui-native (fused qkv: ComfyUI training/extract nodes, Civitai)"
+    if "lora_down" in roles or alphas:
+        return "comfyui"
+    # ai-toolkit (and mflux without its metadata) write diffusion_model. + lora_A/lora_B, no alpha.
+    return "ai-toolkit"
