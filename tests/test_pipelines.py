@@ -93,7 +93,7 @@ def test_omni_siglip_refiner_keys_land_on_omni_and_find_no_module_on_turbo(tmp_p
     assert report.modules == ["layers.0.attention.to_k"]
     siglip = [u for u in report.unmatched if u.key.startswith("siglip_refiner.")]
     assert len(siglip) == 4 == len(report.unmatched)
-    assert all("no module 'siglip_refiner.0." in u.reason for u in siglip)
+    assert all("no such module 'siglip_refiner.0." in u.reason for u in siglip)
 
 
 @pytest.mark.parametrize("kind", ["ZImageControlNetInpaintPipeline", "ZImageOmniPipeline"])

@@ -202,7 +202,7 @@ def test_unknown_text_encoder_module_is_reported_or_strict(tmp_path, pipe):
     report = apply_adapter(pipe, path)
     assert report.modules == ["text_encoder.layers.0.self_attn.q_proj"]
     assert {u.key for u in report.unmatched} == {k for k in sd if ".7." in k}
-    assert all("no module 'layers.7.self_attn.q_proj'" in u.reason for u in report.unmatched)
+    assert all("no such module 'layers.7.self_attn.q_proj'" in u.reason for u in report.unmatched)
 
 
 def test_a_refused_text_encoder_part_leaves_both_components_as_they_were(tmp_path, pipe):

@@ -97,7 +97,7 @@ def load_parts(
         if not any(index.lookup(g.stem) is not None for g in file.groups):
             left += file.unmatched
             left += [
-                Unmatched(k, f"no module '{g.stem}' in the {_LABELS[part]} (after removing prefix '{g.prefix}')")
+                Unmatched(k, f"no such module '{g.stem}' in the {_LABELS[part]} (after removing prefix '{g.prefix}')")
                 for g in file.groups for k in g.source_keys
             ]
             continue
