@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "rewrite an adapter into another key layout"
+
 HELP = """Rewrite an adapter into another layout. LoRA converts exactly; q/k/v are split or fused as
 the target needs; what a layout cannot hold is refused with the reason (e.g. LoKr into PEFT keys).
 
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..tools.convert import FORMATS
 
     p = sub.add_parser(
-        "convert", help="rewrite an adapter into another key layout", description=HELP,
+        "convert", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="a .safetensors file, a folder (PEFT folders too) or a hub id org/name")
@@ -40,11 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..inventory import load_config, meta_model
+    from ..inventory import inventory_model, load_config
     from ..loading import load_adapter
     from ..tools.convert import convert_adapter
 
-    adapter = load_adapter(args.source, meta_model(load_config(args.model)), filename=args.filename)
+    adapter = load_adapter(args.source, inventory_model(load_config(args.model)), filename=args.filename)
     out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
     console = Console(stderr=True, markup=False, highlight=False)
     skipped = f"; {len(adapter.unmatched)} unmatched keys not carried over" if adapter.unmatched else ""

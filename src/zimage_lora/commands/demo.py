@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "apply an example adapter of every layout to a tiny model"
+
 HELP = """Build a small Z-Image transformer and an example adapter in every supported file layout (in a
 temporary folder), apply each one merged and dynamic, and print what was detected, what changed, and
 whether removing it restored every weight bit for bit. Offline; exit code 0 only if every row passed.
@@ -17,7 +19,7 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="apply an example adapter of every layout to a tiny model", description=HELP,
+        "demo", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--layouts", help="comma-separated layout ids (default: all)")

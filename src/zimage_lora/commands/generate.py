@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "generate an image with adapters (ZImagePipeline)"
+
 HELP = """Generate an image with diffusers' ZImagePipeline and one or more adapters, dynamic (wrapped
 layers, base weights untouched) or merged. Works offline when the model is in the Hugging Face cache.
 
@@ -19,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..tools.generate import DEFAULT_MODEL, DTYPES, QUANTIZE
 
     p = sub.add_parser(
-        "generate", help="generate an image with adapters (ZImagePipeline)", description=HELP,
+        "generate", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--prompt", required=True)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+SUMMARY = "describe an adapter file and how it maps onto the model"
+
 HELP = """Show an adapter's format, algorithms, ranks/alphas, matched and unmatched targets, coverage by
 block type, its size and the extra memory it needs in dynamic mode. The model inventory is built on
 the meta device (no weights needed); default: the Z-Image-Turbo transformer.
@@ -20,7 +22,7 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "inspect", help="describe an adapter file and how it maps onto the model",
+        "inspect", help=SUMMARY,
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="a .safetensors file, a folder (PEFT folders too) or a hub id org/name")
@@ -33,12 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inventory import load_config, meta_model
+    from ..inventory import inventory_model, load_config
     from ..keys import ModuleIndex
     from ..loading import load_adapter
     from ..report import summarize
 
-    index = ModuleIndex(meta_model(load_config(args.model)))
+    index = ModuleIndex(inventory_model(load_config(args.model)))
     adapter = load_adapter(args.source, index, filename=args.filename, revision=args.revision, strict=args.strict)
     info = summarize(adapter, index)
     if args.json:

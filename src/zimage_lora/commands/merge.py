@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "bake adapters into a checkpoint (streaming)"
+
 HELP = """Merge one or more adapters into a Z-Image transformer checkpoint and write the result.
 
 Input: a diffusers transformer folder (config.json + safetensors shards + index), a pipeline folder,
@@ -22,7 +24,7 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "merge", help="bake adapters into a checkpoint (streaming)", description=HELP,
+        "merge", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="transformer folder, pipeline folder, hub id, or .safetensors file")

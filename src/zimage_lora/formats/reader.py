@@ -103,6 +103,14 @@ def read_adapter_file(path: str | Path, config: dict | None = None) -> AdapterFi
             groups.append(group)
     if not groups and not header.tensors:
         raise InvalidFormatError(f"{path}: the file holds no tensors. It is not an adapter: check the file.")
+    if not groups and _looks_like_model(header):
+        sample = ", ".join(repr(k) for k in list(header.tensors)[:2])
+        raise InvalidFormatError(
+            f"{path}: this is a model checkpoint, not an adapter: its {len(header.tensors)} tensors are plain "
+            f"weights ({sample}, ...) with no adapter factors (lora_A/lora_down, lokr_w1, hada_w1_a, diff). "
+            "Pass it as the model (`zimage-lora merge --model`, `generate --model`, `--model` of inspect) "
+            "and give the adapter file as the adapter."
+        )
     return AdapterFile(
         path=path,
         header=header,
@@ -262,3 +270,11 @@ def _format_label(groups: list[Group], header: Header) -> str:
     if any(g.alpha is not None for g in groups):
         return "onetrainer"
     return "bare module names"
+
+
+def _looks_like_model(header: Header) -> bool:
+    """Most tensors are `<module>.weight` / `<module>.bias` and some are full-size matrices."""
+    keys = list(header.tensors)
+    plain = sum(k.endswith((".weight", ".bias")) for k in keys)
+    matrices = sum(len(t.shape) == 2 and min(t.shape) > 1 for t in header.tensors.values())
+    return plain >= 0.9 * len(keys) and matrices > 0
