@@ -245,6 +245,8 @@ class _Transaction:
         wrapper = self._wrapper(p.target.module, create=True)
         weight = getattr(p.module, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        if dtype.itemsize == 1:  # float8 storage (diffusers' layerwise casting): computes in another dtype
+            dtype = torch.float32
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         slot = Slot(
             record.name, p.target, record.strength, kind, tensors, _rows(p), record.compute_dtype, dtype, device

@@ -62,7 +62,8 @@ def script(parser: argparse.ArgumentParser, shell: str) -> str:
     commands = {name: p for name, p in sub.choices.items()}
     values, options = [], []
     for name, p in commands.items():
-        options.append(f"            {name}) COMPREPLY=($(compgen -W {shlex.quote(' '.join(_options(p)))} -- \"$cur\")) ;;\n")
+        words = shlex.quote(" ".join(_options(p)))
+        options.append(f'            {name}) COMPREPLY=($(compgen -W {words} -- "$cur")) ;;\n')
         for action in p._actions:
             if action.choices and action.option_strings:
                 words = shlex.quote(" ".join(map(str, action.choices)))

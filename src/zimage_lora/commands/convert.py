@@ -36,19 +36,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--filename", help="file inside a folder or hub repository")
     p.add_argument("--model", help="diffusers transformer folder or config.json (default: Z-Image-Turbo)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object (what was written) instead of a line")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..inventory import inventory_model, load_config
     from ..loading import load_adapter
     from ..tools.convert import convert_adapter
 
     adapter = load_adapter(args.source, inventory_model(load_config(args.model)), filename=args.filename)
     out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
-    console = Console(stderr=True, markup=False, highlight=False)
+    if args.json:
+        from .output import emit_json
+
+        emit_json({
+            "source": adapter.source, "format": adapter.format, "modules": len(adapter.modules),
+            "out": str(out), "to": args.to,
+            "unmatched": [{"key": u.key, "reason": u.reason} for u in adapter.unmatched],
+        })
+        return 0
+    from .output import console
+
     skipped = f"; {len(adapter.unmatched)} unmatched keys not carried over" if adapter.unmatched else ""
-    console.print(f"{adapter.source} ({adapter.format}, {len(adapter.modules)} modules) -> {out} ({args.to}){skipped}")
+    what = f"{adapter.source} ({adapter.format}, {len(adapter.modules)} modules)"
+    console().print(f"{what} -> {out} ({args.to}){skipped}")
     return 0

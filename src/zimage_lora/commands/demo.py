@@ -25,13 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layouts", help="comma-separated layout ids (default: all)")
     p.add_argument("--keep", metavar="DIR", help="write the example adapters here and keep them")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object (every row and the verdict)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tools.demo import print_table, run_demo
+    from ..tools.demo import demo_summary, print_table, run_demo
 
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()] if args.layouts else None
     rows = run_demo(layouts, workdir=args.keep, seed=args.seed)
-    print_table(rows)
+    if args.json:
+        from .output import emit_json
+
+        emit_json(demo_summary(rows))
+    else:
+        print_table(rows)
     return 0 if all(r.passed for r in rows) else 1

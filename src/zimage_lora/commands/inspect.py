@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 SUMMARY = "describe an adapter file and how it maps onto the model"
 
+UNMATCHED_SHOWN = 40
+
 HELP = """Show an adapter's format, algorithms, ranks/alphas, matched and unmatched targets, coverage by
 block type, its size and the extra memory it needs in dynamic mode. The model inventory is built on
-the meta device (no weights needed); default: the Z-Image-Turbo transformer.
+the meta device (no weights needed); default: the Z-Image-Turbo transformer (bundled inventory).
 
 examples:
   zimage-lora inspect style.safetensors
@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="hub branch, tag or commit")
     p.add_argument("--model", help="diffusers transformer folder or its config.json (default: Z-Image-Turbo)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument(
+        "--all", action="store_true", help=f"list every unmatched key (default: the first {UNMATCHED_SHOWN})"
+    )
     p.add_argument("--strict", action="store_true", help="fail when any key does not match")
     p.set_defaults(run=run)
 
@@ -44,20 +47,25 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.source, index, filename=args.filename, revision=args.revision, strict=args.strict)
     info = summarize(adapter, index)
     if args.json:
-        json.dump(info, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        from .output import emit_json
+
+        emit_json(info)
         return 0
-    _print_tables(info)
+    _print_tables(info, show_all=args.all)
     return 0
 
 
-def _print_tables(info: dict) -> None:
-    from rich.console import Console
+def _print_tables(info: dict, show_all: bool = False) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
-    console.print(f"[bold]{info['source']}[/bold]")
-    summary = Table(show_header=False, box=None)
+    from .output import console as make_console
+
+    console = make_console()
+    console.print(Text(info["source"], style="bold"))
+    summary = Table(box=None)
+    summary.add_column("field")
+    summary.add_column("value", overflow="fold")
     summary.add_row("format", info["format"])
     summary.add_row("algorithms", ", ".join(info["algorithms"]) + (" + DoRA" if info["dora"] else ""))
     summary.add_row("ranks", ", ".join(f"{r} (x{n})" for r, n in info["ranks"].items()) or "-")
@@ -78,14 +86,16 @@ def _print_tables(info: dict) -> None:
     for note in info["notes"]:
         console.print(f"note: {note}")
     if info["unmatched"]:
+        shown = info["unmatched"] if show_all else info["unmatched"][:UNMATCHED_SHOWN]
         um = Table(title="unmatched keys")
-        um.add_column("key")
-        um.add_column("reason")
-        for u in info["unmatched"][:40]:
+        um.add_column("key", overflow="fold")  # a key is folded onto the next line, never cut
+        um.add_column("reason", overflow="fold")
+        for u in shown:
             um.add_row(u["key"], u["reason"])
-        if len(info["unmatched"]) > 40:
-            um.add_row("...", f"{len(info['unmatched']) - 40} more (use --json for all)")
         console.print(um)
+        if len(shown) < len(info["unmatched"]):
+            more = len(info["unmatched"]) - len(shown)
+            console.print(f"... {more} more unmatched keys: --all lists every one, --json gives them all too")
 
 
 def _mb(n: int) -> str:
