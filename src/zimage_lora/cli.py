@@ -90,10 +90,11 @@ def cli_message(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quiet import hide_third_party, verbose_env
+    from .quiet import SHOW_ALL, hide_third_party, verbose_env
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = verbose_env() or any(a in ("-v", "--verbose") for a in argv)
+    token = SHOW_ALL.set(verbose)
     try:
         with hide_third_party(enabled=not verbose):
             parser = build_parser(_chosen(argv), full=False)
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        SHOW_ALL.reset(token)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,14 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 #: Warnings raised by our own code (e.g. a lossy quantized merge) always reach the user.
 OWN_MODULES = r"zimage_lora(\.|$)"
+
+
+#: Set by `zimage-lora --verbose` for the run, so imports made by the library show their noise too.
+SHOW_ALL: ContextVar[bool] = ContextVar("zimage_lora_show_all", default=False)
 
 
 def verbose_env() -> bool:
@@ -45,5 +50,5 @@ def hide_third_party(enabled: bool = True) -> Iterator[None]:
 @contextmanager
 def quiet_imports() -> Iterator[None]:
     """Around an import of a third-party package made on the user's behalf (diffusers, transformers)."""
-    with hide_third_party(enabled=not (verbose_env() or logging.root.handlers)):
+    with hide_third_party(enabled=not (SHOW_ALL.get() or verbose_env() or logging.root.handlers)):
         yield
