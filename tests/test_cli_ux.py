@@ -240,6 +240,24 @@ def test_strict_message_names_the_python_fix_in_python(turbo_lora):
         load_adapter(turbo_lora, strict=True)
 
 
+def test_ambiguous_folder_message_names_the_flag(tmp_path, tiny, capsys):
+    make_adapter("kohya", tmp_path / "a.safetensors", tiny)
+    make_adapter("kohya", tmp_path / "b.safetensors", tiny)
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "choose one with --filename NAME (or pass the file path itself)" in err and "filename=" not in err
+
+
+@pytest.mark.parametrize(("library", "cli"), [
+    ("Pass strict=False to apply the matched part.", "Run without --strict to apply the matched part."),
+    ("use mode='dynamic' to keep it exact", "use --mode dynamic to keep it exact"),
+])
+def test_cli_spelling_of_library_fixes(library, cli):
+    from zimage_lora.cli import cli_message
+
+    assert cli_message(f"x.safetensors: something. {library}") == f"x.safetensors: something. {cli}"
+
+
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_model_checkpoint_given_as_adapter(tmp_path, tiny, tiny_config_file, prefix, capsys):
     path = tmp_path / "z_image_turbo_bf16.safetensors"

@@ -33,6 +33,8 @@ VERBOSE_HELP = "show third-party log lines and warnings (hidden by default)"
 CLI_SPELLINGS = (
     (re.compile(r"Pass strict=False to apply the matched part\."), "Run without --strict to apply the matched part."),
     (re.compile(r"\bstrict=True\b"), "--strict"),
+    (re.compile(r"filename=\.\.\. \(CLI: SOURCE --filename NAME, or pass the file path itself\)"),
+     "--filename NAME (or pass the file path itself)"),
     (re.compile(r"mode='dynamic'"), "--mode dynamic"),
     (re.compile(r"mode='merged'"), "--mode merged"),
 )
