@@ -52,9 +52,9 @@ class Checkpoint:
 
     def module_index(self) -> ModuleIndex:
         if self.config is not None:
-            from ..inventory import meta_model
+            from ..inventory import inventory_model
 
-            return ModuleIndex(meta_model(self.config))
+            return ModuleIndex(inventory_model(self.config))
         return ModuleIndex(stand_in_model(self.tensors(), self.prefix))
 
 
