@@ -43,10 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inventory import inventory_model, load_config
     from ..loading import load_adapter
+    from ..numerics import one_thread
     from ..tools.convert import convert_adapter
 
-    adapter = load_adapter(args.source, inventory_model(load_config(args.model)), filename=args.filename)
-    out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
+    with one_thread():
+        adapter = load_adapter(args.source, inventory_model(load_config(args.model)), filename=args.filename)
+        out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
     if args.json:
         from .output import emit_json
 

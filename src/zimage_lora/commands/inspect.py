@@ -38,22 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..inventory import inventory_model, load_config
     from ..keys import ModuleIndex
     from ..loading import load_adapter
+    from ..numerics import one_thread
     from ..report import summarize
 
     index = ModuleIndex(inventory_model(load_config(args.model)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small tensors to scan: contended threads are several times slower
-    try:
+    with one_thread():
         adapter = load_adapter(
             args.source, index, filename=args.filename, revision=args.revision, strict=args.strict
         )
-    finally:
-        torch.set_num_threads(threads)
     info = summarize(adapter, index)
     if args.json:
         from .output import emit_json

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import LoRAError
 from ..examples import LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
+from ..numerics import one_thread
 
 #: dynamic and merged outputs must agree to this relative error (fp32).
 AGREEMENT = 1e-4
@@ -41,12 +42,8 @@ def run_demo(layouts: list[str] | None = None, workdir: str | Path | None = None
     unknown = [x for x in chosen if x not in LAYOUTS]
     if unknown:
         raise LoRAError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is several times faster than contended threads
-    try:
+    with one_thread():  # a tiny model: one thread is several times faster than contended threads
         return _run(chosen, workdir, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(chosen: list[str], workdir: str | Path | None, seed: int) -> list[DemoRow]:
