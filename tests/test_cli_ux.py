@@ -194,6 +194,7 @@ def test_convert_json(tmp_path, tiny, tiny_config_file, capsys):
     src = make_adapter("kohya", tmp_path / "k.safetensors", tiny)
     out = tmp_path / "c.safetensors"
     args = ["convert", str(src), "--to", "comfy", "--out", str(out), "--model", str(tiny_config_file), "--json"]
+    capsys.readouterr()
     assert main(args) == 0
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
@@ -208,6 +209,7 @@ def test_merge_json(tmp_path, capsys):
     model.save_pretrained(folder)
     lora = make_adapter("diffusers", tmp_path / "d.safetensors", model)
     out = tmp_path / "merged"
+    capsys.readouterr()  # what building the model printed (diffusers, when first imported under pytest)
     assert main(["merge", "--model", str(folder), "--lora", f"{lora}:0.5", "--out", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
@@ -215,6 +217,19 @@ def test_merge_json(tmp_path, capsys):
     assert doc["out"] == str(out) and doc["tensors"] == len(model.state_dict())
     assert doc["merged_tensors"] == 37 and doc["bytes_written"] > 0
     assert [(a["source"], a["scale"], a["targets"]) for a in doc["adapters"]] == [(str(lora), 0.5, 37)]
+
+
+def test_piped_merge_summary_keeps_paths_whole(tmp_path, capsys):
+    model = tiny_model(seed=0)
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder)
+    lora = make_adapter("diffusers", tmp_path / "d.safetensors", model)
+    out = tmp_path / ("a_long_output_folder_name_" * 4) / "merged"
+    out.parent.mkdir()
+    capsys.readouterr()
+    assert main(["merge", "--model", str(folder), "--lora", str(lora), "--out", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(str(out)) > 80 and any(line.startswith(f"wrote {out}: ") for line in lines)
 
 
 # --- completion ----------------------------------------------------------------------------------------------

@@ -44,11 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..tools.generate import generate
+    from .output import console as make_console
 
-    console = Console(stderr=True, markup=False, highlight=False)
+    console = make_console(stderr=True)
     result = generate(
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,
