@@ -344,3 +344,17 @@ def test_adapters_repr_lists_mode_strength_and_state(tmp_path, tiny):
         "Adapters(ZImageTransformer2DModel: 2 attached: style (dynamic, x0.8, inactive), "
         "hero (merged, x-1.5, active))"
     )
+
+
+# --- optional packages ------------------------------------------------------------------------------------------
+
+def test_plain_layers_consult_no_quantization_backend():
+    """Even with torchao, bitsandbytes and gguf imported (diffusers imports them), a plain Linear never
+    loads a quantized backend: a backend is considered only for layers whose classes come from its package."""
+    from zimage_lora import backends
+
+    for package in ("torchao", "bitsandbytes", "gguf"):
+        pytest.importorskip(package, reason=f"{package} is in the [quant] extra")
+    plain = torch.nn.Linear(4, 4)
+    assert backends._candidates(plain) == []
+    assert backends.backend_for(plain) is backends._PLAIN
