@@ -108,8 +108,8 @@ def read_adapter_file(path: str | Path, config: dict | None = None) -> AdapterFi
         raise InvalidFormatError(
             f"{path}: this is a model checkpoint, not an adapter: its {len(header.tensors)} tensors are plain "
             f"weights ({sample}, ...) with no adapter factors (lora_A/lora_down, lokr_w1, hada_w1_a, diff). "
-            "Pass it as the model (`zimage-lora merge --model`, `generate --model`, `--model` of inspect) "
-            "and give the adapter file as the adapter."
+            "Give it as the model instead (`--model` on the command line, the model argument in Python) "
+            "and an adapter file (LoRA, LoKr, ...) here."
         )
     return AdapterFile(
         path=path,
