@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [quant] extra")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the [quant] extra: pip install -e '.[test,quant]'")
 
 import bitsandbytes.functional as F  # noqa: E402
 import bitsandbytes.nn.modules as bnb_modules  # noqa: E402

@@ -6,10 +6,12 @@ Files are written at test time with the gguf package: legacy block formats with 
 
 from __future__ import annotations
 
-import gguf
 import pytest
-import torch
-from _quant import (
+
+gguf = pytest.importorskip("gguf", reason="gguf is in the [quant] extra: pip install -e '.[test,quant]'")
+
+import torch  # noqa: E402
+from _quant import (  # noqa: E402
     check_engine,
     dense_reference,
     gguf_bytes,
@@ -19,13 +21,13 @@ from _quant import (
     reference_dequant,
     write_gguf,
 )
-from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor
+from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor  # noqa: E402
 
-from zimage_lora import LoRAError, apply_adapter
-from zimage_lora.backends import backend_for
-from zimage_lora.backends.gguf_backend import GGUFBackend, GGUFReadOnlyBackend
-from zimage_lora.examples import make_adapter, run_model, tiny_inputs, tiny_model
-from zimage_lora.keys.index import module_shape
+from zimage_lora import LoRAError, apply_adapter  # noqa: E402
+from zimage_lora.backends import backend_for  # noqa: E402
+from zimage_lora.backends.gguf_backend import GGUFBackend, GGUFReadOnlyBackend  # noqa: E402
+from zimage_lora.examples import make_adapter, run_model, tiny_inputs, tiny_model  # noqa: E402
+from zimage_lora.keys.index import module_shape  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 WRITABLE = [Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0]

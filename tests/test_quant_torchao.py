@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from _quant import check_engine, dense_reference, lowrank_delta, raw_bytes, raw_state
-from torchao.quantization import (
+
+pytest.importorskip("torchao", reason="torchao is in the [quant] extra: pip install -e '.[test,quant]'")
+
+import torch  # noqa: E402
+from _quant import check_engine, dense_reference, lowrank_delta, raw_bytes, raw_state  # noqa: E402
+from torchao.quantization import (  # noqa: E402
     Float8WeightOnlyConfig,
     Int8WeightOnlyConfig,
     IntxWeightOnlyConfig,
@@ -15,10 +18,10 @@ from torchao.quantization import (
     quantize_,
 )
 
-from zimage_lora.backends import backend_for
-from zimage_lora.backends.torchao_backend import TorchAOBackend
-from zimage_lora.examples import make_adapter, tiny_model
-from zimage_lora.keys.index import module_shape
+from zimage_lora.backends import backend_for  # noqa: E402
+from zimage_lora.backends.torchao_backend import TorchAOBackend  # noqa: E402
+from zimage_lora.examples import make_adapter, tiny_model  # noqa: E402
+from zimage_lora.keys.index import module_shape  # noqa: E402
 
 CONFIGS = {
     "int8": lambda: Int8WeightOnlyConfig(),

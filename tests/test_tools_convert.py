@@ -169,7 +169,7 @@ def test_cli_convert_and_refusal(model, tmp_path, capsys):
     src = make_adapter("kohya", tmp_path / "k.safetensors", model)
     out = tmp_path / "c.safetensors"
     assert main(["convert", str(src), "--to", "comfy", "--out", str(out), "--model", str(cfg)]) == 0
-    assert out.exists() and "comfy" in capsys.readouterr().err
+    assert out.exists() and "comfy" in capsys.readouterr().out  # the summary: stdout, stderr stays empty
     assert main(["convert", str(src), "--to", "comfy", "--out", str(out), "--model", str(cfg)]) == 1
     lokr = make_adapter("lycoris-lokr", tmp_path / "l.safetensors", model)
     assert main(["convert", str(lokr), "--to", "diffusers", "--out", str(tmp_path / "x.safetensors"),

@@ -1,54 +1,53 @@
-"""zimage-lora: LoRA-family adapters for the Z-Image diffusion transformer."""
+"""zimage-lora: LoRA-family adapters for the Z-Image diffusion transformer.
 
-from .adapter import Adapter, Dora, Target, Unmatched
-from .apply import (
-    AdapterInfo,
-    Adapters,
-    ApplyReport,
-    apply_adapter,
-    list_adapters,
-    remove_adapter,
-    set_active_adapters,
-    set_adapter_scale,
-)
-from .errors import (
-    AdapterNotFoundError,
-    AmbiguousSourceError,
-    DownloadError,
-    IncompatibleWeightsError,
-    InvalidArgumentError,
-    InvalidFormatError,
-    LoRAError,
-    UnsafeFileError,
-    UnsupportedError,
-)
-from .loading import load_adapter
-from .sources import LoRAConfiguration
+The public names are imported on first use (PEP 562), so `import zimage_lora.cli` and
+`zimage-lora --help` do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adapter",
-    "Dora",
-    "Target",
-    "Unmatched",
-    "LoRAConfiguration",
-    "load_adapter",
-    "apply_adapter",
-    "remove_adapter",
-    "set_adapter_scale",
-    "list_adapters",
-    "set_active_adapters",
-    "Adapters",
-    "ApplyReport",
-    "AdapterInfo",
-    "LoRAError",
-    "AdapterNotFoundError",
-    "AmbiguousSourceError",
-    "DownloadError",
-    "IncompatibleWeightsError",
-    "InvalidArgumentError",
-    "InvalidFormatError",
-    "UnsafeFileError",
-    "UnsupportedError",
-]
+_EXPORTS = {
+    "Adapter": ".adapter",
+    "Dora": ".adapter",
+    "Target": ".adapter",
+    "Unmatched": ".adapter",
+    "LoRAConfiguration": ".sources",
+    "load_adapter": ".loading",
+    "apply_adapter": ".apply",
+    "remove_adapter": ".apply",
+    "set_adapter_scale": ".apply",
+    "list_adapters": ".apply",
+    "set_active_adapters": ".apply",
+    "Adapters": ".apply",
+    "ApplyReport": ".apply",
+    "AdapterInfo": ".apply",
+    "LoRAError": ".errors",
+    "AdapterNotFoundError": ".errors",
+    "AmbiguousSourceError": ".errors",
+    "DownloadError": ".errors",
+    "IncompatibleWeightsError": ".errors",
+    "InvalidArgumentError": ".errors",
+    "InvalidFormatError": ".errors",
+    "UnsafeFileError": ".errors",
+    "UnsupportedError": ".errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zimage_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

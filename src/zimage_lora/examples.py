@@ -42,7 +42,10 @@ def tiny_config(**overrides) -> dict:
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
     """A small random `ZImageTransformer2DModel` (dim 64, 2 layers, 1 refiner layer) in eval mode."""
-    from diffusers import ZImageTransformer2DModel
+    from .quiet import quiet_imports
+
+    with quiet_imports():
+        from diffusers import ZImageTransformer2DModel
 
     torch.manual_seed(seed)
     model = ZImageTransformer2DModel(**tiny_config(**overrides))

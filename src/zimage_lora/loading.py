@@ -42,9 +42,9 @@ def load_adapter(
         index = model
     else:
         if model is None:
-            from .inventory import meta_model
+            from .inventory import inventory_model
 
-            model = meta_model()
+            model = inventory_model()
         index = ModuleIndex(model)
     return resolve(
         file, index, name=name or cfg.name or resolved.default_name, strict=strict, check_finite=check_finite,

@@ -103,3 +103,10 @@ class Adapters:
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.list()]
+
+    def __repr__(self) -> str:
+        """`Adapters(ZImageTransformer2DModel: 2 attached; style (dynamic, x0.8, active), ...)`."""
+        infos = self.list()
+        rows = [f"{a.name} ({a.mode}, x{a.scale:g}, {'active' if a.active else 'inactive'})" for a in infos]
+        body = f"{len(infos)} attached: " + ", ".join(rows) if rows else "no adapters"
+        return f"Adapters({type(self.model).__name__}: {body})"

@@ -44,8 +44,7 @@ def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[t
     _rebuild_bias(name, module, snap, prepared)
     weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
     if type(snap.backend) is PlainLinearBackend:  # subclasses may requantize: they go through their backend
-        _rebuild_plain(name, module, snap, weighted)
-        return None
+        return _rebuild_plain(name, module, snap, weighted)
     snap.backend.restore(module, snap.weight)
     if not weighted:
         return None
@@ -94,23 +93,27 @@ def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int
     return max(1, CHUNK_ELEMENTS // max(1, cols))
 
 
-def _rebuild_plain(name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]) -> None:
+def _rebuild_plain(
+    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]
+) -> float | None:
+    """Returns the rounding loss for float8 weights (e.g. diffusers' layerwise casting), else None."""
     weight = module.weight
     original: torch.Tensor = snap.weight
     if not weighted:
         with torch.no_grad():
             weight.copy_(original)
-        return
+        return None
     if weight.dim() == 1:  # a norm's weight: the diff is a vector
         with torch.no_grad():
             weight.copy_(_vector_value(original, weighted))
         _check_finite(name + ".weight", weight)
-        return
+        return None
     rows = weight.shape[0]
     step = _step(tuple(weight.shape), weighted)
     if weight.device.type != "cpu":
         step *= 16  # accelerators: fewer, larger launches; still a small fraction of one layer
-    spans, squares = [], []
+    lossy = weight.dtype.itemsize == 1  # float8: rounding loses a visible part of the delta
+    spans, squares, lost, wanted = [], [], [], []
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -120,10 +123,17 @@ def _rebuild_plain(name: str, module: torch.nn.Module, snap: Snapshot, weighted:
             flat = chunk.reshape(-1)
             spans.append((r0, r1))
             squares.append(torch.dot(flat, flat))
+            if lossy:
+                lost.append((weight[r0:r1].float() - chunk).square().sum())
+                wanted.append((chunk - original[r0:r1].float()).square().sum())
     # One host sync per layer (not per block) to read every block's sum of squares.
     for (r0, r1), sq in zip(spans, torch.stack(squares).tolist(), strict=True):
         if not _surely_finite(sq, weight.dtype):
             _check_finite(name + ".weight", weight[r0:r1])
+    if not lossy:
+        return None
+    delta2 = float(torch.stack(wanted).sum())
+    return math.sqrt(float(torch.stack(lost).sum()) / delta2) if delta2 > 0 else 0.0
 
 
 def _rebuild_backend(

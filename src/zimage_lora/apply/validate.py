@@ -98,7 +98,9 @@ def slot_dtype(module: nn.Module, compute_dtype: torch.dtype | None) -> torch.dt
     if compute_dtype is not None:
         return compute_dtype
     weight = getattr(module, "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+    # float8 storage (diffusers' layerwise casting) computes in another dtype: never round factors to it.
+    return torch.float32 if dtype.itemsize == 1 else dtype
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 
 import torch
@@ -12,35 +11,46 @@ from ..errors import UnsupportedError
 from .base import Backend
 from .plain import PlainLinearBackend
 
-# (module path, class name, top-level package that must already be imported for it to apply).
-# A quantized layer can only exist if its package was imported, so checking sys.modules keeps
-# start-up free of optional imports.
-REGISTRY: list[tuple[str, str, str]] = [
-    (".torchao_backend", "TorchAOBackend", "torchao"),
-    (".bnb_backend", "BnB4bitBackend", "bitsandbytes"),
-    (".bnb_backend", "BnB8bitBackend", "bitsandbytes"),
-    (".gguf_backend", "GGUFBackend", "gguf"),
-    (".gguf_backend", "GGUFReadOnlyBackend", "gguf"),
+# (module path, class name, where the layer's classes come from). A backend module imports its
+# quantization package, so it is imported only when a layer's own class or its weight's class comes
+# from that package: a plain model never imports torchao, bitsandbytes or gguf (nor their log lines).
+REGISTRY: list[tuple[str, str, tuple[str, ...]]] = [
+    (".torchao_backend", "TorchAOBackend", ("torchao",)),
+    (".bnb_backend", "BnB4bitBackend", ("bitsandbytes",)),
+    (".bnb_backend", "BnB8bitBackend", ("bitsandbytes",)),
+    (".gguf_backend", "GGUFBackend", ("diffusers.quantizers.gguf", "gguf")),
+    (".gguf_backend", "GGUFReadOnlyBackend", ("diffusers.quantizers.gguf", "gguf")),
 ]
 
 _PLAIN = PlainLinearBackend()
 _loaded: dict[str, Backend | None] = {}
 
 
-def _candidates() -> list[Backend]:
+def _origins(module: torch.nn.Module) -> set[str]:
+    """Top modules (e.g. 'torchao.quantization') of the classes of a layer and of its weight."""
+    classes = list(type(module).__mro__)
+    weight = getattr(module, "weight", None)
+    if weight is not None:
+        classes.extend(type(weight).__mro__)
+    return {c.__module__ for c in classes}
+
+
+def _candidates(module: torch.nn.Module) -> list[Backend]:
+    origins = _origins(module)
     found: list[Backend] = []
-    for path, cls, package in REGISTRY:
-        if package not in sys.modules:
+    for path, cls, packages in REGISTRY:
+        if not any(o == p or o.startswith(p + ".") for o in origins for p in packages):
             continue
         key = f"{path}:{cls}"
         if key not in _loaded:
-            # diffusers imports every quantization package it finds; a version of one that this
-            # backend cannot work with must not break plain models, so it is skipped with a warning.
+            # a version of a quantization package that this backend cannot work with must not
+            # break plain layers, so it is skipped with a warning.
             try:
                 _loaded[key] = getattr(importlib.import_module(path, __name__), cls)()
             except (ImportError, AttributeError) as exc:
                 warnings.warn(
-                    f"zimage_lora: {package} backend unavailable ({exc}); its layers are not supported", stacklevel=3
+                    f"zimage_lora: {packages[0]} backend unavailable ({exc}); its layers are not supported",
+                    stacklevel=3,
                 )
                 _loaded[key] = None
         backend = _loaded[key]
@@ -50,7 +60,7 @@ def _candidates() -> list[Backend]:
 
 
 def backend_for(module: torch.nn.Module) -> Backend:
-    for backend in _candidates():
+    for backend in _candidates(module):
         if backend.matches(module):
             return backend
     if _PLAIN.matches(module):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..errors import LoRAError
 
+SUMMARY = "performance bench against PEFT, diffusers and LyCORIS (source checkout only)"
+
 
 def _script() -> Path:
     for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
@@ -28,7 +30,7 @@ def _script() -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="performance bench against PEFT, diffusers and LyCORIS (source checkout only)",
+        help=SUMMARY,
         description="Pass-through to bench/run.py, e.g. `zimage-lora bench all --quick`, "
         "`zimage-lora bench lora --dtypes fp32 --tokens 1024`; `zimage-lora bench help` lists its options.",
     )

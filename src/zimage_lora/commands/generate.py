@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "generate an image with adapters (ZImagePipeline)"
+
 HELP = """Generate an image with diffusers' ZImagePipeline and one or more adapters, dynamic (wrapped
 layers, base weights untouched) or merged. Works offline when the model is in the Hugging Face cache.
 
@@ -19,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..tools.generate import DEFAULT_MODEL, DTYPES, QUANTIZE
 
     p = sub.add_parser(
-        "generate", help="generate an image with adapters (ZImagePipeline)", description=HELP,
+        "generate", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--prompt", required=True)
@@ -42,11 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..tools.generate import generate
+    from .output import console as make_console
 
-    console = Console(stderr=True, markup=False, highlight=False)
+    console = make_console(stderr=True)
     result = generate(
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,

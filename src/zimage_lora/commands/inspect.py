@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+SUMMARY = "describe an adapter file and how it maps onto the model"
+
+UNMATCHED_SHOWN = 40
 
 HELP = """Show an adapter's format, algorithms, ranks/alphas, matched and unmatched targets, coverage by
 block type, its size and the extra memory it needs in dynamic mode, how each scale was derived (and
 when another loader would differ), and trainer data that is not adapter weights. The model inventory
-is built on the meta device (no weights needed); default: the Z-Image-Turbo transformer. When no key
-matches, every key is listed with its reason and the exit status is 1.
+is built on the meta device (no weights needed); default: the Z-Image-Turbo transformer (bundled
+inventory). When no key matches, every key is listed with its reason and the exit status is 1.
 
 examples:
   zimage-lora inspect style.safetensors
@@ -22,7 +25,7 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "inspect", help="describe an adapter file and how it maps onto the model",
+        "inspect", help=SUMMARY,
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="a .safetensors file, a folder (PEFT folders too) or a hub id org/name")
@@ -30,27 +33,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="hub branch, tag or commit")
     p.add_argument("--model", help="diffusers transformer folder or its config.json (default: Z-Image-Turbo)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument(
+        "--all", action="store_true", help=f"list every unmatched key (default: the first {UNMATCHED_SHOWN})"
+    )
     p.add_argument("--strict", action="store_true", help="fail when any key does not match")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inventory import load_config, meta_model
+    from ..inventory import inventory_model, load_config
     from ..keys import ModuleIndex
     from ..loading import load_adapter
+    from ..numerics import one_thread
     from ..report import summarize
 
-    index = ModuleIndex(meta_model(load_config(args.model)))
-    adapter = load_adapter(
-        args.source, index, filename=args.filename, revision=args.revision, strict=args.strict, allow_empty=True
-    )
+    index = ModuleIndex(inventory_model(load_config(args.model)))
+    with one_thread():
+        adapter = load_adapter(
+            args.source, index, filename=args.filename, revision=args.revision, strict=args.strict,
+            allow_empty=True,
+        )
     info = summarize(adapter, index)
     empty = not adapter.targets
     if args.json:
-        json.dump(info, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        from .output import emit_json
+
+        emit_json(info)
     else:
-        _print_tables(info, every_key=empty)
+        _print_tables(info, show_all=args.all or empty)
     if empty:
         print(
             f"error: no key of this {info['format']} file matches a module of the model "
@@ -61,13 +71,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(info: dict, every_key: bool = False) -> None:
-    from rich.console import Console
+def _print_tables(info: dict, show_all: bool = False) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
-    console.print(f"[bold]{info['source']}[/bold]")
-    summary = Table(show_header=False, box=None)
+    from .output import console as make_console
+
+    console = make_console()
+    console.print(Text(info["source"], style="bold"))
+    summary = Table(box=None)
+    summary.add_column("field")
+    summary.add_column("value", overflow="fold")
     summary.add_row("format", info["format"])
     dora = f" + DoRA ({info['dora_orientation']})" if info["dora"] else ""
     summary.add_row("algorithms", (", ".join(info["algorithms"]) or "-") + dora)
@@ -93,20 +107,17 @@ def _print_tables(info: dict, every_key: bool = False) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     for u in info["ignored"]:
         console.print(f"ignored: {u['key']}: {u['reason']}", markup=False, highlight=False)
-    if info["unmatched"] and every_key:
-        # Every key, one per line and never cut to the terminal width: this is the whole report.
-        console.print("unmatched keys (every key, with its reason):", markup=False, highlight=False)
-        for u in info["unmatched"]:
-            console.print(f"  {u['key']}: {u['reason']}", markup=False, highlight=False, soft_wrap=True)
-    elif info["unmatched"]:
+    if info["unmatched"]:
+        shown = info["unmatched"] if show_all else info["unmatched"][:UNMATCHED_SHOWN]
         um = Table(title="unmatched keys")
-        um.add_column("key")
-        um.add_column("reason")
-        for u in info["unmatched"][:40]:
+        um.add_column("key", overflow="fold")  # a key is folded onto the next line, never cut
+        um.add_column("reason", overflow="fold")
+        for u in shown:
             um.add_row(u["key"], u["reason"])
-        if len(info["unmatched"]) > 40:
-            um.add_row("...", f"{len(info['unmatched']) - 40} more (use --json for all)")
         console.print(um)
+        if len(shown) < len(info["unmatched"]):
+            more = len(info["unmatched"]) - len(shown)
+            console.print(f"... {more} more unmatched keys: --all lists every one, --json gives them all too")
 
 
 def _mb(n: int) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+SUMMARY = "bake adapters into a checkpoint (streaming)"
+
 HELP = """Merge one or more adapters into a Z-Image transformer checkpoint and write the result.
 
 Input: a diffusers transformer folder (config.json + safetensors shards + index), a pipeline folder,
@@ -22,7 +24,7 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "merge", help="bake adapters into a checkpoint (streaming)", description=HELP,
+        "merge", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="transformer folder, pipeline folder, hub id, or .safetensors file")
@@ -36,21 +38,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--strict", action="store_true", help="fail when any adapter key does not match")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object (what was merged and written)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..tools.checkpoint_merge import merge_checkpoint
     from ..tools.specs import parse_lora_spec
 
-    console = Console(stderr=True, markup=False, highlight=False)
     specs = [parse_lora_spec(s) for s in args.lora]
     report = merge_checkpoint(
         args.model, specs, args.out, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
-        progress=not args.quiet,
+        progress=not (args.quiet or args.json),
     )
+    if args.json:
+        from .output import emit_json
+
+        emit_json(report)
+        return 0
+    from .output import console as make_console
+
+    console = make_console(stderr=True)
     for a in report.adapters:
         unmatched = f", {a['unmatched']} unmatched keys" if a["unmatched"] else ""
         console.print(f"merged {a['source']} ({a['format']}) x{a['scale']:g}: {a['targets']} targets{unmatched}")

@@ -117,6 +117,14 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
             groups.append(group)
     if not groups and not header.tensors:
         raise InvalidFormatError(f"{path}: the file holds no tensors. It is not an adapter: check the file.")
+    if not groups and _looks_like_model(header):
+        sample = ", ".join(repr(k) for k in list(header.tensors)[:2])
+        raise InvalidFormatError(
+            f"{path}: this is a model checkpoint, not an adapter: its {len(header.tensors)} tensors are plain "
+            f"weights ({sample}, ...) with no adapter factors (lora_A/lora_down, lokr_w1, hada_w1_a, diff). "
+            "Give it as the model instead (`--model` on the command line, the model argument in Python) "
+            "and an adapter file (LoRA, LoKr, ...) here."
+        )
     return AdapterFile(
         path=path,
         header=header,
@@ -240,3 +248,11 @@ def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
                 f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
             ) from None
     return None
+
+
+def _looks_like_model(header: Header) -> bool:
+    """Most tensors are `<module>.weight` / `<module>.bias` and some are full-size matrices."""
+    keys = list(header.tensors)
+    plain = sum(k.endswith((".weight", ".bias")) for k in keys)
+    matrices = sum(len(t.shape) == 2 and min(t.shape) > 1 for t in header.tensors.values())
+    return plain >= 0.9 * len(keys) and matrices > 0

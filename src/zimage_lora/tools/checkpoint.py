@@ -52,9 +52,9 @@ class Checkpoint:
 
     def module_index(self) -> ModuleIndex:
         if self.config is not None:
-            from ..inventory import meta_model
+            from ..inventory import inventory_model
 
-            return ModuleIndex(meta_model(self.config))
+            return ModuleIndex(inventory_model(self.config))
         return ModuleIndex(stand_in_model(self.tensors(), self.prefix))
 
 
@@ -145,44 +145,19 @@ def _single_file_prefix(header: Header) -> str:
     return ""
 
 
-class StandInNorm(torch.nn.Module):
-    """A norm layer's 1-D weight on the meta device (only full diffs can target it)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(n, device="meta"))
-
-
 def stand_in_model(tensors: list[tuple[Path, TensorInfo]], prefix: str = "") -> torch.nn.Module:
     """A module tree of meta Linear / norm layers named after the checkpoint's weight keys."""
+    from ..inventory import stand_in_tree
+
     keys = {info.key: info for _p, info in tensors}
-    leaves: dict[str, torch.nn.Module] = {}
+    entries: dict[str, dict] = {}
     for key, info in keys.items():
         if not key.startswith(prefix) or not key.endswith(".weight"):
             continue
         name = key[len(prefix): -len(".weight")]
-        if not name or DTYPES[info.dtype][0].is_floating_point is False:
+        if not name or DTYPES[info.dtype][0].is_floating_point is False or len(info.shape) not in (1, 2):
             continue
-        if len(info.shape) == 2:
-            out_f, in_f = info.shape
-            leaves[name] = torch.nn.Linear(in_f, out_f, bias=f"{prefix}{name}.bias" in keys, device="meta")
-        elif len(info.shape) == 1:
-            leaves[name] = StandInNorm(info.shape[0])
-    root = torch.nn.Module()
-    for name in sorted(leaves, key=lambda n: n.count(".")):
-        parent = root
-        *path, last = name.split(".")
-        for part in path:
-            child = parent._modules.get(part)
-            if child is None:
-                child = torch.nn.Module()
-                parent.add_module(part, child)
-            parent = child
-        existing = parent._modules.get(last)
-        leaf = leaves[name]
-        if existing is not None:  # a container made earlier for a deeper key: keep its children
-            for child_name, child in existing.named_children():
-                leaf.add_module(child_name, child)
-        parent.add_module(last, leaf)
-    return root
+        linear = len(info.shape) == 2
+        entries[name] = {"shape": list(info.shape), "bias": linear and f"{prefix}{name}.bias" in keys, "linear": linear}
+    return stand_in_tree({n: entries[n] for n in sorted(entries, key=lambda n: n.count("."))})
 

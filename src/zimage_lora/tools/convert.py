@@ -80,12 +80,12 @@ def convert_adapter(
 
 
 def _load(source, model) -> Adapter:
-    from ..inventory import load_config, meta_model
+    from ..inventory import inventory_model, load_config
     from ..loading import load_adapter
 
     if isinstance(model, torch.nn.Module):
         return load_adapter(source, model)
-    return load_adapter(source, meta_model(load_config(model)))
+    return load_adapter(source, inventory_model(load_config(model)))
 
 
 # --- canonical items ---------------------------------------------------------------------------------

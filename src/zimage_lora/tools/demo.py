@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LoRAError
 from ..examples import LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
+from ..numerics import one_thread
 
 #: dynamic and merged outputs must agree to this relative error (fp32).
 AGREEMENT = 1e-4
@@ -41,12 +42,8 @@ def run_demo(layouts: list[str] | None = None, workdir: str | Path | None = None
     unknown = [x for x in chosen if x not in LAYOUTS]
     if unknown:
         raise LoRAError(f"unknown layout(s) {unknown}; known: {', '.join(LAYOUTS)}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is several times faster than contended threads
-    try:
+    with one_thread():  # a tiny model: one thread is several times faster than contended threads
         return _run(chosen, workdir, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(chosen: list[str], workdir: str | Path | None, seed: int) -> list[DemoRow]:
@@ -119,18 +116,30 @@ def _reset(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(original)
 
 
+def demo_summary(rows: list[DemoRow]) -> dict:
+    """What `demo --json` prints: every row (one layout in one mode) and the verdict."""
+    failed = [r for r in rows if not r.passed]
+    return {
+        "passed": not failed,
+        "layouts": len({r.layout for r in rows}),
+        "modes": sorted({r.mode for r in rows}),
+        "failed": len(failed),
+        "rows": [{**asdict(r), "passed": r.passed} for r in rows],
+    }
+
+
 def print_table(rows: list[DemoRow], console=None) -> None:
     """One line per layout: both modes side by side."""
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-            console = Console(width=150)
+        from ..commands.output import console as make_console
+
+        console = make_console(markup=True)
     table = Table(title="every layout, merged and dynamic, on a tiny Z-Image transformer")
     for col in ("layout", "format detected", "algorithm", "targets", "output change",
-                "merged = dynamic", "restore exact", "time m/d", ""):
+                "merged = dynamic", "restore exact", "time m/d", "result"):
         table.add_column(col, justify="right" if col in ("targets", "output change", "time m/d") else "left")
     by_layout: dict[str, list[DemoRow]] = {}
     for r in rows:
@@ -138,16 +147,18 @@ def print_table(rows: list[DemoRow], console=None) -> None:
     for layout, pair in by_layout.items():
         first = pair[0]
         ok = all(r.passed for r in pair)
-        errors = "; ".join(r.error for r in pair if r.error)
         table.add_row(
             layout, first.format, first.algorithm, str(first.targets),
             f"{first.change:.1%}",
             "yes" if all(r.agrees for r in pair) else "[red]no[/red]",
             "yes" if all(r.restore_exact for r in pair) else "[red]no[/red]",
             "/".join(f"{r.seconds * 1000:.0f}" for r in pair) + " ms",
-            "[green]ok[/green]" if ok else f"[red]FAIL[/red] {errors[:100]}",
+            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
         )
     console.print(table)
+    for r in rows:
+        if r.error:  # in full, below the table: a message names files and keys that must not be cut
+            console.print(f"{r.layout} ({r.mode}): {escape(r.error)}")
     failed = sum(not r.passed for r in rows)
     summary = "all passed" if not failed else f"{failed} of {len(rows)} failed"
     console.print(f"{len(by_layout)} layouts x {len({r.mode for r in rows})} modes: {summary}")
