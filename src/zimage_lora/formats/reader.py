@@ -117,7 +117,7 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
             groups.append(group)
     if not groups and not header.tensors:
         raise InvalidFormatError(f"{path}: the file holds no tensors. It is not an adapter: check the file.")
-    if not groups and _looks_like_model(header):
+    if not groups and not text_encoder and _looks_like_model(header):
         sample = ", ".join(repr(k) for k in list(header.tensors)[:2])
         raise InvalidFormatError(
             f"{path}: this is a model checkpoint, not an adapter: its {len(header.tensors)} tensors are plain "
@@ -251,8 +251,8 @@ def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
 
 
 def _looks_like_model(header: Header) -> bool:
-    """Most tensors are `<module>.weight` / `<module>.bias` and some are full-size matrices."""
-    keys = list(header.tensors)
+    """Most tensors are `<module>.weight` / `<module>.bias` (no adapter role) and some are full-size matrices."""
+    keys = [k for k in header.tensors if grammar.split_role(k) is None]
     plain = sum(k.endswith((".weight", ".bias")) for k in keys)
-    matrices = sum(len(t.shape) == 2 and min(t.shape) > 1 for t in header.tensors.values())
-    return plain >= 0.9 * len(keys) and matrices > 0
+    matrices = sum(len(header.tensors[k].shape) == 2 and min(header.tensors[k].shape) > 1 for k in keys)
+    return bool(keys) and plain >= 0.9 * len(header.tensors) and matrices > 0
