@@ -6,7 +6,6 @@ without being opened, since loading them can run arbitrary code.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from .errors import (
     InvalidFormatError,
     UnsafeFileError,
 )
+from .formats.untrusted import read_json_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -155,10 +155,7 @@ def _read_peft_config(folder: Path) -> dict | None:
     path = folder / PEFT_CONFIG
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidFormatError(f"{path}: not valid JSON ({exc}). Fix or delete {PEFT_CONFIG}.") from None
+    doc = read_json_file(path, what=PEFT_CONFIG, fix=f"Fix or delete {PEFT_CONFIG}.")
     if not isinstance(doc, dict):
         raise InvalidFormatError(f"{path}: expected a JSON object.")
     return doc
