@@ -6,6 +6,7 @@ without being opened, since loading them can run arbitrary code.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,30 @@ class LoRAConfiguration:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self.scale = float(self.scale)
-        except (TypeError, ValueError):
-            raise InvalidFormatError(f"scale must be a number, got {self.scale!r}") from None
+        self.scale = parse_strength(self.scale)
+
+
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: deltas are computed in fp32
+
+
+def parse_strength(value: object, *, where: str = "scale") -> float:
+    """An adapter strength: any finite number within float32's range (negative and above 1 included).
+
+    The one check for every entry point (API, `--lora SOURCE:SCALE`): NaN would merge as nothing or
+    poison the weights, and 1e39 overflows the fp32 delta.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidFormatError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.")
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise InvalidFormatError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.") from None
+    if not math.isfinite(number) or abs(number) > FP32_MAX:
+        raise InvalidFormatError(
+            f"{where}: bad strength {value!r}; expected a finite number within float32's range "
+            f"(|strength| <= {FP32_MAX:.3g}), such as 0.8 or -0.5."
+        )
+    return number
 
 
 @dataclass
@@ -80,7 +101,13 @@ def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
     if cfg.filename is not None:
         _check_filename(cfg.filename, str(cfg.source))
     path = Path(str(cfg.source)).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # ENAMETOOLONG and the like: no file can have this name
+        raise AdapterNotFoundError(
+            f"{str(cfg.source)[:200]}: not a usable path ({exc.strerror}). Check the path."
+        ) from None
+    if exists:
         if path.is_dir():
             return _from_folder(path, cfg.filename, str(cfg.source))
         return ResolvedSource(_check_file(path), None, str(cfg.source))

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, specs, args.out, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
         progress=not args.quiet,
     )
+    for note in report.notes:
+        console.print(f"warning: {note}")
     for a in report.adapters:
         unmatched = f", {a['unmatched']} unmatched keys" if a["unmatched"] else ""
         console.print(f"merged {a['source']} ({a['format']}) x{a['scale']:g}: {a['targets']} targets{unmatched}")
