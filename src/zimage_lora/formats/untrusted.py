@@ -104,12 +104,12 @@ def _compile(pattern: str, source: str, field: str):
             f"{source}: pattern {pattern[:100]!r} cannot be used ({reason}). Fix '{field}' in the config."
         )
 
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise refuse(f"{len(pattern)} characters; at most {MAX_PATTERN_CHARS} are accepted")
     bare = pattern.replace("\\\\", "").replace("\\(", "").replace("\\)", "")
     depth = max(itertools.accumulate(((c == "(") - (c == ")") for c in bare), initial=0))
     if depth > MAX_PATTERN_DEPTH:
         raise refuse(f"groups nested {depth} deep; at most {MAX_PATTERN_DEPTH} are accepted")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise refuse(f"{len(pattern)} characters; at most {MAX_PATTERN_CHARS} are accepted")
     try:
         return regex.compile(rf"(.*\.)?({pattern})$")
     except (regex.error, RecursionError, OverflowError, ValueError) as exc:

@@ -27,7 +27,7 @@ def output_error(exc: OSError, out: Path, *, needed: int | None = None) -> Outpu
     where = out.parent
     code = exc.errno
     if code == errno.ENOSPC or code == errno.EDQUOT:
-        size = f" ({needed / 1e9:.2f} GB needed)" if needed else ""
+        size = f" ({_size(needed)} needed)" if needed else ""
         fix = f"no space left on the disk holding {where}{size}. Free some space or choose --out on another disk."
     elif code == errno.EROFS:
         fix = f"{where} is on a read-only file system. Choose --out on a writable disk."
@@ -44,6 +44,10 @@ def output_error(exc: OSError, out: Path, *, needed: int | None = None) -> Outpu
     err = OutputError(f"cannot write {out}: {fix}")
     err.errno = code
     return err
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _is_dir(path: Path) -> bool:
@@ -81,10 +85,10 @@ def _name_max(folder: Path) -> int:
 def check_space(out: Path, needed: int) -> None:
     """Refuse before writing when the disk holding `out` cannot take `needed` bytes."""
     try:
-        free = shutil.disk_usage(out.parent).free
+        usage = shutil.disk_usage(out.parent)
     except OSError:
         return  # unknown: the write itself will tell
-    if free < needed:
+    if usage.total and usage.free < needed:  # total 0: /proc and the like, where the write itself fails
         raise output_error(OSError(errno.ENOSPC, "No space left on device"), out, needed=needed)
 
 
