@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def write(path: Path, n: int) -> int:
-    entry = '"diffusion_model.junk_{}.proj.lora_{}.weight":{{"dtype":"F32","shape":[1,1],"data_offsets":[{},{}]}}'
+    entry = '"diffusion_model.x{}.lora_{}.weight":{{"dtype":"F32","shape":[1,1],"data_offsets":[{},{}]}}'
     raw = ("{" + ",".join(entry.format(i // 2, "AB"[i % 2], 4 * i, 4 * i + 4) for i in range(n)) + "}").encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * n))
     return len(raw)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterNotFoundError, DownloadError, InvalidFormatError, LoRAError
+from ..errors import AdapterNotFoundError, DownloadError, InvalidFormatError
 from ..formats.safetensors_file import DTYPES, Header, TensorInfo, read_header
 from ..formats.untrusted import read_json_file
 from ..keys import ModuleIndex
@@ -56,12 +56,10 @@ class Checkpoint:
 
             try:
                 return ModuleIndex(meta_model(self.config))
-            except LoRAError:
-                raise
             except Exception as exc:  # the config passed our checks but the model class refuses it
                 raise InvalidFormatError(
                     f"{self.root / 'config.json'}: the config does not build a ZImageTransformer2DModel "
-                    f"({type(exc).__name__}: {str(exc)[:200]}). Fix config.json or use the model's original one."
+                    f"({str(exc)[:200]}). Fix config.json or use the model's original one."
                 ) from None
         return ModuleIndex(stand_in_model(self.tensors(), self.prefix))
 
