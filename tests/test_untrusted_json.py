@@ -81,6 +81,24 @@ def test_limits_hold_whatever_the_interpreter_allows(tmp_path):
         sys.set_int_max_str_digits(before)
 
 
+def test_large_headers_are_scanned_when_the_interpreter_allows_more(tmp_path):
+    """Documents over 1 MiB skip the scan only while Python's own limits stand; lifted, it runs."""
+    pad = "p" * (2 * untrusted.PRESCAN_ALWAYS_CHARS)
+    header = '{"__metadata__": {"pad": "' + pad + '"}, "k": {"dtype": "F32", "shape": [1], "data_offsets": [0, '
+    path = tmp_path / "big.safetensors"
+    raw = (header + LONG_NUMBER + "]}}").encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(InvalidFormatError, match="Exceeds the limit"):  # Python's own guard, caught
+        read_adapter_file(path)
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(InvalidFormatError, match="a number of 5000 digits"):
+            read_adapter_file(path)
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
 def test_brackets_and_digits_inside_strings_do_not_count():
     text = json.dumps({"caption": "[" * 500 + "9" * 500, "n": [[1]]})
     assert untrusted.parse_json(text, "x") == json.loads(text)

@@ -86,8 +86,8 @@ def _read_adapter_file(path: str | Path, config: dict | None) -> AdapterFile:
         if grammar.is_text_encoder(key):
             unmatched.append(Unmatched(key, "text-encoder key: this library adapts the transformer only"))
             continue
-        parsed = grammar.parse_key(key)
-        if parsed is None:
+        split = grammar.split_role(key)  # parse_key without building a ParsedKey: headers can be huge
+        if split is None:
             algo = grammar.unsupported_algorithm(key)
             reason = (
                 f"unsupported algorithm {algo}: supported are LoRA, LoKr, LoHa, DoRA and full diffs"
@@ -96,12 +96,13 @@ def _read_adapter_file(path: str | Path, config: dict | None) -> AdapterFile:
             )
             unmatched.append(Unmatched(key, reason))
             continue
-        roles = raw.setdefault((parsed.prefix, parsed.stem), {})
-        slot = f"{parsed.family}:{parsed.role}"
+        stem, family, role = split
+        roles = raw.setdefault(grammar.strip_prefix(stem), {})
+        slot = f"{family}:{role}"
         if slot in roles:
             unmatched.append(Unmatched(key, f"duplicate of '{roles[slot][1]}' (same module and role); ignored"))
             continue
-        roles[slot] = (parsed.role, key)
+        roles[slot] = (role, key)
 
     groups: list[Group] = []
     alpha_tensors = [roles["scale:alpha"][1] for roles in raw.values() if "scale:alpha" in roles]

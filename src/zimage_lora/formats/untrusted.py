@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import re
+import sys
 from pathlib import Path
 
 from ..errors import InvalidFormatError
@@ -22,6 +23,7 @@ MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 40
 MAX_JSON_FILE_BYTES = 16 * 1024 * 1024  # config.json / index / adapter_config.json on disk
 MAX_PATTERN_CHARS = 1000
+PRESCAN_ALWAYS_CHARS = 1024 * 1024
 MAX_PATTERN_DEPTH = 50
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: one pass, no backtracking
@@ -47,6 +49,17 @@ def json_problem(text: str, *, max_depth: int = MAX_JSON_DEPTH) -> str | None:
     return None
 
 
+def _needs_prescan(text: str) -> bool:
+    """Small documents always; a large one (a safetensors header of 200,000 keys, where the scan would
+    add a third to the parse) only when the host has relaxed the interpreter's own guards. With them in
+    force, the C parser stops deep nesting with `RecursionError` and long integers with `ValueError`,
+    both caught below, and the header's own structure checks do the rest."""
+    if len(text) <= PRESCAN_ALWAYS_CHARS:
+        return True
+    digits = sys.get_int_max_str_digits()
+    return sys.getrecursionlimit() > 10_000 or digits == 0 or digits > 4300
+
+
 def parse_json(
     data: bytes | str,
     source: object,
@@ -60,7 +73,7 @@ def parse_json(
         text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
     except UnicodeDecodeError as exc:
         raise InvalidFormatError(f"{source}: {what} is not valid JSON ({exc}). {fix}") from None
-    problem = json_problem(text, max_depth=max_depth)
+    problem = json_problem(text, max_depth=max_depth) if _needs_prescan(text) else None
     if problem is None:
         try:
             return json.loads(text)
