@@ -182,7 +182,7 @@ def _read_peft_config(folder: Path) -> dict | None:
     path = folder / PEFT_CONFIG
     if not path.is_file():
         return None
-    doc = read_json_file(path, what=PEFT_CONFIG, fix=f"Fix or delete {PEFT_CONFIG}.")
+    doc = read_json_file(path, what="the adapter config", fix=f"Fix or delete {PEFT_CONFIG}.")
     if not isinstance(doc, dict):
         raise InvalidFormatError(f"{path}: expected a JSON object.")
     return doc

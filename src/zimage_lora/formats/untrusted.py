@@ -114,7 +114,7 @@ def _compile(pattern: str, source: str, field: str):
 
     def refuse(reason: str) -> InvalidFormatError:
         return InvalidFormatError(
-            f"{source}: pattern {pattern[:100]!r} cannot be used ({reason}). Fix '{field}' in the config."
+            f"{source}: pattern {_short(pattern)} cannot be used ({reason}). Fix '{field}' in the config."
         )
 
     bare = pattern.replace("\\\\", "").replace("\\(", "").replace("\\)", "")
@@ -127,3 +127,7 @@ def _compile(pattern: str, source: str, field: str):
         return regex.compile(rf"(.*\.)?({pattern})$")
     except (regex.error, RecursionError, OverflowError, ValueError) as exc:
         raise refuse(str(exc)[:200]) from None
+
+
+def _short(pattern: str) -> str:
+    return repr(pattern) if len(pattern) <= 40 else f"{pattern[:20]!r}...{pattern[-12:]!r} ({len(pattern)} characters)"
