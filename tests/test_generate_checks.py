@@ -136,3 +136,22 @@ def test_filename_and_revision_go_to_the_one_adapter(files, capsys, monkeypatch,
     assert calls == [{"repo_id": "org/loras", "filename": "style.safetensors", "revision": "v2"}]
     err = _refused(capsys, files, "--lora", "a/b", "--lora", "c/d", "--filename", "x.safetensors")
     assert "--filename / --revision apply to one --lora, and 2 were given" in err
+
+
+def test_the_image_is_written_aside_then_moved_in(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from zimage_lora.tools import output
+
+    out = tmp_path / "img.png"
+    out.write_bytes(b"old")
+    gen._save(Image.new("RGB", (4, 4)), out)
+    assert Image.open(out).size == (4, 4) and sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.os, "replace", full)
+    with pytest.raises(output.OutputError, match="no space left on the disk holding"):
+        gen._save(Image.new("RGB", (8, 8)), out)
+    assert Image.open(out).size == (4, 4) and sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]

@@ -54,11 +54,11 @@ def parse_strength(value: object, *, where: str = "scale") -> float:
     The one check for every entry point (API, `--lora SOURCE:SCALE`): NaN would merge as nothing or
     poison the weights, and 1e39 overflows the fp32 delta.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidFormatError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.")
     try:
-        number = float(value)
-    except (ValueError, OverflowError):
+        if isinstance(value, bool):  # float(True) is 1.0, but True is no strength anyone meant
+            raise TypeError
+        number = float(value)  # numbers, numpy scalars, 0-d tensors, numeric text
+    except (TypeError, ValueError, OverflowError):
         raise InvalidFormatError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.") from None
     if not math.isfinite(number) or abs(number) > FP32_MAX:
         raise InvalidFormatError(

@@ -14,7 +14,7 @@ import torch
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
-from .output import output_error
+from .output import move_into_place, output_error, remove, temp_path
 from .specs import parse_lora_spec
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -154,12 +154,25 @@ def generate(
     finally:
         if pipeline is not None and result.adapters:
             remove_adapter(pipe.transformer)
-    try:
-        image.save(out)
-    except OSError as exc:
-        raise output_error(exc, out) from None
+    _save(image, out)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _save(image, out: Path) -> None:
+    """Written aside and moved into place: an existing image is replaced whole or not at all."""
+    from PIL import Image
+
+    tmp = temp_path(out)
+    try:
+        image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        move_into_place(tmp, out)
+    except OSError as exc:
+        remove(tmp)
+        raise output_error(exc, out) from None
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress: bool):
