@@ -120,6 +120,8 @@ def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: Merg
         remove(tmp)
         if isinstance(exc, LoRAError):
             raise
+        if exc.filename is not None and Path(exc.filename) in ckpt.files:  # the input, not the output
+            raise InvalidFormatError(f"{exc.filename}: cannot read the checkpoint ({exc.strerror}).") from None
         raise output_error(exc, out, needed=needed) from None
     except BaseException:
         remove(tmp)
