@@ -71,7 +71,7 @@ def check_out(out: Path, overwrite: bool) -> None:
             f"cannot write {out}: {out.parent} is not an existing folder. Create it first "
             f"(mkdir -p '{out.parent}') or choose another --out."
         )
-    if len(out.name.encode()) + 40 > _name_max(out.parent):  # room for the '.partial-PID' name
+    if len(out.name.encode()) + 24 > _name_max(out.parent):  # room for '.NAME.partial-PID'
         raise output_error(OSError(errno.ENAMETOOLONG, "File name too long"), out)
 
 
