@@ -227,3 +227,12 @@ def test_missing_output_folder_says_how_to_create_it(base, tmp_path, capsys):
     out = tmp_path / "no" / "merged"
     err = _cli_error(capsys, _merge_argv(folder, lora, out))
     assert f"mkdir -p '{out.parent}'" in err
+
+
+def test_over_long_adapter_and_model_paths(base, tmp_path, capsys):
+    _model, folder, lora = base
+    long = str(tmp_path / ("x" * 5000 + ".safetensors"))
+    err = _cli_error(capsys, _merge_argv(folder, long, tmp_path / "o.safetensors"))
+    assert "not a usable path (File name too long)" in err
+    err = _cli_error(capsys, _merge_argv(tmp_path / ("m" * 5000), lora, tmp_path / "o.safetensors"))
+    assert "not a usable model path (File name too long)" in err
