@@ -3,7 +3,8 @@
 Each tensor is read from its file with a plain positioned read (no memory map, so the pages of a
 multi-GB file never count against the process), the adapters that target it are merged in fp32,
 the result is rounded once into the output dtype and written with `StreamingWriter`. Output goes
-to a temporary path next to `out` and is renamed into place only when complete.
+to a temporary path next to `out` and is renamed into place only when complete (`output.py`: an
+existing output is moved aside first, and file-system failures become one message with the fix).
 """
 
 from __future__ import annotations
