@@ -284,6 +284,16 @@ CASES: list[Case] = [
     Case("peft-redos-pattern", "alpha_pattern '(.*)*(.*)*(.*)*Z' (catastrophic backtracking in re)",
          lambda t: _peft_folder(t, '{"r": 4, "lora_alpha": 4, "alpha_pattern": {"(.*)*(.*)*(.*)*Z": 1}, '
                                    '"use_rslora": false}'), None, ""),
+    Case("peft-deep-config", "adapter_config.json nested 100k deep", lambda t: _peft_folder(
+        t, "[" * 100_000 + "]" * 100_000), InvalidFormatError, "nested 100000 deep"),
+    Case("peft-long-number", "adapter_config.json with a 5000-digit lora_alpha", lambda t: _peft_folder(
+        t, '{"r": 4, "lora_alpha": ' + "7" * 5000 + "}"), InvalidFormatError, "a number of 5000 digits"),
+    Case("peft-nested-groups", "alpha_pattern of 5000 nested groups (regex compiler recursion)",
+         lambda t: _peft_folder(t, json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": {
+             "(" * 5000 + "to_q" + ")" * 5000: 2}})), InvalidFormatError, "groups nested 5000 deep"),
+    Case("meta-nested-groups", "lora_adapter_metadata alpha_pattern of 5000 nested groups", lambda t: _meta(
+        t, {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": {
+            "(" * 5000 + "to_q" + ")" * 5000: 2}})}), InvalidFormatError, "groups nested 5000 deep"),
     Case("peft-list-pattern", "alpha_pattern is a list", lambda t: _peft_folder(
         t, '{"r": 4, "lora_alpha": 4, "alpha_pattern": [1]}'), InvalidFormatError, "must be a JSON object"),
     Case("duplicate-mixed", "same layer under diffusion_model. (lora_A) and transformer. (lora_down)",

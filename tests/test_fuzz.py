@@ -175,6 +175,19 @@ def plausible_specs(draw) -> dict[str, tuple[str, list[int], float]]:
 
 
 @st.composite
+def hostile_json(draw) -> str:
+    """Config JSON that attacks the parsers: nesting, long numbers, nested regex groups (issue 11 item 5)."""
+    depth = draw(st.sampled_from([10, 63, 64, 65, 999, 1001, 5000, 100_000]))
+    kind = draw(st.sampled_from(["nest", "number", "pattern"]))
+    if kind == "nest":
+        return '{"r": 4, "lora_alpha": ' + "[" * depth + "]" * depth + "}"
+    if kind == "number":
+        return '{"r": 4, "lora_alpha": ' + "7" * min(depth, 5000) + "}"
+    group = "(" * min(depth, 5000) + draw(st.sampled_from(["to_q", ".*", "a|b", ""])) + ")" * min(depth, 5000)
+    return json.dumps({"r": 4, "lora_alpha": 4, "alpha_pattern": {group: 2}})
+
+
+@st.composite
 def metadata(draw) -> dict | None:
     if draw(st.integers(0, 3)):
         return None
@@ -191,6 +204,7 @@ def metadata(draw) -> dict | None:
                                           st.integers(0, 16), max_size=2)),
                 max_size=4)),
             st.text(max_size=30),
+            hostile_json(),
         ))
         meta["lora_adapter_metadata"] = doc
     if draw(st.booleans()):

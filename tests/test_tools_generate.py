@@ -56,4 +56,4 @@ def test_missing_model_is_a_clear_error(setup, capsys, monkeypatch):
     root, _pipe, _lora = setup
     argv = ["generate", "--prompt", "x", "--model", str(root / "nope"), "--out", str(root / "x.png")] + ARGS
     assert main(argv) == 1
-    assert "cannot load the pipeline" in capsys.readouterr().err
+    assert "does not exist. Pass a diffusers pipeline folder" in capsys.readouterr().err

@@ -39,10 +39,11 @@ def load_config(path: str | Path | None) -> dict:
             raise AdapterNotFoundError(f"{path}: no config.json (expected a diffusers transformer folder).")
     if not path.is_file():
         raise AdapterNotFoundError(f"{path}: no such model folder or config file.")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidFormatError(f"{path}: not a readable JSON config ({exc}).") from None
+    from .formats.untrusted import read_json_file
+
+    cfg = read_json_file(path, what="the model config")
+    if not isinstance(cfg, dict):
+        raise InvalidFormatError(f"{path}: the model config must be a JSON object, found {type(cfg).__name__}.")
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 

@@ -6,7 +6,7 @@ without being opened, since loading them can run arbitrary code.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from .errors import (
     UnsafeFileError,
     _LegacyArgumentError,
 )
+from .formats.untrusted import read_json_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -43,10 +44,30 @@ class LoRAConfiguration:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self.scale = float(self.scale)
-        except (TypeError, ValueError):
-            raise _LegacyArgumentError(f"scale must be a number, got {self.scale!r}") from None
+        self.scale = parse_strength(self.scale)
+
+
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: deltas are computed in fp32
+
+
+def parse_strength(value: object, *, where: str = "scale") -> float:
+    """An adapter strength: any finite number within float32's range (negative and above 1 included).
+
+    The one check for every entry point (API, `--lora SOURCE:SCALE`): NaN would merge as nothing or
+    poison the weights, and 1e39 overflows the fp32 delta.
+    """
+    try:
+        if isinstance(value, bool):  # float(True) is 1.0, but True is no strength anyone meant
+            raise TypeError
+        number = float(value)  # numbers, numpy scalars, 0-d tensors, numeric text
+    except (TypeError, ValueError, OverflowError):
+        raise _LegacyArgumentError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.") from None
+    if not math.isfinite(number) or abs(number) > FP32_MAX:
+        raise _LegacyArgumentError(
+            f"{where}: bad strength {value!r}; expected a finite number within float32's range "
+            f"(|strength| <= {FP32_MAX:.3g}), such as 0.8 or -0.5."
+        )
+    return number
 
 
 @dataclass
@@ -163,10 +184,7 @@ def _read_peft_config(folder: Path) -> dict | None:
     path = folder / PEFT_CONFIG
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidFormatError(f"{path}: not valid JSON ({exc}). Fix or delete {PEFT_CONFIG}.") from None
+    doc = read_json_file(path, what="the adapter config", fix=f"Fix or delete {PEFT_CONFIG}.")
     if not isinstance(doc, dict):
         raise InvalidFormatError(f"{path}: expected a JSON object.")
     return doc

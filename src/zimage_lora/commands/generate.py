@@ -38,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--filename", help="file inside the --lora folder or hub repository (one --lora)")
+    p.add_argument("--revision", help="hub branch, tag or commit of the --lora repository (one --lora)")
     p.add_argument("--out", required=True, help="image path (.png, .jpg, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,
         negative_prompt=args.negative_prompt, dtype=args.dtype, device=args.device, progress=not args.quiet,
+        overwrite=args.overwrite, filename=args.filename, revision=args.revision,
     )
     for r in result.adapters:
         console.print(f"{r.name}: {len(r.applied)} modules ({r.mode}, x{r.scale:g}), {len(r.unmatched)} unmatched")

@@ -13,6 +13,8 @@ a hub id already in the Hugging Face cache, or one .safetensors file (ComfyUI-st
 Output: the same layout as the input in the --out folder, or one file when --out ends in .safetensors.
 Tensors are streamed one at a time (memory stays far below the model size) and written to a
 temporary path that is renamed into place at the end, so an interrupted merge leaves nothing at --out.
+With --overwrite the old output is moved aside first and deleted only once the new one is in place;
+leftovers of a killed merge (.NAME.partial-PID) are removed by the next merge to the same place.
 
 examples:
   zimage-lora merge --model ./Z-Image-Turbo/transformer --lora style.safetensors:0.8 --out merged/
@@ -51,14 +53,16 @@ def run(args: argparse.Namespace) -> int:
         args.model, specs, args.out, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
         progress=not (args.quiet or args.json),
     )
+    from .output import console as make_console
+
+    console = make_console(stderr=True)
+    for note in report.notes:  # warnings (a strength of 0, the same adapter twice) reach people and programs
+        console.print(f"warning: {note}")
     if args.json:
         from .output import emit_json
 
         emit_json(report)
         return 0
-    from .output import console as make_console
-
-    console = make_console(stderr=True)
     for a in report.adapters:
         unmatched = f", {a['unmatched']} unmatched keys" if a["unmatched"] else ""
         console.print(f"merged {a['source']} ({a['format']}) x{a['scale']:g}: {a['targets']} targets{unmatched}")

@@ -7,7 +7,6 @@ tensor names and shapes themselves, so fused-qkv checkpoints resolve under their
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from ..errors import AdapterNotFoundError, DownloadError, InvalidFormatError
 from ..formats.safetensors_file import DTYPES, Header, TensorInfo, read_header
+from ..formats.untrusted import read_json_file
 from ..keys import ModuleIndex
 
 # Prefixes of the diffusion model inside ComfyUI / original single-file checkpoints.
@@ -54,16 +54,25 @@ class Checkpoint:
         if self.config is not None:
             from ..inventory import inventory_model
 
-            return ModuleIndex(inventory_model(self.config))
+            try:
+                return ModuleIndex(inventory_model(self.config))
+            except Exception as exc:  # the config passed our checks but the model class refuses it
+                raise InvalidFormatError(
+                    f"{self.root / 'config.json'}: the config does not build a ZImageTransformer2DModel "
+                    f"({str(exc)[:200]}). Fix config.json or use the model's original one."
+                ) from None
         return ModuleIndex(stand_in_model(self.tensors(), self.prefix))
 
 
 def resolve_model_path(model: str | Path) -> Path:
     """A local folder/file, or a hub id found in the Hugging Face cache (downloaded when online)."""
     path = Path(str(model)).expanduser()
-    if path.exists():
-        return path
     text = str(model)
+    try:
+        if path.exists():
+            return path
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise AdapterNotFoundError(f"{text[:200]}: not a usable model path ({exc.strerror}). Check --model.") from None
     if not _HUB_ID.match(text) or text.endswith(".safetensors"):
         raise AdapterNotFoundError(f"{text}: no such model folder or file, and not a hub id 'org/name'.")
     from huggingface_hub import snapshot_download
@@ -97,24 +106,19 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
 
 
 def _open_folder(folder: Path) -> Checkpoint:
-    from ..inventory import load_config
-
-    config = load_config(folder) if (folder / "config.json").is_file() else None
+    """Everything the merge will rely on is read and checked here, before a byte is written."""
+    config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else None
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
-    index_name, index_doc = None, None
+    index_name, index_doc, weight_map = None, None, None
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
         raise InvalidFormatError(f"{folder}: several shard indexes ({names}); keep one.")
     if indexes:
         index_name = indexes[0].name
-        try:
-            index_doc = json.loads(indexes[0].read_text())
-            weight_map = index_doc["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InvalidFormatError(f"{indexes[0]}: not a valid shard index ({exc}).") from None
+        index_doc, weight_map = _read_index(indexes[0])
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
-            if f.parent != folder or not f.is_file():
+            if not f.is_file():
                 raise InvalidFormatError(f"{indexes[0]}: shard {f.name!r} is missing from {folder}.")
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -122,11 +126,88 @@ def _open_folder(folder: Path) -> Checkpoint:
         raise AdapterNotFoundError(f"{folder}: no .safetensors weights found.")
     headers = {f: read_header(f) for f in files}
     _check_unique_keys(headers)
+    if weight_map is not None:
+        _check_weight_map(indexes[0], weight_map, headers)
     extra = [p for p in folder.iterdir() if p.is_file() and p.suffix == ".json" and p.name != index_name]
     return Checkpoint(
         root=folder, kind="folder", files=files, headers=headers, config=config,
         index_name=index_name, index_doc=index_doc, extra_files=extra,
     )
+
+
+_FIX_INDEX = "Re-create the index, or delete it to merge every .safetensors file in the folder."
+
+
+def _read_index(path: Path) -> tuple[dict, dict[str, str]]:
+    doc = read_json_file(path, what="the shard index", fix=_FIX_INDEX)
+    if not isinstance(doc, dict):
+        kind = type(doc).__name__
+        raise InvalidFormatError(f"{path}: a shard index must be a JSON object, found {kind}. {_FIX_INDEX}")
+    weight_map, metadata = doc.get("weight_map"), doc.get("metadata")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidFormatError(f"{path}: 'weight_map' must be an object of tensor name -> shard file. {_FIX_INDEX}")
+    if metadata is not None and not isinstance(metadata, dict):
+        kind = type(metadata).__name__
+        raise InvalidFormatError(f"{path}: 'metadata' must be a JSON object, found {kind}. {_FIX_INDEX}")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard:
+            raise InvalidFormatError(
+                f"{path}: weight_map['{key[:200]}'] is {shard!r}; expected the name of a .safetensors shard in the "
+                f"same folder. {_FIX_INDEX}"
+            )
+    return doc, weight_map
+
+
+def _check_weight_map(path: Path, weight_map: dict[str, str], headers: dict[Path, Header]) -> None:
+    by_name = {p.name: h for p, h in headers.items()}
+    for key, shard in weight_map.items():
+        if key not in by_name[shard].tensors:
+            raise InvalidFormatError(
+                f"{path}: names tensor '{key[:200]}' in {shard}, which does not hold it. {_FIX_INDEX}"
+            )
+
+
+# Config fields that size the model: each must be a whole number in its range (a 0 divides by zero,
+# 10**30 would try to build an impossible model).
+_CONFIG_INTS = {
+    "dim": (1, 1 << 16), "n_layers": (0, 1024), "n_refiner_layers": (0, 1024), "n_heads": (1, 1024),
+    "n_kv_heads": (1, 1024), "in_channels": (1, 1 << 12), "cap_feat_dim": (1, 1 << 16),
+}
+_CONFIG_INT_LISTS = {"all_patch_size": (1, 64), "all_f_patch_size": (1, 64), "axes_dims": (1, 1 << 12),
+                     "axes_lens": (1, 1 << 20)}
+
+
+def _read_config(path: Path) -> dict:
+    fix = "Fix config.json or use the model's original one."
+    doc = read_json_file(path, what="the model config", fix=fix)
+    if not isinstance(doc, dict):
+        kind = type(doc).__name__
+        raise InvalidFormatError(f"{path}: the model config must be a JSON object, found {kind}. {fix}")
+    for name, (lo, hi) in _CONFIG_INTS.items():
+        if name in doc and not _whole(doc[name], lo, hi):
+            raise InvalidFormatError(
+                f"{path}: '{name}' is {_show(doc[name])}; expected a whole number in {lo}..{hi}. {fix}"
+            )
+    for name, (lo, hi) in _CONFIG_INT_LISTS.items():
+        value = doc.get(name)
+        ok = isinstance(value, list) and 0 < len(value) <= 16 and all(_whole(v, lo, hi) for v in value)
+        if name in doc and not ok:
+            raise InvalidFormatError(
+                f"{path}: '{name}' is {_show(value)}; expected a list of whole numbers in {lo}..{hi}. {fix}"
+            )
+    dim, heads = doc.get("dim"), doc.get("n_heads")
+    if isinstance(dim, int) and isinstance(heads, int) and dim % heads:
+        raise InvalidFormatError(f"{path}: 'dim' {dim} is not a multiple of 'n_heads' {heads}. {fix}")
+    return {k: v for k, v in doc.items() if not k.startswith("_")}
+
+
+def _whole(value: object, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _check_unique_keys(headers: dict[Path, Header]) -> None:

@@ -3,13 +3,14 @@
 Each tensor is read from its file with a plain positioned read (no memory map, so the pages of a
 multi-GB file never count against the process), the adapters that target it are merged in fp32,
 the result is rounded once into the output dtype and written with `StreamingWriter`. Output goes
-to a temporary path next to `out` and is renamed into place only when complete.
+to a temporary path next to `out` and is renamed into place only when complete (`output.py`: an
+existing output is moved aside first, and file-system failures become one message with the fix).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from ..loading import load_adapter
 from ..numerics import all_finite
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
+from .output import check_out, check_space, clean_leftovers, move_into_place, output_error, remove, temp_path
 from .safetensors_writer import StreamingWriter
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
@@ -41,6 +43,7 @@ class MergeReport:
     merged_tensors: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # warnings for the user: no-op strengths, repeats, leftovers
 
 
 def merge_checkpoint(
@@ -66,15 +69,19 @@ def merge_checkpoint(
     out_dtype = _output_dtype(dtype)
     if not loras:
         raise InvalidFormatError("nothing to merge: give at least one adapter (--lora SOURCE[:SCALE]).")
+    check_out(out, overwrite)
     ckpt = open_checkpoint(model)
-    _check_out(out, ckpt, overwrite)
+    _check_out(out, ckpt)
     index = ckpt.module_index()
     plan: dict[str, list[tuple[Target, float]]] = {}
     report = MergeReport(out=out)
+    seen: dict[str, int] = {}
     for spec in loras:
         adapter, strength = _load(spec, index, strict)
-        for target in adapter.targets:
-            plan.setdefault(target.module, []).append((target, strength))
+        _note_repeats(adapter, strength, seen, report)
+        if strength != 0:
+            for target in adapter.targets:
+                plan.setdefault(target.module, []).append((target, strength))
         report.adapters.append({
             "name": adapter.name, "source": adapter.source, "format": adapter.format, "scale": strength,
             "targets": len(adapter.targets), "unmatched": len(adapter.unmatched),
@@ -82,19 +89,55 @@ def merge_checkpoint(
         })
     by_key = _plan_by_key(ckpt, plan)
     metadata = {"zimage_lora_merged": json.dumps([{k: a[k] for k in ("source", "scale")} for a in report.adapters])}
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove(tmp)
-    try:
-        _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
-        if out.exists() or out.is_symlink():
-            _remove(out)
-        os.replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
+    _write_atomically(ckpt, by_key, out, out_dtype, metadata, report, progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _note_repeats(adapter: Adapter, strength: float, seen: dict[str, int], report: MergeReport) -> None:
+    """A strength of 0 and the same file twice are legal but rarely meant: say so."""
+    if strength == 0:
+        report.notes.append(f"{adapter.source}: strength 0 changes nothing; it was not merged.")
+    key = str(Path(adapter.source).resolve()) if adapter.source else adapter.name
+    if key in seen:
+        report.notes.append(
+            f"{adapter.source} is given {seen[key] + 1} times; each one is merged, so its effect adds up. "
+            "Give it once with the total strength if that was not meant."
+        )
+    seen[key] = seen.get(key, 0) + 1
+
+
+def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: MergeReport, progress: bool) -> None:
+    removed, kept = clean_leftovers(out)
+    report.notes += [f"removed {p.name}, left by an interrupted merge" for p in removed]
+    report.notes += [f"{p.name} belongs to a merge still running; left alone" for p in kept]
+    tmp = temp_path(out)
+    needed = _output_bytes(ckpt, out_dtype)
+    try:
+        check_space(out, needed)
+        _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
+        move_into_place(tmp, out)
+    except OSError as exc:
+        remove(tmp)
+        if isinstance(exc, LoRAError):
+            raise
+        if exc.filename is not None and Path(exc.filename) in ckpt.files:  # the input, not the output
+            raise InvalidFormatError(f"{exc.filename}: cannot read the checkpoint ({exc.strerror}).") from None
+        raise output_error(exc, out, needed=needed) from None
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def _output_bytes(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> int:
+    total = 0
+    for _p, info in ckpt.tensors():
+        src = DTYPES[info.dtype][0]
+        if out_dtype is not None and src.is_floating_point:
+            total += math.prod(info.shape) * out_dtype.itemsize
+        else:
+            total += info.nbytes
+    return total
 
 
 def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -111,17 +154,13 @@ def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return OUTPUT_DTYPES[key]
 
 
-def _check_out(out: Path, ckpt: Checkpoint, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LoRAError(f"{out} already exists; choose another --out or pass --overwrite.")
+def _check_out(out: Path, ckpt: Checkpoint) -> None:
     resolved = out.resolve()
     for path in [ckpt.root, *ckpt.files]:
         if resolved == path.resolve():
             raise LoRAError(f"{out} is the input checkpoint; write the merged model somewhere else.")
     if ckpt.kind == "folder" and resolved.is_relative_to(ckpt.root.resolve()):
         raise LoRAError(f"{out} is inside the input folder {ckpt.root}; write it somewhere else.")
-    if not out.parent.exists():
-        raise LoRAError(f"{out.parent}: no such folder for the output.")
 
 
 def _load(spec, index, strict: bool) -> tuple[Adapter, float]:
@@ -203,7 +242,7 @@ def _out_files(ckpt: Checkpoint, out: Path) -> list[tuple[Path, list[tuple[Path,
 def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: MergeReport, progress: bool) -> None:
     single = out.suffix == ".safetensors"
     if not single:
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
     total = ckpt.nbytes
     bar = _progress(progress)
     task = bar.add_task(f"merging into {out.name}", total=total) if bar else None
@@ -250,14 +289,17 @@ def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar
                 writer.write_raw(info.key, raw)  # untouched: bytes copied as they are
             else:
                 tensor = _decode(raw, src_dtype, info.shape)
+                result = tensor.to(dtype)
                 if plan is not None:
                     kind, targets = plan
                     merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
                     merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
                     _check_finite(ckpt, info.key, merged)
-                    tensor = merged
-                    report.merged_tensors += 1
-                writer.write(info.key, tensor.to(dtype))
+                    merged = merged.to(dtype)
+                    # Counted only when the written bytes differ: a delta below the dtype's rounding is no change.
+                    report.merged_tensors += not torch.equal(merged, result)
+                    result = merged
+                writer.write(info.key, result)
             report.tensors += 1
             if bar:
                 bar.advance(task, info.nbytes)
@@ -308,10 +350,3 @@ def _progress(enabled: bool):
     return Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=False
     )
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

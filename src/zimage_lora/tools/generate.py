@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from ..apply.pipeline import PIPELINE_CLASSES
-from ..errors import DownloadError, InvalidFormatError, LoRAError, UnsupportedError
+from ..errors import DownloadError, InvalidFormatError, UnsupportedError
 from ..sources import LoRAConfiguration
+from . import generate_checks as checks
+from .output import move_into_place, output_error, remove, temp_path
 from .specs import parse_lora_spec
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -101,6 +103,19 @@ def _names(specs: list[LoRAConfiguration]) -> list[str | None]:
     return names
 
 
+def _specs(loras, filename: str | None, revision: str | None) -> list[LoRAConfiguration]:
+    specs = [parse_lora_spec(s) if isinstance(s, str) else s for s in loras]
+    if filename is not None or revision is not None:
+        if len(specs) != 1:
+            raise InvalidFormatError(
+                f"--filename / --revision apply to one --lora, and {len(specs)} were given; pass each adapter's "
+                "own file path instead (a local copy, or a folder holding one .safetensors)."
+            )
+        specs[0].filename = filename if filename is not None else specs[0].filename
+        specs[0].revision = revision if revision is not None else specs[0].revision
+    return specs
+
+
 def generate(
     prompt: str,
     loras: Sequence[LoRAConfiguration | str] = (),
@@ -119,24 +134,36 @@ def generate(
     device: str | None = None,
     progress: bool = False,
     pipeline=None,
+    overwrite: bool = False,
+    filename: str | None = None,
+    revision: str | None = None,
 ) -> GenerateResult:
-    """Generate one image and save it at `out`. `pipeline`: reuse an already loaded Z-Image pipeline of
-    any class (adapters are applied to its transformer and text encoder and removed again afterwards)."""
+    """Generate one image and save it at `out` (an existing file only with `overwrite`).
+
+    `pipeline`: reuse an already loaded Z-Image pipeline of any class (adapters are applied to its
+    transformer and text encoder and removed again afterwards). `filename` / `revision`: pick the file
+    and hub revision of the one adapter given. Everything that can be checked without the pipeline
+    (output, adapters, device, size, model) is checked before it is loaded.
+    """
     from ..apply import apply_adapter, remove_adapter
 
     started = time.perf_counter()
     out = Path(out)
-    if not out.parent.exists():
-        raise LoRAError(f"{out.parent}: no such folder for the output image.")
-    if steps < 1 or width < 16 or height < 16:
-        raise InvalidFormatError(f"steps must be >= 1 and the size at least 16x16 (got {steps}, {width}x{height}).")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    specs = _specs(loras, filename, revision)
+    checks.check_image_out(out, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checks.check_device(device)
+    if pipeline is None:
+        multiple = checks.check_model(model)
+    else:
+        multiple = 2 * getattr(pipeline, "vae_scale_factor", checks.DEFAULT_SIZE_MULTIPLE // 2)
+    checks.check_size(width, height, steps, multiple)
+    checks.check_adapters(specs)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     pipe = text_to_image(pipeline if pipeline is not None else load_pipeline(model, torch_dtype))
     pipe.to(device)
     if quantize:
         quantize_transformer(pipe.transformer, quantize)
-    specs = [parse_lora_spec(s) if isinstance(s, str) else s for s in loras]
     result = GenerateResult(out=out, seconds=0.0)
     try:
         for spec, name in zip(specs, _names(specs), strict=True):
@@ -145,9 +172,25 @@ def generate(
     finally:
         if pipeline is not None and result.adapters:
             remove_adapter(pipe)
-    image.save(out)
+    _save(image, out)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _save(image, out: Path) -> None:
+    """Written aside and moved into place: an existing image is replaced whole or not at all."""
+    from PIL import Image
+
+    tmp = temp_path(out)
+    try:
+        image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        move_into_place(tmp, out)
+    except OSError as exc:
+        remove(tmp)
+        raise output_error(exc, out) from None
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress: bool):
