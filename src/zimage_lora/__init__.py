@@ -12,6 +12,7 @@ from .apply import (
     set_active_adapters,
     set_adapter_scale,
 )
+from .batch import Request, generate_batch
 from .errors import (
     AdapterNotFoundError,
     AmbiguousSourceError,
@@ -40,6 +41,8 @@ __all__ = [
     "list_adapters",
     "set_active_adapters",
     "per_sample_adapters",
+    "Request",
+    "generate_batch",
     "Adapters",
     "ApplyReport",
     "AdapterInfo",
