@@ -25,6 +25,7 @@ from .errors import (
 )
 from .loading import load_adapter
 from .sources import LoRAConfiguration
+from .store import AdapterStore, StoreStats
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "per_sample_adapters",
     "Request",
     "generate_batch",
+    "AdapterStore",
+    "StoreStats",
     "Adapters",
     "ApplyReport",
     "AdapterInfo",
