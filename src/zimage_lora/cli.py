@@ -9,7 +9,7 @@ import sys
 
 from .errors import LoRAError
 
-COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench")
+COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench", "serve")
 
 EPILOG = """examples:
   zimage-lora demo
