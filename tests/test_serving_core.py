@@ -104,4 +104,5 @@ def test_mixed_batch_equals_generate_and_failures_stay_alone(engine, adapters, t
     for b, png in zip(bodies[:3], results[:3], strict=True):
         assert isinstance(png, bytes) and png[:8] == b"\x89PNG\r\n\x1a\n"
         same_image(png, reference(tmp_path, adapters, b))
-    assert pixels(results[0]).tolist() != pixels(engine.run([parse_job(body("a red cat", 1, [], guidance))])[0]).tolist()
+    plain = engine.run([parse_job(body("a red cat", 1, [], guidance))])[0]
+    assert np.abs(pixels(results[0]) - pixels(plain)).max() > 8  # the adapter visibly changed the image
