@@ -46,8 +46,10 @@ class ZImageServer:
             if request.method != "GET":
                 return PlainTextResponse("use GET /health", status_code=405)
             return PlainTextResponse("ok")
+        if path == "/stats" and request.method == "GET":
+            return JSONResponse(self.engine.stats())
         if path != "/generate":
-            return PlainTextResponse("not found: GET /health or POST /generate", status_code=404)
+            return PlainTextResponse("not found: GET /health, GET /stats or POST /generate", status_code=404)
         if request.method != "POST":
             return PlainTextResponse("use POST /generate with a JSON body", status_code=405)
         raw = await request.body()

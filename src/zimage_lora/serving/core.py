@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,8 @@ class Engine:
         for root in roots:
             if not Path(root).is_dir():
                 raise AdapterNotFoundError(f"{root}: adapter root is not a folder.")
+        self.batches = 0  # batches run, and the largest seen: what GET /stats reports beside the store
+        self.largest_batch = 0
         self.store = AdapterStore(
             self.pipe, host_budget_bytes=options.host_budget_bytes, device_budget_bytes=options.device_budget_bytes,
             roots=roots, allow_hub=options.allow_hub,
@@ -134,6 +136,8 @@ class Engine:
     def run(self, jobs: list[Job]) -> list[bytes | LoRAError]:
         """PNG bytes per job, or the job's own error; one failing adapter fails only its requests."""
         results: list[bytes | LoRAError | None] = [None] * len(jobs)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(jobs))
         lease = self.store.lease(source for job in jobs for source, _ in job.loras)
         with lease:
             todo: list[int] = []
@@ -151,6 +155,10 @@ class Engine:
         for i, image in zip(todo, images, strict=True):
             results[i] = png_bytes(image)
         return results  # type: ignore[return-value]
+
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "store": asdict(self.store.stats())}
 
 
 def png_bytes(image: Any) -> bytes:
