@@ -211,3 +211,9 @@ def test_guidance_doubles_the_batch_and_specs_follow_each_prompt(tmp_path, one_t
             assert float((got[i] - ref).norm()) / effect < 1e-4
         else:
             torch.testing.assert_close(got[i], base, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_lora_with_different_ranks(model, tmp_path):
+    # Rank 8 beside rank 4 ("b", "c"): the stacked form pads ranks with zeros.
+    zl.apply_adapter(model, make_adapter("diffusers", tmp_path / "r8.safetensors", model, rank=8, seed=6), name="r8")
+    check_batch(model, batch_inputs(), [{"r8": 1.0}, {"b": 1.0}, {"c": 0.5, "r8": -0.5}, {"b": 0.3}])

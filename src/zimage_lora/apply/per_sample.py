@@ -73,22 +73,63 @@ class _Context:
 class Routing:
     """One wrapped layer's per-sample plan: each slot a sample uses, with that sample's strength."""
 
-    def __init__(self, ctx: _Context, where: str, flat: str | None, slots: list[tuple[Slot, list[float | None]]]):
+    def __init__(
+        self, ctx: _Context, where: str, flat: str | None, slots: list[tuple[Slot, list[float | None]]],
+        out_features: int,
+    ) -> None:
         self.ctx = ctx
         self.where = where
         self.flat = flat
         self.slots = slots
         self.needs_wx = any(s.needs_wx for s, _ in slots)
+        # Plain LoRA slots over all rows can run stacked: one bmm pair per level for the whole batch.
+        self.stackable = [(s, w) for s, w in slots if _stackable(s, out_features)]
+        self.rest = [(s, w) for s, w in slots if not _stackable(s, out_features)]
         self._runs: dict[int, list[tuple[Slot, list[Run]]]] = {}
+        self._stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]] | None] = {}
 
-    def runs(self, total: int) -> list[tuple[Slot, list[Run]]]:
+    def runs(self, total: int, slots: list[tuple[Slot, list[float | None]]]) -> list[tuple[Slot, list[Run]]]:
         """Per slot, the maximal runs of consecutive samples at equal strength (cached per batch size)."""
-        cached = self._runs.get(total)
+        key = (total, id(slots))
+        cached = self._runs.get(key)
         if cached is None:
             n = len(self.ctx.specs)
-            cached = [(slot, _runs([strengths[j % n] for j in range(total)])) for slot, strengths in self.slots]
-            self._runs[total] = cached
+            cached = [(slot, _runs([strengths[j % n] for j in range(total)])) for slot, strengths in slots]
+            self._runs[key] = cached
         return cached
+
+    def stacks(self, total: int, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Stacked factors (down (T, r, in), alpha * up (T, out, r)) per level, where the k-th level holds
+        each sample's k-th LoRA (zeros where it has none; ranks zero-padded); None when the plain runs
+        need no more calls than the levels (a shared adapter), so stacking would not pay."""
+        key = (total, x.dtype, x.device)
+        if key in self._stacks:
+            return self._stacks[key]
+        n = len(self.ctx.specs)
+        per_sample: list[list[tuple[Slot, float]]] = [[] for _ in range(total)]
+        for slot, strengths in self.stackable:
+            for j in range(total):
+                if strengths[j % n] is not None:
+                    per_sample[j].append((slot, strengths[j % n]))
+        depth = max(len(p) for p in per_sample)
+        calls = sum(len(runs) for _, runs in self.runs(total, self.stackable))
+        levels = None
+        if depth and calls > depth:
+            levels = []
+            rank = max(slot.down.shape[0] for slot, _ in self.stackable)
+            for k in range(depth):
+                first = self.stackable[0][0]
+                down = torch.zeros(total, rank, first.down.shape[1], dtype=x.dtype, device=x.device)
+                up = torch.zeros(total, first.up.shape[0], rank, dtype=x.dtype, device=x.device)
+                for j, assigned in enumerate(per_sample):
+                    if k < len(assigned):
+                        slot, alpha = assigned[k]
+                        r = slot.down.shape[0]
+                        down[j, :r] = slot.down.to(x.dtype)
+                        up[j, :, :r] = slot.up.to(torch.float32).mul(alpha).to(x.dtype)
+                levels.append((down, up))
+        self._stacks[key] = levels
+        return levels
 
     def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self.slots:
@@ -106,11 +147,27 @@ class Routing:
         if self.needs_wx:  # DoRA's row factor needs W x without bias, taken before any delta lands
             bias = layer.bias
             wx = out2 - bias if bias is not None else out2.clone()
-        for slot, runs in self.runs(total):
+        looped = self.slots
+        if self.stackable and bounds == list(range(0, bounds[-1] + 1, bounds[1])):  # equal rows per sample
+            levels = self.stacks(total, x2)
+            if levels is not None:
+                looped = self.rest
+                x3 = x2.view(total, -1, x2.shape[-1])
+                out3 = out2.view(total, -1, out2.shape[-1])
+                for down, up in levels:
+                    out3.baddbmm_(torch.bmm(x3, down.transpose(1, 2)), up.transpose(1, 2))
+        for slot, runs in self.runs(total, looped):
             for j0, j1, alpha in runs:
                 a, b = bounds[j0], bounds[j1]
                 slot.add_(out2[a:b], x2[a:b], wx[a:b] if wx is not None else None, alpha)
         return out
+
+
+def _stackable(slot: Slot, out_features: int) -> bool:
+    return (
+        slot.kind == "lora" and not slot.needs_wx and "bias" not in slot.names and slot.compute_dtype is None
+        and (slot.lo, slot.hi) == (0, out_features)
+    )
 
 
 def _runs(strengths: list[float | None]) -> list[Run]:
@@ -185,7 +242,8 @@ def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Rout
     out = []
     for module_name, slots in slots_of.items():
         flat = next((kind for prefix, kind in FLAT_INPUTS.items() if module_name.startswith(prefix)), None)
-        out.append((model.get_submodule(module_name), Routing(ctx, module_name, flat, slots)))
+        wrapper = model.get_submodule(module_name)
+        out.append((wrapper, Routing(ctx, module_name, flat, slots, wrapper.out_features)))
     return out
 
 
