@@ -60,40 +60,53 @@ def forward(model: torch.nn.Module, inp: dict) -> None:
 
 
 def attach(model: torch.nn.Module, count: int, rank: int, folder: Path) -> list[str]:
+    # All written before any is attached: files name the plain modules, as trainers write them.
+    paths = [make_adapter("diffusers", folder / f"a{i}.safetensors", model, rank=rank, seed=100 + i)
+             for i in range(count)]
     names = []
-    for i in range(count):
-        path = make_adapter("diffusers", folder / f"a{i}.safetensors", model, rank=rank, seed=100 + i)
+    for i, path in enumerate(paths):
         zl.apply_adapter(model, path, name=f"a{i}")
         names.append(f"a{i}")
     zl.set_active_adapters(model, [])
     return names
 
 
-def run_cost(model, cfg, names: list[str], batch: int, latent: int, caption: int, rounds: int) -> dict:
+def run_cost(model, cfg, names: list[str], batch: int, latent: int, caption: int, rounds: int, steps: int) -> dict:
+    """Each timed call: `steps` forwards (one request's denoising loop), inside one per-sample block."""
     inp = inputs(cfg, batch, latent, caption)
+
+    def loop():
+        for _ in range(steps):
+            forward(model, inp)
 
     def base():
         zl.set_active_adapters(model, [])
-        forward(model, inp)
+        loop()
 
     def shared():
         zl.set_active_adapters(model, [names[0]])
-        forward(model, inp)
+        loop()
 
     def per_sample():
         zl.set_active_adapters(model, [])
         with zl.per_sample_adapters(model, [{n: 1.0} for n in names[:batch]]):
-            forward(model, inp)
+            loop()
 
     def per_sample_one():  # the per-sample path with every sample naming the same adapter
         with zl.per_sample_adapters(model, [{names[0]: 1.0}] * batch):
-            forward(model, inp)
+            loop()
+
+    def block_only():  # entering and leaving a block, no forward
+        with zl.per_sample_adapters(model, [{n: 1.0} for n in names[:batch]]):
+            pass
 
     times = interleaved({"base": base, "shared": shared, "per_sample": per_sample, "per_sample_same": per_sample_one},
                         "cpu", rounds, inner=1)
+    block = interleaved({"block": block_only}, "cpu", 5)["block"]
     zl.set_active_adapters(model, [])
     return {
         "ms": {k: 1e3 * median(v) for k, v in times.items()},
+        "block_enter_exit_ms": 1e3 * median(block),
         "per_sample_over_shared": median_ratio(times["per_sample"], times["shared"]),
         "per_sample_same_over_shared": median_ratio(times["per_sample_same"], times["shared"]),
         "shared_over_base": median_ratio(times["shared"], times["base"]),
@@ -192,20 +205,22 @@ def main() -> None:
     model, cfg = build(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         names = attach(model, max(args.adapters, args.batch), args.rank, Path(tmp))
-        cost = run_cost(model, cfg, names, args.batch, latent, caption, rounds)
+        cost = run_cost(model, cfg, names, args.batch, latent, caption, rounds, steps)
         stream = {"single_request_s": float("nan")} if args.no_stream else run_stream(
             model, cfg, names[: args.adapters], n, args.batch, steps, latent, caption, args.load)
     tokens = (latent // 2) ** 2 + caption
     title = (f"Per-sample adapters, {args.model} model ({'dim 64, 2+1+1 blocks' if tiny else 'dim 3840, 1+1+1 blocks'}"
              f"), fp32, cpu, {torch.get_num_threads()} threads; B={args.batch}, rank {args.rank}, "
              f"{tokens} tokens per sample.")
-    table = [title, "", md_table(["forward of B samples", "ms (median)"], [[k, v] for k, v in cost["ms"].items()]),
+    table = [title, "", md_table([f"{steps} forward(s) of B samples", "ms (median)"],
+                                 [[k, v] for k, v in cost["ms"].items()]),
+             "", f"entering + leaving a per-sample block (once per call): {cost['block_enter_exit_ms']:.2f} ms",
              "", f"per-sample / shared: {cost['per_sample_over_shared']:.3f} (target <= 1.15: "
              f"{'MET' if cost['per_sample_over_shared'] <= 1.15 else 'NOT MET'}); same adapter through the per-sample "
              f"path / shared: {cost['per_sample_same_over_shared']:.3f}; shared / base: {cost['shared_over_base']:.3f}",
              "", f"Stream: {n} requests, {args.adapters} adapters chosen at random, {steps} forward(s) each, Poisson "
-             f"arrivals at {args.load:g}x the batch-1 capacity (batch-1 request: {stream['single_request_s'] * 1e3:.1f} ms); "
-             f"max batch {args.batch}.", "",
+             f"arrivals at {args.load:g}x the batch-1 capacity (batch-1 request: "
+             f"{stream['single_request_s'] * 1e3:.1f} ms); max batch {args.batch}.", "",
              md_table(["scheduler", "requests/s", "p50 latency s", "p95 latency s", "mean batch"],
                       [[k, v["requests_per_s"], v["p50_s"], v["p95_s"], v["mean_batch"]]
                        for k, v in stream.items() if isinstance(v, dict)])]

@@ -59,6 +59,10 @@ def alone(model, inputs: dict, i: int, spec: dict[str, float]) -> torch.Tensor:
 
 
 def check_batch(model, inputs: dict, specs: list[dict[str, float]], tol: float = 1e-4) -> None:
+    # Adapters written from an already wrapped model would name `...base_layer` and nest wrappers:
+    # not the layout trainers produce, so the fixtures write them from a plain model.
+    assert not any(isinstance(m.base_layer, zl.apply.AdapterLinear)
+                   for m in model.modules() if isinstance(m, zl.apply.AdapterLinear))
     bases = [alone(model, inputs, i, {}) for i in range(len(specs))]
     with zl.per_sample_adapters(model, specs):
         got = run(model, inputs)
@@ -73,11 +77,15 @@ def check_batch(model, inputs: dict, specs: list[dict[str, float]], tol: float =
         assert err < tol, (i, spec, err)
 
 
+# Adapters are written from a model without wrappers, as trainers write them.
+CLEAN = tiny_model(0, **LONG)
+
+
 @pytest.fixture
 def model(tmp_path, one_torch_thread):
     m = tiny_model(0, **LONG)
-    make_adapter("diffusers", tmp_path / "b.safetensors", m, seed=2)
-    make_adapter("diffusers", tmp_path / "c.safetensors", m, seed=3)
+    make_adapter("diffusers", tmp_path / "b.safetensors", CLEAN, seed=2)
+    make_adapter("diffusers", tmp_path / "c.safetensors", CLEAN, seed=3)
     zl.apply_adapter(m, tmp_path / "b.safetensors", name="b")
     zl.apply_adapter(m, tmp_path / "c.safetensors", name="c", scale=0.7)
     return m
@@ -85,7 +93,7 @@ def model(tmp_path, one_torch_thread):
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_each_sample_equals_its_own_run(tmp_path, model, algorithm):
-    path = make_adapter(ALGORITHMS[algorithm], tmp_path / "a.safetensors", model, seed=1)
+    path = make_adapter(ALGORITHMS[algorithm], tmp_path / "a.safetensors", CLEAN, seed=1)
     zl.apply_adapter(model, path, name="a", scale=0.9)
     # "c" is active but named by no spec: inside the block it must act on no sample.
     specs = [{"a": 1.0}, {}, {"a": 0.5, "b": 1.5}, {"b": -1.0}]
@@ -131,7 +139,7 @@ def test_bad_specs_are_errors(model, tmp_path):
     with pytest.raises(zl.LoRAError, match="non-empty list"):
         with zl.per_sample_adapters(model, {"b": 1.0}):
             pass
-    path = make_adapter("diffusers", tmp_path / "m.safetensors", model, seed=4)
+    path = make_adapter("diffusers", tmp_path / "m.safetensors", CLEAN, seed=4)
     zl.apply_adapter(model, path, name="m", mode="merged")
     with pytest.raises(zl.LoRAError, match="merged into the weights"):
         with zl.per_sample_adapters(model, [{"m": 1.0}]):
@@ -144,7 +152,7 @@ def test_bad_specs_are_errors(model, tmp_path):
 
 def test_merged_adapters_act_on_every_sample(model, tmp_path):
     inputs = batch_inputs()
-    path = make_adapter("diffusers", tmp_path / "m.safetensors", model, seed=4)
+    path = make_adapter("diffusers", tmp_path / "m.safetensors", CLEAN, seed=4)
     zl.apply_adapter(model, path, name="m", mode="merged")
     # The reference for each sample: "m" (merged, active) plus that sample's dynamic adapters.
     specs = [{"b": 1.0}, {}, {"c": 0.5}, {}]
@@ -183,9 +191,9 @@ def test_guidance_doubles_the_batch_and_specs_follow_each_prompt(tmp_path, one_t
 
     pipe = tiny_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
+    clean = tiny_pipeline(0).transformer
     for name, seed in (("a", 1), ("b", 2)):
-        zl.apply_adapter(pipe, make_adapter("diffusers", tmp_path / f"{name}.safetensors", pipe.transformer, seed=seed),
-                         name=name)
+        zl.apply_adapter(pipe, make_adapter("diffusers", tmp_path / f"{name}.safetensors", clean, seed=seed), name=name)
     prompts = ["a red cat", "a blue house at dusk", "the sea"]
     specs = [{"a": 1.0}, {"b": 0.8}, {}]
     kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=3.0, output_type="latent")
@@ -215,5 +223,6 @@ def test_guidance_doubles_the_batch_and_specs_follow_each_prompt(tmp_path, one_t
 
 def test_stacked_lora_with_different_ranks(model, tmp_path):
     # Rank 8 beside rank 4 ("b", "c"): the stacked form pads ranks with zeros.
-    zl.apply_adapter(model, make_adapter("diffusers", tmp_path / "r8.safetensors", model, rank=8, seed=6), name="r8")
+    zl.apply_adapter(model, make_adapter("diffusers", tmp_path / "r8.safetensors", CLEAN, rank=8, seed=6), name="r8")
     check_batch(model, batch_inputs(), [{"r8": 1.0}, {"b": 1.0}, {"c": 0.5, "r8": -0.5}, {"b": 0.3}])
+
