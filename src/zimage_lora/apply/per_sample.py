@@ -49,25 +49,32 @@ class _Context:
             raise LoRAError("per_sample_adapters: a wrapped layer ran outside a forward of the model of the block.")
         return total
 
-    def bounds(self, flat: str | None, x: torch.Tensor, where: str) -> list[int]:
-        """Row offsets of each sample (len total + 1) in the flattened (rows, features) input."""
+    def bounds(self, flat: str | None, x: torch.Tensor, where: str) -> tuple[list[int], bool]:
+        """Row offsets of each sample (len total + 1) in the flattened (rows, features) input, and
+        whether every sample has the same number of rows."""
         total = self.total()
         if x.dim() >= 3:
             if x.shape[0] != total:
                 raise LoRAError(f"per_sample_adapters: layer '{where}' got a batch of {x.shape[0]}, the model {total}.")
-            per = x[0].numel() // x.shape[-1]
-            return [j * per for j in range(total + 1)]
+            return self._even(total, x[0].numel() // x.shape[-1]), True
         rows = x.shape[0] if x.dim() == 2 else 1
         if rows == total:
-            return list(range(total + 1))
+            return self._even(total, 1), True
         offsets = getattr(self.local, "bounds", {}).get(flat) if flat else None
         if offsets is not None and offsets[-1] == rows:
-            return offsets
+            return offsets, False
         raise LoRAError(
             f"per_sample_adapters: layer '{where}' got {rows} rows for a batch of {total} samples and no way to "
             "tell which rows belong to which sample; per-sample adapters support the Z-Image text-to-image "
             "forward (or inputs with the batch in dim 0)."
         )
+
+    def _even(self, total: int, per: int) -> list[int]:
+        cache = self.__dict__.setdefault("_even_cache", {})  # shared by threads: values never change
+        offsets = cache.get((total, per))
+        if offsets is None:
+            offsets = cache[(total, per)] = [j * per for j in range(total + 1)]
+        return offsets
 
 
 class Routing:
@@ -90,7 +97,7 @@ class Routing:
 
     def runs(self, total: int, slots: list[tuple[Slot, list[float | None]]]) -> list[tuple[Slot, list[Run]]]:
         """Per slot, the maximal runs of consecutive samples at equal strength (cached per batch size)."""
-        key = (total, id(slots))
+        key = (total, id(slots))  # one of this routing's own lists (slots, stackable, rest): ids stay valid
         cached = self._runs.get(key)
         if cached is None:
             n = len(self.ctx.specs)
@@ -138,7 +145,7 @@ class Routing:
         n = len(self.ctx.specs)
         if total not in (n, 2 * n):
             raise _batch_error(n, total)
-        bounds = self.ctx.bounds(self.flat, x, self.where)
+        bounds, even = self.ctx.bounds(self.flat, x, self.where)
         if not out.is_contiguous():
             out = out.contiguous()
         out2 = out.view(-1, out.shape[-1])
@@ -148,7 +155,7 @@ class Routing:
             bias = layer.bias
             wx = out2 - bias if bias is not None else out2.clone()
         looped = self.slots
-        if self.stackable and bounds == list(range(0, bounds[-1] + 1, bounds[1])):  # equal rows per sample
+        if self.stackable and even:
             levels = self.stacks(total, x2)
             if levels is not None:
                 looped = self.rest
