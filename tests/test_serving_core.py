@@ -106,3 +106,20 @@ def test_mixed_batch_equals_generate_and_failures_stay_alone(engine, adapters, t
         same_image(png, reference(tmp_path, adapters, b))
     plain = engine.run([parse_job(body("a red cat", 1, [], guidance))])[0]
     assert np.abs(pixels(results[0]) - pixels(plain)).max() > 8  # the adapter visibly changed the image
+
+
+def test_cli_serve_rejects_bad_arguments_with_one_error_line(capsys):
+    from zimage_lora.cli import main
+
+    assert main(["serve", "--model", "m", "--replicas", "0"]) == 1  # checked before anything starts
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_serve_missing_lora_root_is_one_error_line(capsys, tmp_path):
+    pytest.importorskip("ray.serve", reason="Ray Serve (the [serve] extra) is not installed")
+    from zimage_lora.cli import main
+
+    assert main(["serve", "--model", "m", "--lora-root", str(tmp_path / "none")]) == 1  # before Ray starts
+    err = capsys.readouterr().err
+    assert "adapter root is not a folder" in err and err.count("\n") == 1

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 import urllib.request
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-from ..errors import LoRAError, UnsupportedError
+from ..errors import AdapterNotFoundError, LoRAError, UnsupportedError
 from .core import ServeOptions
 
 APP_NAME = "zimage-lora"
@@ -38,6 +39,9 @@ def start(
     ray, serve = _ray()
     from .app import build_app
 
+    for root in options.roots:  # fail here, in one line, rather than in every replica's constructor
+        if not Path(root).expanduser().is_dir():
+            raise AdapterNotFoundError(f"{root}: adapter root is not a folder (--lora-root).")
     if not ray.is_initialized():
         local = address is None
         ray.init(
@@ -50,7 +54,7 @@ def start(
         args["num_gpus"] = num_gpus
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-    except RuntimeError as exc:  # a replica's constructor failed: bad model folder, bad root, ...
+    except Exception as exc:  # a replica's constructor failed (bad model folder, ...): Ray wraps it
         raise LoRAError(f"the server did not start: {str(exc).strip().splitlines()[-1][:500]}") from None
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     deadline = time.monotonic() + ready_timeout_s
