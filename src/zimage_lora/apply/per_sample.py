@@ -93,7 +93,7 @@ class Routing:
         self.stackable = [(s, w) for s, w in slots if _stackable(s, out_features)]
         self.rest = [(s, w) for s, w in slots if not _stackable(s, out_features)]
         self._runs: dict[int, list[tuple[Slot, list[Run]]]] = {}
-        self._stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]] | None] = {}
+        self._stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = {}
 
     def runs(self, total: int, slots: list[tuple[Slot, list[float | None]]]) -> list[tuple[Slot, list[Run]]]:
         """Per slot, the maximal runs of consecutive samples at equal strength (cached per batch size)."""
@@ -105,10 +105,11 @@ class Routing:
             self._runs[key] = cached
         return cached
 
-    def stacks(self, total: int, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Stacked factors (down (T, r, in), alpha * up (T, out, r)) per level, where the k-th level holds
-        each sample's k-th LoRA (zeros where it has none; ranks zero-padded); None when the plain runs
-        need no more calls than the levels (a shared adapter), so stacking would not pay."""
+    def stacks(self, total: int, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Stacked factors (down (T, r, in), up (T, out, r), strength (T, 1, 1)) per level, where the
+        k-th level holds each sample's k-th LoRA (zeros where it has none; ranks zero-padded); built
+        once per block. None when the plain runs need no more calls than the levels (a shared
+        adapter), so stacking would not pay."""
         key = (total, x.dtype, x.device)
         if key in self._stacks:
             return self._stacks[key]
@@ -122,19 +123,7 @@ class Routing:
         calls = sum(len(runs) for _, runs in self.runs(total, self.stackable))
         levels = None
         if depth and calls > depth:
-            levels = []
-            rank = max(slot.down.shape[0] for slot, _ in self.stackable)
-            for k in range(depth):
-                first = self.stackable[0][0]
-                down = torch.zeros(total, rank, first.down.shape[1], dtype=x.dtype, device=x.device)
-                up = torch.zeros(total, first.up.shape[0], rank, dtype=x.dtype, device=x.device)
-                for j, assigned in enumerate(per_sample):
-                    if k < len(assigned):
-                        slot, alpha = assigned[k]
-                        r = slot.down.shape[0]
-                        down[j, :r] = slot.down.to(x.dtype)
-                        up[j, :, :r] = slot.up.to(torch.float32).mul(alpha).to(x.dtype)
-                levels.append((down, up))
+            levels = [_level(per_sample, k, x) for k in range(depth)]
         self._stacks[key] = levels
         return levels
 
@@ -161,13 +150,33 @@ class Routing:
                 looped = self.rest
                 x3 = x2.view(total, -1, x2.shape[-1])
                 out3 = out2.view(total, -1, out2.shape[-1])
-                for down, up in levels:
-                    out3.baddbmm_(torch.bmm(x3, down.transpose(1, 2)), up.transpose(1, 2))
+                for down, up, alpha in levels:
+                    out3.baddbmm_(torch.bmm(x3, down.transpose(1, 2)).mul_(alpha), up.transpose(1, 2))
         for slot, runs in self.runs(total, looped):
             for j0, j1, alpha in runs:
                 a, b = bounds[j0], bounds[j1]
                 slot.add_(out2[a:b], x2[a:b], wx[a:b] if wx is not None else None, alpha)
         return out
+
+
+def _level(per_sample: list[list[tuple[Slot, float]]], k: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The k-th LoRA of every sample, stacked: one copy when all have one of one rank, else zero-padded."""
+    chosen = [p[k] if k < len(p) else None for p in per_sample]
+    alpha = torch.tensor([c[1] if c else 0.0 for c in chosen], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    slots = [c[0] for c in chosen if c]
+    if len(slots) == len(chosen) and len({s.down.shape[0] for s in slots}) == 1:
+        down = torch.stack([s.down for s in slots]).to(device=x.device, dtype=x.dtype)
+        up = torch.stack([s.up for s in slots]).to(device=x.device, dtype=x.dtype)
+        return down, up, alpha
+    rank = max(s.down.shape[0] for s in slots)
+    down = torch.zeros(len(chosen), rank, slots[0].down.shape[1], dtype=x.dtype, device=x.device)
+    up = torch.zeros(len(chosen), slots[0].up.shape[0], rank, dtype=x.dtype, device=x.device)
+    for j, c in enumerate(chosen):
+        if c:
+            r = c[0].down.shape[0]
+            down[j, :r] = c[0].down
+            up[j, :, :r] = c[0].up
+    return down, up, alpha
 
 
 def _stackable(slot: Slot, out_features: int) -> bool:
