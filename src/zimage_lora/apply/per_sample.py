@@ -324,16 +324,17 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
 
     model = _model_of(model)
     clean, records = check_specs(model, specs)
-    if ATTR in model.__dict__:
-        raise LoRAError("per_sample_adapters: a per-sample block is already open on this model (one at a time).")
     state = get_state(model)
     ctx = _Context(clean, state, records)
     lock = state.lock if state is not None else None
-    hooks = []
+    hooks: list = []
+    routings: list = []
     patched = False
     if lock is not None:
         lock.__enter__()  # forwards see the routing all at once, never half of it
     try:
+        if ATTR in model.__dict__:
+            raise LoRAError("per_sample_adapters: a per-sample block is already open on this model (one at a time).")
         model.__dict__[ATTR] = ctx
         routings = _routings(model, ctx)
         for wrapper, routing in routings:
@@ -343,7 +344,8 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
             model.__dict__["patchify_and_embed"] = _patchify_recorder(model, ctx)
             patched = True
     except BaseException:
-        _close(model, routings if "routings" in locals() else [], hooks, patched)
+        if model.__dict__.get(ATTR) is ctx:  # never close another block's state
+            _close(model, routings, hooks, patched)
         raise
     finally:
         if lock is not None:
