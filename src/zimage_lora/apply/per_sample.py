@@ -56,7 +56,7 @@ class _Context:
         if x.dim() >= 3:
             if x.shape[0] != total:
                 raise LoRAError(f"per_sample_adapters: layer '{where}' got a batch of {x.shape[0]}, the model {total}.")
-            return self._even(total, x[0].numel() // x.shape[-1]), True
+            return self._even(total, x.numel() // (total * x.shape[-1])), True
         rows = x.shape[0] if x.dim() == 2 else 1
         if rows == total:
             return self._even(total, 1), True
