@@ -160,3 +160,12 @@ def test_concurrent_requests(files, one_torch_thread):
     assert s.device_entries <= 2 and all(e.pins == 0 for e in store._entries.values())
     store.clear()
     assert store_names(model) == [] and store.stats().device_entries == 0
+
+
+def test_hub_ids_only_when_allowed(no_network):
+    store = zl.AdapterStore(tiny_model(0), allow_hub=False)
+    lease = store.lease(["org/some-lora"])
+    assert isinstance(lease.errors["org/some-lora"], zl.AdapterNotFoundError)
+    assert "not allowed" in str(lease.errors["org/some-lora"])
+    lease.close()
+    assert zl.AdapterStore(tiny_model(0)).key("org/some-lora") == "org/some-lora"  # allowed by default

@@ -104,7 +104,11 @@ class AdapterStore:
             raise AdapterNotFoundError(f"{text!r}: not an adapter source.")
         if self.roots is None:
             path = Path(text).expanduser()
-            return os.path.realpath(path) if path.exists() else text
+            if path.exists():
+                return os.path.realpath(path)
+            if not self.allow_hub:
+                raise AdapterNotFoundError(f"{text}: no such file or folder (Hugging Face ids are not allowed here).")
+            return text
         candidates = [Path(text)] if Path(text).is_absolute() else [root / text for root in self.roots]
         for path in candidates:
             if path.exists():
