@@ -224,6 +224,8 @@ def main() -> None:
              md_table(["scheduler", "requests/s", "p50 latency s", "p95 latency s", "mean batch"],
                       [[k, v["requests_per_s"], v["p50_s"], v["p95_s"], v["mean_batch"]]
                        for k, v in stream.items() if isinstance(v, dict)])]
+    if args.no_stream:
+        table = table[:table.index("") + 6]  # title, cost table, block entry, ratios
     text = "machine: " + str(machine("cpu")) + "\n\n" + "\n".join(table)
     print(text)
     name = f"serve-{args.model}-cpu" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
