@@ -15,7 +15,7 @@ import sys
 
 from .errors import LoRAError
 
-COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench", "completion")
+COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench", "serve", "completion")
 
 EPILOG = """examples:
   zimage-lora demo

@@ -3,6 +3,7 @@
 from .engine import apply_adapter, list_adapters, remove_adapter, set_active_adapters, set_adapter_scale
 from .handle import Adapters
 from .layer import AdapterLinear
+from .per_sample import per_sample_adapters
 from .report import AdapterInfo, ApplyReport
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "ApplyReport",
     "AdapterInfo",
     "AdapterLinear",
+    "per_sample_adapters",
 ]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .engine import (
     set_adapter_scale,
     switch_mode,
 )
+from .per_sample import per_sample_adapters
 from .pipeline import components
 from .report import AdapterInfo, ApplyReport
 from .validate import check_names
@@ -86,6 +87,11 @@ class Adapters:
             yield
         finally:
             set_active_adapters(self.model, before)
+
+    def per_sample(self, specs: Sequence[Mapping[str, float]]) -> AbstractContextManager[None]:
+        """`with adapters.per_sample([{"a": 1.0}, {}]): ...`: each sample its own adapters (see
+        `per_sample_adapters`)."""
+        return per_sample_adapters(self.model, specs)
 
     def enable(self, names: str | Sequence[str] | None = None) -> None:
         current = [a.name for a in self.list() if a.active]

@@ -243,7 +243,11 @@ class AdapterLinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         slots, needs_wx = self._active  # read once
+        # Inside a per-sample block (apply.per_sample) its routing replaces the shared active set.
+        routing = self.__dict__.get("_routing")
         out = self.base_layer(x, *args, **kwargs)
+        if routing is not None:
+            return routing.add_(self, out, x)
         if not slots:
             return out
         if not out.is_contiguous():
