@@ -207,7 +207,7 @@ def _batch_error(n: int, total: int) -> LoRAError:
 
 def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, float]], dict[str, Record]]:
     """Validated copies of `specs` and the records they name (each attached, dynamic, Linear-only)."""
-    from .engine import _check_scale
+    from .validate import check_scale
 
     if isinstance(specs, Mapping | str) or not isinstance(specs, Sequence) or not specs:
         raise InvalidFormatError(
@@ -235,7 +235,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
                     f"per_sample_adapters: adapter '{name}' {what}, so it acts on every sample of a batch and cannot "
                     "differ per sample. Apply it with mode='dynamic' (Linear targets only) to use it per sample."
                 )
-            clean[name] = _check_scale(strength)
+            clean[name] = check_scale(strength)
             records[name] = record
         out.append(clean)
     return out, records

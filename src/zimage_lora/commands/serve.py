@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+SUMMARY = "serve generation with per-request adapters (Ray Serve)"
+
 HELP = """Serve text-to-image with per-request adapters over HTTP (Ray Serve; pip install 'zimage-lora[serve]').
 
   GET  /health     200 "ok" once the model is loaded
@@ -23,7 +25,7 @@ examples:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..tools.generate import DTYPES, QUANTIZE
 
-    p = sub.add_parser("serve", help="serve generation with per-request adapters (Ray Serve)", description=HELP,
+    p = sub.add_parser("serve", help=SUMMARY, description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="pipeline folder or hub id (in the local cache)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
