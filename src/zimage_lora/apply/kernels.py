@@ -3,17 +3,87 @@
 Writing into the base layer's output, instead of allocating a fresh full-size result and adding it,
 is what keeps the dynamic overhead near the cost of the extra FLOPs. `alpha` is a Python float in
 eager mode (fused into addmm) or a 0-d tensor under torch.compile (so a new value needs no recompile).
+
+On CUDA (eager, triton importable) LoRA goes through the Triton kernels in `triton_lora`: the low-rank
+update is added inside each output tile in one pass, and all plain LoRA adapters of a layer run as one
+concatenated product (`fused_lora_`). On CPU, and under torch.compile, the torch code below runs.
 """
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
 
 import torch
 
 Alpha = float | torch.Tensor
 
+_TRITON: list[ModuleType | None] = []  # imported on first use on CUDA: CPU start-up never imports triton
+
+
+def _triton(*tensors: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels module when they can run on `tensors` (eager mode), else None."""
+    if not (tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or torch.compiler.is_compiling():
+        return None
+    if not _TRITON:
+        try:
+            from . import triton_lora
+        except ImportError:  # pragma: no cover - depends on the install
+            triton_lora = None
+        _TRITON.append(triton_lora)
+    mod = _TRITON[0]
+    if mod is None or not mod.available(*tensors):
+        return None
+    return mod
+
+
+def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
+    """A slot the fused kernel takes as it is: plain LoRA on every row, tensors already in x's dtype."""
+    if slot.kind != "lora" or slot.needs_wx or "bias" in slot.names or (slot.lo, slot.hi) != (0, out.shape[1]):
+        return False
+    down = slot.down
+    return down.dtype == x.dtype == out.dtype and down.device == x.device
+
+
+def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Add every plain LoRA slot's share into out (n, o) through the Triton kernel, as one product with
+    the summed rank (up to `MAX_RANK` per kernel); returns the slots left for the per-slot path.
+
+    The concatenated factors (strengths folded into B) are kept on the group's first slot and rebuilt
+    only when a strength, a factor (hot swap) or the group changes."""
+    mod = _triton(out, x)
+    if mod is None or not slots:
+        return slots
+    group = [s for s in slots if _plain_lora(s, out, x) and mod.supported(x, s.down.shape[0])]
+    if not group:
+        return slots
+    chunks: list[list[Any]] = [[]]
+    for slot in group:
+        if chunks[-1] and sum(s.down.shape[0] for s in chunks[-1]) + slot.down.shape[0] > mod.MAX_RANK:
+            chunks.append([])
+        chunks[-1].append(slot)
+    for chunk in chunks:
+        if len(chunk) == 1:
+            mod.lora_epilogue_(out, x, chunk[0].down, chunk[0].up, chunk[0].strength.value)
+            continue
+        key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
+        cached = chunk[0].__dict__.get("_stacked")
+        if cached is None or cached[0] != key:
+            cached = (key, *mod.stack([(s.down, s.up, s.strength.value) for s in chunk]))
+            chunk[0].__dict__["_stacked"] = cached
+        mod.lora_epilogue_(out, x, cached[1], cached[2], 1.0)
+    taken = {id(s) for s in group}
+    return tuple(s for s in slots if id(s) not in taken)
+
 
 def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
     """out (n, o) += alpha * (x @ down.T) @ up.T; x (n, i), down (r, i), up (o, r)."""
+    if not isinstance(alpha, torch.Tensor) and out.dtype == x.dtype == down.dtype:
+        mod = _triton(out, x, down)
+        if mod is not None and mod.supported(x, down.shape[0]):
+            mod.lora_epilogue_(out, x, down, up, alpha)
+            return
     h = x @ down.T
     if isinstance(alpha, torch.Tensor):
         out.addmm_(h * alpha.to(h.dtype), up.T)
