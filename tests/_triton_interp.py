@@ -1,6 +1,6 @@
-"""Run by tests/test_triton_lora.py in a subprocess with TRITON_INTERPRET=1 (set before triton is
-imported): the Triton LoRA kernels on CPU tensors, against the unfused torch reference. Prints one
-JSON object of measured errors; the test module asserts on them."""
+"""Run by tests/test_triton_lora.py in a subprocess: with TRITON_INTERPRET=1 (set before triton is
+imported) the Triton LoRA kernels run on CPU tensors, without it on CUDA ones; each against the unfused
+torch reference. Prints one JSON object of measured errors; the test module asserts on them."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import json
 import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET") == "1"
-
 import torch  # noqa: E402
 
 from zimage_lora import Adapter, Target, apply_adapter, set_adapter_scale  # noqa: E402
 from zimage_lora.apply import kernels, triton_lora  # noqa: E402
 
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENS, N_IN, N_OUT = 37, 96, 77  # odd sizes: partial tiles on every edge
 
@@ -23,7 +22,7 @@ def _factors(rank: int, dtype: torch.dtype, seed: int, n_in: int = N_IN, n_out: 
     g = torch.Generator().manual_seed(seed)
     down = torch.randn(rank, n_in, generator=g) / n_in**0.5
     up = torch.randn(n_out, rank, generator=g) / rank**0.5
-    return down.to(dtype), up.to(dtype)
+    return down.to(DEV, dtype), up.to(DEV, dtype)
 
 
 def _errors(got: torch.Tensor, unfused: torch.Tensor, exact: torch.Tensor, effect: torch.Tensor) -> dict:
@@ -41,8 +40,8 @@ def epilogue_cases() -> dict:
     out = {}
     g = torch.Generator().manual_seed(0)
     for name, dtype in DTYPES.items():
-        x = torch.randn(TOKENS, N_IN, generator=g).to(dtype)
-        base = torch.randn(TOKENS, N_OUT + 9, generator=g).to(dtype)
+        x = torch.randn(TOKENS, N_IN, generator=g).to(DEV, dtype)
+        base = torch.randn(TOKENS, N_OUT + 9, generator=g).to(DEV, dtype)
         for rank in (1, 16, 128):
             down, up = _factors(rank, dtype, rank)
             effect = 0.7 * (x.double() @ down.double().T) @ up.double().T
@@ -66,9 +65,9 @@ def linear_cases() -> dict:
     out = {}
     g = torch.Generator().manual_seed(1)
     for name, dtype in DTYPES.items():
-        x = torch.randn(TOKENS, N_IN, generator=g).to(dtype)
-        w = (torch.randn(N_OUT, N_IN, generator=g) / N_IN**0.5).to(dtype)
-        bias = torch.randn(N_OUT, generator=g).to(dtype)
+        x = torch.randn(TOKENS, N_IN, generator=g).to(DEV, dtype)
+        w = (torch.randn(N_OUT, N_IN, generator=g) / N_IN**0.5).to(DEV, dtype)
+        bias = torch.randn(N_OUT, generator=g).to(DEV, dtype)
         for rank in (1, 16, 128):
             down, up = _factors(rank, dtype, rank + 1)
             got = triton_lora.linear_lora(x, w, bias, down, up, 0.5)
@@ -104,9 +103,9 @@ def _sum_unfused(base, x, factors, scales, dtype):
 
 
 def _stacked_one(dtype: torch.dtype, g: torch.Generator, calls: list) -> dict:
-    lin = torch.nn.Linear(N_IN, N_OUT, bias=True).to(dtype).requires_grad_(False)
+    lin = torch.nn.Linear(N_IN, N_OUT, bias=True).to(DEV, dtype).requires_grad_(False)
     model = Holder(lin)
-    x = torch.randn(TOKENS, N_IN, generator=g).to(dtype)
+    x = torch.randn(TOKENS, N_IN, generator=g).to(DEV, dtype)
     base = lin(x)
     ranks, strengths = (4, 16, 32), (0.8, -1.5, 0.3)
     factors = []
@@ -155,8 +154,8 @@ def dispatch_case() -> dict:
     real = triton_lora.lora_epilogue_
     triton_lora.lora_epilogue_ = lambda *a: calls.append(1) or real(*a)
     down, up = _factors(8, torch.float32, 3)
-    x = torch.randn(5, N_IN)
-    out = torch.zeros(5, N_OUT)
+    x = torch.randn(5, N_IN).to(DEV)
+    out = torch.zeros(5, N_OUT, device=DEV)
     kernels.lora_add_(out, x, down, up, 2.0)
     triton_lora.lora_epilogue_ = real
     ref = 2.0 * (x @ down.T) @ up.T
@@ -164,5 +163,5 @@ def dispatch_case() -> dict:
 
 
 if __name__ == "__main__":
-    results = {**epilogue_cases(), **linear_cases(), **stacked_cases(), **dispatch_case()}
+    results = {"device": DEV, **epilogue_cases(), **linear_cases(), **stacked_cases(), **dispatch_case()}
     json.dump(results, sys.stdout)

@@ -3,7 +3,8 @@
 The kernels run in one subprocess with TRITON_INTERPRET=1 set before triton is imported
 (tests/_triton_interp.py); it reports errors against an fp64 reference for the kernel and for the
 unfused torch path (`x @ A^T`, then `out.addmm_`), which the tests below compare. fp16/bf16/fp32,
-ranks 1/16/128, odd shapes (partial tiles on every edge), a strided output, stacked adapters.
+ranks 1/16/128, odd shapes (partial tiles on every edge), a strided output, stacked adapters. Where
+CUDA is available the same checks also run compiled on the GPU.
 """
 
 from __future__ import annotations
@@ -22,9 +23,21 @@ HERE = Path(__file__).parent
 TOL = {"fp32": 1e-6, "fp16": 2e-3, "bf16": 2e-2}  # lost fraction of the adapter's effect, vs fp64
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+MODES = ["interpret", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(), reason="no CUDA device"))]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def results(request) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if request.param == "interpret":
+        env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), str(HERE), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(HERE / "_triton_interp.py")], env=env, capture_output=True, text=True, timeout=300
@@ -45,7 +58,7 @@ def test_second_pass_matches_unfused(results, dtype, rank):
     errs = results[f"epilogue-{dtype}-r{rank}"]
     _close(errs, dtype)
     assert errs["outside_untouched"]  # writing a column slice leaves the rest of the output alone
-    if dtype != "fp32":  # one fp32 accumulation and one rounding, as addmm_: the same bits here
+    if dtype != "fp32" and results["device"] == "cpu":  # fp32 accumulation, one rounding, as CPU addmm_
         assert errs["vs_unfused"] == 0.0, errs
 
 
@@ -65,7 +78,8 @@ def test_stacked_adapters_are_one_product(results, dtype):
 
 
 def test_lora_add_dispatches_to_kernel(results):
-    assert results["dispatch"] == {"calls": 1, "err": 0.0}
+    assert results["dispatch"]["calls"] == 1
+    assert results["dispatch"]["err"] < 1e-5
 
 
 def test_cpu_stays_on_torch_without_interpreter():
