@@ -17,7 +17,9 @@ Switching happens between timed calls, never inside one. Each round times every 
 order rotated each round, each right after a base step of its own (on a shared machine, load drifts
 within seconds); a case's overhead is the median over rounds of its time / that paired base time.
 Outputs are checked against each other once before timing (relative to the adapters' effect), which
-also warms every case up.
+also warms every case up. On a CPU shared with other jobs, wall time mostly measures how long the
+scheduler kept us waiting, so the overheads there use the process's CPU time (all threads) by default
+(`--clock`); both clocks are recorded.
 """
 
 from __future__ import annotations
@@ -147,30 +149,32 @@ def check(cases: dict) -> dict[str, float]:
     return errs
 
 
-def run(cases: dict, device: str, rounds: int, log=print) -> dict[str, list[float]]:
-    """Per case, the seconds of each round's step; "base:<case>" holds the base step timed just before it."""
+def run(cases: dict, device: str, rounds: int, log=print) -> dict[str, dict[str, list[float]]]:
+    """{clock: {case: seconds per round}}; "base:<case>" holds the base step timed just before that case."""
     names = [n for n in cases if n != "base"]
-    times: dict[str, list[float]] = {}
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
 
-    def timed(name: str) -> float:
+    def timed(name: str, key: str) -> None:
         setup, fn = cases[name]
         setup()
         sync(device)
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        return time.perf_counter() - t0
+        times["wall"].setdefault(key, []).append(time.perf_counter() - w0)
+        times["cpu"].setdefault(key, []).append(time.process_time() - c0)
 
     with torch.no_grad():
         for r in range(rounds):
             for n in names[r % len(names):] + names[: r % len(names)]:
-                times.setdefault(f"base:{n}", []).append(timed("base"))
-                times.setdefault(n, []).append(timed(n))
-            log(f"  round {r + 1}/{rounds}: base {statistics.median(times[f'base:{names[0]}']):.2f} s", flush=True)
+                timed("base", f"base:{n}")
+                timed(n, n)
+            log(f"  round {r + 1}/{rounds}: base {statistics.median(times['wall'][f'base:{names[0]}']):.2f} s wall")
     return times
 
 
 def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per case: median seconds and the median over rounds of (case / its paired base step - 1), in %."""
     bases = [t for n, ts in times.items() if n.startswith("base:") for t in ts]
     out = {"base": {"median_s": statistics.median(bases)}}
     for n, ts in times.items():
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 2; --quick 5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--clock", default=None, choices=["cpu", "wall"],
+                   help="clock for the overheads (default: cpu time on --device cpu, wall time on cuda)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     layers = args.layers or (1 if args.quick else 2)
@@ -226,17 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# ours vs PEFT (relative to the adapters' effect): {errs}", flush=True)
     t0 = time.perf_counter()
     times = run(cases, args.device, rounds)
-    summary = summarise(times)
+    clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
+    summaries = {c: summarise(ts) for c, ts in times.items()}
+    summary = summaries[clock]
     tbl = table(summary)
     text = "\n".join([
         f"machine: {info}", "",
         f"one step, {facts['layers']} x dim {facts['dim']} blocks, {facts['image']}x{facts['image']} image "
         f"({facts['image_tokens']} tokens) + {facts['caption_tokens']} caption tokens, {args.dtype} {args.device}, "
         f"rank-{RANK} adapters on {facts['targets_per_adapter']} Linears each; base step "
-        f"{summary['base']['median_s']:.2f} s (median of {rounds} rounds)", "", tbl, "", "```", chart(summary), "```",
+        f"{summaries['wall']['base']['median_s']:.2f} s wall, {summaries['cpu']['base']['median_s']:.2f} s CPU "
+        f"(medians of {rounds} rounds); overheads from {clock} time", "", tbl, "", "```", chart(summary), "```",
+        "", "the other clock:", "", table(summaries["wall" if clock == "cpu" else "cpu"]),
     ])
     name = f"step-{args.device}-{args.dtype}" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    payload = {"facts": facts, "dtype": args.dtype, "rounds": rounds, "times_s": times, "summary": summary,
+    payload = {"facts": facts, "dtype": args.dtype, "rounds": rounds, "clock": clock, "times_s": times,
+               "summary": summaries,
                "rel_err_vs_peft": errs, "machine": info | {"load_avg_end": __import__("os").getloadavg()[0]},
                "wall_s": time.perf_counter() - t0}
     path = save(name, payload, text)
