@@ -162,6 +162,32 @@ def dispatch_case() -> dict:
     return {"dispatch": {"calls": len(calls), "err": float((out - ref).abs().max())}}
 
 
+def fallback_case() -> dict:
+    """A kernel that cannot build falls back to the torch path, with one warning (run last: it switches
+    the kernels off for the rest of the process)."""
+    import warnings
+
+    real = triton_lora.lora_epilogue_
+
+    def broken(*_args):
+        raise RuntimeError("no C compiler")
+
+    triton_lora.lora_epilogue_ = broken
+    down, up = _factors(8, torch.float32, 4)
+    x = torch.randn(5, N_IN).to(DEV)
+    outs = [torch.zeros(5, N_OUT, device=DEV) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for out in outs:
+            kernels.lora_add_(out, x, down, up, 2.0)
+    triton_lora.lora_epilogue_ = real
+    ref = 2.0 * (x @ down.T) @ up.T
+    return {"fallback": {"err": max(float((o - ref).abs().max()) for o in outs),
+                         "warnings": sum("Triton LoRA kernel unavailable" in str(w.message) for w in caught),
+                         "off": kernels._triton(x) is None}}
+
+
 if __name__ == "__main__":
-    results = {"device": DEV, **epilogue_cases(), **linear_cases(), **stacked_cases(), **dispatch_case()}
+    results = {"device": DEV, **epilogue_cases(), **linear_cases(), **stacked_cases(), **dispatch_case(),
+               **fallback_case()}
     json.dump(results, sys.stdout)

@@ -12,6 +12,7 @@ concatenated product (`fused_lora_`). On CPU, and under torch.compile, the torch
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -36,6 +37,20 @@ def _triton(*tensors: torch.Tensor) -> ModuleType | None:
     if mod is None or not mod.available(*tensors):
         return None
     return mod
+
+
+def _launch(mod: ModuleType, out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+            alpha: float) -> bool:
+    """Run the kernel; False (and the torch path from then on) if Triton cannot build or launch it here,
+    e.g. no C compiler for its launcher. A failed build or launch has written nothing."""
+    try:
+        mod.lora_epilogue_(out, x, down, up, alpha)
+    except Exception as exc:  # noqa: BLE001 - any Triton failure means: use the torch path
+        _TRITON[0] = None
+        warnings.warn(f"zimage_lora: Triton LoRA kernel unavailable ({type(exc).__name__}: {exc}); "
+                      "using the unfused torch path", stacklevel=3)
+        return False
+    return True
 
 
 def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
@@ -63,17 +78,20 @@ def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> t
         if chunks[-1] and sum(s.down.shape[0] for s in chunks[-1]) + slot.down.shape[0] > mod.MAX_RANK:
             chunks.append([])
         chunks[-1].append(slot)
+    taken: set[int] = set()
     for chunk in chunks:
         if len(chunk) == 1:
-            mod.lora_epilogue_(out, x, chunk[0].down, chunk[0].up, chunk[0].strength.value)
-            continue
-        key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
-        cached = chunk[0].__dict__.get("_stacked")
-        if cached is None or cached[0] != key:
-            cached = (key, *mod.stack([(s.down, s.up, s.strength.value) for s in chunk]))
-            chunk[0].__dict__["_stacked"] = cached
-        mod.lora_epilogue_(out, x, cached[1], cached[2], 1.0)
-    taken = {id(s) for s in group}
+            down, up, alpha = chunk[0].down, chunk[0].up, chunk[0].strength.value
+        else:
+            key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
+            cached = chunk[0].__dict__.get("_stacked")
+            if cached is None or cached[0] != key:
+                cached = (key, *mod.stack([(s.down, s.up, s.strength.value) for s in chunk]))
+                chunk[0].__dict__["_stacked"] = cached
+            down, up, alpha = cached[1], cached[2], 1.0
+        if not _launch(mod, out, x, down, up, alpha):
+            break  # this chunk and the rest go through the per-slot path
+        taken.update(id(s) for s in chunk)
     return tuple(s for s in slots if id(s) not in taken)
 
 
@@ -81,8 +99,7 @@ def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     """out (n, o) += alpha * (x @ down.T) @ up.T; x (n, i), down (r, i), up (o, r)."""
     if not isinstance(alpha, torch.Tensor) and out.dtype == x.dtype == down.dtype:
         mod = _triton(out, x, down)
-        if mod is not None and mod.supported(x, down.shape[0]):
-            mod.lora_epilogue_(out, x, down, up, alpha)
+        if mod is not None and mod.supported(x, down.shape[0]) and _launch(mod, out, x, down, up, alpha):
             return
     h = x @ down.T
     if isinstance(alpha, torch.Tensor):
