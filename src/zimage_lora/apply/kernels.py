@@ -4,9 +4,9 @@ Writing into the base layer's output, instead of allocating a fresh full-size re
 is what keeps the dynamic overhead near the cost of the extra FLOPs. `alpha` is a Python float in
 eager mode (fused into addmm) or a 0-d tensor under torch.compile (so a new value needs no recompile).
 
-On CUDA (eager, triton importable) LoRA goes through the Triton kernels in `triton_lora`: the low-rank
-update is added inside each output tile in one pass, and all plain LoRA adapters of a layer run as one
-concatenated product (`fused_lora_`). On CPU, and under torch.compile, the torch code below runs.
+All plain LoRA adapters of a layer run as one concatenated product (`fused_lora_`, eager mode). On CUDA
+(triton importable) LoRA goes through the Triton kernels in `triton_lora`: the low-rank update is added
+inside each output tile in one pass. On CPU, and under torch.compile, the torch code below runs.
 """
 
 from __future__ import annotations
@@ -61,35 +61,53 @@ def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
     return down.dtype == x.dtype == out.dtype and down.device == x.device
 
 
-def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Add every plain LoRA slot's share into out (n, o) through the Triton kernel, as one product with
-    the summed rank (up to `MAX_RANK` per kernel); returns the slots left for the per-slot path.
+def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one product equal to sum_i s_i * up_i @ down_i: A's stacked along the rank, each B
+    scaled by its strength (in fp32, one rounding) and stacked alongside."""
+    down = torch.cat([d for d, _u, _s in factors], dim=0)
+    up = torch.cat([(u.float() * s).to(u.dtype) for _d, u, s in factors], dim=1)
+    return down, up.contiguous()
 
-    The concatenated factors (strengths folded into B) are kept on the group's first slot and rebuilt
-    only when a strength, a factor (hot swap) or the group changes."""
-    mod = _triton(out, x)
-    if mod is None or not slots:
+
+def _stacked(chunk: list[Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of a group of slots: the slot's own factors for one, else the concatenation,
+    kept on the group's first slot and rebuilt only when a strength, a factor (hot swap) or the group
+    changes."""
+    if len(chunk) == 1:
+        return chunk[0].down, chunk[0].up, chunk[0].strength.value
+    key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
+    cached = chunk[0].__dict__.get("_stacked")
+    if cached is None or cached[0] != key:
+        cached = (key, *stack([(s.down, s.up, s.strength.value) for s in chunk]))
+        chunk[0].__dict__["_stacked"] = cached
+    return cached[1], cached[2], 1.0
+
+
+def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Add the plain LoRA slots' shares into out (n, o) as one low-rank product with the summed rank;
+    returns the slots left for the per-slot path.
+
+    With Triton (CUDA): one kernel per `MAX_RANK` of summed rank, a single adapter included. Without:
+    from two adapters on, one `x @ A^T` and one `addmm_` for all of them instead of one pair each (the
+    output, by far the largest tensor, is read and written once instead of once per adapter)."""
+    if len(slots) == 0 or torch.compiler.is_compiling():
         return slots
-    group = [s for s in slots if _plain_lora(s, out, x) and mod.supported(x, s.down.shape[0])]
-    if not group:
+    mod = _triton(out, x)
+    group = [s for s in slots if _plain_lora(s, out, x) and (mod is None or mod.supported(x, s.down.shape[0]))]
+    if mod is None and len(group) < 2:
         return slots
     chunks: list[list[Any]] = [[]]
     for slot in group:
-        if chunks[-1] and sum(s.down.shape[0] for s in chunks[-1]) + slot.down.shape[0] > mod.MAX_RANK:
+        rank = sum(s.down.shape[0] for s in chunks[-1]) + slot.down.shape[0]
+        if chunks[-1] and mod is not None and rank > mod.MAX_RANK:
             chunks.append([])
         chunks[-1].append(slot)
     taken: set[int] = set()
     for chunk in chunks:
-        if len(chunk) == 1:
-            down, up, alpha = chunk[0].down, chunk[0].up, chunk[0].strength.value
-        else:
-            key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
-            cached = chunk[0].__dict__.get("_stacked")
-            if cached is None or cached[0] != key:
-                cached = (key, *mod.stack([(s.down, s.up, s.strength.value) for s in chunk]))
-                chunk[0].__dict__["_stacked"] = cached
-            down, up, alpha = cached[1], cached[2], 1.0
-        if not _launch(mod, out, x, down, up, alpha):
+        down, up, alpha = _stacked(chunk)
+        if mod is None:
+            _torch_lora_add_(out, x, down, up, alpha)
+        elif not _launch(mod, out, x, down, up, alpha):
             break  # this chunk and the rest go through the per-slot path
         taken.update(id(s) for s in chunk)
     return tuple(s for s in slots if id(s) not in taken)
@@ -101,6 +119,10 @@ def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
         mod = _triton(out, x, down)
         if mod is not None and mod.supported(x, down.shape[0]) and _launch(mod, out, x, down, up, alpha):
             return
+    _torch_lora_add_(out, x, down, up, alpha)
+
+
+def _torch_lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
     h = x @ down.T
     if isinstance(alpha, torch.Tensor):
         out.addmm_(h * alpha.to(h.dtype), up.T)

@@ -12,7 +12,8 @@ memory roofline. Here the rank-r product `h = x @ A^T` is computed once (one sma
   the GEMM's epilogue, so the output is written once and never re-read).
 
 Several adapters on one layer run as one product: their A's and (strength-scaled) B's concatenated
-along the rank, so one kernel with the summed rank replaces one pair of calls per adapter.
+along the rank (`kernels.stack`), so one kernel with the summed rank replaces one pair of calls per
+adapter.
 
 Ranks up to `MAX_RANK` (the whole padded rank is one tile). fp32 dots use IEEE fp32 (no TF32), like
 torch's default. `TRITON_INTERPRET=1` runs the same kernels on CPU tensors (how the tests check them).
@@ -169,11 +170,3 @@ def linear_lora(
         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, BR=br, **_precision(x.dtype),
     )
     return out
-
-
-def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) of one product equal to sum_i s_i * up_i @ down_i: A's stacked along the rank, each B
-    scaled by its strength (in fp32, one rounding) and stacked alongside."""
-    down = torch.cat([d for d, _u, _s in factors], dim=0)
-    up = torch.cat([(u.float() * s).to(u.dtype) for _d, u, s in factors], dim=1)
-    return down, up.contiguous()
