@@ -3,6 +3,11 @@ and hand-written references, all on the same weights and input, timed interleave
 
 Overhead = (t_case / t_base - 1) over the plain base matmul. The FLOP floor is the extra work the adapter
 adds in FLOPs: r * (in + out) / (in * out) for LoRA.
+
+On CUDA (`python bench/run.py lora --device cuda`), "ours" goes through the Triton kernels automatically
+(the second pass over the output, `triton_lora.lora_epilogue_`); "triton-epilogue" and "triton-gemm"
+(one GEMM with the LoRA term in its epilogue, `triton_lora.linear_lora`) time the kernels directly,
+"addmm-ref" is the unfused torch path, "peft" PEFT's LoRA layer.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def lora_cases(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype
     ours = _ours(_linear(n_in, n_out, dtype, device), target)
     if ours is not None:
         cases["ours"] = lambda: ours(x)
+    cases.update(_triton_cases(x.view(-1, n_in), w, a, b, s, tokens, n_out))
     floor = rank * (n_in + n_out) / (n_in * n_out)
 
     def check() -> dict[str, float]:
@@ -107,6 +113,28 @@ def lora_cases(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype
             return {k: _rel_err(cases[k](), want, base) for k in cases if k not in ("base", "addmm-ref")}
 
     return cases, floor, check
+
+
+def _triton_cases(x2, w, a, b, s, tokens, n_out) -> dict[str, Callable[[], object]]:
+    """The Triton kernels called directly (CUDA with triton only)."""
+    if not x2.is_cuda:
+        return {}
+    try:
+        from zimage_lora.apply import triton_lora
+    except ImportError:
+        return {}
+    if not triton_lora.available(x2):
+        return {}
+
+    def epilogue() -> torch.Tensor:
+        y = F.linear(x2, w)
+        triton_lora.lora_epilogue_(y, x2, a, b, s)
+        return y.view(1, tokens, n_out)
+
+    def gemm() -> torch.Tensor:
+        return triton_lora.linear_lora(x2, w, None, a, b, s).view(1, tokens, n_out)
+
+    return {"triton-epilogue": epilogue, "triton-gemm": gemm}
 
 
 # --- LoKr -----------------------------------------------------------------------------------------------
@@ -210,7 +238,7 @@ def run_lora(grid: list[tuple], device: str, rounds: int, log=print) -> list[dic
 def _lora_line(row: dict) -> str:
     parts = [f"{row['shape']:>12} n={row['tokens']:<5} r={row['rank']:<4} {row['dtype']:<5}",
              f"base {row['base_ms']:8.2f} ms", f"floor {row['floor_pct']:5.2f}%"]
-    for k in ("addmm-ref", "peft", "peft-fp32-adapter", "ours"):
+    for k in ("addmm-ref", "peft", "peft-fp32-adapter", "triton-epilogue", "triton-gemm", "ours"):
         if f"{k}_pct" in row:
             parts.append(f"{k} {row[f'{k}_pct']:+6.2f}%")
     if "ours_pct" in row:
@@ -222,12 +250,18 @@ def _lora_line(row: dict) -> str:
 def lora_table(rows: list[dict]) -> str:
     header = ["shape", "tokens", "rank", "dtype", "base ms", "FLOP floor %", "target %", "ours %", "addmm ref %",
               "PEFT %", "PEFT fp32-adapter %", "ours/target"]
+    cuda = any("triton-gemm_pct" in r for r in rows)
+    if cuda:
+        header[8:8] = ["triton 2nd pass %", "triton GEMM epilogue %"]
     body = []
     for r in rows:
         ours = r.get("ours_pct")
-        body.append([r["shape"], r["tokens"], r["rank"], r["dtype"], r["base_ms"], r["floor_pct"], r["target_pct"],
-                     ours, r.get("addmm-ref_pct"), r.get("peft_pct"), r.get("peft-fp32-adapter_pct"),
-                     None if ours is None else ours / r["target_pct"]])
+        row = [r["shape"], r["tokens"], r["rank"], r["dtype"], r["base_ms"], r["floor_pct"], r["target_pct"],
+               ours, r.get("addmm-ref_pct"), r.get("peft_pct"), r.get("peft-fp32-adapter_pct"),
+               None if ours is None else ours / r["target_pct"]]
+        if cuda:
+            row[8:8] = [r.get("triton-epilogue_pct"), r.get("triton-gemm_pct")]
+        body.append(row)
     return md_table(header, body)
 
 

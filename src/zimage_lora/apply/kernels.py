@@ -3,17 +3,126 @@
 Writing into the base layer's output, instead of allocating a fresh full-size result and adding it,
 is what keeps the dynamic overhead near the cost of the extra FLOPs. `alpha` is a Python float in
 eager mode (fused into addmm) or a 0-d tensor under torch.compile (so a new value needs no recompile).
+
+All plain LoRA adapters of a layer run as one concatenated product (`fused_lora_`, eager mode). On CUDA
+(triton importable) LoRA goes through the Triton kernels in `triton_lora`: the low-rank update is added
+inside each output tile in one pass. On CPU, and under torch.compile, the torch code below runs.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Any
 
 import torch
 
 Alpha = float | torch.Tensor
 
+_TRITON: list[ModuleType | None] = []  # imported on first use on CUDA: CPU start-up never imports triton
+
+
+def _triton(*tensors: torch.Tensor) -> ModuleType | None:
+    """The Triton kernels module when they can run on `tensors` (eager mode), else None."""
+    if not (tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or torch.compiler.is_compiling():
+        return None
+    if not _TRITON:
+        try:
+            from . import triton_lora
+        except ImportError:  # pragma: no cover - depends on the install
+            triton_lora = None
+        _TRITON.append(triton_lora)
+    mod = _TRITON[0]
+    if mod is None or not mod.available(*tensors):
+        return None
+    return mod
+
+
+def _launch(mod: ModuleType, out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+            alpha: float) -> bool:
+    """Run the kernel; False (and the torch path from then on) if Triton cannot build or launch it here,
+    e.g. no C compiler for its launcher. A failed build or launch has written nothing."""
+    try:
+        mod.lora_epilogue_(out, x, down, up, alpha)
+    except Exception as exc:  # noqa: BLE001 - any Triton failure means: use the torch path
+        _TRITON[0] = None
+        warnings.warn(f"zimage_lora: Triton LoRA kernel unavailable ({type(exc).__name__}: {exc}); "
+                      "using the unfused torch path", stacklevel=3)
+        return False
+    return True
+
+
+def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
+    """A slot the fused kernel takes as it is: plain LoRA on every row, tensors already in x's dtype."""
+    if slot.kind != "lora" or slot.needs_wx or "bias" in slot.names or (slot.lo, slot.hi) != (0, out.shape[1]):
+        return False
+    down = slot.down
+    return down.dtype == x.dtype == out.dtype and down.device == x.device
+
+
+def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one product equal to sum_i s_i * up_i @ down_i: A's stacked along the rank, each B
+    scaled by its strength (in fp32, one rounding) and stacked alongside."""
+    down = torch.cat([d for d, _u, _s in factors], dim=0)
+    up = torch.cat([(u.float() * s).to(u.dtype) for _d, u, s in factors], dim=1)
+    return down, up.contiguous()
+
+
+def _stacked(chunk: list[Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of a group of slots: the slot's own factors for one, else the concatenation,
+    kept on the group's first slot and rebuilt only when a strength, a factor (hot swap) or the group
+    changes."""
+    if len(chunk) == 1:
+        return chunk[0].down, chunk[0].up, chunk[0].strength.value
+    key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
+    cached = chunk[0].__dict__.get("_stacked")
+    if cached is None or cached[0] != key:
+        cached = (key, *stack([(s.down, s.up, s.strength.value) for s in chunk]))
+        chunk[0].__dict__["_stacked"] = cached
+    return cached[1], cached[2], 1.0
+
+
+def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Add the plain LoRA slots' shares into out (n, o) as one low-rank product with the summed rank;
+    returns the slots left for the per-slot path.
+
+    With Triton (CUDA): one kernel per `MAX_RANK` of summed rank, a single adapter included. Without:
+    from two adapters on, one `x @ A^T` and one `addmm_` for all of them instead of one pair each (the
+    output, by far the largest tensor, is read and written once instead of once per adapter)."""
+    if len(slots) == 0 or torch.compiler.is_compiling():
+        return slots
+    mod = _triton(out, x)
+    group = [s for s in slots if _plain_lora(s, out, x) and (mod is None or mod.supported(x, s.down.shape[0]))]
+    if mod is None and len(group) < 2:
+        return slots
+    chunks: list[list[Any]] = [[]]
+    for slot in group:
+        rank = sum(s.down.shape[0] for s in chunks[-1]) + slot.down.shape[0]
+        if chunks[-1] and mod is not None and rank > mod.MAX_RANK:
+            chunks.append([])
+        chunks[-1].append(slot)
+    taken: set[int] = set()
+    for chunk in chunks:
+        down, up, alpha = _stacked(chunk)
+        if mod is None:
+            _torch_lora_add_(out, x, down, up, alpha)
+        elif not _launch(mod, out, x, down, up, alpha):
+            break  # this chunk and the rest go through the per-slot path
+        taken.update(id(s) for s in chunk)
+    return tuple(s for s in slots if id(s) not in taken)
+
 
 def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
     """out (n, o) += alpha * (x @ down.T) @ up.T; x (n, i), down (r, i), up (o, r)."""
+    if not isinstance(alpha, torch.Tensor) and out.dtype == x.dtype == down.dtype:
+        mod = _triton(out, x, down)
+        if mod is not None and mod.supported(x, down.shape[0]) and _launch(mod, out, x, down, up, alpha):
+            return
+    _torch_lora_add_(out, x, down, up, alpha)
+
+
+def _torch_lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
     h = x @ down.T
     if isinstance(alpha, torch.Tensor):
         out.addmm_(h * alpha.to(h.dtype), up.T)

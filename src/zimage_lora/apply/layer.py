@@ -259,6 +259,8 @@ class AdapterLinear(nn.Module):
             bias = self.bias
             wx = out2 - bias if bias is not None else out2.clone()
         compiling = torch.compiler.is_compiling()
+        if not compiling:
+            slots = kernels.fused_lora_(out2, x2, slots)  # plain LoRA slots as one product (Triton on CUDA)
         for slot in slots:
             slot.add_(out2, x2, wx, slot.strength.tensor if compiling else slot.strength.value)
         return out

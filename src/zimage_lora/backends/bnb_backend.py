@@ -3,8 +3,10 @@
 4-bit: the weight is packed nibbles plus a `QuantState` (per-block absmax, possibly itself quantized
 when `compress_statistics`/double quantization is on). On CPUs with AVX512-BF16, bitsandbytes repacks
 the weight for its kernel on the first eval-mode forward and rewrites the `QuantState` in place
-(absmax to bf16, transposed, no longer nested). Dequantizing reads either layout; requantizing always
-writes the standard layout (the layer repacks it again on its next forward); snapshots deep-copy the
+(absmax to bf16, transposed, no longer nested). Dequantizing reads either layout; requantizing writes
+the layout the layer has, keeping each block's stored absmax where the merged block fits it (`_requant`;
+only when double-quantized statistics cannot hold a needed absmax are all blocks picked afresh, in the
+standard layout, which the layer repacks on its next forward); snapshots deep-copy the
 `QuantState`, because the repack mutates it, and restore hands out fresh copies every time.
 
 8-bit (LLM.int8): int8 rows `CB` with per-row absmax `SCB`; after the first forward both move from the
@@ -19,6 +21,8 @@ from typing import Any
 import bitsandbytes.functional as F
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+from ._requant import keep_stored
 
 # The CPU kernel's layout groups 32 output rows; each byte holds one nibble of two of those rows.
 _CPU_BLOCK_N = 32
@@ -47,6 +51,103 @@ def _dequantize_cpu_layout(data: torch.Tensor, state: Any) -> torch.Tensor:
     return table[codes] * scales
 
 
+def _pack_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_unpack_cpu_layout`: nibble codes (rows, cols) into the AVX512 CPU layout."""
+    rows, cols = codes.shape
+    half = _CPU_BLOCK_N
+    tiles = codes.to(torch.uint8).reshape(rows // half, half, cols // 2, 2).transpose(1, 2).reshape(-1, 2 * half)
+    return ((tiles[:, half:] << 4) | tiles[:, :half]).reshape(rows, cols // 2)
+
+
+def _nearest_codes(v: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the table entry nearest to v / absmax for blocks v (nb, bs), absmax (nb, 1)."""
+    order = torch.argsort(table)
+    ordered = table[order]
+    scaled = (v / absmax.clamp(min=1e-38)).clamp(-1, 1)
+    return order[torch.bucketize(scaled, (ordered[1:] + ordered[:-1]) / 2)]
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= x (x >= 0)."""
+    b = x.to(torch.bfloat16)
+    low = b.float() < x
+    return torch.where(low, (b.view(torch.int16) + 1).view(torch.bfloat16), b)
+
+
+def _nested_round_up(need: torch.Tensor, state: Any) -> tuple[torch.Tensor, bool]:
+    """Per block, the smallest absmax the double-quantized statistics can represent that is >= need
+    (uint8 codes into state2's table, within each block's 256-block group), and whether some need was
+    beyond its group's range (that block then gets the group's largest absmax and is clamped)."""
+    s2 = state.state2
+    table, order = torch.sort(s2.code.float())
+    group = torch.arange(need.numel(), device=need.device) // s2.blocksize
+    scale = s2.absmax.float()[group]
+    top = table.numel() - 1
+    idx = torch.searchsorted(table, (need - state.offset) / scale).clamp(max=top)
+    idx = torch.where(table[idx] * scale + state.offset < need, idx + 1, idx)
+    return order[idx.clamp(max=top)].to(torch.uint8), bool((idx > top).any())
+
+
+def _blocks_keeping_scales(
+    weight: torch.Tensor, state: Any, packed: bool
+) -> tuple[torch.Tensor, Any, float | None] | None:
+    """(nibble codes (rows, cols), new state, squared error or None) with each block's stored absmax kept
+    where it decodes closer to the merged block than the smallest absmax that fits it does (`_requant`).
+    The error is given when double-quantized statistics could not hold some needed absmax, so that the
+    caller can compare with statistics picked afresh. None for shapes not made of whole blocks."""
+    rows, cols = state.shape
+    bs = state.blocksize
+    if (rows * cols) % bs:
+        return None
+    v = weight.reshape(-1, bs).float()
+    need = v.abs().amax(dim=1)
+    overflow = False
+    table = state.code.float().to(v.device)
+    new_state = copy.deepcopy(state)
+    if packed:  # absmax bf16, stored (cols / bs, rows)
+        stored_raw = state.absmax.T.reshape(-1)
+        fresh_raw = _round_up_bf16(need)
+        stored, fresh = stored_raw.float(), fresh_raw.float()
+    elif state.nested:
+        stored = F.dequantize_blockwise(state.absmax, state.state2).float() + state.offset
+        fresh_raw, overflow = _nested_round_up(need, state)
+        stored_raw = state.absmax
+        fresh = F.dequantize_blockwise(fresh_raw, state.state2).float() + state.offset
+    else:
+        stored_raw, fresh_raw = state.absmax, need.to(state.absmax.dtype)
+        stored, fresh = stored_raw.float(), fresh_raw.float()
+    q_stored = _nearest_codes(v, stored[:, None], table)
+    q_fresh = _nearest_codes(v, fresh[:, None], table)
+    kept = keep_stored(v, table[q_stored] * stored[:, None], table[q_fresh] * fresh[:, None])
+    codes = torch.where(kept[:, None], q_stored, q_fresh).reshape(rows, cols)
+    absmax = torch.where(kept, stored_raw, fresh_raw)
+    new_state.absmax = absmax.reshape(rows, cols // bs).T.contiguous() if packed else absmax
+    err = None
+    if overflow:
+        scales = torch.where(kept, stored, fresh)[:, None]
+        err = float((table[codes.reshape(v.shape)] * scales - v).square().sum())
+    return codes, new_state, err
+
+
+def _fresh(module: torch.nn.Module, weight: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """Every block's scale picked afresh by bitsandbytes, in the standard layout."""
+    packed = getattr(state, "packing_format_for_cpu", False)
+    dtype = state.original_dtype if packed else state.dtype
+    nested = state.original_nested if packed else state.nested
+    storage = getattr(state, "original_storage_type", None) if packed else module.weight.data.dtype
+    return F.quantize_4bit(
+        weight.to(dtype=dtype),
+        blocksize=state.blocksize,
+        compress_statistics=nested,
+        quant_type=state.quant_type,
+        quant_storage=storage or torch.uint8,
+    )
+
+
+def _squared_error(data: torch.Tensor, state: Any, weight: torch.Tensor) -> float:
+    return float((F.dequantize_4bit(data, state).float() - weight.float()).square().sum())
+
+
 class BnB4bitBackend:
     name = "bitsandbytes-4bit"
     supports_merge = True
@@ -67,17 +168,19 @@ class BnB4bitBackend:
     def set_base_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         state = _quant_state(module)
         packed = getattr(state, "packing_format_for_cpu", False)
-        dtype = state.original_dtype if packed else state.dtype
-        nested = state.original_nested if packed else state.nested
-        storage = getattr(state, "original_storage_type", None) if packed else module.weight.data.dtype
-        data, new_state = F.quantize_4bit(
-            weight.reshape(state.shape).to(device=module.weight.device, dtype=dtype),
-            blocksize=state.blocksize,
-            compress_statistics=nested,
-            quant_type=state.quant_type,
-            quant_storage=storage or torch.uint8,
-        )
-        self._put(module, data, new_state)
+        weight = weight.reshape(state.shape).to(module.weight.device)
+        kept = _blocks_keeping_scales(weight, state, packed)
+        if kept is not None:
+            codes, new_state, err = kept
+            if packed:  # written in the layout the kernel already uses: no repack on the next forward
+                data = _pack_cpu_layout(codes)
+            else:
+                flat = codes.reshape(-1).to(torch.uint8)
+                data = ((flat[::2] << 4) | flat[1::2]).view(module.weight.data.dtype).unsqueeze(1)
+            if err is None or err <= _squared_error(*_fresh(module, weight, state), weight):
+                self._put(module, data.reshape(module.weight.data.shape), new_state)
+                return
+        self._put(module, *_fresh(module, weight, state))
 
     def snapshot(self, module: torch.nn.Module) -> Any:
         return (module.weight.data.clone(), copy.deepcopy(_quant_state(module)))

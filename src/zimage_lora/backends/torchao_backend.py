@@ -5,7 +5,8 @@ Handled: `Int8Tensor` (`Int8WeightOnlyConfig`), `Float8Tensor` (`Float8WeightOnl
 form torchao runs on CPU). The module stays a plain `nn.Linear`; only its weight is a tensor subclass.
 
 Merging requantizes with the tensor's own `from_hp` and the original block size, target dtype and
-activation settings, then copies the new data and scales into the existing inner tensors, so the
+activation settings (for per-group int4/intx, each group keeps its stored scale where that still fits
+the merged group: `_requant`), then copies the new data and scales into the existing inner tensors, so the
 parameter object, its layout and every alias of it stay as they were. Restore copies the kept inner
 tensors back the same way.
 """
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 from torchao.quantization import Float8Tensor, Int8Tensor, IntxUnpackedToInt8Tensor, PerRow, PerTensor
-from torchao.quantization.quant_primitives import MappingType
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType
 
 from ..errors import UnsupportedError
+from ._requant import keep_stored, uniform_codes
 
 _TYPES = (Int8Tensor, Float8Tensor, IntxUnpackedToInt8Tensor)
 
@@ -71,6 +73,31 @@ def _requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _keep_group_scales(old: torch.Tensor, new: torch.Tensor, dense: torch.Tensor) -> None:
+    """In `new` (an `IntxUnpackedToInt8Tensor` requantized from `dense`), put back each group's stored
+    scale and zero point from `old`, with codes rounded on that grid, where that decodes closer to
+    `dense` than the freshly picked ones (`_requant`): the base is then not rounded a second time."""
+    rows, cols = dense.shape
+    g = old.block_size[1]
+    if old.block_size[0] != 1 or cols % g:
+        return
+    lo, hi = _DTYPE_TO_QVALUE_BOUNDS[old.target_dtype]
+    v = dense.float().reshape(-1, g)
+
+    def grid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t.scale.float().reshape(-1, 1), t.zero_point.float().reshape(-1, 1)
+
+    d, zp = grid(old)
+    q = uniform_codes(v, d, -zp * d, lo, hi)  # (q - zp) * d = v  <=>  q = round(v / d + zp)
+    d_new, zp_new = grid(new)
+    fresh = (new.qdata.float().reshape(-1, g) - zp_new) * d_new
+    kept = keep_stored(v, (q - zp) * d, fresh)
+    with torch.no_grad():
+        new.qdata.view(-1, g)[kept] = q[kept].to(new.qdata.dtype)
+        new.scale.view(-1)[kept] = old.scale.reshape(-1)[kept]
+        new.zero_point.view(-1)[kept] = old.zero_point.reshape(-1)[kept]
+
+
 class TorchAOBackend:
     name = "torchao"
     supports_merge = True
@@ -88,6 +115,8 @@ class TorchAOBackend:
     def set_base_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         old = module.weight
         new = _requantize(old, weight.reshape(old.shape))
+        if isinstance(old, IntxUnpackedToInt8Tensor):
+            _keep_group_scales(old, new, weight.reshape(old.shape))
         target, source = _inner(old), _inner(new)
         if target.keys() != source.keys() or any(
             target[k].shape != source[k].shape or target[k].dtype != source[k].dtype for k in target
