@@ -228,7 +228,9 @@ def test_piped_merge_summary_keeps_paths_whole(tmp_path, capsys):
     out.parent.mkdir()
     capsys.readouterr()
     assert main(["merge", "--model", str(folder), "--lora", str(lora), "--out", str(out), "--quiet"]) == 0
-    lines = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert captured.err == ""
     assert len(str(out)) > 80 and any(line.startswith(f"wrote {out}: ") for line in lines)
 
 

@@ -6,12 +6,11 @@ Files are written at test time with the gguf package: legacy block formats with 
 
 from __future__ import annotations
 
-import gguf
-import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf", reason="gguf is in the [quant] extra: pip install -e '.[test,quant]'")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _quant import (  # noqa: E402
     check_engine,

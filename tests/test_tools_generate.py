@@ -24,21 +24,24 @@ def setup(tmp_path_factory):
     return root, pipe, lora
 
 
-def _gen(root, pipe, name, *extra):
+def _gen(root, pipe, name, *extra, capsys=None):
     out = root / f"{name}.png"
     argv = ["generate", "--prompt", "a red cat at dusk", "--model", str(pipe), "--seed", "3", "--out", str(out)]
     assert main(argv + ARGS + list(extra)) == 0
+    if capsys is not None:  # the summary is stdout; stderr stays empty on success
+        captured = capsys.readouterr()
+        assert captured.err == "" and f"wrote {out}" in captured.out
     return np.asarray(Image.open(out)).astype(np.int16)
 
 
-def test_adapter_changes_the_image_and_modes_agree(setup, monkeypatch):
+def test_adapter_changes_the_image_and_modes_agree(setup, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root, pipe, lora = setup
-    base = _gen(root, pipe, "base")
+    base = _gen(root, pipe, "base", capsys=capsys)
     assert base.shape == (32, 32, 3)
     again = _gen(root, pipe, "base_again")
     assert np.array_equal(base, again)  # seeded: the comparison below is about the adapter
-    dynamic = _gen(root, pipe, "dynamic", "--lora", f"{lora}:1.5")
+    dynamic = _gen(root, pipe, "dynamic", "--lora", f"{lora}:1.5", capsys=capsys)
     merged = _gen(root, pipe, "merged", "--lora", f"{lora}:1.5", "--mode", "merged")
     assert np.abs(dynamic - base).mean() > 1.0
     assert np.abs(dynamic - merged).max() <= 2

@@ -194,7 +194,9 @@ def test_cli_merge(base, tmp_path, capsys):
     save_file(sd, str(lora), metadata=safe_open(str(lora), "pt").metadata())
     out = tmp_path / "cli_out"
     assert main(["merge", "--model", str(folder), "--lora", f"{lora}:0.5", "--out", str(out), "--quiet"]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.out  # the summary is stdout; nothing goes to stderr on success
+    assert captured.err == ""
     assert "changed" in err and "not merged: text_encoder.layers.0.q_proj.lora_A.weight: text-encoder" in err
     adapter = load_adapter(lora, model)
     t = adapter.targets[0]

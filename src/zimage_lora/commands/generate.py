@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tools.generate import generate
     from .output import console as make_console
 
-    console = make_console(stderr=True)
+    console = make_console()  # the summary is the command's output; warnings and errors go to stderr
     result = generate(
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,

@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from .output import console as make_console
 
-    console = make_console(stderr=True)
+    warn = make_console(stderr=True)
     for note in report.notes:  # warnings (a strength of 0, the same adapter twice) reach people and programs
-        console.print(f"warning: {note}")
+        warn.print(f"warning: {note}")
+    console = make_console()  # the summary is the command's output: stdout, so stderr stays empty on success
     if args.json:
         from .output import emit_json
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,32 @@ class GenerateResult:
     adapters: list = field(default_factory=list)  # the engine's ApplyReports
 
 
-def load_pipeline(model: str | Path, dtype: torch.dtype):
+@contextmanager
+def _loading_bars(shown: bool) -> Iterator[None]:
+    """diffusers' and transformers' own loading bars, hidden when the caller asked for no progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if shown:
+        yield
+        return
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+def load_pipeline(model: str | Path, dtype: torch.dtype, progress: bool = True):
     """The folder's Z-Image pipeline (any class, from its model_index.json), from the local cache first;
-    online only when that fails."""
+    online only when that fails. `progress=False` hides the loading bars too."""
+    with _loading_bars(progress):
+        return _load_pipeline(model, dtype)
+
+
+def _load_pipeline(model: str | Path, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     try:
@@ -160,7 +184,7 @@ def generate(
     checks.check_size(width, height, steps, multiple)
     checks.check_adapters(specs)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    pipe = text_to_image(pipeline if pipeline is not None else load_pipeline(model, torch_dtype))
+    pipe = text_to_image(pipeline if pipeline is not None else load_pipeline(model, torch_dtype, progress))
     pipe.to(device)
     if quantize:
         quantize_transformer(pipe.transformer, quantize)
