@@ -2,25 +2,79 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+
+# A 16-bit float is NaN/Inf exactly when all its exponent bits are set: with the sign bit cleared, its
+# bits read as an int16 are then at least the exponent mask.
+_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_CHUNK = 1 << 20  # elements per step of the 16-bit scan: its scratch buffer (2 MB) stays in L2
 
 
 def all_finite(t: torch.Tensor) -> bool:
     """True when `t` holds no NaN or +-Inf.
 
-    `aminmax` is ~20x faster than `isfinite(t).all()` on CPU (no boolean temporary; bf16 isfinite is
-    not vectorised) and still sees every bad value: NaN propagates into both results, an Inf becomes
-    the min or the max.
+    bf16/fp16 on CPU are checked on their bits as int16 (clear the sign, take the max), in L2-sized
+    chunks: integer max is vectorised, where a 16-bit float `aminmax` converts every value (2-3x
+    slower). Other floats use `aminmax`, ~20x faster than `isfinite(t).all()` (no boolean temporary)
+    and still seeing every bad value: NaN propagates into both results, an Inf becomes the min or max.
     """
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    mask = _EXPONENT_MASK.get(t.dtype)
+    if mask is not None and t.device.type == "cpu" and t.is_contiguous():
+        return _bits_below(t.reshape(-1).view(torch.int16), mask)
     if t.element_size() == 1:  # float8 has no min/max kernels; the upcast is exact
         t = t.float()
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _bits_below(bits: torch.Tensor, mask: int) -> bool:
+    scratch = torch.empty(min(bits.numel(), _CHUNK), dtype=torch.int16)
+    for chunk in bits.split(_CHUNK):
+        part = scratch[: chunk.numel()]
+        torch.bitwise_and(chunk, 0x7FFF, out=part)
+        if int(part.max()) >= mask:
+            return False
+    return True
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The key of the first tensor holding NaN/Inf, or None when all are finite.
+
+    Tensors that lie back to back in memory with one dtype (an adapter read from one safetensors file:
+    its factors are consecutive in the mapping) are scanned as one span: one `all_finite` pass over the
+    whole run instead of one small, badly parallelised call per tensor. Only a span that fails is
+    scanned tensor by tensor, to name the key.
+    """
+    runs: list[list[tuple[str, torch.Tensor]]] = []
+    end = None
+    for key, t in tensors.items():
+        contiguous = t.is_contiguous() and t.device.type == "cpu" and t.is_floating_point()
+        if runs and contiguous and end == (t.dtype, t.data_ptr()):
+            runs[-1].append((key, t))
+        else:
+            runs.append([(key, t)])
+        end = (t.dtype, t.data_ptr() + t.numel() * t.element_size()) if contiguous else None
+    for run in runs:
+        if not all_finite(_span(run)):
+            return next(key for key, t in run if not all_finite(t))
+    return None
+
+
+def _span(run: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """One tensor over the memory of `run`'s tensors (adjacent, same dtype, all alive: the caller holds
+    them while the span is used, and the span reads no byte outside them)."""
+    if len(run) == 1:
+        return run[0][1]
+    first = run[0][1]
+    n = sum(t.numel() for _k, t in run)
+    raw = (ctypes.c_uint8 * (n * first.element_size())).from_address(first.data_ptr())
+    return torch.frombuffer(raw, dtype=first.dtype)
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

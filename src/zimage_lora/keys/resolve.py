@@ -12,7 +12,7 @@ from .. import algorithms
 from ..adapter import Adapter, Dora, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group
-from ..numerics import all_finite, count_nonfinite
+from ..numerics import count_nonfinite, first_nonfinite
 from .index import ModuleIndex, Site
 from .scales import Scale, scale_for, scale_notes
 
@@ -282,12 +282,13 @@ def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
 
 
 def _check_finite(file: AdapterFile, tensors: dict[str, torch.Tensor]) -> None:
-    for key, t in tensors.items():
-        if not all_finite(t):
-            raise IncompatibleWeightsError(
-                f"{file.path}: key '{key}' holds {count_nonfinite(t)} NaN/Inf value(s) out of {t.numel()}. "
-                "The adapter is broken (diverged training or a bad conversion); it was not applied."
-            )
+    key = first_nonfinite(tensors)
+    if key is not None:
+        t = tensors[key]
+        raise IncompatibleWeightsError(
+            f"{file.path}: key '{key}' holds {count_nonfinite(t)} NaN/Inf value(s) out of {t.numel()}. "
+            "The adapter is broken (diverged training or a bad conversion); it was not applied."
+        )
 
 
 def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -> list[Target]:
