@@ -114,14 +114,10 @@ def _rebuild_plain(
         step *= 16  # accelerators: fewer, larger launches; still a small fraction of one layer
     lossy = weight.dtype.itemsize == 1  # float8: rounding loses a visible part of the delta
     spans, squares, lost, wanted = [], [], [], []
-    # One fp32 block reused for every row block: a fresh multi-MB block each time is a fresh mapping
-    # from the allocator, whose page faults cost more than the add itself (~2x the whole rebuild).
-    scratch = torch.empty((min(step, rows), *weight.shape[1:]), dtype=torch.float32, device=original.device)
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            chunk = scratch[: r1 - r0]
-            chunk.copy_(original[r0:r1])
+            chunk = original[r0:r1].to(torch.float32, copy=True)
             add_rows(chunk, r0, weighted)
             weight[r0:r1].copy_(chunk)  # the one rounding into the weight's dtype
             flat = chunk.reshape(-1)
