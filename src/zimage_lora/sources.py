@@ -6,7 +6,6 @@ without being opened, since loading them can run arbitrary code.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from .errors import (
     _LegacyArgumentError,
 )
 from .formats.untrusted import read_json_file
+from .fp32 import FP32_MAX, fits_fp32
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -47,9 +47,6 @@ class LoRAConfiguration:
         self.scale = parse_strength(self.scale)
 
 
-FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: deltas are computed in fp32
-
-
 def parse_strength(value: object, *, where: str = "scale") -> float:
     """An adapter strength: any finite number within float32's range (negative and above 1 included).
 
@@ -62,7 +59,7 @@ def parse_strength(value: object, *, where: str = "scale") -> float:
         number = float(value)  # numbers, numpy scalars, 0-d tensors, numeric text
     except (TypeError, ValueError, OverflowError):
         raise _LegacyArgumentError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.") from None
-    if not math.isfinite(number) or abs(number) > FP32_MAX:
+    if not fits_fp32(number):
         raise _LegacyArgumentError(
             f"{where}: bad strength {value!r}; expected a finite number within float32's range "
             f"(|strength| <= {FP32_MAX:.3g}), such as 0.8 or -0.5."

@@ -4,7 +4,6 @@ dynamic mode whether the delta fits the compute dtype. Any problem raises here, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +15,12 @@ from .. import algorithms
 from ..adapter import ALGORITHMS, Adapter, Target
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
+from ..fp32 import FP32_MAX, fits_fp32
 from ..numerics import all_finite, count_nonfinite
 from . import merge
 from .layer import AdapterLinear
 
 MODES = ("dynamic", "merged")
-FP32_MAX = float(torch.finfo(torch.float32).max)
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -37,7 +36,7 @@ def check_scale(scale: Any, what: str = "scale", error: type[InvalidArgumentErro
             pass
     if value is None:
         raise error(f"{what} must be a number, got {scale!r}")
-    if not math.isfinite(value) or abs(value) > FP32_MAX:
+    if not fits_fp32(value):
         raise error(
             f"{what} must be a finite number within float32's range (magnitude <= {FP32_MAX:.3g}), got {scale!r}"
         )

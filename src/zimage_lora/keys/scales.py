@@ -9,15 +9,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-
 from .. import algorithms
 from ..errors import InvalidFormatError
 from ..formats import writers
 from ..formats.grammar import KOHYA_PREFIXES
 from ..formats.reader import AdapterFile, Group, pattern_value
-
-_FP32_MAX = torch.finfo(torch.float32).max
+from ..fp32 import fits_fp32
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ def _config_alpha(file: AdapterFile, group: Group, alpha: object) -> float | Non
 
 def _check_scale(file: AdapterFile, group: Group, alpha: float, rank: int, scale: float) -> None:
     # Deltas are built in fp32: a scale beyond its range overflows there (found by fuzzing: alpha 1.4e39).
-    if not math.isfinite(scale) or abs(scale) > _FP32_MAX:
+    if not fits_fp32(scale):
         raise InvalidFormatError(
             f"{file.path}: module '{group.stem}': alpha {alpha} / rank {rank} gives scale {scale:g}, beyond the "
             "float32 range. The alpha is corrupt: fix it in the file or its config."
