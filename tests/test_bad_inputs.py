@@ -1,7 +1,7 @@
 """Bad inputs: each one gives a `LoRAError` subclass with a useful message, and the model is untouched.
 
-Every case in `CASES` is tried through `load_adapter` and, when the engine is importable, through
-`apply_adapter` in dynamic and merged mode; the model's parameters, buffers and module classes are
+Every case in `CASES` is tried through `load_adapter` and through `apply_adapter` in dynamic and
+merged mode; the model's parameters, buffers and module classes are
 compared bit for bit with a snapshot taken before. `python tests/test_bad_inputs.py` prints the
 table of docs/bad-inputs.md from these same cases.
 """
@@ -31,7 +31,6 @@ from _hostile import (
     with_value,
 )
 
-import zimage_lora
 from zimage_lora import (
     AdapterNotFoundError,
     DownloadError,
@@ -40,14 +39,12 @@ from zimage_lora import (
     LoRAConfiguration,
     LoRAError,
     UnsafeFileError,
+    apply_adapter,
     examples,
     load_adapter,
+    remove_adapter,
     sources,
 )
-
-
-def _engine():
-    return getattr(zimage_lora, "apply_adapter", None)
 
 
 @dataclass
@@ -346,22 +343,15 @@ def pristine(model):
 pytestmark = pytest.mark.usefixtures("no_network")
 
 
-def _modes() -> list[str]:
-    return ["load", "dynamic", "merged"]
-
-
 def _run(mode: str, model, source, kwargs):
     if mode == "load":
         return load_adapter(source, model, **kwargs)
-    apply_adapter = _engine()
-    if apply_adapter is None:
-        pytest.skip("engine (zimage_lora.apply_adapter) not available yet")
     if isinstance(source, LoRAConfiguration):
         return apply_adapter(model, source, mode=mode, **kwargs)
     return apply_adapter(model, source, mode=mode, name="bad", **kwargs)
 
 
-@pytest.mark.parametrize("mode", _modes())
+@pytest.mark.parametrize("mode", ["load", "dynamic", "merged"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.id not in _SUCCEEDS], ids=lambda c: c.id)
 def test_bad_input(case: Case, mode: str, model, pristine, tmp_path):
     source, kwargs = case.build(tmp_path)
@@ -436,15 +426,12 @@ def test_every_float_dtype_applies(dtype, model, pristine, tmp_path):
     assert load_adapter(path, model).targets[0].tensors["down"].dtype == getattr(torch, {
         "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F16": "float16", "BF16": "bfloat16",
         "F64": "float64"}[dtype])
-    apply_adapter = _engine()
-    if apply_adapter is None:
-        return
     base = examples.run_model(model, examples.tiny_inputs(seed=1))
     for mode in ("dynamic", "merged"):
         apply_adapter(model, path, mode=mode, name="edge")
         out = examples.run_model(model, examples.tiny_inputs(seed=1))
         assert torch.isfinite(out).all() and not torch.equal(out, base)
-        zimage_lora.remove_adapter(model)
+        remove_adapter(model)
         assert_untouched(model, pristine)
 
 

@@ -71,7 +71,6 @@ def parse_strength(value: object, *, where: str = "scale") -> float:
 class ResolvedSource:
     path: Path
     config: dict | None  # PEFT adapter_config.json, when the source is a PEFT folder
-    display: str  # what the user passed, for messages and default names
 
     @property
     def default_name(self) -> str:
@@ -108,8 +107,8 @@ def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
         ) from None
     if exists:
         if path.is_dir():
-            return _from_folder(path, cfg.filename, str(cfg.source))
-        return ResolvedSource(_check_file(path), None, str(cfg.source))
+            return _from_folder(path, cfg.filename)
+        return ResolvedSource(_check_file(path), None)
     text = str(cfg.source)
     if _HUB_ID.match(text) and not text.endswith(".safetensors"):
         return _from_hub(text, cfg.filename, cfg.revision)
@@ -148,18 +147,18 @@ def _check_file(path: Path) -> Path:
     return path
 
 
-def _from_folder(folder: Path, filename: str | None, display: str) -> ResolvedSource:
+def _from_folder(folder: Path, filename: str | None) -> ResolvedSource:
     config = _read_peft_config(folder)
     if filename is not None:
         path = folder / filename
         if not path.exists():
             raise AdapterNotFoundError(f"{folder}: has no file {filename!r}. Files: {_listing(folder)}.")
-        return ResolvedSource(_check_file(path), config, display)
+        return ResolvedSource(_check_file(path), config)
     if (folder / PEFT_WEIGHTS).is_file():
-        return ResolvedSource(folder / PEFT_WEIGHTS, config, display)
+        return ResolvedSource(folder / PEFT_WEIGHTS, config)
     candidates = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
     if len(candidates) == 1:
-        return ResolvedSource(candidates[0], config, display)
+        return ResolvedSource(candidates[0], config)
     if len(candidates) > 1:
         names = ", ".join(str(p.relative_to(folder)) for p in candidates[:20])
         raise AmbiguousSourceError(
@@ -197,7 +196,7 @@ def _from_hub(repo_id: str, filename: str | None, revision: str | None) -> Resol
                 _refuse_pickle(Path(display))
             local = Path(_hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
             config = _read_peft_config(local.parent)
-            return ResolvedSource(_check_file(local), config, display)
+            return ResolvedSource(_check_file(local), config)
         folder = Path(
             _snapshot_download(
                 repo_id=repo_id, revision=revision, allow_patterns=["*.safetensors", PEFT_CONFIG]
@@ -229,7 +228,7 @@ def _from_hub(repo_id: str, filename: str | None, revision: str | None) -> Resol
         ) from None
     except OSError as exc:
         raise DownloadError(f"{display}: download failed ({_short(exc)}). Check the network and try again.") from None
-    return _from_folder(folder, None, display)
+    return _from_folder(folder, None)
 
 
 def _short(exc: BaseException) -> str:
