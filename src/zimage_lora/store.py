@@ -11,7 +11,8 @@ Two tiers, each an LRU under a byte budget:
 fails (missing, unsafe, outside the allowed roots, bad file) is kept in `lease.errors` and fails only
 the requests that name it. `with lease:` attaches what is not on the device and holds the store's run
 lock, so adapters are attached and evicted only between batches, never under a running forward.
-The strength is not part of the key: it is per request (`lease.spec`).
+The strength is not part of the key: it is per request (`lease.spec`). The source policy, loading
+and the upload itself are in `store_loader`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Adapter, Dora
+from .adapter import Adapter
 from .apply.engine import _model_of, apply_adapter, attached, list_adapters, remove_adapter, set_active_adapters
-from .errors import AdapterNotFoundError, LoRAError, UnsafeFileError
-from .loading import load_adapter
-from .sources import _HUB_ID, resolve_source
+from .errors import LoRAError
+from .store_loader import load_host, source_key, stage_upload
 
 LOAD_TIMEOUT_S = 600.0
 
@@ -96,39 +96,10 @@ class AdapterStore:
         self._cuda = device if device.type == "cuda" else None
         self._stream = torch.cuda.Stream(device) if self._cuda is not None else None
 
-    # -- keys and the allow-list ------------------------------------------------------------------
+    # -- keys and the allow-list (the policy itself: store_loader.source_key) ----------------------
     def key(self, source: str | Path) -> str:
         """The cache key of `source`: its real path, or the hub id. Refuses what the policy forbids."""
-        text = str(source)
-        if not text or "\x00" in text:
-            raise AdapterNotFoundError(f"{text!r}: not an adapter source.")
-        if self.roots is None:
-            path = Path(text).expanduser()
-            if path.exists():
-                return os.path.realpath(path)
-            if not self.allow_hub:
-                raise AdapterNotFoundError(f"{text}: no such file or folder (Hugging Face ids are not allowed here).")
-            return text
-        candidates = [Path(text)] if Path(text).is_absolute() else [root / text for root in self.roots]
-        for path in candidates:
-            if path.exists():
-                real = Path(os.path.realpath(path))
-                self._check_inside(real, text)
-                # A folder picks its file itself (maybe through a symlink): that file must be inside too.
-                self._check_inside(Path(os.path.realpath(resolve_source(real).path)), text)
-                return str(real)
-        if self.allow_hub and _HUB_ID.match(text) and not text.endswith(".safetensors"):
-            return text
-        if Path(text).is_absolute() or ".." in Path(text).parts:
-            raise UnsafeFileError(f"{text}: outside the allowed adapter folders; adapters are read only from them.")
-        raise AdapterNotFoundError(
-            f"{text}: no such adapter under the allowed folders ({', '.join(map(str, self.roots))})"
-            + ("" if not self.allow_hub else " and not a Hugging Face id 'org/name'") + "."
-        )
-
-    def _check_inside(self, real: Path, text: str) -> None:
-        if not any(real == root or root in real.parents for root in self.roots or []):
-            raise UnsafeFileError(f"{text}: outside the allowed adapter folders; adapters are read only from them.")
+        return source_key(source, self.roots, self.allow_hub)
 
     # -- host tier ----------------------------------------------------------------------------------
     def _acquire(self, source: str | Path) -> _Entry:
@@ -170,15 +141,7 @@ class AdapterStore:
         return entry
 
     def _load(self, key: str) -> Adapter:
-        try:
-            adapter = load_adapter(key, self.model)
-        except LoRAError:
-            raise
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise LoRAError(f"{key}: failed to load the adapter ({exc}).") from None
-        if self._cuda is not None:  # page-locked, so the upload can be an asynchronous copy
-            adapter = _map_tensors(adapter, lambda t: t.pin_memory())
-        return adapter
+        return load_host(key, self.model, pin=self._cuda is not None)
 
     def _evict_host(self) -> None:
         """Drop least recently used unpinned, unattached adapters until the host tier fits (lock held)."""
@@ -216,11 +179,7 @@ class AdapterStore:
         with self._lock:
             if entry.name is not None or entry.staged is not None:
                 return
-            with torch.cuda.stream(self._stream):
-                copy = _map_tensors(entry.adapter, lambda t: t.to(self._cuda, non_blocking=True))
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            entry.staged = (copy, done)
+            entry.staged = stage_upload(entry.adapter, self._cuda, self._stream)
 
     def _attach(self, entry: _Entry) -> None:
         """Device tier, under the run lock: attach the adapter (inactive) unless it already is."""
@@ -349,12 +308,3 @@ class Lease:
             name = self.entries[str(source)].name
             out[name] = out.get(name, 0.0) + float(strength)
         return out
-
-
-def _map_tensors(adapter: Adapter, fn: Any) -> Adapter:
-    """A copy of `adapter` with `fn` applied to every tensor (the targets are copied, not shared)."""
-    targets = []
-    for t in adapter.targets:
-        dora = None if t.dora is None else Dora(fn(t.dora.magnitude), t.dora.on_out)
-        targets.append(replace(t, tensors={k: fn(v) for k, v in t.tensors.items()}, dora=dora))
-    return replace(adapter, targets=targets)
