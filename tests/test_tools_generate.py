@@ -45,6 +45,10 @@ def test_adapter_changes_the_image_and_modes_agree(setup, monkeypatch, capsys):
     merged = _gen(root, pipe, "merged", "--lora", f"{lora}:1.5", "--mode", "merged")
     assert np.abs(dynamic - base).mean() > 1.0
     assert np.abs(dynamic - merged).max() <= 2
+    # Strength 0 is the base image pixel for pixel in both modes: the delta is scaled to exactly zero.
+    for mode in ("dynamic", "merged"):
+        zero = _gen(root, pipe, f"zero_{mode}", "--lora", f"{lora}:0", "--mode", mode)
+        assert np.array_equal(zero, base), mode
 
 
 def test_quantized_transformer_with_adapter(setup):
@@ -52,6 +56,15 @@ def test_quantized_transformer_with_adapter(setup):
     root, pipe, lora = setup
     image = _gen(root, pipe, "int8", "--lora", str(lora), "--quantize", "int8")
     assert image.shape == (32, 32, 3)
+    # The adapter acts on the quantized transformer: same seed without it, the image differs far more
+    # than int8's own noise (int8 base against the fp32 base: a mean of about 0.4 of 255 here; the
+    # adapter moves pixels by about 30).
+    base = _gen(root, pipe, "int8_base", "--quantize", "int8")
+    noise = np.abs(base - _gen(root, pipe, "fp32_base")).mean()
+    assert np.abs(image - base).mean() > max(10 * noise, 5.0)
+    # Strength 0 is the int8 base image pixel for pixel (the dynamic delta is scaled to exactly zero).
+    zero = _gen(root, pipe, "int8_zero", "--lora", f"{lora}:0", "--quantize", "int8")
+    assert np.array_equal(zero, base)
 
 
 def test_missing_model_is_a_clear_error(setup, capsys, monkeypatch):
