@@ -227,9 +227,10 @@ _LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
-    """PEFT's rank/alpha pattern lookup: a pattern matches a module name ending with it.
+    r"""PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): the first pattern, in the
+    config's order, that matches the module name as `(.*\.)?(pattern)$`.
 
-    Patterns come from the file, so they are untrusted: plain names are compared as text, and real
+    Patterns come from the file, so they are untrusted: plain names are matched without a regex, real
     regular expressions run on the `regex` engine (a diffusers dependency) with a time limit, since a
     pattern like '(.*)*(.*)*Z' would freeze Python's `re` for hours.
     """
@@ -238,7 +239,7 @@ def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
         raise InvalidFormatError(f"{source}: alpha/rank pattern must be a JSON object, found {kind}.")
     for pattern, value in patterns.items():
         if _LITERAL_PATTERN.match(pattern):
-            if stem == pattern or stem.endswith("." + pattern):
+            if _literal_match(pattern, stem):
                 return value
             continue
         compiled = compile_pattern(pattern, source)
@@ -250,6 +251,16 @@ def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
                 f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
             ) from None
     return None
+
+
+def _literal_match(pattern: str, stem: str) -> bool:
+    r"""PEFT's `(.*\.)?(pattern)$` (peft.utils.other.get_pattern_key) for a pattern without regex
+    syntax but '.', which there matches any one character ('attention.to.v' matches 'to_v'): the
+    last len(pattern) characters match it, at the start or right after a '.'."""
+    n = len(pattern)
+    if len(stem) < n or (len(stem) > n and stem[-n - 1] != "."):
+        return False
+    return all(p == "." or p == c for p, c in zip(pattern, stem[-n:], strict=True))
 
 
 def _looks_like_model(header: Header) -> bool:
