@@ -234,6 +234,8 @@ def make_adapter(
     g = torch.Generator().manual_seed(seed)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     names = targets if targets is not None else list(linears)
+    if row.fused_qkv:  # the q, k, v of whole blocks first: the random factors they always had
+        names = _blocks_first(names)
     scale, r = _scale_and_rank(row, example.alpha if example.alpha is not None else alpha, rank)
     items = []
     for n in names:
@@ -252,6 +254,12 @@ def _scale_and_rank(row: Layout, alpha: float | None, rank: int) -> tuple[float,
     if alpha is None:
         return 1.0, rank if row.alpha in ("metadata", "config") else None
     return (1.0, None) if row.alpha == "none" else (alpha / rank, rank)
+
+
+def _blocks_first(names: list[str]) -> list[str]:
+    blocks = [n[: -len(SPLIT_QKV[0])] for n in names if n.endswith(SPLIT_QKV[0])]
+    whole = [b + p for b in blocks if all(b + p in names for p in SPLIT_QKV) for p in SPLIT_QKV]
+    return whole + [n for n in names if n not in set(whole)]
 
 
 def _qkv_blocks(items: list[Item]) -> list[list[Item]]:
