@@ -46,6 +46,9 @@ def refusal(lay: Layout, item: Item) -> str | None:
     spelled = lay.suffixes
     if item.algorithm not in spelled:
         return f"{item.algorithm} ({item.source_keys[0] if item.source_keys else item.name})"
+    unspelled = [r for r in item.tensors if r != "diff_b" and r not in spelled[item.algorithm]]
+    if unspelled:
+        return f"{item.algorithm} tensors {unspelled} ({item.name})"
     if "diff_b" in item.tensors and "diff_b" not in spelled.get("full", {}):
         return f"a LoRA with a bias diff ({item.name})"
     if item.dora is not None and not item.dora.on_out and "dora_scale" not in spelled.get("dora", {}):
@@ -92,6 +95,9 @@ def _put(sd: dict, lay: Layout, item: Item) -> None:
     if lay.alpha == "folded" and item.alpha is not None:  # musubi-tuner: sqrt(alpha / rank) in each factor
         k = math.sqrt(item.alpha / item.rank)
         tensors = {r: v * k for r, v in tensors.items()}
+    elif lay.alpha == "none" and item.scale != 1.0 and "up" in tensors:
+        # The file means scale 1: the scale goes into up, in fp32 (as OneTrainer's convert_to_diffusers does).
+        tensors["up"] = tensors["up"].float() * item.scale
     for role, v in tensors.items():
         family = "full" if role == "diff_b" else item.algorithm
         sd[stem + suffix(lay, family, role)] = v.contiguous()
