@@ -140,6 +140,8 @@ LAYOUTS: dict[str, Layout] = _rows(
            "diffusion_model.", {"lora": PEFT_LORA}, alpha="none"),
     Layout("ai-toolkit-lycoris", "ai-toolkit toolkit/models/lokr.py (LyCORIS port: alpha kept)",
            "diffusion_model.", {**LYCORIS_ALGOS, "scale": ALPHA}),
+    # The tool also turns every '_' of the module name into '.' ('attention.to.q'); the row writes the
+    # diffusers names, which read the same.
     Layout("musubi-other", "musubi-tuner convert_lora.py --target other (sqrt(alpha / rank) in each factor)",
            "diffusion_model.", {"lora": PEFT_LORA}, alpha="folded"),
     Layout("diffsynth", "DiffSynth-Studio (PEFT state dict without the pipeline prefix)",
