@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_lora.examples import linear_names, native_name, tiny_config, tiny_model
+from zimage_lora.examples import linear_names, tiny_config, tiny_model
+from zimage_lora.keys.aliases import native_name
 
 Decode = Callable[[torch.nn.Module], "torch.Tensor | None"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny_pipeline import tiny_pipeline
 
 import zimage_lora as zl
 from zimage_lora.batch import groups
 from zimage_lora.examples import make_adapter
-from zimage_lora.tools.tiny_pipeline import tiny_pipeline
 
 
 @pytest.fixture(scope="module")

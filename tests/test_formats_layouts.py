@@ -16,7 +16,7 @@ from _deltas import resolved_deltas
 from safetensors import safe_open
 
 from zimage_lora import examples, load_adapter
-from zimage_lora.examples import native_name
+from zimage_lora.keys.aliases import native_name
 
 FUSED_LAYOUTS = {"kohya-fused", "comfy-fused"}
 

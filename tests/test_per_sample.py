@@ -187,7 +187,7 @@ def test_quantized_base(tmp_path, one_torch_thread):
 
 
 def test_guidance_doubles_the_batch_and_specs_follow_each_prompt(tmp_path, one_torch_thread):
-    from zimage_lora.tools.tiny_pipeline import tiny_pipeline
+    from _tiny_pipeline import tiny_pipeline
 
     pipe = tiny_pipeline(0)
     pipe.set_progress_bar_config(disable=True)

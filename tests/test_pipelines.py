@@ -12,13 +12,13 @@ import pytest
 import torch
 from _apply_util import Pristine
 from _pipeline_files import TE_TARGETS, TR_TARGETS, factors, te_output, token_inputs, write
+from _tiny_pipeline import PIPELINES, save_tiny_pipeline, tiny_pipeline
 from PIL import Image
 from safetensors.torch import save_file
 
 from zimage_lora import Adapters, apply_adapter, list_adapters
 from zimage_lora.apply import AdapterLinear
 from zimage_lora.tools.generate import generate, load_pipeline
-from zimage_lora.tools.tiny_pipeline import PIPELINES, save_tiny_pipeline, tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,13 +15,13 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve (the [serve] extra) is not installed")
 
+from _tiny_pipeline import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 from test_serving_core import same_image  # noqa: E402
 
 from zimage_lora.examples import make_adapter  # noqa: E402
 from zimage_lora.serving.core import ServeOptions  # noqa: E402
 from zimage_lora.serving.launch import start, stop  # noqa: E402
 from zimage_lora.tools.generate import generate  # noqa: E402
-from zimage_lora.tools.tiny_pipeline import save_tiny_pipeline, tiny_pipeline  # noqa: E402
 
 TIMEOUT = 120
 

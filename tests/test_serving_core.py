@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from _tiny_pipeline import tiny_pipeline
 
 import zimage_lora as zl
 from zimage_lora.examples import make_adapter
 from zimage_lora.serving.core import Engine, ServeOptions, http_status, parse_job
 from zimage_lora.tools.generate import generate
-from zimage_lora.tools.tiny_pipeline import tiny_pipeline
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -24,6 +24,7 @@ from _pipeline_files import (
     token_inputs,
     write,
 )
+from _tiny_pipeline import tiny_pipeline
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
@@ -38,7 +39,6 @@ from zimage_lora import (
     set_adapter_scale,
 )
 from zimage_lora.apply.engine import attached
-from zimage_lora.tools.tiny_pipeline import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-5

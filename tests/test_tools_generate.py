@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _tiny_pipeline import save_tiny_pipeline
 from PIL import Image
 
 from zimage_lora.cli import main
 from zimage_lora.examples import make_adapter, tiny_model
-from zimage_lora.tools.tiny_pipeline import save_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from zimage_lora import LoRAError, load_adapter
 from zimage_lora.cli import main
-from zimage_lora.examples import make_adapter, native_name, tiny_model
+from zimage_lora.examples import make_adapter, tiny_model
+from zimage_lora.keys.aliases import native_name
 from zimage_lora.tools import checkpoint_merge
 from zimage_lora.tools.checkpoint_merge import merge_checkpoint
 

@@ -1,21 +1,23 @@
 """Tiny Z-Image models and example adapter files in every real key layout.
 
-Used by `zimage-lora demo` and by the tests. Files are written with the exact key names, suffixes,
-alpha conventions and metadata that each trainer produces (see docs/formats.md), at a tiny rank and
-width, so they exercise the real reading and resolution code.
+Used by `zimage-lora demo` (and by the tests). Each example is random factors of one algorithm on
+the model's Linear layers, written through `layouts` in one trainer's layout (the key names,
+suffixes, alpha conventions and metadata that trainer writes, see docs/formats.md), at a tiny rank
+and width, so they exercise the real reading and resolution code.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .keys.aliases import native_name
+from .adapter import Dora
+from .keys.aliases import FUSED_QKV, SPLIT_QKV
+from .layouts import LAYOUTS as _LAYOUT_ROWS
+from .layouts import Item, Layout, write
 
 TINY_CONFIG: dict = {
     "all_patch_size": [2],
@@ -89,10 +91,6 @@ def linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _flat(name: str) -> str:
-    return name.replace(".", "_")
-
-
 # --- factor builders: deterministic random factors per module ------------------------------------------
 
 def _rand(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -136,38 +134,83 @@ def _loha(g, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
     }
 
 
-# --- layouts ------------------------------------------------------------------------------------------
+def _factors(kind: str, g: torch.Generator, module: torch.nn.Linear, rank: int) -> tuple[str, dict, Dora | None]:
+    """(algorithm, tensors, DoRA) of one example module of `kind`."""
+    o, i = module.out_features, module.in_features
+    if kind in ("lora", "dora"):
+        t = _lora(g, o, i, rank)
+        if kind == "lora":
+            return "lora", t, None
+        w = module.weight.detach().float()
+        return "lora", t, Dora(w.norm(dim=1) * (1 + 0.1 * _rand(g, o, 1).reshape(-1)))
+    if kind.startswith("lokr"):
+        return "lokr", _lokr(g, o, i, rank, factorized=kind != "lokr", tucker=kind == "lokr-tucker"), None
+    if kind == "loha":
+        return "loha", _loha(g, o, i, rank), None
+    t = {"diff": _rand(g, o, i, scale=0.02)}
+    if module.bias is not None:
+        t["diff_b"] = _rand(g, o, scale=0.02)
+    return "full", t, None
 
-LORA_SUFFIX = {
-    "A": (".lora_A.weight", ".lora_B.weight"),
-    "A_default": (".lora_A.default.weight", ".lora_B.default.weight"),
-    "down": (".lora_down.weight", ".lora_up.weight"),
-    "dot": (".lora.down.weight", ".lora.up.weight"),
-}
 
-LAYOUTS: dict[str, str] = {
-    "ai-toolkit": "F1 ai-toolkit LoRA: diffusion_model. + lora_A/lora_B, no alpha",
-    "diffusers": "F2 diffusers save_lora_weights: transformer. + lora_A/B, alpha in lora_adapter_metadata",
-    "kohya": "F3 musubi/kohya: lora_unet_ flat names + lora_down/lora_up + .alpha",
-    "kohya-fused": "F4 musubi-to-ComfyUI: lora_unet_ + fused qkv (block-diagonal up) and out, alpha x3",
-    "musubi-other": "F5 musubi convert --target other: diffusion_model. + lora_A/B, sqrt(alpha/r) baked in",
-    "diffsynth": "F6 DiffSynth-Studio: bare names + lora_A.default.weight",
-    "lycoris-lora": "F7 LyCORIS LoRA: lycoris_ flat names + lora_down/lora_up + .alpha",
-    "lycoris-lokr": "F7 LyCORIS LoKr, full factors: lokr_w1 + lokr_w2",
-    "lycoris-lokr-factorized": "F7 LyCORIS LoKr: lokr_w1 + lokr_w2_a/lokr_w2_b + .alpha",
-    "lycoris-lokr-tucker": "F7 LyCORIS LoKr tucker: lokr_w1 + lokr_w2_a/w2_b + lokr_t2 + .alpha",
-    "lycoris-loha": "F7 LyCORIS LoHa: hada_w1_a..hada_w2_b + .alpha",
-    "lycoris-full": "F7 LyCORIS full: .diff + .diff_b",
-    "lycoris-dora": "F7 LyCORIS DoRA: lora_down/lora_up + .dora_scale + .alpha",
-    "ai-toolkit-lokr": "F8 ai-toolkit LoKr: diffusion_model. + lokr_w1/lokr_w2, alpha 9999999999",
-    "comfy-fused": "F9 ComfyUI fused: diffusion_model. + native names, fused qkv lora_A/B + .alpha",
-    "onetrainer-legacy": "F10 OneTrainer legacy: transformer. + lora_down/lora_up + .alpha",
-    "onetrainer-original": "F10 OneTrainer original: bare names + lora_A/lora_B + .alpha",
-    "onetrainer-comfy": "F10 OneTrainer comfy: diffusion_model. + lora_A/lora_B + .alpha",
-    "mixed": "F11 mixed (Anime-Z): kohya-flat split to_q/k/v and fused qkv, dotted .lora.down.weight",
-    "peft": "PEFT save_pretrained folder: base_model.model. + lora_A/B + adapter_config.json",
-    "peft-dora": "PEFT DoRA folder: lora_magnitude_vector beside lora_A/lora_B",
-}
+# --- the examples: which factors, written in which layout ---------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One example file: random `kind` factors written in `layout` (a row of `layouts.LAYOUTS`)."""
+
+    layout: str
+    kind: str  # lora, dora, lokr, lokr-factorized, lokr-tucker, loha, full
+    description: str
+    alpha: float | None = None  # an alpha the trainer always writes (ai-toolkit LoKr: 9999999999)
+    qkv: str = ""  # "shared-down": q, k, v trained as one fused qkv; "copy": a fused copy beside them
+
+
+def _ex(*rows: tuple[str, Example]) -> dict[str, Example]:
+    return dict(rows)
+
+
+EXAMPLES: dict[str, Example] = _ex(
+    ("ai-toolkit", Example("ai-toolkit", "lora", "F1 ai-toolkit LoRA: diffusion_model. + lora_A/lora_B, no alpha")),
+    ("diffusers", Example("diffusers", "lora",
+                          "F2 diffusers save_lora_weights: transformer. + lora_A/B, alpha in lora_adapter_metadata")),
+    ("kohya", Example("kohya", "lora", "F3 musubi/kohya: lora_unet_ flat names + lora_down/lora_up + .alpha")),
+    ("kohya-fused", Example("kohya-fused", "lora",
+                            "F4 musubi-to-ComfyUI: lora_unet_ + fused qkv (block-diagonal up) and out, alpha x3")),
+    ("musubi-other", Example("musubi-other", "lora",
+                             "F5 musubi convert --target other: diffusion_model. + lora_A/B, sqrt(alpha/r) baked in")),
+    ("diffsynth", Example("diffsynth", "lora", "F6 DiffSynth-Studio: bare names + lora_A.default.weight")),
+    ("lycoris-lora", Example("lycoris", "lora", "F7 LyCORIS LoRA: lycoris_ flat names + lora_down/lora_up + .alpha")),
+    ("lycoris-lokr", Example("lycoris", "lokr", "F7 LyCORIS LoKr, full factors: lokr_w1 + lokr_w2")),
+    ("lycoris-lokr-factorized", Example("lycoris", "lokr-factorized",
+                                        "F7 LyCORIS LoKr: lokr_w1 + lokr_w2_a/lokr_w2_b + .alpha")),
+    ("lycoris-lokr-tucker", Example("lycoris", "lokr-tucker",
+                                    "F7 LyCORIS LoKr tucker: lokr_w1 + lokr_w2_a/w2_b + lokr_t2 + .alpha")),
+    ("lycoris-loha", Example("lycoris", "loha", "F7 LyCORIS LoHa: hada_w1_a..hada_w2_b + .alpha")),
+    ("lycoris-full", Example("lycoris", "full", "F7 LyCORIS full: .diff + .diff_b")),
+    ("lycoris-dora", Example("lycoris", "dora", "F7 LyCORIS DoRA: lora_down/lora_up + .dora_scale + .alpha")),
+    ("ai-toolkit-lokr", Example("ai-toolkit-lycoris", "lokr",
+                                "F8 ai-toolkit LoKr: diffusion_model. + lokr_w1/lokr_w2, alpha 9999999999",
+                                alpha=9999999999.0)),
+    ("comfy-fused", Example("comfy", "lora",
+                            "F9 ComfyUI fused: diffusion_model. + native names, fused qkv lora_A/B + .alpha",
+                            qkv="shared-down")),
+    ("onetrainer-legacy", Example("onetrainer-legacy", "lora",
+                                  "F10 OneTrainer legacy: transformer. + lora_down/lora_up + .alpha")),
+    ("onetrainer-original", Example("onetrainer-original", "lora",
+                                    "F10 OneTrainer original: bare names + lora_A/lora_B + .alpha")),
+    ("onetrainer-comfy", Example("onetrainer-comfy", "lora",
+                                 "F10 OneTrainer comfy: diffusion_model. + lora_A/lora_B + .alpha")),
+    ("mixed", Example("kohya-dotted", "lora",
+                      "F11 mixed (Anime-Z): kohya-flat split to_q/k/v and fused qkv, dotted .lora.down.weight",
+                      qkv="copy")),
+    ("peft", Example("peft", "lora",
+                     "PEFT save_pretrained folder: base_model.model. + lora_A/B + adapter_config.json")),
+    ("peft-dora", Example("peft", "dora", "PEFT DoRA folder: lora_magnitude_vector beside lora_A/lora_B")),
+)
+
+#: Example id -> what its file is (the demo's rows).
+LAYOUTS: dict[str, str] = {name: e.description for name, e in EXAMPLES.items()}
 
 
 def make_adapter(
@@ -184,200 +227,65 @@ def make_adapter(
 
     `targets`: diffusers module names to cover (default: every Linear). Returns the path written.
     """
-    if layout not in LAYOUTS:
+    if layout not in EXAMPLES:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+    example = EXAMPLES[layout]
+    row = _LAYOUT_ROWS[example.layout]
     g = torch.Generator().manual_seed(seed)
-    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    names = targets if targets is not None else list(shapes)
-    weights = dict(model.named_parameters())
-    sd: dict[str, torch.Tensor] = {}
-    meta: dict[str, str] = {}
-    out = Path(out)
-    builder = _BUILDERS[layout]
-    config = builder(sd, meta, g, names, shapes, weights, rank, alpha)
-    if layout.startswith("peft"):
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / "adapter_model.safetensors"), metadata=meta or None)
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata=meta or None)
-    return out
-
-
-def _put_lora(sd, key_stem: str, t: dict, style: str) -> None:
-    down, up = LORA_SUFFIX[style]
-    sd[key_stem + down] = t["down"].contiguous()
-    sd[key_stem + up] = t["up"].contiguous()
-
-
-def _simple_lora(prefix: str, style: str, alpha_key: bool, flat: bool = False, native: bool = False):
-    def build(sd, meta, g, names, shapes, weights, rank, alpha):
-        for n in names:
-            name = native_name(n) if native else n
-            stem = prefix + (_flat(name) if flat else name)
-            _put_lora(sd, stem, _lora(g, *shapes[n], rank), style)
-            if alpha_key and alpha is not None:
-                sd[stem + ".alpha"] = torch.tensor(float(alpha))
-        return None
-
-    return build
-
-
-def _diffusers(sd, meta, g, names, shapes, weights, rank, alpha):
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = targets if targets is not None else list(linears)
+    if row.fused_qkv:  # the q, k, v of whole blocks first: the random factors they always had
+        names = _blocks_first(names)
+    scale, r = _scale_and_rank(row, example.alpha if example.alpha is not None else alpha, rank)
+    items = []
     for n in names:
-        _put_lora(sd, "transformer." + n, _lora(g, *shapes[n], rank), "A")
-    cfg = {"r": rank, "lora_alpha": alpha if alpha is not None else rank, "target_modules": sorted(set(names))}
-    meta["lora_adapter_metadata"] = json.dumps(cfg)
-    meta["format"] = "pt"
+        algorithm, tensors, dora = _factors(example.kind, g, linears[n], rank)
+        items.append(Item(n, algorithm, tensors, scale, r if algorithm != "full" else None, dora))
+    if example.qkv == "shared-down":
+        _share_qkv_down(items)
+    elif example.qkv == "copy":
+        items += _fused_copies(items)
+    return write.save(items, example.layout, out)
 
 
-def _musubi_other(sd, meta, g, names, shapes, weights, rank, alpha):
-    for n in names:
-        t = _lora(g, *shapes[n], rank)
-        k = math.sqrt((alpha if alpha is not None else rank) / rank)
-        _put_lora(sd, "diffusion_model." + n, {"down": t["down"] * k, "up": t["up"] * k}, "A")
+def _scale_and_rank(row: Layout, alpha: float | None, rank: int) -> tuple[float, int | None]:
+    """The items' (scale, rank): alpha / rank where the layout keeps an alpha (rank as alpha in a PEFT
+    config without one); scale 1 and no alpha written where it keeps none."""
+    if alpha is None:
+        return 1.0, rank if row.alpha in ("metadata", "config") else None
+    return (1.0, None) if row.alpha == "none" else (alpha / rank, rank)
 
 
-def _fused_groups(names: list[str]) -> tuple[list[str], list[str]]:
-    """(blocks whose q, k, v are all targeted, the remaining names)."""
+def _blocks_first(names: list[str]) -> list[str]:
+    blocks = [n[: -len(SPLIT_QKV[0])] for n in names if n.endswith(SPLIT_QKV[0])]
+    whole = [b + p for b in blocks if all(b + p in names for p in SPLIT_QKV) for p in SPLIT_QKV]
+    return whole + [n for n in names if n not in set(whole)]
+
+
+def _qkv_blocks(items: list[Item]) -> list[list[Item]]:
+    """The q, k, v items of every block whose three projections are all targeted."""
+    by_name = {i.name: i for i in items}
     blocks = []
-    for n in names:
-        if n.endswith("attention.to_q"):
-            b = n[: -len("to_q")]
-            if all(b + p in names for p in ("to_q", "to_k", "to_v")):
-                blocks.append(b)
-    rest = [n for n in names if not any(n in (b + "to_q", b + "to_k", b + "to_v") for b in blocks)]
-    return blocks, rest
+    for i in items:
+        if i.name.endswith(SPLIT_QKV[0]):
+            block = i.name[: -len(SPLIT_QKV[0])]
+            parts = [by_name.get(block + p) for p in SPLIT_QKV]
+            if all(parts):
+                blocks.append(parts)
+    return blocks
 
 
-def _kohya_fused(sd, meta, g, names, shapes, weights, rank, alpha):
-    blocks, rest = _fused_groups(names)
-    a = alpha if alpha is not None else rank
-    for b in blocks:
-        parts = [_lora(g, *shapes[b + p], rank) for p in ("to_q", "to_k", "to_v")]
-        down = torch.cat([p["down"] for p in parts], 0)
-        up = torch.block_diag(*[p["up"] for p in parts])
-        stem = "lora_unet_" + _flat(b + "qkv")
-        _put_lora(sd, stem, {"down": down, "up": up}, "down")
-        sd[stem + ".alpha"] = torch.tensor(3.0 * a)
-    for n in rest:
-        stem = "lora_unet_" + _flat(native_name(n))
-        _put_lora(sd, stem, _lora(g, *shapes[n], rank), "down")
-        sd[stem + ".alpha"] = torch.tensor(float(a))
+def _share_qkv_down(items: list[Item]) -> None:
+    # A LoRA trained on ComfyUI's fused qkv has one down for q, k and v: the writer fuses them exactly.
+    for q, k, v in _qkv_blocks(items):
+        k.tensors["down"] = v.tensors["down"] = q.tensors["down"]
 
 
-def _comfy_fused(sd, meta, g, names, shapes, weights, rank, alpha):
-    blocks, rest = _fused_groups(names)
-    for b in blocks:
-        parts = [_lora(g, *shapes[b + p], rank) for p in ("to_q", "to_k", "to_v")]
-        stem = "diffusion_model." + b + "qkv"
-        _put_lora(sd, stem, {"down": parts[0]["down"], "up": torch.cat([p["up"] for p in parts], 0)}, "A")
-        if alpha is not None:
-            sd[stem + ".alpha"] = torch.tensor(float(alpha))
-    for n in rest:
-        stem = "diffusion_model." + native_name(n)
-        _put_lora(sd, stem, _lora(g, *shapes[n], rank), "A")
-        if alpha is not None:
-            sd[stem + ".alpha"] = torch.tensor(float(alpha))
-
-
-def _mixed(sd, meta, g, names, shapes, weights, rank, alpha):
-    # Anime-Z style: split keys and redundant fused copies side by side, dotted lora.down / lora.up.
-    blocks, _rest = _fused_groups(names)
-    a = alpha if alpha is not None else rank
-    for n in names:
-        stem = "lora_unet_" + _flat(n)
-        _put_lora(sd, stem, _lora(g, *shapes[n], rank), "dot")
-        sd[stem + ".alpha"] = torch.tensor(float(a))
-    for b in blocks:
-        stem = "lora_unet_" + _flat(b + "qkv")
-        q = sd["lora_unet_" + _flat(b + "to_q") + ".lora.down.weight"]
-        ups = [sd["lora_unet_" + _flat(b + p) + ".lora.up.weight"] for p in ("to_q", "to_k", "to_v")]
-        _put_lora(sd, stem, {"down": q.clone(), "up": torch.cat(ups, 0)}, "dot")
-        sd[stem + ".alpha"] = torch.tensor(float(a))
-
-
-def _lycoris(kind: str):
-    def build(sd, meta, g, names, shapes, weights, rank, alpha):
-        for n in names:
-            stem = "lycoris_" + _flat(n)
-            o, i = shapes[n]
-            if kind == "lora":
-                _put_lora(sd, stem, _lora(g, o, i, rank), "down")
-            elif kind == "dora":
-                t = _lora(g, o, i, rank)
-                _put_lora(sd, stem, t, "down")
-                w = weights[n + ".weight"].detach().float()
-                sd[stem + ".dora_scale"] = (w.norm(dim=1, keepdim=True) * (1 + 0.1 * _rand(g, o, 1))).contiguous()
-            elif kind.startswith("lokr"):
-                t = _lokr(g, o, i, rank, factorized=kind != "lokr", tucker=kind == "lokr-tucker")
-                for role, v in t.items():
-                    sd[f"{stem}.lokr_{role}"] = v.contiguous()
-            elif kind == "loha":
-                for role, v in _loha(g, o, i, rank).items():
-                    sd[f"{stem}.hada_{role}"] = v.contiguous()
-            elif kind == "full":
-                sd[stem + ".diff"] = _rand(g, o, i, scale=0.02)
-                if n + ".bias" in weights:
-                    sd[stem + ".diff_b"] = _rand(g, o, scale=0.02)
-            if kind != "full" and alpha is not None:
-                sd[stem + ".alpha"] = torch.tensor(float(alpha))
-        meta["ss_network_module"] = "lycoris.kohya"
-
-    return build
-
-
-def _ai_toolkit_lokr(sd, meta, g, names, shapes, weights, rank, alpha):
-    for n in names:
-        stem = "diffusion_model." + n
-        for role, v in _lokr(g, *shapes[n], rank, factorized=False).items():
-            sd[f"{stem}.lokr_{role}"] = v.contiguous()
-        sd[stem + ".alpha"] = torch.tensor(9999999999.0)
-
-
-def _peft(dora: bool):
-    def build(sd, meta, g, names, shapes, weights, rank, alpha):
-        for n in names:
-            t = _lora(g, *shapes[n], rank)
-            _put_lora(sd, "base_model.model." + n, t, "A")
-            if dora:
-                w = weights[n + ".weight"].detach().float()
-                sd[f"base_model.model.{n}.lora_magnitude_vector"] = w.norm(dim=1) * (1 + 0.1 * _rand(g, shapes[n][0]))
-        return {
-            "peft_type": "LORA",
-            "r": rank,
-            "lora_alpha": alpha if alpha is not None else rank,
-            "target_modules": sorted(set(names)),
-            "use_rslora": False,
-            "use_dora": dora,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-
-    return build
-
-
-_BUILDERS: dict[str, Callable] = {
-    "ai-toolkit": _simple_lora("diffusion_model.", "A", alpha_key=False),
-    "diffusers": _diffusers,
-    "kohya": _simple_lora("lora_unet_", "down", alpha_key=True, flat=True),
-    "kohya-fused": _kohya_fused,
-    "musubi-other": _musubi_other,
-    "diffsynth": _simple_lora("", "A_default", alpha_key=False),
-    "lycoris-lora": _lycoris("lora"),
-    "lycoris-lokr": _lycoris("lokr"),
-    "lycoris-lokr-factorized": _lycoris("lokr-factorized"),
-    "lycoris-lokr-tucker": _lycoris("lokr-tucker"),
-    "lycoris-loha": _lycoris("loha"),
-    "lycoris-full": _lycoris("full"),
-    "lycoris-dora": _lycoris("dora"),
-    "ai-toolkit-lokr": _ai_toolkit_lokr,
-    "comfy-fused": _comfy_fused,
-    "onetrainer-legacy": _simple_lora("transformer.", "down", alpha_key=True),
-    "onetrainer-original": _simple_lora("", "A", alpha_key=True),
-    "onetrainer-comfy": _simple_lora("diffusion_model.", "A", alpha_key=True),
-    "mixed": _mixed,
-    "peft": _peft(dora=False),
-    "peft-dora": _peft(dora=True),
-}
+def _fused_copies(items: list[Item]) -> list[Item]:
+    # Anime-Z style: beside split q/k/v, a redundant fused copy (q's down, the ups stacked).
+    out = []
+    for q, k, v in _qkv_blocks(items):
+        up = torch.cat([p.tensors["up"] for p in (q, k, v)], 0)
+        block = q.name[: -len(SPLIT_QKV[0])]
+        out.append(Item(block + FUSED_QKV, "lora", {"down": q.tensors["down"].clone(), "up": up}, q.scale, q.rank))
+    return out

@@ -1,6 +1,7 @@
-"""The key grammar of adapter files: prefix + module stem + role suffix.
+"""The key grammar of adapter files: prefix + module stem + role suffix, read from `layouts.tables`.
 
-Tables, not parsing logic: each row is a spelling seen in real files. A key splits into the prefix it
+The tables say how each trainer spells keys (the same rows `convert` and the example files write
+with); this module turns them into lookups. A key splits into the prefix it
 carries (which says whose file it is), the module stem (resolved later against the model), and the
 role of the tensor (LoRA down, LoKr w1, alpha, ...).
 """
@@ -10,40 +11,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# (family, role) for each suffix spelling; longest spellings are tried first.
-_SUFFIXES: dict[str, tuple[str, str]] = {}
+from ..layouts import tables
 
 
-def _add(family: str, role: str, *spellings: str) -> None:
-    for s in spellings:
-        _SUFFIXES[s] = (family, role)
+# (family, role) for each suffix spelling: every row's spellings (layouts.tables), and those files
+# carry that no row writes. Built once at import; the lookups below are plain dicts.
+def _spellings() -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    rows = [(f, r, s) for x in tables.LAYOUTS.values() for f, roles in x.suffixes.items() for r, s in roles.items()]
+    rows += [(f, r, s) for f, roles in tables.READ_ONLY_SUFFIXES.items() for r, ss in roles.items() for s in ss]
+    for family, role, spelling in rows:
+        if out.setdefault(spelling, (family, role)) != (family, role):
+            raise ValueError(f"layouts: {spelling!r} spells both {out[spelling]} and {(family, role)}")
+    return out
 
 
-_add("lora", "down", ".lora_A.weight", ".lora_down.weight", ".lora.down.weight",
-     ".lora_linear_layer.down.weight", "_lora.down.weight", ".lora_A", ".lora_down")
-_add("lora", "up", ".lora_B.weight", ".lora_up.weight", ".lora.up.weight",
-     ".lora_linear_layer.up.weight", "_lora.up.weight", ".lora_B", ".lora_up")
-_add("lora", "mid", ".lora_mid.weight", ".lora.mid.weight", ".lora_mid")
-_add("scale", "alpha", ".alpha", ".lora_alpha")
-for _i in ("1", "2"):
-    _add("lokr", f"w{_i}", f".lokr_w{_i}")
-    _add("lokr", f"w{_i}_a", f".lokr_w{_i}_a")
-    _add("lokr", f"w{_i}_b", f".lokr_w{_i}_b")
-    _add("lokr", f"t{_i}", f".lokr_t{_i}")
-    _add("loha", f"w{_i}_a", f".hada_w{_i}_a")
-    _add("loha", f"w{_i}_b", f".hada_w{_i}_b")
-    _add("loha", f"t{_i}", f".hada_t{_i}")
-_add("full", "diff", ".diff")
-_add("full", "diff_b", ".diff_b")
-_add("dora", "dora_scale", ".dora_scale")
-_add("dora", "magnitude", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+_SUFFIXES = _spellings()
 
 # Algorithms other trainers write that this library does not apply (reported with this reason).
-UNSUPPORTED_SUFFIXES = {
-    ".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R": "OFT", ".boft_R": "BOFT", ".boft_s": "BOFT",
-    ".on_input": "IA3", ".weight_ia3": "IA3", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA",
-    ".lora_E": "AdaLoRA", ".vera_lambda_b": "VeRA", ".vera_lambda_d": "VeRA",
-}
+UNSUPPORTED_SUFFIXES = tables.UNSUPPORTED_SUFFIXES
 
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 # Most spellings are whole dot segments ('.lora_A.weight'): a key's last 1-3 segments are looked up
@@ -52,35 +38,14 @@ _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 _INNER_SUFFIXES = [s for s in _SUFFIX_ORDER if not s.startswith(".")]
 _MAX_SEGMENTS = max(s.count(".") for s in _SUFFIXES)
 # PEFT names the adapter in the key ('.default' or a user name) right after the role: strip it.
-_ADAPTER_SEGMENT = re.compile(r"\.(default|default_0)(?=\.weight$|$)")
+_ADAPTER_SEGMENT = re.compile(r"\.(" + "|".join(tables.PEFT_ADAPTER_NAMES) + r")(?=\.weight$|$)")
 
-# Prefixes that mark the transformer, longest first; the value says whose naming it is.
-TRANSFORMER_PREFIXES: dict[str, str] = {
-    "base_model.model.transformer.": "peft",
-    "base_model.model.": "peft",
-    "model.diffusion_model.": "comfy",
-    "diffusion_model.": "comfy",
-    "transformer.": "diffusers",
-    "lora_unet__": "kohya",  # VideoX-Fun: "lora_unet" + "." + "" + "." + module, then '.' -> '_'
-    "lora_unet_": "kohya",
-    "lora_transformer_": "kohya",
-    "lycoris_": "lycoris",
-    "unet.": "diffusers",
-}
-KOHYA_PREFIXES = ("lora_unet__", "lora_unet_", "lora_transformer_")
+# Prefixes that mark the transformer (the first match is stripped); the value says whose naming it is.
+TRANSFORMER_PREFIXES: dict[str, str] = tables.PREFIXES
+KOHYA_PREFIXES = tuple(p for p, naming in TRANSFORMER_PREFIXES.items() if naming == "kohya")
 
-# Tensors trainers keep in adapter files that are not adapter weights: reported as ignored trainer
-# data (never unmatched adapter keys, never an error, whatever their dtype).
-TRAINER_DATA: dict[str, str] = {
-    "lokr_factor": "musubi-tuner LoKr factor (networks/lokr.py network buffer)",
-}
-
-# Prefixes of text-encoder keys: reported, never applied to the transformer.
-TEXT_ENCODER_PREFIXES = (
-    "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_", "text_encoder.", "text_encoder_2.",
-    "text_encoders.", "te.", "te1.", "te2.", "cond_stage_model.", "conditioner.", "text_model.",
-    "base_model.model.text_model.", "qwen3.", "lora_qwen",
-)
+TRAINER_DATA = tables.TRAINER_DATA
+TEXT_ENCODER_PREFIXES = tables.TEXT_ENCODER_PREFIXES
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
+from ..layouts.tables import MFLUX_MARKS, MUSUBI_MODULES, ONETRAINER_MARKS
 from .grammar import KOHYA_PREFIXES
 
 
@@ -34,23 +35,17 @@ def is_fused(stem: str) -> bool:
 
 
 def is_onetrainer(meta: dict[str, str]) -> bool:
-    # OneTrainer's DtypeModelSaverMixin._create_safetensors_header writes ot_branch / ot_revision.
-    return "ot_revision" in meta or "ot_branch" in meta
+    return any(k in meta for k in ONETRAINER_MARKS)
 
 
 def is_mflux(meta: dict[str, str]) -> bool:
-    # mflux ZImageTrainingAdapter.save_lora_adapter writes metadata {"mflux_version", "model"}.
-    return "mflux_version" in meta
-
-
-# musubi-tuner's --network_module values for Z-Image (kohya sd-scripts uses networks.lora, lycoris.kohya).
-_MUSUBI_MODULES = ("networks.lora_zimage", "networks.lokr", "networks.loha")
+    return any(k in meta for k in MFLUX_MARKS)
 
 
 def is_musubi(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
     """musubi-tuner: its network module in ss_network_module, or LoKr's top-level 'lokr_factor' buffer."""
     module = meta.get("ss_network_module", "")
-    return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(_MUSUBI_MODULES)
+    return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(MUSUBI_MODULES)
 
 
 def musubi_lokr(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:

@@ -7,7 +7,6 @@ tensor names and shapes themselves, so fused-qkv checkpoints resolve under their
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from ..errors import AdapterNotFoundError, DownloadError, InvalidFormatError
 from ..formats.safetensors_file import DTYPES, Header, TensorInfo, read_header
 from ..formats.untrusted import read_json_file
 from ..keys import ModuleIndex
+from ..sources import _HUB_ID
 
 # Prefixes of the diffusion model inside ComfyUI / original single-file checkpoints.
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 INDEX_SUFFIX = ".safetensors.index.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass

@@ -23,12 +23,12 @@ from .. import algorithms
 from ..adapter import Adapter, Target
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, UnsupportedError
 from ..formats.safetensors_file import DTYPES, TensorInfo
+from ..formats.safetensors_writer import StreamingWriter
 from ..loading import load_adapter
 from ..numerics import all_finite
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
 from .output import check_out, check_space, clean_leftovers, move_into_place, output_error, remove, temp_path
-from .safetensors_writer import StreamingWriter
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LoRAError
-from ..examples import LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
+from ..examples import EXAMPLES, LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
+from ..layouts import LAYOUTS as LAYOUT_ROWS
 from ..numerics import one_thread
 
 #: dynamic and merged outputs must agree to this relative error (fp32).
@@ -62,7 +63,7 @@ def _run(chosen: list[str], workdir: str | Path | None, seed: int) -> list[DemoR
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for layout in chosen:
-            suffix = "" if layout.startswith("peft") else ".safetensors"
+            suffix = "" if LAYOUT_ROWS[EXAMPLES[layout].layout].folder else ".safetensors"
             path = make_adapter(layout, folder / f"{layout}{suffix}", model, seed=seed + 1)
             merged_out = None
             for mode in ("merged", "dynamic"):

@@ -5,7 +5,6 @@ Each refusal is one `LoRAError` with the fix."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import torch
 from ..errors import DownloadError, InvalidFormatError, LoRAError
 from ..formats import read_header
 from ..formats.untrusted import read_json_file
-from ..sources import LoRAConfiguration, resolve_source
+from ..sources import _HUB_ID, LoRAConfiguration, resolve_source
 from .output import check_out
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_SIZE_MULTIPLE = 16  # Z-Image-Turbo: VAE scale factor 8, x2 for the transformer's patches
 
 

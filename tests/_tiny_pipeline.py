@@ -1,6 +1,6 @@
 """Tiny random Z-Image pipelines (every class), built offline: tiny transformer, VAE, Qwen3 text encoder
 and a word-level tokenizer with the chat template the pipeline applies (plus a tiny ControlNet or
-SigLIP2 where the class has one). For tests and quick checks of
+SigLIP2 where the class has one). For the tests of
 `generate`; its images are noise, but every component runs the real code."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..apply.pipeline import PIPELINE_CLASSES
-from ..examples import tiny_config, tiny_model
+from zimage_lora.apply.pipeline import PIPELINE_CLASSES
+from zimage_lora.examples import tiny_config, tiny_model
 
 # ChatML, as Qwen3 tokenizers spell it (the pipeline calls apply_chat_template(..., enable_thinking=True)).
 CHAT_TEMPLATE = (

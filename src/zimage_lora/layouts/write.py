@@ -1,0 +1,164 @@
+"""Writing: `Item`s (one module's adapter in diffusers naming) -> the tensors, metadata and PEFT
+config of one layout, spelled by its row in `tables.LAYOUTS`.
+
+Used by `convert` (an adapter read from any file) and by `examples` (the demo's example files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError
+from ..keys.aliases import native_name
+from .fuse import fuse_qkv_items
+from .item import Item
+from .tables import LAYOUTS, PEFT_LORA, Layout
+
+
+def layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}") from None
+
+
+def module_stem(lay: Layout, name: str) -> str:
+    """The key stem of diffusers module `name` in layout `lay`: prefix + the module as it spells it."""
+    if lay.native:
+        name = native_name(name)
+    return lay.prefix + (name.replace(".", "_") if lay.flat else name)
+
+
+def suffix(lay: Layout, family: str, role: str) -> str:
+    s = lay.suffixes[family][role]
+    if lay.adapter_name and s.endswith(".weight"):
+        return s[: -len(".weight")] + f".{lay.adapter_name}.weight"
+    return s
+
+
+def refusal(lay: Layout, item: Item) -> str | None:
+    """What in `item` layout `lay` cannot hold (None: it can)."""
+    spelled = lay.suffixes
+    if item.algorithm not in spelled:
+        return f"{item.algorithm} ({item.source_keys[0] if item.source_keys else item.name})"
+    unspelled = [r for r in item.tensors if r != "diff_b" and r not in spelled[item.algorithm]]
+    if unspelled:
+        return f"{item.algorithm} tensors {unspelled} ({item.name})"
+    if "diff_b" in item.tensors and "diff_b" not in spelled.get("full", {}):
+        return f"a LoRA with a bias diff ({item.name})"
+    if item.dora is not None and not item.dora.on_out and "dora_scale" not in spelled.get("dora", {}):
+        return f"a DoRA magnitude per input column ({item.name})"
+    return None
+
+
+def _holds(lay: Layout) -> str:
+    """'LoRA and DoRA only (PEFT keys lora_A/lora_B)': the families a layout spells, for refusals."""
+    names = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "full": "full diffs"}
+    held = [names[a] for a in lay.algorithms] + (["DoRA"] if "dora" in lay.suffixes else [])
+    text = " and ".join(held) + (" only" if len(lay.algorithms) == 1 else "")
+    if lay.suffixes.get("lora") == PEFT_LORA:
+        text += " (PEFT keys lora_A/lora_B)"
+    return text
+
+
+def state_dict(items: list[Item], name: str, where: str = "adapter") -> tuple[dict, dict, dict | None]:
+    """(tensors, safetensors metadata, PEFT config or None) of `items` written in layout `name`."""
+    lay = layout(name)
+    for item in items:
+        problem = refusal(lay, item)
+        if problem:
+            raise UnsupportedError(
+                f"{where}: --to {name} holds {_holds(lay)}, but the adapter has {problem}. "
+                "Convert to 'kohya' or 'comfy', which keep LoKr, LoHa and full diffs."
+            )
+    if lay.fused_qkv:
+        items = fuse_qkv_items(items)
+    sd: dict[str, torch.Tensor] = {}
+    for item in items:
+        _put(sd, lay, item)
+    metadata = dict(lay.metadata)
+    config = peft_config(items) if lay.alpha in ("metadata", "config") else None
+    if lay.alpha == "metadata":
+        metadata["lora_adapter_metadata"] = json.dumps(config)
+        return sd, metadata, None
+    return sd, metadata, config
+
+
+def _put(sd: dict, lay: Layout, item: Item) -> None:
+    stem = module_stem(lay, item.name)
+    tensors = dict(item.tensors)
+    if lay.alpha == "folded" and item.alpha is not None:  # musubi-tuner: sqrt(alpha / rank) in each factor
+        k = math.sqrt(item.alpha / item.rank)
+        tensors = {r: v * k for r, v in tensors.items()}
+    elif lay.alpha == "none" and item.scale != 1.0 and "up" in tensors:
+        # The file means scale 1: the scale goes into up, in fp32 (as OneTrainer's convert_to_diffusers does).
+        tensors["up"] = tensors["up"].float() * item.scale
+    for role, v in tensors.items():
+        family = "full" if role == "diff_b" else item.algorithm
+        sd[stem + suffix(lay, family, role)] = v.contiguous()
+    if lay.alpha == "key" and item.alpha is not None:
+        sd[stem + suffix(lay, "scale", "alpha")] = torch.tensor(float(item.alpha), dtype=torch.float32)
+    if item.dora is not None:
+        ((role, spelled),) = lay.suffixes["dora"].items()
+        m = item.dora.magnitude
+        if role == "magnitude":
+            m = m.reshape(-1)
+        else:
+            m = m.reshape(-1, 1) if item.dora.on_out else m.reshape(1, -1)
+        sd[stem + spelled] = m.contiguous()
+
+
+def peft_config(items: list[Item]) -> dict:
+    """The PEFT `LoraConfig` of `items`: the most common rank and alpha, the others as patterns."""
+    ranks = {i.name: i.rank for i in items}
+    alphas = {i.name: _clean(i.alpha) for i in items}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "r": r0,
+        "lora_alpha": a0,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != a0},
+        "target_modules": sorted(ranks),
+        "use_dora": any(i.dora is not None for i in items),
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def _clean(x: float | None) -> float | int | None:
+    if x is None:
+        return None
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save(items: list[Item], name: str, out: str | Path, *, where: str = "adapter",
+         extra_metadata: dict | None = None) -> Path:
+    """Write `items` in layout `name` at `out` (a .safetensors file, or a folder for PEFT)."""
+    return save_state_dict(*state_dict(items, name, where), layout(name), out, extra_metadata)
+
+
+def save_state_dict(sd: dict, metadata: dict, config: dict | None, lay: Layout, out: str | Path,
+                    extra_metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    # Split q/k/v targets of a fused file share their down tensor: give each key its own storage.
+    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    out = Path(out)
+    if lay.folder:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        return out
+    metadata = {**metadata, **(extra_metadata or {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out), metadata=metadata or None)
+    return out
