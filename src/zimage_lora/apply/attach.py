@@ -172,7 +172,7 @@ def attach(
     touched_patch = list(dict.fromkeys([t.module for t in patches] + ([t.module for t in old.patches] if old else [])))
     if old is not None:
         txn.detach(old)
-    state.records[name] = record
+    txn.put(record)
     for p, kind, tensors in prepared:
         txn.attach(record, p, kind, tensors, _rows(p))
     txn.publish_all()

@@ -55,7 +55,7 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
         with change(model, state) as txn:
             for r in records:
                 txn.detach(r)
-                del state.records[r.name]
+                txn.drop(r.name)
             txn.publish_all()
             txn.rebuild(list(dict.fromkeys(t.module for r in records for t in r.patches)))
     return names
@@ -74,10 +74,12 @@ def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
             raise _not_attached([name], state)
         record = state.records[name]
         _check_strength(model, record, value)
+        if not (record.patches and record.active):
+            record.strength.set(value)  # dynamic (or off): one shared value, a change with nothing to undo
+            return
         with change(model, state) as txn:
             record.strength.set(value)
-            if record.patches and record.active:
-                txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
+            txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
 
 
 def _check_strength(model: nn.Module, record: Record, value: float) -> None:

@@ -10,9 +10,6 @@ subtraction). A failed change therefore leaves the model exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -25,21 +22,11 @@ from .switching import publish_fast
 from .validate import Planned, base_of, slot_dtype
 
 
-@contextmanager
-def change(model: nn.Module, state: EngineState) -> Iterator[Transaction]:
-    """Run one change (the caller holds the state's lock): rolled back if it raises, finished if not.
-    With no adapter left afterwards, the model's bookkeeping goes (see `release`)."""
-    txn = Transaction(model, state)
-    try:
-        yield txn
-    except BaseException:
-        txn.rollback()
-        raise
-    else:
-        txn.finish()
-    finally:
-        if not state.records:
-            release(model, state)
+def change(model: nn.Module, state: EngineState) -> Transaction:
+    """`with change(model, state) as txn:` runs one change (the caller holds the state's lock): rolled
+    back if it raises, finished if not. With no adapter left afterwards, the model's bookkeeping goes
+    (see `release`). A class, not a generator: switching the active set is hot (microseconds)."""
+    return Transaction(model, state)
 
 
 def release(model: nn.Module, state: EngineState) -> None:
@@ -54,18 +41,45 @@ def release(model: nn.Module, state: EngineState) -> None:
 class Transaction:
     """The mutations of one change, with what is needed to undo each."""
 
+    __slots__ = ("model", "state", "records", "fields", "changed", "wrappers", "new_snapshots", "touched", "swapped",
+                 "switched")
+
     def __init__(self, model: nn.Module, state: EngineState) -> None:
         self.model = model
         self.state = state
         # The attached set, and the fields a change sets in place on a record (O(records): switching is hot).
         self.records = dict(state.records)
-        self.fields = {n: (r.active, r.strength.value, r.adapter, r.headroom) for n, r in state.records.items()}
+        self.fields = [(r, r.active, r.strength.value, r.adapter, r.headroom) for r in state.records.values()]
+        self.changed = False  # a record was put or dropped
         # module name -> (wrapper, slots before, active keys before, created here)
         self.wrappers: dict[str, tuple[AdapterLinear, dict[str, Slot], list[str], bool]] = {}
         self.new_snapshots: list[str] = []
         self.touched: dict[str, None] = {}  # merged modules rebuilt, in order
         self.swapped: list[tuple[Slot, Target, str, dict[str, torch.Tensor]]] = []  # hot swaps: slot, before
         self.switched = False  # active tuples re-published through the switching tables
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+            else:
+                self.rollback()
+        finally:
+            if not self.state.records:
+                release(self.model, self.state)
+
+    # --- the attached set ------------------------------------------------------------------------
+    def put(self, record: Record) -> None:
+        """Attach `record` under its name (in place of the record of that name, if any)."""
+        self.changed = True
+        self.state.records[record.name] = record
+
+    def drop(self, name: str) -> None:
+        self.changed = True
+        del self.state.records[name]
 
     # --- dynamic mode: wrappers and their slots ---------------------------------------------------
     def _wrapper(self, module_name: str, create: bool) -> AdapterLinear | None:
@@ -132,8 +146,10 @@ class Transaction:
     def rebuild(self, module_names: list[str]) -> dict[str, float]:
         """Recompute each module's weight from its kept original and the active records' patches.
         Returns the requantization losses."""
-        self.touched.update(dict.fromkeys(module_names))
         losses: dict[str, float] = {}
+        if not module_names:
+            return losses
+        self.touched.update(dict.fromkeys(module_names))
         by_module = _patches_by_module(self.state)
         for module_name in module_names:
             module = base_of(self.model.get_submodule(module_name))
@@ -165,8 +181,7 @@ class Transaction:
         """Undo everything this transaction did (the only undo of the engine)."""
         state = self.state
         state.records = self.records
-        for name, (active, value, adapter, headroom) in self.fields.items():
-            record = self.records[name]
+        for record, active, value, adapter, headroom in self.fields:
             record.active, record.adapter, record.headroom = active, adapter, headroom
             record.strength.set(value)
         for slot, target, adapter_name, values in reversed(self.swapped):
@@ -203,10 +218,7 @@ class Transaction:
 
     def finish(self) -> None:
         """Unwrap layers left without adapters, so the module tree is the original again."""
-        same = len(self.records) == len(self.state.records) and all(
-            self.state.records.get(n) is r for n, r in self.records.items()
-        )
-        if not self.wrappers and same:
+        if not (self.wrappers or self.changed):
             return  # no record or slot came or went: the switching tables stay valid
         self.state.invalidate()
         for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
