@@ -246,3 +246,24 @@ def test_failure_removing_the_only_adapter_on_some_layers(after, files, model, m
     assert_untouched(model, before)
     assert _names(model) == names_before
     assert torch.equal(_output(model), out_before)
+
+
+@pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
+def test_failure_during_a_hot_swap(exc, files, model, monkeypatch):
+    """A same-shaped adapter copied into the slots of the attached one fails after some layers were
+    copied: every slot holds its old values again, and the old adapter is the one listed."""
+    from zimage_lora.apply.layer import Slot
+
+    again = examples.make_adapter("kohya", files["kohya"].with_name("again.safetensors"), model, seed=7)
+    apply_adapter(model, files["kohya"], mode="dynamic", name="x", scale=0.5)
+    before, names_before, out_before = state_bits(model), _names(model), _output(model)
+    calls = _inject(monkeypatch, Slot, "load_", after=3, exc=exc)
+    with pytest.raises(exc):
+        apply_adapter(model, again, name="x", scale=2.0)
+    assert calls["raised"]
+    monkeypatch.undo()
+    assert_untouched(model, before)
+    assert _names(model) == names_before
+    assert list_adapters(model)[0].source == str(files["kohya"])
+    assert torch.equal(_output(model), out_before)
+    assert apply_adapter(model, again, name="x").hotswapped  # and the swap works afterwards
