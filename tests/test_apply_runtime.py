@@ -21,7 +21,7 @@ from zimage_lora import (
     set_active_adapters,
     set_adapter_scale,
 )
-from zimage_lora.apply import engine, validate
+from zimage_lora.apply import transaction, validate
 from zimage_lora.backends import PlainLinearBackend
 
 
@@ -130,7 +130,7 @@ def coarse(monkeypatch):
             return backend if backend.matches(module) else original(module)
 
         monkeypatch.setattr(validate, "backend_for", pick)
-        monkeypatch.setattr(engine, "backend_for", pick)
+        monkeypatch.setattr(transaction, "backend_for", pick)
         model = nn.Sequential(_CoarseLinear(16, 16), nn.Tanh(), _CoarseLinear(16, 16))
         with torch.no_grad():
             for m in model:

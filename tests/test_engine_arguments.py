@@ -207,10 +207,10 @@ def test_fuse_of_several_is_all_or_nothing(kohya, tmp_path, monkeypatch):
     ref = output(model)
     real_plan = engine.plan
 
-    def plan(model, adapter, mode):
+    def plan(model, adapter, mode, **kwargs):
         if adapter.name == "h" and mode == "merged":
             raise RuntimeError("injected: the second fuse fails")
-        return real_plan(model, adapter, mode)
+        return real_plan(model, adapter, mode, **kwargs)
 
     monkeypatch.setattr(engine, "plan", plan)
     with pytest.raises(RuntimeError, match="injected"):

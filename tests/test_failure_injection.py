@@ -15,7 +15,7 @@ import torch
 from _hostile import assert_untouched, state_bits
 
 from zimage_lora import apply_adapter, examples, list_adapters, remove_adapter, set_adapter_scale
-from zimage_lora.apply import engine, merge
+from zimage_lora.apply import merge, transaction
 
 
 class Injected(RuntimeError):
@@ -43,8 +43,8 @@ POINTS = [
     ("merged", merge, "add_rows"),  # once per block of rows, after earlier blocks and layers were written
     ("merged", merge, "rebuild"),  # once per merged module
     ("merged", merge, "take_snapshot"),
-    ("dynamic", engine._Transaction, "attach"),  # once per wrapped layer
-    ("dynamic", engine, "_set_child"),  # swapping a Linear for its wrapper
+    ("dynamic", transaction.Transaction, "attach"),  # once per wrapped layer
+    ("dynamic", transaction, "_set_child"),  # swapping a Linear for its wrapper
 ]
 
 
@@ -229,3 +229,41 @@ def test_merge_killed_mid_write_leaves_no_output(files, tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_failure_removing_the_only_adapter_on_some_layers(after, files, model, monkeypatch):
+    """Removing a merged adapter puts back the originals of the layers nothing else patches, one by one;
+    a failure after some were put back must merge the adapter into those layers again."""
+    apply_adapter(model, files["layer0"], mode="merged", name="m", scale=0.7)
+    apply_adapter(model, files["kohya"], mode="dynamic", name="d")
+    before, names_before, out_before = state_bits(model), _names(model), _output(model)
+    calls = _inject(monkeypatch, merge, "restore", after)
+    with pytest.raises(Injected):
+        remove_adapter(model, "m")
+    assert calls["raised"]
+    monkeypatch.undo()
+    assert_untouched(model, before)
+    assert _names(model) == names_before
+    assert torch.equal(_output(model), out_before)
+
+
+@pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
+def test_failure_during_a_hot_swap(exc, files, model, monkeypatch):
+    """A same-shaped adapter copied into the slots of the attached one fails after some layers were
+    copied: every slot holds its old values again, and the old adapter is the one listed."""
+    from zimage_lora.apply.layer import Slot
+
+    again = examples.make_adapter("kohya", files["kohya"].with_name("again.safetensors"), model, seed=7)
+    apply_adapter(model, files["kohya"], mode="dynamic", name="x", scale=0.5)
+    before, names_before, out_before = state_bits(model), _names(model), _output(model)
+    calls = _inject(monkeypatch, Slot, "load_", after=3, exc=exc)
+    with pytest.raises(exc):
+        apply_adapter(model, again, name="x", scale=2.0)
+    assert calls["raised"]
+    monkeypatch.undo()
+    assert_untouched(model, before)
+    assert _names(model) == names_before
+    assert list_adapters(model)[0].source == str(files["kohya"])
+    assert torch.equal(_output(model), out_before)
+    assert apply_adapter(model, again, name="x").hotswapped  # and the swap works afterwards

@@ -26,8 +26,8 @@ def load_adapter(
 ) -> Adapter:
     """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory).
 
-    Every tensor read is checked for NaN/Inf unless `check_finite=False` (the engine passes that: it
-    validates every tensor again right before attaching or merging, so one pass is enough).
+    Every tensor read is checked for NaN/Inf, once, here where it enters (the engine does not scan an
+    adapter it loaded itself again); `check_finite=False` skips that scan.
     `allow_empty=True` returns an adapter without targets when no key matches (for reports) instead of
     raising `IncompatibleWeightsError`.
     """

@@ -1,12 +1,18 @@
-"""Small tensor checks shared by loading, applying and merging."""
+"""Small tensor checks shared by loading, applying and merging.
+
+The NaN/Inf scan is written here only (`all_finite`, `first_nonfinite`); every check that refuses
+non-finite values (a file's tensors, a hand-built adapter, a merged weight, a dynamic delta, a
+merged checkpoint tensor) goes through `require_finite`."""
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+
+from .errors import IncompatibleWeightsError
 
 # A 16-bit float is NaN/Inf exactly when all its exponent bits are set: with the sign bit cleared, its
 # bits read as an int16 are then at least the exponent mask.
@@ -75,6 +81,14 @@ def _span(run: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     n = sum(t.numel() for _k, t in run)
     raw = (ctypes.c_uint8 * (n * first.element_size())).from_address(first.data_ptr())
     return torch.frombuffer(raw, dtype=first.dtype)
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], message: Callable[[str, int], str]) -> None:
+    """Raise `IncompatibleWeightsError(message(key, count))` for the first tensor holding NaN/Inf
+    (`count`: how many it holds); return when all are finite."""
+    key = first_nonfinite(tensors)
+    if key is not None:
+        raise IncompatibleWeightsError(message(key, count_nonfinite(tensors[key])))
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

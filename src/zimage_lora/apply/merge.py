@@ -14,8 +14,7 @@ import torch
 
 from ..adapter import Target
 from ..backends import PlainLinearBackend
-from ..errors import IncompatibleWeightsError
-from ..numerics import all_finite
+from ..numerics import require_finite
 from .rows import Prepared, add_rows
 from .state import Snapshot
 
@@ -172,13 +171,11 @@ def _surely_finite(sum_of_squares: float, dtype: torch.dtype) -> bool:
 def _check_finite(name: str, t: torch.Tensor, dynamic: bool = False) -> None:
     """The overflow rule of both modes: what an adapter puts into `name` (merged: the new weight;
     dynamic: its delta times the strength) must be finite in the dtype it lands in."""
-    if not all_finite(t):
-        if dynamic:
-            raise IncompatibleWeightsError(
-                f"adapter delta on '{name}' times the scale overflows the compute dtype {t.dtype}: every output "
-                "would be NaN/Inf. Lower the scale (or, on a bf16/fp16 model, pass compute_dtype=torch.float32)."
-            )
-        raise IncompatibleWeightsError(
-            f"merging into '{name}' gives non-finite values (the delta times the scale overflows the "
-            f"weight's dtype {t.dtype}). Lower the scale or use mode='dynamic'."
-        )
+    if dynamic:
+        require_finite({name: t}, lambda key, _n: (
+            f"adapter delta on '{key}' times the scale overflows the compute dtype {t.dtype}: every output "
+            "would be NaN/Inf. Lower the scale (or, on a bf16/fp16 model, pass compute_dtype=torch.float32)."))
+    else:
+        require_finite({name: t}, lambda key, _n: (
+            f"merging into '{key}' gives non-finite values (the delta times the scale overflows the "
+            f"weight's dtype {t.dtype}). Lower the scale or use mode='dynamic'."))

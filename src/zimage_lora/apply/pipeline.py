@@ -101,8 +101,7 @@ def load_parts(
                 for g in file.groups for k in g.source_keys
             ]
             continue
-        # The engine validates every tensor (finite values) right before changing anything.
-        adapter = resolve(file, index, name=name, strict=False, check_finite=False)
+        adapter = resolve(file, index, name=name, strict=False)  # scans what it reads for NaN/Inf
         if part == TEXT_ENCODER:
             adapter.format = te_keys.format_label({g.prefix for g in file.groups})
         adapters[part] = adapter
@@ -147,14 +146,15 @@ def apply(
     # Validate the text-encoder part before the transformer changes (the transformer's apply validates
     # its own part first): a refusal then leaves both components as they were.
     if TEXT_ENCODER in adapters:
-        plan(parts[TEXT_ENCODER], adapters[TEXT_ENCODER], mode)
+        plan(parts[TEXT_ENCODER], adapters[TEXT_ENCODER], mode, scan=False)
     reports: dict[str, ApplyReport] = {}
     before = {part: _snapshot(engine.attached(module, name)) for part, module in parts.items()}
     try:
         for part in (TRANSFORMER, TEXT_ENCODER):
             if part in adapters:
-                reports[part] = engine.apply_adapter(
-                    parts[part], adapters[part], scale=strength, mode=mode, name=name, compute_dtype=compute_dtype
+                reports[part] = engine.apply_resolved(  # scanned by the loader already
+                    parts[part], adapters[part], name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
+                    scanned=True,
                 )
     except BaseException:
         for part in reports:
@@ -163,6 +163,8 @@ def apply(
     for part, module in parts.items():  # the name now means this file: an older part elsewhere goes
         if part not in adapters and before[part] is not None:
             engine.remove_adapter(module, name)
+    for report in reports.values():
+        engine.warn_requant(report, stacklevel=4)  # the caller of apply_adapter
     return _merge_reports(reports, left, name, mode, strength)
 
 

@@ -1,8 +1,11 @@
 """Per-model bookkeeping: which adapters are attached, the kept originals, and the lock that keeps
 forward passes from seeing half of a change.
 
-The state lives on the model as one private attribute and is deleted when the last adapter goes, so
-a model with everything removed is exactly the object it was before.
+The state lives on the model as one private attribute and is deleted when the last adapter goes:
+with everything removed, the model's parameters, buffers and module tree are bit-identical to before
+the first apply. The model is not quite the object it was: hooks that hold no tensors and change no
+output stay on its root, the forward gate (see `ForwardGate`) and, once a dynamic adapter patched a
+norm layer, the state_dict hooks of `apply.checkpoint`.
 """
 
 from __future__ import annotations

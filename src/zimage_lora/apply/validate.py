@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import algorithms
+from .. import shapes
 from ..adapter import ALGORITHMS, Adapter, Target
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..fp32 import FP32_MAX, fits_fp32
-from ..numerics import all_finite, count_nonfinite
+from ..numerics import require_finite
 from . import merge
 from .layer import AdapterLinear
 
@@ -119,7 +119,9 @@ def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterLinear) else module
 
 
-def plan(model: nn.Module, adapter: Adapter, mode: str) -> list[Planned]:
+def plan(model: nn.Module, adapter: Adapter, mode: str, scan: bool = True) -> list[Planned]:
+    """Every target checked against `model`. `scan=False`: its tensors were checked for NaN/Inf where
+    they entered (the loader scans what it reads), so they are not scanned again."""
     if not isinstance(adapter, Adapter) or not isinstance(adapter.targets, list):
         raise InvalidArgumentError(f"expected an Adapter with a list of targets, got {adapter!r:.200}")
     where = f"adapter '{adapter.name}' ({adapter.source})"
@@ -127,11 +129,11 @@ def plan(model: nn.Module, adapter: Adapter, mode: str) -> list[Planned]:
         raise IncompatibleWeightsError(f"{where}: no target matches a module of the model; nothing to apply.")
     out: list[Planned] = []
     for t in adapter.targets:
-        out.append(_check(model, t, mode, where))
+        out.append(_check(model, t, mode, where, scan))
     return out
 
 
-def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
+def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Planned:
     if not isinstance(t, Target) or not isinstance(t.tensors, Mapping) or not isinstance(t.module, str):
         raise InvalidArgumentError(f"{where}: every target must be a Target with a module name and a dict of tensors, "
                                    f"got {t!r:.200}")
@@ -155,54 +157,17 @@ def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
     if t.algorithm not in ALGORITHMS:
         raise IncompatibleWeightsError(f"{at}: unknown algorithm '{t.algorithm}'.")
     for role, tensor in t.tensors.items():
-        _check_tensor(at, role, tensor)
+        _check_tensor(at, role, tensor, scan)
     if t.dora is not None:
-        _check_tensor(at, "dora magnitude", t.dora.magnitude)
+        _check_tensor(at, "dora magnitude", t.dora.magnitude, scan)
     backend = backend_for(module)
     weight = getattr(module, "weight", None)
-    is_norm = not hasattr(module, "in_features") and isinstance(weight, torch.Tensor) and weight.dim() == 1
-    if is_norm:
-        diff = t.tensors.get("diff")
-        if t.algorithm != "full" or diff is None or tuple(diff.shape) != tuple(weight.shape) or t.rows or t.dora:
-            found = {r: list(v.shape) for r, v in t.tensors.items()}
-            raise IncompatibleWeightsError(
-                f"{at}: a norm layer takes only a full diff of shape {list(weight.shape)}; found {t.algorithm} {found}."
-            )
-        _check_bias(at, module, t, weight.shape[0], weight.shape[0])
+    has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
+    if not hasattr(module, "in_features") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        shapes.check_norm_target(at, t, tuple(weight.shape), has_bias=has_bias)  # a norm layer
         return Planned(t, module, backend, weight.shape[0], 1, True)
     out_f, in_f = backend.shape(module)
-    lo, hi = t.rows if t.rows is not None else (0, out_f)
-    if not (0 <= lo < hi <= out_f):
-        raise IncompatibleWeightsError(f"{at}: rows {lo}:{hi} fall outside the module's {out_f} output rows.")
-    n = hi - lo
-    shapes = {r: tuple(v.shape) for r, v in t.tensors.items() if r != "diff_b"}
-    d_out = n
-    if shapes:
-        try:
-            d_out, d_in = algorithms.delta_shape(t.algorithm, shapes)
-        except (ValueError, KeyError) as exc:
-            raise IncompatibleWeightsError(f"{at}: inconsistent {t.algorithm} tensors: {exc}.") from None
-        if d_in != in_f:
-            raise IncompatibleWeightsError(
-                f"{at}: the delta takes {d_in} inputs but the module has {in_f}; the adapter is for another model."
-            )
-        if t.delta_rows is not None:
-            a, b = t.delta_rows
-            if not (0 <= a < b <= d_out) or b - a != n:
-                raise IncompatibleWeightsError(
-                    f"{at}: delta rows {a}:{b} of a {d_out}-row delta cannot cover the module's {n} rows."
-                )
-        elif d_out != n:
-            raise IncompatibleWeightsError(
-                f"{at}: the delta has {d_out} rows but the module expects {n}; the adapter is for another model."
-            )
-    _check_bias(at, module, t, n, d_out)
-    if t.dora is not None:
-        want = n if t.dora.on_out else in_f
-        if t.dora.magnitude.numel() != want:
-            raise IncompatibleWeightsError(
-                f"{at}: DoRA magnitude has {t.dora.magnitude.numel()} values, expected {want}."
-            )
+    shapes.check_target(at, t, out_features=out_f, in_features=in_f, has_bias=has_bias)
     if mode == "merged" and not backend.supports_merge:
         raise UnsupportedError(
             f"{at}: layers of type {type(module).__name__} ({backend.name} backend) cannot be merged into in place. "
@@ -211,7 +176,7 @@ def _check(model: nn.Module, t: Target, mode: str, where: str) -> Planned:
     return Planned(t, module, backend, out_f, in_f, False)
 
 
-def _check_tensor(at: str, role: str, tensor: torch.Tensor) -> None:
+def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"{at}: tensor '{role}' must be a torch.Tensor, found {type(tensor).__name__}.")
     # Only a hand-built Adapter can hold these (the loader reads dense CPU tensors).
@@ -224,23 +189,9 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
-    if not all_finite(tensor):
-        raise IncompatibleWeightsError(
-            f"{at}: tensor '{role}' holds {count_nonfinite(tensor)} NaN/Inf value(s); the adapter is broken "
-            "and was not applied."
-        )
-
-
-def _check_bias(at: str, module: nn.Module, t: Target, n: int, d_out: int) -> None:
-    db = t.tensors.get("diff_b")
-    if db is None:
-        return
-    bias = getattr(module, "bias", None)
-    if not isinstance(bias, torch.Tensor):
-        raise IncompatibleWeightsError(f"{at}: the adapter has a bias diff but the module has no bias.")
-    want = d_out if t.delta_rows is not None else n
-    if db.numel() != want:
-        raise IncompatibleWeightsError(f"{at}: the bias diff has {db.numel()} values, expected {want}.")
+    if scan:
+        require_finite({role: tensor}, lambda key, n: f"{at}: tensor '{key}' holds {n} NaN/Inf value(s); the "
+                       "adapter is broken and was not applied.")
 
 
 # --- dynamic mode's overflow rule ------------------------------------------------------------------

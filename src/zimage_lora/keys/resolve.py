@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import algorithms
+from .. import algorithms, shapes
 from ..adapter import Adapter, Dora, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group
-from ..numerics import count_nonfinite, first_nonfinite
+from ..numerics import require_finite
 from .index import ModuleIndex, Site
 from .scales import Scale, scale_for, scale_notes
 
@@ -38,9 +38,9 @@ def resolve(
     check_finite: bool = True,
     allow_empty: bool = False,
 ) -> Adapter:
-    """`check_finite=False` skips the NaN/Inf scan for callers that validate every tensor themselves.
-    `allow_empty=True` returns an adapter without targets (and every key reported) instead of raising
-    when nothing matches: `inspect` shows that report."""
+    """Every tensor read is scanned for NaN/Inf here, where it enters (`check_finite=False` skips
+    that, for a caller that wants no scan at all). `allow_empty=True` returns an adapter without
+    targets (and every key reported) instead of raising when nothing matches: `inspect` shows that report."""
     unmatched = list(file.unmatched)
     placed: list[_Placed] = []
     for group in file.groups:
@@ -107,50 +107,21 @@ def _expected(site: Site, index: ModuleIndex) -> tuple[tuple[int, ...], bool]:
 
 
 def _check_shapes(file: AdapterFile, group: Group, site: Site, index: ModuleIndex) -> None:
-    expected, has_bias = _expected(site, index)
+    """The group's header shapes against the site's modules (the rules are `shapes`'), before any read."""
+    want, has_bias = _expected(site, index)
     where = f"{file.path}: key '{next(iter(group.keys.values()))}' -> module '{'/'.join(site.modules)}'"
-    shapes = {r: s for r, s in group.shapes.items() if r != "dora"}
+    found = {r: s for r, s in group.shapes.items() if r != "dora"}
+    dora = group.shapes.get("dora")
     if not index.shapes[site.modules[0]].is_linear:
-        # A norm layer: only a full diff of its 1-D weight (and bias) can patch it.
-        if group.algorithm != "full" or "diff" not in shapes or tuple(shapes["diff"]) != tuple(expected):
-            found = {r: list(s) for r, s in shapes.items()}
-            raise IncompatibleWeightsError(
-                f"{where}: a norm layer takes only a full '.diff' of shape {list(expected)}; found {found}."
-            )
-        want = expected
+        shapes.check_norm(where, group.algorithm, found, want, dora=dora)
     else:
-        try:
-            if group.algorithm == "full" and "diff" not in shapes:
-                if len(shapes["diff_b"]) != 1:
-                    raise ValueError(f"'diff_b' must be 1-D, found shape {list(shapes['diff_b'])}")
-                got = (shapes["diff_b"][0], expected[-1])
-            else:
-                got = algorithms.delta_shape(group.algorithm, {r: s for r, s in shapes.items() if r != "diff_b"})
-        except (ValueError, KeyError) as exc:
-            raise InvalidFormatError(
-                f"{where}: inconsistent {group.algorithm} tensors: {exc}. The file is corrupt."
-            ) from None
-        want = expected
-        if tuple(got) != tuple(want):
-            raise IncompatibleWeightsError(
-                f"{where}: the {group.algorithm} delta has shape {list(got)} but the module expects "
-                f"{list(want)}. The adapter was made for another model (or another Z-Image variant), "
-                "or the file is corrupt."
-            )
+        shapes.check_delta(where, group.algorithm, found, out_rows=want[0], in_features=want[-1],
+                           inconsistent=(InvalidFormatError, " The file is corrupt."))
     _check_size(where, group, want)
-    if "diff_b" in shapes:
-        if not has_bias:
-            raise IncompatibleWeightsError(f"{where}: the file has a bias diff but the module has no bias.")
-        if tuple(shapes["diff_b"]) != (want[0],):
-            raise IncompatibleWeightsError(
-                f"{where}: bias diff has shape {list(shapes['diff_b'])}, expected {[want[0]]}."
-            )
-    if "dora" in group.shapes:
-        n = math.prod(group.shapes["dora"])
-        if n not in (want[0], want[-1]):
-            raise IncompatibleWeightsError(
-                f"{where}: DoRA magnitude has {n} values; expected {want[0]} (one per output row)."
-            )
+    if "diff_b" in found:
+        shapes.check_bias(where, found["diff_b"], has_bias=has_bias, want=want[0])
+    if dora is not None:
+        shapes.check_dora_shape(where, dora, out_rows=want[0], in_features=want[-1])
 
 
 # Factors may hold at most this many times the values of the dense delta they stand for (plus a floor
@@ -282,13 +253,9 @@ def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
 
 
 def _check_finite(file: AdapterFile, tensors: dict[str, torch.Tensor]) -> None:
-    key = first_nonfinite(tensors)
-    if key is not None:
-        t = tensors[key]
-        raise IncompatibleWeightsError(
-            f"{file.path}: key '{key}' holds {count_nonfinite(t)} NaN/Inf value(s) out of {t.numel()}. "
-            "The adapter is broken (diverged training or a bad conversion); it was not applied."
-        )
+    require_finite(tensors, lambda key, n: (
+        f"{file.path}: key '{key}' holds {n} NaN/Inf value(s) out of {tensors[key].numel()}. "
+        "The adapter is broken (diverged training or a bad conversion); it was not applied."))
 
 
 def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -> list[Target]:
@@ -297,9 +264,7 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
     dora = None
     if g.dora_key is not None:
         mag = tensors[g.dora_key]
-        # PEFT: (out,); LyCORIS: (out, 1) by default, (1, in) when decomposed per input column.
-        on_out = not (mag.dim() == 2 and mag.shape[0] == 1 and mag.shape[1] > 1)
-        dora = Dora(mag.reshape(-1), on_out=on_out)
+        dora = Dora(mag.reshape(-1), on_out=shapes.dora_on_out(tuple(mag.shape)))
     sc = p.scale
     common = dict(
         algorithm=g.algorithm, scale=sc.scale, source_keys=g.source_keys, rank=sc.rank, alpha=sc.alpha,

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .. import algorithms
+from .. import shapes
 from ..adapter import Adapter, Target
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, UnsupportedError
 from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..formats.safetensors_writer import StreamingWriter
 from ..loading import load_adapter
-from ..numerics import all_finite
+from ..numerics import require_finite
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
 from .output import check_out, check_space, clean_leftovers, move_into_place, output_error, remove, temp_path
@@ -192,40 +192,28 @@ def _plan_by_key(ckpt: Checkpoint, plan: dict[str, list[tuple[Target, float]]]) 
                     "merging would need to requantize it. Merge into the bf16/fp16 checkpoint instead, or apply "
                     "the adapter at run time (dynamic mode)."
                 )
-        _check_shape(ckpt, info, targets)
+        bias_key = f"{ckpt.prefix}{module}.bias"
+        _check_shape(ckpt, info, targets, bias_key in infos)
         by_key[key] = ("weight", targets)
         if any("diff_b" in t.tensors for t, _s in targets):
-            bias_key = f"{ckpt.prefix}{module}.bias"
-            if bias_key not in infos:
-                raise IncompatibleWeightsError(
-                    f"{ckpt.root}: an adapter has a bias diff for '{module}' but the checkpoint has no '{bias_key}'."
-                )
             by_key[bias_key] = ("bias", targets)
     return by_key
 
 
-def _check_shape(ckpt: Checkpoint, info: TensorInfo, targets: list[tuple[Target, float]]) -> None:
-    """The checkpoint's own tensor must fit each delta (the inventory may come from a config)."""
+def _check_shape(ckpt: Checkpoint, info: TensorInfo, targets: list[tuple[Target, float]], has_bias: bool) -> None:
+    """The checkpoint's own tensor must fit each target (the inventory may come from a config)."""
     if not DTYPES[info.dtype][0].is_floating_point:
         raise IncompatibleWeightsError(
             f"{ckpt.root}: '{info.key}' is {info.dtype} (quantized?); merging needs a floating-point checkpoint."
         )
     for target, _s in targets:
-        factors = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
-        if not factors:
-            continue  # a bias-only diff: checked against the bias when it is merged
-        if target.algorithm == "full":
-            want = factors["diff"]
+        where = (f"{ckpt.root}: '{info.key}' has shape {list(info.shape)}; adapter target {target.label} "
+                 f"({target.source_keys[0] if target.source_keys else target.algorithm})")
+        if len(info.shape) == 1:
+            shapes.check_norm_target(where, target, info.shape, has_bias=has_bias)
         else:
-            want = algorithms.delta_shape(target.algorithm, factors)
-        if target.delta_rows is not None:
-            want = (target.delta_rows[1] - target.delta_rows[0], *want[1:])
-        a, b = target.rows if target.rows is not None else (0, info.shape[0])
-        if tuple(want) != (b - a, *info.shape[1:]) or b > info.shape[0]:
-            raise IncompatibleWeightsError(
-                f"{ckpt.root}: '{info.key}' has shape {list(info.shape)}; adapter target {target.label} "
-                f"({target.source_keys[0] if target.source_keys else target.algorithm}) brings {list(want)}."
-            )
+            shapes.check_target(where, target, out_features=info.shape[0], in_features=math.prod(info.shape[1:]),
+                                has_bias=has_bias)
 
 
 def _out_files(ckpt: Checkpoint, out: Path) -> list[tuple[Path, list[tuple[Path, TensorInfo]]]]:
@@ -294,7 +282,9 @@ def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar
                     kind, targets = plan
                     merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
                     merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
-                    _check_finite(ckpt, info.key, merged)
+                    require_finite({info.key: merged}, lambda key, _n: (
+                        f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter "
+                        "overflow); nothing was written. Lower the scale or check the adapter."))
                     merged = merged.to(dtype)
                     # Counted only when the written bytes differ: a delta below the dtype's rounding is no change.
                     report.merged_tensors += not torch.equal(merged, result)
@@ -322,14 +312,6 @@ def _decode(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> to
     if raw.numel() == 0:
         return torch.empty(shape, dtype=dtype)
     return raw.view(dtype).reshape(shape)
-
-
-def _check_finite(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
-    if not all_finite(t):
-        raise IncompatibleWeightsError(
-            f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter overflow); "
-            "nothing was written. Lower the scale or check the adapter."
-        )
 
 
 def _write_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], data_bytes: int) -> None:

@@ -1,0 +1,243 @@
+"""One change to a model's adapters as a transaction.
+
+Every change (apply, hot swap, remove, re-weight, switching the active set or the mode) mutates the
+model only through a `Transaction`, opened with `change(model, state)`. The transaction keeps what
+is needed to undo each mutation, and `rollback` (the only undo) puts everything back when the change
+raises: the attached set and each record's fields, the wrappers' slots and active sets, the values
+of hot-swapped slots, and merged weights, recomputed from the kept originals (exact, never a
+subtraction). A failed change therefore leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter import Target
+from ..backends import backend_for
+from . import merge
+from .layer import AdapterLinear, Slot, refresh_dora
+from .state import EngineState, Record, drop_state
+from .switching import publish_fast
+from .validate import Planned, base_of, slot_dtype
+
+
+def change(model: nn.Module, state: EngineState) -> Transaction:
+    """`with change(model, state) as txn:` runs one change (the caller holds the state's lock): rolled
+    back if it raises, finished if not. With no adapter left afterwards, the model's bookkeeping goes
+    (see `release`). A class, not a generator: switching the active set is hot (microseconds)."""
+    return Transaction(model, state)
+
+
+def release(model: nn.Module, state: EngineState) -> None:
+    """Nothing is attached: put back any original still kept and forget the state. Called under the
+    lock, so a change waiting on it sees the state is gone and starts afresh."""
+    for module_name, snap in list(state.snapshots.items()):
+        merge.restore(base_of(model.get_submodule(module_name)), snap)
+    state.snapshots.clear()
+    drop_state(model)
+
+
+class Transaction:
+    """The mutations of one change, with what is needed to undo each."""
+
+    __slots__ = ("model", "state", "records", "fields", "changed", "wrappers", "new_snapshots", "touched", "swapped",
+                 "switched")
+
+    def __init__(self, model: nn.Module, state: EngineState) -> None:
+        self.model = model
+        self.state = state
+        # The attached set, and the fields a change sets in place on a record (O(records): switching is hot).
+        self.records = dict(state.records)
+        self.fields = [(r, r.active, r.strength.value, r.adapter, r.headroom) for r in state.records.values()]
+        self.changed = False  # a record was put or dropped
+        # module name -> (wrapper, slots before, active keys before, created here)
+        self.wrappers: dict[str, tuple[AdapterLinear, dict[str, Slot], list[str], bool]] = {}
+        self.new_snapshots: list[str] = []
+        self.touched: dict[str, None] = {}  # merged modules rebuilt, in order
+        self.swapped: list[tuple[Slot, Target, str, dict[str, torch.Tensor]]] = []  # hot swaps: slot, before
+        self.switched = False  # active tuples re-published through the switching tables
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+            else:
+                self.rollback()
+        finally:
+            if not self.state.records:
+                release(self.model, self.state)
+
+    # --- the attached set ------------------------------------------------------------------------
+    def put(self, record: Record) -> None:
+        """Attach `record` under its name (in place of the record of that name, if any)."""
+        self.changed = True
+        self.state.records[record.name] = record
+
+    def drop(self, name: str) -> None:
+        self.changed = True
+        del self.state.records[name]
+
+    # --- dynamic mode: wrappers and their slots ---------------------------------------------------
+    def _wrapper(self, module_name: str, create: bool) -> AdapterLinear | None:
+        if module_name in self.wrappers:
+            return self.wrappers[module_name][0]
+        current = self.model.get_submodule(module_name)
+        created = False
+        if not isinstance(current, AdapterLinear):
+            if not create:
+                return None
+            out_f = getattr(current, "out_features", None)
+            in_f = getattr(current, "in_features", None)
+            if not isinstance(out_f, int) or not isinstance(in_f, int):
+                out_f, in_f = current.weight.shape[0], current.weight.shape[1]
+            wrapper = AdapterLinear(current, out_f, in_f)
+            _set_child(self.model, module_name, wrapper)
+            current, created = wrapper, True
+        self.wrappers[module_name] = (current, dict(current.slots.items()), current.active_keys(), created)
+        return current
+
+    def detach(self, record: Record) -> None:
+        for module_name, keys in record.wrapped.items():
+            wrapper = self._wrapper(module_name, create=False)
+            if wrapper is None:
+                continue
+            for k in keys:
+                del wrapper.slots[k]
+
+    def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor],
+               rows: tuple[int, int]) -> None:
+        wrapper = self._wrapper(p.target.module, create=True)
+        weight = getattr(p.module, "weight", None)
+        dtype = slot_dtype(p.module, None)
+        device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        slot = Slot(record.name, p.target, record.strength, kind, tensors, rows, record.compute_dtype, dtype, device)
+        key = wrapper.new_key()
+        wrapper.slots[key] = slot
+        record.wrapped.setdefault(p.target.module, []).append(key)
+
+    def swap(self, slot: Slot, target: Target, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Hot swap: copy same-shaped values into `slot`'s own buffers (compiled graphs stay valid)."""
+        self.swapped.append((slot, slot.target, slot.adapter_name, {k: getattr(slot, k).clone() for k in slot.names}))
+        slot.load_(tensors)
+        slot.target = target
+        slot.adapter_name = adapter_name
+
+    def publish_all(self) -> None:
+        """Active set of every touched wrapper = its slots in adapter order, one assignment each."""
+        order: dict[str, list[str]] = {}
+        for record in self.state.records.values():
+            if not record.active:
+                continue
+            for module_name, keys in record.wrapped.items():
+                order.setdefault(module_name, []).extend(keys)
+        for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
+            wrapper.publish([k for k in order.get(module_name, []) if k in wrapper.slots])
+
+    def publish_fast(self) -> None:
+        """Every wrapper's active tuple for the current active set, from the switching tables."""
+        self.switched = True
+        publish_fast(self.model, self.state)
+
+    # --- merged mode: weights from the kept originals ---------------------------------------------
+    def rebuild(self, module_names: list[str]) -> dict[str, float]:
+        """Recompute each module's weight from its kept original and the active records' patches.
+        Returns the requantization losses."""
+        losses: dict[str, float] = {}
+        if not module_names:
+            return losses
+        self.touched.update(dict.fromkeys(module_names))
+        by_module = _patches_by_module(self.state)
+        for module_name in module_names:
+            module = base_of(self.model.get_submodule(module_name))
+            contribs = by_module.get(module_name, [])
+            snap = self.state.snapshots.get(module_name)
+            if snap is None:
+                if not contribs:
+                    continue
+                touches_bias = any("diff_b" in t.tensors for t, _ in contribs)
+                snap = merge.take_snapshot(module, backend_for(module), touches_bias)
+                self.state.snapshots[module_name] = snap
+                self.new_snapshots.append(module_name)
+            elif snap.bias is None and any("diff_b" in t.tensors for t, _ in contribs):
+                merge.restore(module, snap)  # bias untouched so far; keep it from now on
+                snap.bias = module.bias.detach().clone()
+            if not contribs:
+                # Nothing patches it any more: the original goes back (a rollback takes it again if needed).
+                merge.restore(module, snap)
+                del self.state.snapshots[module_name]
+                continue
+            loss = merge.rebuild(module_name, module, snap, contribs)
+            if loss is not None:
+                losses[module_name] = loss
+        refresh_dora(self.model, module_names)  # dynamic DoRA norms are of the weight just rewritten
+        return losses
+
+    # --- the end of a change ----------------------------------------------------------------------
+    def rollback(self) -> None:
+        """Undo everything this transaction did (the only undo of the engine)."""
+        state = self.state
+        state.records = self.records
+        for record, active, value, adapter, headroom in self.fields:
+            record.active, record.adapter, record.headroom = active, adapter, headroom
+            record.strength.set(value)
+        for slot, target, adapter_name, values in reversed(self.swapped):
+            slot.load_(values)
+            slot.target, slot.adapter_name = target, adapter_name
+        state.invalidate()
+        # Wrappers: put back their slots and active sets; unwrap the ones created here.
+        for module_name, (wrapper, slots, keys, created) in self.wrappers.items():
+            for k in list(wrapper.slots):
+                if k not in slots:
+                    del wrapper.slots[k]
+            for k, slot in slots.items():
+                if k not in wrapper.slots:
+                    wrapper.slots[k] = slot
+            wrapper.publish(keys)
+            if created:
+                _set_child(self.model, module_name, wrapper.base_layer)
+        for record in state.records.values():
+            for module_name in list(record.wrapped):
+                entry = self.wrappers.get(module_name)
+                if entry is not None:
+                    record.wrapped[module_name] = [k for k in record.wrapped[module_name] if k in entry[1]]
+        if self.switched:
+            publish_fast(self.model, state)
+        # Weights: originals taken here go back; every touched module is recomputed with the prior
+        # records, including one whose original was put back (and its snapshot dropped) before the failure.
+        for module_name in self.new_snapshots:
+            snap = state.snapshots.pop(module_name, None)
+            if snap is not None:
+                merge.restore(base_of(self.model.get_submodule(module_name)), snap)
+        refresh_dora(self.model, self.new_snapshots)
+        self.new_snapshots = []
+        self.rebuild(list(self.touched))
+
+    def finish(self) -> None:
+        """Unwrap layers left without adapters, so the module tree is the original again."""
+        if not (self.wrappers or self.changed):
+            return  # no record or slot came or went: the switching tables stay valid
+        self.state.invalidate()
+        for module_name, (wrapper, _slots, _keys, _created) in self.wrappers.items():
+            if len(wrapper.slots) == 0:
+                wrapper.publish([])
+                _set_child(self.model, module_name, wrapper.base_layer)
+
+
+def _set_child(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _patches_by_module(state: EngineState) -> dict[str, list[tuple[Target, float]]]:
+    out: dict[str, list[tuple[Target, float]]] = {}
+    for record in state.records.values():
+        if not record.active:
+            continue
+        for t in record.patches:
+            out.setdefault(t.module, []).append((t, record.strength.value))
+    return out
