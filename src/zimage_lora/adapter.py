@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-ALGORITHMS = ("lora", "lokr", "loha", "full")
+from . import algorithms
+from .placement import Placement
+
+# The built-in algorithms' names (the registry, `algorithms.names()`, is the live list).
+ALGORITHMS = algorithms.names()
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class Target:
         if self.rows is None:
             return self.module
         return f"{self.module}[{self.rows[0]}:{self.rows[1]}]"
+
+    def placement(self, out_features: int) -> Placement:
+        """Where this delta lands on a module with `out_features` rows."""
+        return Placement.of(self.rows, self.delta_rows, out_features)
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -24,6 +24,7 @@ from .dora import dora_row_factor
 _MODULES: tuple[ModuleType, ...] = (lora, lokr, loha, full)
 _BY_NAME: dict[str, Algorithm] = {}
 _KERNELS: dict[str, Kernel] = {}
+_ORDER: list[Algorithm] = []  # by priority; kept with the registry (read per key group of every file)
 
 
 def register(algo: Algorithm) -> None:
@@ -31,12 +32,14 @@ def register(algo: Algorithm) -> None:
     _BY_NAME[algo.name] = algo
     for k in algo.kernels:
         _KERNELS[k.name] = k
+    _ORDER[:] = sorted(_BY_NAME.values(), key=lambda a: a.priority)
 
 
 def unregister(name: str) -> None:
     algo = _BY_NAME.pop(name)
     for k in algo.kernels:
         _KERNELS.pop(k.name, None)
+    _ORDER.remove(algo)
 
 
 for _m in _MODULES:
@@ -58,15 +61,22 @@ def names() -> tuple[str, ...]:
 
 def by_priority() -> list[Algorithm]:
     """Algorithms in the order a module's key families pick one (the first family present wins)."""
-    return sorted(_BY_NAME.values(), key=lambda a: a.priority)
+    return _ORDER
 
 
 def kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
-def delta_shape(algorithm: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    return get(algorithm).delta_shape(shapes)
+def delta_shape(
+    algorithm: str, shapes: dict[str, tuple[int, ...]], like: tuple[int, ...] | None = None
+) -> tuple[int, int]:
+    """(out, in) of the delta; a side the tensors leave open (None, e.g. IA3's vector fixes one side
+    only) is taken from `like`, the shape the caller expects."""
+    got = get(algorithm).delta_shape(shapes)
+    if like is None or None not in got:
+        return got
+    return tuple(g if g is not None else w for g, w in zip(got, like, strict=False))
 
 
 def rank(algorithm: str, shapes: dict[str, tuple[int, ...]]) -> int | None:

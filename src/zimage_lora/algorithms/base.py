@@ -87,7 +87,8 @@ class Algorithm:
     name: str  # Target.algorithm
     family: str  # the key-table family its roles come from
     priority: int  # lower wins when one module's keys hold several families
-    # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent.
+    # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent. A side the
+    # tensors leave open is None (IA3's vector fixes one side only): the module's is taken.
     delta_shape: Callable[[Shapes], tuple[int, int]]
     # The rank alpha divides by (None: scale 1).
     rank: Callable[[Shapes], int | None]

@@ -265,7 +265,7 @@ def _hotswap(
     slots: list[Slot] = []
     for p, kind, tensors in prepared:
         slot = by_place.get((p.target.module, *_rows(p)))
-        if slot is None or slot.kind != kind or slot.needs_wx != ("fm1" in tensors):
+        if slot is None or slot.kind != kind:  # "fm1" (DoRA) and the rest: the name check below
             return False
         if set(slot.names) != set(tensors) or slot.shapes() != {k: tuple(v.shape) for k, v in tensors.items()}:
             return False
@@ -282,7 +282,7 @@ def _hotswap(
 
 
 def _rows(p: Planned) -> tuple[int, int]:
-    return p.target.rows if p.target.rows is not None else (0, p.out_features)
+    return p.target.placement(p.out_features).rows
 
 
 class _Transaction:
@@ -601,7 +601,7 @@ def _publish_fast(model: nn.Module, state: EngineState) -> None:
         table = []
         for wrapper, entries in state.plan:
             slots = tuple(s for rec_name, rec_slots in entries if rec_name in on for s in rec_slots)
-            table.append((wrapper, (slots, any(s.needs_wx for s in slots))))
+            table.append((wrapper, AdapterLinear.active_state(slots)))
         if len(state.switch_cache) > 64:
             state.switch_cache.clear()
         state.switch_cache[names] = table

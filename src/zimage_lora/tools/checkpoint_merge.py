@@ -217,10 +217,10 @@ def _check_shape(ckpt: Checkpoint, info: TensorInfo, targets: list[tuple[Target,
         if target.algorithm == "full":
             want = factors["diff"]
         else:
-            want = algorithms.delta_shape(target.algorithm, factors)
+            want = algorithms.delta_shape(target.algorithm, factors, like=tuple(info.shape))
         if target.delta_rows is not None:
             want = (target.delta_rows[1] - target.delta_rows[0], *want[1:])
-        a, b = target.rows if target.rows is not None else (0, info.shape[0])
+        a, b = target.placement(info.shape[0]).rows
         if tuple(want) != (b - a, *info.shape[1:]) or b > info.shape[0]:
             raise IncompatibleWeightsError(
                 f"{ckpt.root}: '{info.key}' has shape {list(info.shape)}; adapter target {target.label} "

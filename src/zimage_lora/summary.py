@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from . import algorithms
 from .adapter import Adapter, Target
 from .keys import ModuleIndex
 
@@ -29,22 +30,7 @@ def dynamic_extra_bytes(target: Target) -> int:
     """Memory a target holds when attached dynamically (factors, or the cached delta for LoHa / full)."""
     size = next(iter(target.tensors.values())).element_size()
     t = target.tensors
-    if target.algorithm == "lora":
-        n = sum(v.numel() for k, v in t.items() if k in ("down", "up", "mid"))
-    elif target.algorithm == "lokr":
-        o1 = t["w1"].shape[0] if "w1" in t else t["w1_a"].shape[0]
-        i1 = t["w1"].shape[1] if "w1" in t else t["w1_b"].shape[1]
-        if "w2" in t:
-            o2, i2 = t["w2"].shape[:2]
-        elif "t2" in t:
-            o2, i2 = t["w2_a"].shape[1], t["w2_b"].shape[1]
-        else:
-            o2, i2 = t["w2_a"].shape[0], t["w2_b"].shape[1]
-        n = o1 * i1 + o2 * i2
-    elif target.algorithm == "loha":
-        n = t["w1_a"].shape[0] * t["w1_b"].shape[1]
-    else:
-        n = t["diff"].numel() if "diff" in t else 0
+    n = algorithms.get(target.algorithm).dynamic_numel({k: tuple(v.shape) for k, v in t.items()})
     if "diff_b" in t:
         n += t["diff_b"].numel()
     extra = n * size
