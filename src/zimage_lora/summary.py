@@ -39,6 +39,17 @@ def dynamic_extra_bytes(target: Target) -> int:
     return extra
 
 
+def factor_shapes(target: Target) -> str:
+    """The algorithm's short description of the target's factors, e.g. "kron(60x60, 64x64)"."""
+    shapes = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
+    if not shapes:
+        return "bias only"
+    try:
+        return algorithms.get(target.algorithm).describe(shapes)
+    except (ValueError, KeyError):  # a report never fails on what validation reports elsewhere
+        return ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
+
+
 def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
     """A JSON-ready description; `format`, `matched` and `unmatched` are read by outside tools."""
     linear = index.linear_names()
@@ -69,7 +80,8 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
         "model_linear_count": len(linear),
         "targets": [
             {"module": t.module, "rows": list(t.rows) if t.rows else None, "algorithm": t.algorithm,
-             "rank": t.rank, "alpha": t.alpha if t.alpha_used else None, "alpha_used": t.alpha_used,
+             "factors": factor_shapes(t), "rank": t.rank, "alpha": t.alpha if t.alpha_used else None,
+             "alpha_used": t.alpha_used,
              "scale": t.scale, "scale_rule": t.scale_rule, "dora": t.dora is not None,
              "dora_on": None if t.dora is None else ("output rows" if t.dora.on_out else "input columns"),
              "keys": list(t.source_keys)}

@@ -1,5 +1,7 @@
-"""In-place forward kernels: each adds `alpha * delta(x)` into (a row block of) the base output.
+"""The backend side of the dynamic forward: LoRA fused across adapters and on Triton.
 
+Each algorithm's own kernel (`algorithms.base.Kernel`) adds `alpha * delta(x)` into (a row block of)
+the base output in torch; `add_fn` picks it, or the faster path below where this backend has one.
 Writing into the base layer's output, instead of allocating a fresh full-size result and adding it,
 is what keeps the dynamic overhead near the cost of the extra FLOPs. `alpha` is a Python float in
 eager mode (fused into addmm) or a 0-d tensor under torch.compile (so a new value needs no recompile).
