@@ -149,3 +149,17 @@ def test_registry_declares_priority_and_names():
     assert {"lora", "lokr", "loha", "full", "toy_rows"} <= set(names)
     order = [a.name for a in algorithms.by_priority()]
     assert order.index("lokr") < order.index("loha") < order.index("lora") < order.index("full")
+
+
+def test_a_strength_past_the_cheap_bound_is_checked_exactly():
+    """LoRA's Cauchy-Schwarz bound is 2 here while the largest delta value is 1: a strength of 3e38
+    passes the exact check (3e38 < fp32's 3.4e38) although bound * strength would overflow."""
+    model = Model()
+    down = torch.zeros(2, N_IN)
+    down[:, :2] = torch.tensor([[1.0, 0.5], [-1.0, 0.5]])
+    up = torch.zeros(N_OUT, 2)
+    up[0] = 1.0  # delta row 0 = [0, 1, 0, ...]
+    adapter = Adapter(name="l", format="test", source="test",
+                      targets=[Target(module="a", algorithm="lora", tensors={"down": down, "up": up})])
+    apply_adapter(model, adapter, mode="dynamic", name="l", scale=3e38)
+    assert torch.isfinite(model(torch.eye(N_IN)[:1] * 0.5)).all()

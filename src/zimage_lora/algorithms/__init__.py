@@ -10,18 +10,17 @@ preparation (kernel or dense fallback, DoRA, bias) and in-place merging of a row
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 
 from ..placement import Placement
 from . import dora as dora_math
-from . import full, loha, lokr, lora
 from .base import BIAS, DENSE, Algorithm, Kernel
 from .dora import dora_row_factor
 
-_MODULES: tuple[ModuleType, ...] = (lora, lokr, loha, full)
 _BY_NAME: dict[str, Algorithm] = {}
 _KERNELS: dict[str, Kernel] = {}
 _ORDER: list[Algorithm] = []  # by priority; kept with the registry (read per key group of every file)
@@ -42,8 +41,12 @@ def unregister(name: str) -> None:
     _ORDER.remove(algo)
 
 
-for _m in _MODULES:
-    register(_m.ALGORITHM)
+# Every module of this package that declares an ALGORITHM is one (dropping a module in is all it takes).
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_") and _info.name not in ("base", "dora"):
+        _module = importlib.import_module(f"{__name__}.{_info.name}")
+        if hasattr(_module, "ALGORITHM"):
+            register(_module.ALGORITHM)
 for _k in (DENSE, BIAS):
     _KERNELS[_k.name] = _k
 

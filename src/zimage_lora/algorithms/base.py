@@ -14,8 +14,9 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `ALGORITHM = Algorithm(name=..., family=..., priority=..., delta_shape=..., ...)`.
    `family` is the key-table family its roles come from (formats/grammar); `priority` orders it when
    one module's keys hold several families (lower wins: LoKr 10, LoHa 20, LoRA 30, full 90).
-2. Add it to `_MODULES` in `algorithms/__init__.py` (the registry) and its key suffixes to the layout
-   table. Merged mode, validation, inspect and conversion then work through this protocol.
+2. The registry (`algorithms/__init__.py`) imports every module of the package that declares an
+   `ALGORITHM`; add the key suffixes of its roles to the layout table. Merged mode, validation,
+   inspect and conversion then work through this protocol.
 3. Dynamic mode: give `prepare` (tensors, scale, placement, weight) -> (kernel name, fp32 tensors),
    and a `Kernel` for that name, unless the dense fallback (`DENSE`, the cached scaled delta rows) is
    good enough: `prepare=None` (or returning None) uses it. A kernel that needs the base output without
@@ -23,6 +24,16 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    the base runs once) sets `transform=g` and must only be chosen when `placement.whole`.
    `bound` is an upper bound on |every value| of the scaled delta the prepared tensors stand for (the
    dynamic overflow check); when it needs facts of the base weight, keep them in the prepared tensors.
+   `prepare`'s weight is the fp32 base weight rows [lo, hi) of the placement (None unless
+   `needs_weight`); a slot prepared from it is prepared again when that weight changes (as DoRA's).
+   With an input transform active, `wx` is the base output of the transformed input (what merging
+   that adapter first gives). Per-sample blocks refuse input-transform kernels (they add after the base).
+4. Fused rows: `split_rows` when the rows of a fused delta have tensors of their own (LoRA: rows of
+   `up`; IA3 per input column: the same vector); `row_align` when a row block of the delta needs whole
+   groups of weight rows (OFT's blocks); merges then cut blocks on multiples of it.
+5. DoRA needs nothing: it folds into a kernel with `scale_rows` and `dense`, else runs on `DENSE`.
+6. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
+   a dense reference: the pattern to copy for a new algorithm's test.
 
 Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
 strength-scaled), "fm1" (DoRA's f - 1 per row, see `dora.py`).

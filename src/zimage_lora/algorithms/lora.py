@@ -6,7 +6,7 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm, Alpha, Kernel, Tensors
+from .base import Algorithm, Alpha, Kernel, Tensors, amax, row_blocks
 
 
 def delta_shape(shapes) -> tuple[int, int]:
@@ -108,13 +108,7 @@ def _bound(t: Tensors) -> float:
 
 def _abs_max(t: Tensors) -> float:
     up, down = t["up"].double(), t["down"].double()
-    best = 0.0
-    step = max(1, (1 << 20) // max(1, down.shape[1]))
-    for r0 in range(0, up.shape[0], step):
-        block = up[r0 : r0 + step] @ down
-        if block.numel():
-            best = max(best, float(block.abs().max()))
-    return best
+    return max((amax(up[r0:r1] @ down) for r0, r1 in row_blocks(up.shape[0], down.shape[1])), default=0.0)
 
 
 KERNEL = Kernel(
