@@ -47,7 +47,8 @@ class Target:
 
     `rows`: the slice of the module's output rows this delta covers (a split `to_q` adapter on a fused
     `qkv` Linear); None means all rows. `delta_rows`: the slice of the built delta that is kept (a fused
-    `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it. `scale` is the one implied by
+    `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it (`placement` does the rows
+    arithmetic once). `scale` is the one implied by
     alpha and rank for this module; the user's strength multiplies it at apply time.
     """
 
