@@ -51,7 +51,7 @@ from ..placement import Placement
 Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
 Alpha = float | torch.Tensor  # a Python float in eager mode; a 0-d tensor under torch.compile
-# x @ delta.T for a batch x (n, in); add_(rows, x, wx, tensors, alpha): rows (n, hi - lo) += alpha * delta(x)
+# add_(rows, x, wx, tensors, alpha): rows (n, hi - lo) += alpha * x @ delta.T for x (n, in), in place
 AddFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", Tensors, Alpha], None]
 PrepareFn = Callable[[Tensors, float, Placement, "torch.Tensor | None"], "tuple[str, dict[str, torch.Tensor]] | None"]
 
