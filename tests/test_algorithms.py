@@ -10,6 +10,7 @@ from lycoris.functional import loha as ly_loha
 from lycoris.functional import lokr as ly_lokr
 
 from zimage_lora import algorithms
+from zimage_lora.placement import Placement
 
 g = torch.Generator().manual_seed(0)
 
@@ -95,3 +96,26 @@ def test_row_blocks_equal_rows_of_the_full_delta(name, lo, hi):
     module = algorithms.get(algo)
     block = module.delta_block(module.row_parts(tensors), lo, hi)
     torch.testing.assert_close(block, algorithms.delta(algo, tensors)[lo:hi], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "lora-mid"])  # LoRA's estimate counts mid, folded when run
+def test_dynamic_memory_estimate_is_what_dynamic_mode_holds(name):
+    algo, tensors = CASES[name]
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    n_out = algorithms.delta_shape(algo, shapes)[0]
+    _kind, prepared = algorithms.prepare(algo, tensors, 1.0, Placement(0, n_out, 0, n_out), lambda: None)
+    assert algorithms.get(algo).dynamic_numel(shapes) == sum(t.numel() for t in prepared.values())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("lo,hi", [(0, 18), (6, 12)])
+def test_prepared_kernel_adds_the_scaled_delta_rows(name, lo, hi):
+    """Each dynamic kernel (or the dense fallback) on delta rows [lo, hi) adds x @ (s * delta[lo:hi]).T."""
+    algo, tensors = CASES[name]
+    _kind, prepared = algorithms.prepare(algo, tensors, 0.5, Placement(0, hi - lo, lo, hi - lo), lambda: None)
+    x = r(5, 24)
+    out = torch.zeros(5, hi - lo)
+    algorithms.kernel(_kind).add_(out, x, None, prepared, 2.0)
+    torch.testing.assert_close(out, x @ (algorithms.delta(algo, tensors)[lo:hi] * 1.0).T, rtol=1e-4, atol=1e-4)
+    biggest = float((algorithms.delta(algo, tensors)[lo:hi].double() * 0.5).abs().max())
+    assert algorithms.kernel(_kind).bound(prepared) >= biggest * (1 - 1e-6)  # fp32 rounding of the delta

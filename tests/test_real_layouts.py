@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from zimage_lora import algorithms, load_adapter
 from zimage_lora.inventory import meta_model
 from zimage_lora.keys import ModuleIndex
-from zimage_lora.report import summarize
+from zimage_lora.summary import summarize
 
 
 @dataclass

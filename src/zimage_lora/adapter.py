@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-ALGORITHMS = ("lora", "lokr", "loha", "full")
+from . import algorithms
+from .placement import Placement
+
+# The built-in algorithms' names (the registry, `algorithms.names()`, is the live list).
+ALGORITHMS = algorithms.names()
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class Target:
 
     `rows`: the slice of the module's output rows this delta covers (a split `to_q` adapter on a fused
     `qkv` Linear); None means all rows. `delta_rows`: the slice of the built delta that is kept (a fused
-    `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it. `scale` is the one implied by
+    `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it (`placement` does the rows
+    arithmetic once). `scale` is the one implied by
     alpha and rank for this module; the user's strength multiplies it at apply time.
     """
 
@@ -66,6 +71,10 @@ class Target:
         if self.rows is None:
             return self.module
         return f"{self.module}[{self.rows[0]}:{self.rows[1]}]"
+
+    def placement(self, out_features: int) -> Placement:
+        """Where this delta lands on a module with `out_features` rows."""
+        return Placement.of(self.rows, self.delta_rows, out_features)
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())

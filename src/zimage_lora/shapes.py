@@ -44,7 +44,7 @@ def check_delta(
             if "diff_b" in shapes and len(shapes["diff_b"]) != 1:
                 raise ValueError(f"'diff_b' must be 1-D, found shape {list(shapes['diff_b'])}")
             return out_rows
-        d_out, d_in = algorithms.delta_shape(algorithm, factors)
+        d_out, d_in = algorithms.delta_shape(algorithm, factors, like=(out_rows, in_features))
     except (ValueError, KeyError) as exc:
         error, tail = inconsistent
         raise error(f"{where}: inconsistent {algorithm} tensors: {exc}.{tail}") from None

@@ -1,46 +1,94 @@
-"""Adapter math as small pure functions, one module per algorithm.
+"""Adapter math, one module per algorithm, each behind the protocol in `base.py`.
 
-Each algorithm module exposes the same four functions, all free of module wrapping and file formats:
-
-- `delta_shape(shapes) -> (out, in)`: the delta's shape from the tensor shapes alone, raising
-  `ValueError` with what is inconsistent (used to validate before any tensor is read).
-- `rank(shapes) -> int | None`: the rank that alpha is divided by (None: no rank, scale 1).
-- `delta(tensors) -> Tensor`: the full fp32 weight delta, unscaled.
-- `bypass(x, tensors) -> Tensor`: `x @ delta.T` computed without building the delta where that is cheaper.
-- `row_parts(tensors) -> parts` and `delta_block(parts, lo, hi)`: rows [lo, hi) of the fp32 delta from
-  parts prepared once, so merges work a block of rows at a time without the full delta in memory.
+Each module declares `ALGORITHM = base.Algorithm(...)`: its name, key family and priority, and pure
+functions of its tensors (delta shape and rank, dense delta, bypass, row blocks for merging, an exact
+split of fused rows, the dynamic-mode preparation and kernels, the memory estimate and a description).
+This package holds the registry and the two compositions every algorithm shares: dynamic-mode
+preparation (kernel or dense fallback, DoRA, bias) and in-place merging of a row block.
+`base.py` says how to add an algorithm.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
+import pkgutil
+from collections.abc import Callable
 
 import torch
 
-from . import full, loha, lokr, lora
+from ..placement import Placement
+from . import dora as dora_math
+from .base import BIAS, DENSE, Algorithm, Kernel
 from .dora import dora_row_factor
 
-_BY_NAME: dict[str, ModuleType] = {"lora": lora, "lokr": lokr, "loha": loha, "full": full}
+_BY_NAME: dict[str, Algorithm] = {}
+_KERNELS: dict[str, Kernel] = {}
+_ORDER: list[Algorithm] = []  # by priority; kept with the registry (read per key group of every file)
 
 
-def get(algorithm: str) -> ModuleType:
+def register(algo: Algorithm) -> None:
+    """Add (or replace) an algorithm and its kernels."""
+    _BY_NAME[algo.name] = algo
+    for k in algo.kernels:
+        _KERNELS[k.name] = k
+    _ORDER[:] = sorted(_BY_NAME.values(), key=lambda a: a.priority)
+
+
+def unregister(name: str) -> None:
+    algo = _BY_NAME.pop(name)
+    for k in algo.kernels:
+        _KERNELS.pop(k.name, None)
+    _ORDER.remove(algo)
+
+
+# Every module of this package that declares an ALGORITHM is one (dropping a module in is all it takes).
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_") and _info.name not in ("base", "dora"):
+        _module = importlib.import_module(f"{__name__}.{_info.name}")
+        if hasattr(_module, "ALGORITHM"):
+            register(_module.ALGORITHM)
+for _k in (DENSE, BIAS):
+    _KERNELS[_k.name] = _k
+
+
+def get(algorithm: str) -> Algorithm:
     try:
         return _BY_NAME[algorithm]
     except KeyError:
         raise ValueError(f"unknown algorithm {algorithm!r}; known: {sorted(_BY_NAME)}") from None
 
 
-def delta_shape(algorithm: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    return get(algorithm).delta_shape(shapes)
+def names() -> tuple[str, ...]:
+    return tuple(_BY_NAME)
+
+
+def by_priority() -> list[Algorithm]:
+    """Algorithms in the order a module's key families pick one (the first family present wins)."""
+    return _ORDER
+
+
+def kernel(name: str) -> Kernel:
+    return _KERNELS[name]
+
+
+def delta_shape(
+    algorithm: str, shapes: dict[str, tuple[int, ...]], like: tuple[int, ...] | None = None
+) -> tuple[int, int]:
+    """(out, in) of the delta; a side the tensors leave open (None, e.g. IA3's vector fixes one side
+    only) is taken from `like`, the shape the caller expects."""
+    got = get(algorithm).delta_shape(shapes)
+    if like is None or None not in got:
+        return got
+    return tuple(g if g is not None else w for g, w in zip(got, like, strict=False))
 
 
 def rank(algorithm: str, shapes: dict[str, tuple[int, ...]]) -> int | None:
     return get(algorithm).rank(shapes)
 
 
-def delta(algorithm: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta(algorithm: str, tensors: dict[str, torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
     """Full fp32 delta (out, in), unscaled."""
-    return get(algorithm).delta(tensors)
+    return get(algorithm).delta(tensors, weight=weight)
 
 
 def bypass(algorithm: str, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,4 +96,51 @@ def bypass(algorithm: str, x: torch.Tensor, tensors: dict[str, torch.Tensor]) ->
     return get(algorithm).bypass(x, tensors)
 
 
-__all__ = ["get", "delta_shape", "rank", "delta", "bypass", "dora_row_factor"]
+def prepare(
+    algorithm: str,
+    tensors: dict[str, torch.Tensor],
+    scale: float,
+    placement: Placement,
+    weight: Callable[[], torch.Tensor],
+    dora=None,
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kernel name, fp32 tensors) of one target in dynamic mode: the algorithm's own kernel where it has
+    one for this placement, else its scaled dense delta rows; DoRA folded in; "bias" the kept rows of
+    a bias diff. `weight()` gives the fp32 base weight rows of the placement (read only when needed)."""
+    algo = get(algorithm)
+    out: dict[str, torch.Tensor] = {}
+    kind = "bias"
+    if algo.has_weight(tensors):
+        w = weight() if (algo.needs_weight or dora is not None) else None
+        prepared = None
+        if algo.prepare is not None and (dora is None or dora.on_out):
+            prepared = algo.prepare(tensors, scale, placement, w)
+        if prepared is not None and dora is not None:
+            folded = dora_math.fold_rows(kernel(prepared[0]), prepared[1], w, dora.magnitude)
+            prepared = None if folded is None else (prepared[0], folded)
+        if prepared is None:
+            d_lo, d_hi = placement.delta_span
+            dense = algo.delta_block(algo.row_parts(tensors), d_lo, d_hi, weight=w if algo.needs_weight else None)
+            dense = dense * scale
+            if dora is not None:
+                dense = dora_math.dense_rows(dense, w, dora.magnitude, dora.on_out)
+            prepared = ("dense", {"delta": dense.contiguous()})
+        kind, out = prepared[0], dict(prepared[1])
+    if "diff_b" in tensors:
+        out["bias"] = placement.take(tensors["diff_b"].float().reshape(-1)).contiguous()
+    return kind, out
+
+
+def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts, placement: Placement, alpha: float) -> None:
+    """fp32 `rows` (module rows r0 .. r0 + len) += alpha * the delta rows that land there."""
+    met = placement.clip(r0, r0 + rows.shape[0])
+    if met is None:
+        return
+    lo, hi, d_lo, d_hi = met
+    get(algorithm).add_rows(rows[lo - r0 : hi - r0], parts, d_lo, d_hi, alpha)
+
+
+__all__ = [
+    "Algorithm", "Kernel", "get", "names", "by_priority", "kernel", "register", "unregister",
+    "delta_shape", "rank", "delta", "bypass", "prepare", "add_rows_", "dora_row_factor",
+]

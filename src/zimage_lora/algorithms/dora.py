@@ -34,3 +34,22 @@ def dora_merged(
     v = w + scaled_delta.float()
     f = dora_row_factor(w, scaled_delta, magnitude, on_out)
     return w + strength * (f * v - w)
+
+
+def fold_rows(kernel, tensors: dict[str, torch.Tensor], weight: torch.Tensor, magnitude: torch.Tensor):
+    """Dynamic DoRA per output row on a kernel that can scale its rows: its tensors times f, plus
+    "fm1" = f - 1 (the dispatcher adds alpha * (f - 1) * W x). None when the kernel cannot."""
+    if kernel.scale_rows is None or kernel.dense is None:
+        return None
+    # The factors come from the CPU; the norm is taken where the weight lives (maybe a GPU).
+    tensors = {k: v.to(weight.device) for k, v in tensors.items()}
+    f = dora_row_factor(weight, kernel.dense(tensors), magnitude.to(weight.device))  # (n, 1)
+    out = {k: v.contiguous() for k, v in kernel.scale_rows(tensors, f).items()}
+    out["fm1"] = (f - 1).reshape(-1)
+    return out
+
+
+def dense_rows(scaled_delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor, on_out: bool):
+    """The DoRA-adapted weight minus the weight, for the dense fallback: f * (W + s dW) - W, fp32."""
+    delta = scaled_delta.to(weight.device)
+    return dora_merged(weight, delta, magnitude.to(weight.device), 1.0, on_out) - weight

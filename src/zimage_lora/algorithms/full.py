@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .base import Algorithm, Tensors
 
-def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+
+def delta_shape(shapes) -> tuple[int, int]:
     if "diff" in shapes:
         shape = tuple(shapes["diff"])
         if len(shape) == 2:
@@ -18,21 +20,39 @@ def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
     raise ValueError("a full diff needs 'diff' or 'diff_b'")
 
 
-def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def rank(shapes) -> int | None:
     return None
 
 
-def delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     return tensors["diff"].float()
 
 
-def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     return x @ tensors["diff"].to(x.dtype).T
 
 
-def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     return {"diff": tensors["diff"].float()} if "diff" in tensors else {}
 
 
-def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     return parts["diff"][lo:hi]
+
+
+def dynamic_numel(shapes) -> int:
+    n = 1
+    for d in shapes.get("diff", (0,)):
+        n *= d
+    return n
+
+
+def describe(shapes) -> str:
+    return "x".join(map(str, shapes["diff"])) if "diff" in shapes else "bias only"
+
+
+ALGORITHM = Algorithm(
+    name="full", family="full", priority=90, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
+    has_weight=lambda tensors: "diff" in tensors,
+)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..placement import Placement
 from ._shapes import as_matrix, matrix
+from .base import Algorithm, Alpha, Kernel, Tensors, amax, row_blocks
 
 
-def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+def delta_shape(shapes) -> tuple[int, int]:
     r_down, n_in = matrix(shapes, "down")
     n_out, r_up = matrix(shapes, "up")
     r_in = r_down
@@ -21,33 +23,105 @@ def delta_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
     return n_out, n_in
 
 
-def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def rank(shapes) -> int | None:
     return matrix(shapes, "down")[0]
 
 
-def delta(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _down(tensors: Tensors) -> torch.Tensor:
+    """fp32 down with mid folded in: (r, in)."""
     down = as_matrix(tensors["down"]).float()
-    up = as_matrix(tensors["up"]).float()
     if "mid" in tensors:
         down = as_matrix(tensors["mid"]).float() @ down
-    return up @ down
+    return down
 
 
-def bypass(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return as_matrix(tensors["up"]).float() @ _down(tensors)
+
+
+def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     h = x @ as_matrix(tensors["down"]).to(x.dtype).T
     if "mid" in tensors:
         h = h @ as_matrix(tensors["mid"]).to(x.dtype).T
     return h @ as_matrix(tensors["up"]).to(x.dtype).T
 
 
-def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     """fp32 parts from which any block of rows of the delta is cheap: (up, down with mid folded in)."""
-    down = as_matrix(tensors["down"]).float()
-    if "mid" in tensors:
-        down = as_matrix(tensors["mid"]).float() @ down
-    return {"up": as_matrix(tensors["up"]).float(), "down": down}
+    return {"up": as_matrix(tensors["up"]).float(), "down": _down(tensors)}
 
 
-def delta_block(parts: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [lo, hi) of the delta: a slice of up times down."""
     return parts["up"][lo:hi] @ parts["down"]
+
+
+def add_rows_(rows: torch.Tensor, parts: Tensors, lo: int, hi: int, alpha: float) -> None:
+    rows.addmm_(parts["up"][lo:hi], parts["down"], alpha=alpha)  # no (rows x in) temporary
+
+
+def split_rows(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Rows of a fused delta exactly: `down` is shared, `up` gives its rows."""
+    return {**tensors, "up": tensors["up"][lo:hi]}
+
+
+def dynamic_numel(shapes) -> int:
+    return sum(_numel(shapes[k]) for k in ("down", "up", "mid") if k in shapes)
+
+
+def describe(shapes) -> str:
+    n_out, n_in = delta_shape(shapes)
+    mid = " (with mid)" if "mid" in shapes else ""
+    return f"{n_out}x{rank(shapes)} @ {rank(shapes)}x{n_in}{mid}"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --- dynamic mode --------------------------------------------------------------------------------
+def prepare(tensors: Tensors, scale: float, placement: Placement, weight=None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(down with mid folded in, the kept rows of up times the scale), fp32."""
+    up = placement.take(as_matrix(tensors["up"]).float()) * scale
+    return "lora", {"down": _down(tensors).contiguous(), "up": up.contiguous()}
+
+
+def add_factors_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
+    """out (n, o) += alpha * (x @ down.T) @ up.T; x (n, i), down (r, i), up (o, r)."""
+    h = x @ down.T
+    if isinstance(alpha, torch.Tensor):
+        out.addmm_(h * alpha.to(h.dtype), up.T)
+    else:
+        out.addmm_(h, up.T, alpha=alpha)
+
+
+def _bound(t: Tensors) -> float:
+    """|(up @ down)_ij| <= ||up_i|| ||down_:j|| (Cauchy-Schwarz), in fp64."""
+    up, down = t["up"].double(), t["down"].double()
+    rows = float(up.norm(dim=1).max()) if up.numel() else 0.0
+    cols = float(down.norm(dim=0).max()) if down.numel() else 0.0
+    return rows * cols
+
+
+def _abs_max(t: Tensors) -> float:
+    up, down = t["up"].double(), t["down"].double()
+    return max((amax(up[r0:r1] @ down) for r0, r1 in row_blocks(up.shape[0], down.shape[1])), default=0.0)
+
+
+KERNEL = Kernel(
+    name="lora",
+    add_=lambda rows, x, wx, t, alpha: add_factors_(rows, x, t["down"], t["up"], alpha),
+    bound=_bound,
+    abs_max=_abs_max,
+    dense=lambda t: t["up"] @ t["down"],
+    scale_rows=lambda t, f: {**t, "up": t["up"] * f},
+)
+
+ALGORITHM = Algorithm(
+    name="lora", family="lora", priority=30, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    row_parts=row_parts, delta_block=delta_block, add_rows_=add_rows_, split_rows=split_rows,
+    dynamic_numel=dynamic_numel, describe=describe, prepare=prepare, kernels=(KERNEL,),
+)

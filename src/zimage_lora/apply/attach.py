@@ -197,7 +197,7 @@ def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str
     slots: list[Slot] = []
     for p, kind, tensors in prepared:
         slot = by_place.get((p.target.module, *_rows(p)))
-        if slot is None or slot.kind != kind or slot.needs_wx != ("fm1" in tensors):
+        if slot is None or slot.kind != kind:  # "fm1" (DoRA) and the rest: the name check below
             return None
         if set(slot.names) != set(tensors) or slot.shapes() != {k: tuple(v.shape) for k, v in tensors.items()}:
             return None
@@ -208,4 +208,4 @@ def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str
 
 
 def _rows(p: Planned) -> tuple[int, int]:
-    return p.target.rows if p.target.rows is not None else (0, p.out_features)
+    return p.target.placement(p.out_features).rows

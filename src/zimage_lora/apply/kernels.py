@@ -1,5 +1,7 @@
-"""In-place forward kernels: each adds `alpha * delta(x)` into (a row block of) the base output.
+"""The backend side of the dynamic forward: LoRA fused across adapters and on Triton.
 
+Each algorithm's own kernel (`algorithms.base.Kernel`) adds `alpha * delta(x)` into (a row block of)
+the base output in torch; `add_fn` picks it, or the faster path below where this backend has one.
 Writing into the base layer's output, instead of allocating a fresh full-size result and adding it,
 is what keeps the dynamic overhead near the cost of the extra FLOPs. `alpha` is a Python float in
 eager mode (fused into addmm) or a 0-d tensor under torch.compile (so a new value needs no recompile).
@@ -18,7 +20,9 @@ from typing import Any
 
 import torch
 
-Alpha = float | torch.Tensor
+from .. import algorithms
+from ..algorithms import lora
+from ..algorithms.base import AddFn, Alpha, dense_add_, scaled_add_, scaled_addcmul_  # noqa: F401 - re-exported
 
 _TRITON: list[ModuleType | None] = []  # imported on first use on CUDA: CPU start-up never imports triton
 
@@ -122,48 +126,19 @@ def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     _torch_lora_add_(out, x, down, up, alpha)
 
 
-def _torch_lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
-    h = x @ down.T
-    if isinstance(alpha, torch.Tensor):
-        out.addmm_(h * alpha.to(h.dtype), up.T)
-    else:
-        out.addmm_(h, up.T, alpha=alpha)
+# The torch LoRA product is the algorithm's own; the name is kept so the fused path can be observed.
+_torch_lora_add_ = lora.add_factors_
 
 
-def dense_add_(out: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, alpha: Alpha) -> None:
-    """out (n, o) += alpha * x @ delta.T."""
-    if isinstance(alpha, torch.Tensor):
-        out.addmm_(x * alpha.to(x.dtype), delta.T)
-    else:
-        out.addmm_(x, delta.T, alpha=alpha)
+def _lora_kernel_add_(out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t, alpha: Alpha) -> None:
+    lora_add_(out, x, t["down"], t["up"], alpha)
 
 
-def kron_add_(out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, alpha: Alpha) -> None:
-    """out (n, o1*o2) += alpha * x @ kron(w1, w2).T, as W1 . X . W2^T per token, never building kron."""
-    o1, i1 = w1.shape
-    o2, i2 = w2.shape
-    n = x.shape[0]
-    t = torch.matmul(w1, x.reshape(n, i1, i2))  # (n, o1, i2)
-    if isinstance(alpha, torch.Tensor):
-        t = t * alpha.to(t.dtype)
-        alpha = 1.0
-    if out.is_contiguous():
-        out.view(n * o1, o2).addmm_(t.reshape(n * o1, i2), w2.T, alpha=alpha)
-    else:
-        out.add_((t @ w2.T).reshape(n, o1 * o2), alpha=alpha)
+# Kernels with a faster path on this backend than the algorithm's torch code (Triton for LoRA).
+_ACCELERATED: dict[str, AddFn] = {"lora": _lora_kernel_add_}
 
 
-def scaled_add_(out: torch.Tensor, y: torch.Tensor, alpha: Alpha) -> None:
-    """out += alpha * y (y broadcast)."""
-    if isinstance(alpha, torch.Tensor):
-        out.add_(y * alpha.to(y.dtype))
-    else:
-        out.add_(y, alpha=alpha)
-
-
-def scaled_addcmul_(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor, alpha: Alpha) -> None:
-    """out += alpha * y * v (v a per-column vector)."""
-    if isinstance(alpha, torch.Tensor):
-        out.add_(y * (v * alpha.to(v.dtype)))
-    else:
-        out.addcmul_(y, v, value=alpha)
+def add_fn(kind: str) -> AddFn:
+    """The forward of the kernel named `kind`: the accelerated one where there is one, else the algorithm's."""
+    fn = _ACCELERATED.get(kind)
+    return fn if fn is not None else algorithms.kernel(kind).add_

@@ -19,64 +19,20 @@ from torch import nn
 
 from .. import algorithms
 from ..adapter import Target
-from ..algorithms._shapes import as_matrix
-from ..algorithms.dora import dora_merged, dora_row_factor
-from ..algorithms.lokr import factors as lokr_factors
+from ..algorithms.base import scaled_add_, scaled_addcmul_
 from ..backends import backend_for
 from . import kernels
 from .state import Strength
 
 
-def _base_weight(base: nn.Module, backend: Any) -> torch.Tensor:
-    return backend.get_base_weight(base).float()
-
-
 def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) -> tuple[str, dict[str, torch.Tensor]]:
-    """(kind, fp32 tensors) for one target: factors with alpha/rank folded in, or a cached delta.
-
-    kinds: "lora" (down, up[, fm1]), "lokr" (w1, w2), "dense" (delta), "bias" (only a bias diff).
-    Every kind may add "bias" (the bias diff, strength-scaled only).
-    """
-    t, s = target.tensors, target.scale
-    lo, hi = target.rows if target.rows is not None else (0, out_features)
-    n = hi - lo
-    d0 = target.delta_rows[0] if target.delta_rows is not None else 0
-    out: dict[str, torch.Tensor] = {}
-    kind = "bias"
-    dora = target.dora
-    has_weight = target.algorithm != "full" or "diff" in t
-    if target.algorithm == "lora" and has_weight and (dora is None or dora.on_out):
-        down = as_matrix(t["down"]).float()
-        if "mid" in t:
-            down = as_matrix(t["mid"]).float() @ down
-        up = as_matrix(t["up"]).float()[d0 : d0 + n] * s
-        kind = "lora"
-        if dora is not None:
-            w = _base_weight(base, backend)[lo:hi]
-            # The factors come from the CPU; the norm is taken where the weight lives (maybe a GPU).
-            up, down = up.to(w.device), down.to(w.device)
-            f = dora_row_factor(w, up @ down, dora.magnitude.to(w.device))  # (n, 1)
-            up = up * f
-            out["fm1"] = (f - 1).reshape(-1)
-        out |= {"down": down.contiguous(), "up": up.contiguous()}
-    elif target.algorithm == "lokr" and dora is None:
-        w1, w2 = lokr_factors(t, torch.float32)
-        o2 = w2.shape[0]
-        if d0 % o2 == 0 and n % o2 == 0:  # the kept rows are whole blocks of W1's rows
-            kind = "lokr"
-            out |= {"w1": (w1[d0 // o2 : (d0 + n) // o2] * s).contiguous(), "w2": w2.contiguous()}
-    if kind == "bias" and has_weight:
-        delta = algorithms.delta(target.algorithm, t)[d0 : d0 + n] * s
-        if dora is not None:
-            w = _base_weight(base, backend)[lo:hi]
-            delta = delta.to(w.device)
-            mag = dora.magnitude.to(w.device)
-            delta = dora_merged(w, delta, mag, 1.0, dora.on_out) - w
-        kind = "dense"
-        out["delta"] = delta.contiguous()
-    if "diff_b" in t:
-        out["bias"] = t["diff_b"].float().reshape(-1)[d0 : d0 + n].contiguous()
-    return kind, out
+    """(kernel name, fp32 tensors) for one target: what `algorithms.prepare` makes of it on this layer."""
+    placement = target.placement(out_features)
+    lo, hi = placement.rows
+    return algorithms.prepare(
+        target.algorithm, target.tensors, target.scale, placement,
+        lambda: backend.get_base_weight(base).float()[lo:hi], target.dora,
+    )
 
 
 class Slot(nn.Module):
@@ -102,7 +58,11 @@ class Slot(nn.Module):
         self.kind = kind
         self.lo, self.hi = rows
         self.compute_dtype = compute_dtype
-        self.needs_wx = "fm1" in tensors
+        kernel = algorithms.kernel(kind)
+        self.needs_wx = kernel.uses_wx or "fm1" in tensors  # the base output without bias, "wx"
+        self.transforms_input = kernel.transform is not None  # base(x + alpha * g(x)) (see forward)
+        # Prepared from the base weight (as DoRA is): re-prepared when that weight changes.
+        self.reads_weight = algorithms.get(target.algorithm).needs_weight
         self.names = tuple(tensors)
         # A hot swap writes into these buffers in place, so none may share memory with the caller's Adapter.
         theirs = {t.untyped_storage().data_ptr() for t in target.tensors.values()}
@@ -124,12 +84,23 @@ class Slot(nn.Module):
         for key in self.names:
             setattr(self, key, getattr(self, key).to(device=device, dtype=dtype))
 
-    def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
-        """out (n, out_features) += this adapter's share for input x (n, in_features)."""
+    def _ready(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype this slot computes in for input x; buffers recast on the first call with a new one."""
         probe = getattr(self, self.names[0])
         want = self.compute_dtype or x.dtype
         if probe.dtype != want or probe.device != x.device:
             self.recast(want, x.device)  # first call with a new dtype or device: once, not per call
+        return want
+
+    def shift(self, x: torch.Tensor, alpha: kernels.Alpha) -> torch.Tensor:
+        """alpha * g(x) of an input-transforming kernel, in x's dtype and shape."""
+        want = self._ready(x)
+        g = algorithms.kernel(self.kind).transform(x.reshape(-1, x.shape[-1]).to(want), self._buffers)
+        return (g * alpha).to(x.dtype).reshape(x.shape)
+
+    def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
+        """out (n, out_features) += this adapter's share for input x (n, in_features)."""
+        want = self._ready(x)
         rows = out if (self.lo, self.hi) == (0, out.shape[1]) else out[:, self.lo : self.hi]
         if want != out.dtype or want != x.dtype:
             acc = torch.zeros(rows.shape, dtype=want, device=out.device)
@@ -141,18 +112,15 @@ class Slot(nn.Module):
             self._add(rows, x, wx, alpha)
 
     def _add(self, rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
-        kind = self.kind
-        if kind == "lora":
-            kernels.lora_add_(rows, x, self.down, self.up, alpha)
-            if self.needs_wx:
-                part = wx if wx.shape[1] == rows.shape[1] else wx[:, self.lo : self.hi]
-                kernels.scaled_addcmul_(rows, part, self.fm1, alpha)
-        elif kind == "lokr":
-            kernels.kron_add_(rows, x, self.w1, self.w2, alpha)
-        elif kind == "dense":
-            kernels.dense_add_(rows, x, self.delta, alpha)
-        if "bias" in self.names:
-            kernels.scaled_add_(rows, self.bias, alpha)
+        t = self._buffers  # the prepared tensors by name, current after any recast or .to()
+        part = None
+        if self.needs_wx:
+            part = wx if wx.shape[1] == rows.shape[1] else wx[:, self.lo : self.hi]
+        kernels.add_fn(self.kind)(rows, x, part, t, alpha)
+        if "fm1" in t:  # DoRA per output row: + alpha * (f - 1) * W x
+            scaled_addcmul_(rows, part, t["fm1"], alpha)
+        if "bias" in t:
+            scaled_add_(rows, t["bias"], alpha)
 
 
 class AdapterLinear(nn.Module):
@@ -164,8 +132,9 @@ class AdapterLinear(nn.Module):
         self.slots = nn.ModuleDict()
         self.out_features = out_features
         self.in_features = in_features
-        # (slots in order, whether any needs the base output without bias). Replaced, never mutated.
-        self._active: tuple[tuple[Slot, ...], bool] = ((), False)
+        # `active_state`: (slots in order, whether any needs the base output without bias, whether any
+        # transforms the input). Replaced, never mutated.
+        self._active: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
         self._next_key = 0
         self.register_state_dict_post_hook(_as_base_state)
         self.register_load_state_dict_post_hook(_after_load)
@@ -195,21 +164,26 @@ class AdapterLinear(nn.Module):
         """Make the slots named in `order` the active set, in one assignment."""
         self.set_active(tuple(self.slots[k] for k in order))
 
+    @staticmethod
+    def active_state(slots: tuple[Slot, ...]) -> tuple[tuple[Slot, ...], bool, bool]:
+        return slots, any(s.needs_wx for s in slots), any(s.transforms_input for s in slots)
+
     def set_active(self, slots: tuple[Slot, ...]) -> None:
-        self._active = (slots, any(s.needs_wx for s in slots))
+        self._active = self.active_state(slots)
 
     def active_keys(self) -> list[str]:
         by_id = {id(m): k for k, m in self.slots.items()}
         return [by_id[id(s)] for s in self._active[0]]
 
     def refresh_dora(self) -> None:
-        """Recompute every DoRA slot's factors from the weight as it is now.
+        """Recompute every DoRA slot's factors (and those of algorithms prepared from the base weight)
+        from the weight as it is now.
 
         DoRA's row norm is of the whole weight under the adapter (base plus any merged deltas), so it
         goes stale when a merge, remove, restore or load changes that weight. Values are copied into
         the existing buffers, so compiled graphs stay valid.
         """
-        slots = [s for s in self.slots.values() if s.target.dora is not None]
+        slots = [s for s in self.slots.values() if s.target.dora is not None or s.reads_weight]
         if not slots:
             return
         base = self.base_layer
@@ -242,10 +216,18 @@ class AdapterLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        slots, needs_wx = self._active  # read once
+        slots, needs_wx, transforms = self._active  # read once
         # Inside a per-sample block (apply.per_sample) its routing replaces the shared active set.
         routing = self.__dict__.get("_routing")
-        out = self.base_layer(x, *args, **kwargs)
+        base_x = x
+        if transforms and routing is None:
+            compiling = torch.compiler.is_compiling()
+            # Kernels that act on the input (x -> x + alpha * g(x)) share the one base call; wx below is
+            # then of the transformed input, as merging those adapters first would give.
+            for slot in slots:
+                if slot.transforms_input:
+                    base_x = base_x + slot.shift(x, slot.strength.tensor if compiling else slot.strength.value)
+        out = self.base_layer(base_x, *args, **kwargs)
         if routing is not None:
             return routing.add_(self, out, x)
         if not slots:

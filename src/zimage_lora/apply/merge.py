@@ -89,7 +89,13 @@ def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int
     if any(p.target.dora is not None and not p.target.dora.on_out for p, _ in weighted):
         return shape[0]  # column norms need every row
     cols = shape[1] if len(shape) > 1 else 1
-    return max(1, CHUNK_ELEMENTS // max(1, cols))
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    align = math.lcm(*(p.row_align for p, _ in weighted)) if weighted else 1
+    if align > 1:  # blocks on multiples of every algorithm's row group (OFT's blocks), or all rows
+        if any((p.placement.lo - p.placement.d0) % align for p, _ in weighted):
+            return shape[0]
+        step = max(align, step // align * align)
+    return step
 
 
 def _rebuild_plain(

@@ -212,6 +212,9 @@ def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Rout
             wrapper = model.get_submodule(module_name)
             strengths = [spec.get(name) for spec in ctx.specs]
             per_layer.extend((wrapper.slots[k], strengths) for k in keys)
+            if any(wrapper.slots[k].transforms_input for k in keys):  # its share lands before the base call
+                raise LoRAError(f"per_sample_adapters: adapter '{name}' transforms the input of '{module_name}'; "
+                                "per-sample routing adds after the base call. Apply it with mode='merged'.")
     out = []
     for module_name, slots in slots_of.items():
         flat = next((kind for prefix, kind in FLAT_INPUTS.items() if module_name.startswith(prefix)), None)

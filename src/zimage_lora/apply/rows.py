@@ -1,7 +1,8 @@
 """Row blocks of a target's delta, added into an fp32 block of the weight in place.
 
 Merging works on a few hundred rows at a time so the extra memory stays far below one fp32 copy of
-the layer. The row-block math of each algorithm lives in `algorithms` (`row_parts`, `delta_block`).
+the layer. The row-block math of each algorithm lives in `algorithms` (`row_parts`, `delta_block`,
+`add_rows`); the rows arithmetic in `Placement`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ class Prepared:
         self.target = target
         # Factors live on the CPU after loading; the weight may be on an accelerator.
         self.device = device
-        self.mod_lo, self.mod_hi = target.rows if target.rows is not None else (0, out_features)
-        self.d0 = target.delta_rows[0] if target.delta_rows is not None else 0
-        self.parts: dict[str, torch.Tensor] = algorithms.get(target.algorithm).row_parts(target.tensors)
+        self.placement = target.placement(out_features)
+        self.algorithm = algorithms.get(target.algorithm)
+        self.parts: dict[str, torch.Tensor] = self.algorithm.row_parts(target.tensors)
         if device is not None:
             self.parts = {k: v.to(device) for k, v in self.parts.items()}
 
@@ -30,38 +31,37 @@ class Prepared:
     def has_weight_delta(self) -> bool:
         return bool(self.parts)
 
-    def block(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of the full fp32 delta (delta coordinates), unscaled."""
-        return algorithms.get(self.target.algorithm).delta_block(self.parts, lo, hi)
+    @property
+    def row_align(self) -> int:
+        """Merged row blocks start at multiples of this (in delta rows); 1 for most algorithms."""
+        return self.algorithm.row_align(self.parts)
+
+    def block(self, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [lo, hi) of the full fp32 delta (delta coordinates), unscaled; `weight`: the matching
+        fp32 weight rows, read by algorithms that need it."""
+        return self.algorithm.delta_block(self.parts, lo, hi, weight=weight if self.algorithm.needs_weight else None)
 
     def add_into(self, chunk: torch.Tensor, r0: int, alpha: float) -> None:
         """chunk (rows r0 .. r0+len of the module, fp32) += alpha * matching delta rows."""
-        lo, hi = max(r0, self.mod_lo), min(r0 + chunk.shape[0], self.mod_hi)
-        if lo >= hi:
-            return
-        d_lo, d_hi = lo - self.mod_lo + self.d0, hi - self.mod_lo + self.d0
-        view = chunk[lo - r0 : hi - r0]
-        if self.target.algorithm == "lora":
-            view.addmm_(self.parts["up"][d_lo:d_hi], self.parts["down"], alpha=alpha)
-        else:
-            view.add_(self.block(d_lo, d_hi), alpha=alpha)
+        algorithms.add_rows_(chunk, r0, self.target.algorithm, self.parts, self.placement, alpha)
 
     def dora_into(self, chunk: torch.Tensor, r0: int, strength: float) -> None:
         """DoRA per output row: rows += t * (f * (W + s dW) - W), f = m / ||W + s dW||."""
-        lo, hi = max(r0, self.mod_lo), min(r0 + chunk.shape[0], self.mod_hi)
-        if lo >= hi:
+        met = self.placement.clip(r0, r0 + chunk.shape[0])
+        if met is None:
             return
-        d_lo, d_hi = lo - self.mod_lo + self.d0, hi - self.mod_lo + self.d0
+        lo, hi, d_lo, d_hi = met
         view = chunk[lo - r0 : hi - r0]
-        mag = self.target.dora.magnitude.float()[lo - self.mod_lo : hi - self.mod_lo].to(view.device)
-        merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi), mag, strength, True)
+        p = self.placement
+        mag = self.target.dora.magnitude.float()[lo - p.lo : hi - p.lo].to(view.device)
+        merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi, view), mag, strength, True)
         view.copy_(merged)
 
     def dora_whole(self, weight: torch.Tensor, strength: float) -> None:
         """DoRA with the magnitude per input column: needs every row at once."""
-        view = weight[self.mod_lo : self.mod_hi]
-        n = self.mod_hi - self.mod_lo
-        dw = self.block(self.d0, self.d0 + n)
+        p = self.placement
+        view = weight[p.lo : p.hi]
+        dw = self.block(*p.delta_span, view)
         d = self.target.dora
         view.copy_(dora_merged(view, self.target.scale * dw, d.magnitude.to(view.device), strength, d.on_out))
 
@@ -70,9 +70,8 @@ class Prepared:
         db = self.target.tensors.get("diff_b")
         if db is None:
             return None
-        n = self.mod_hi - self.mod_lo
-        db = db.float().reshape(-1)[self.d0 : self.d0 + n].to(self.device)
-        return self.mod_lo, self.mod_hi, db
+        p = self.placement
+        return p.lo, p.hi, p.take(db.float().reshape(-1)).to(self.device)
 
 
 def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:

@@ -24,7 +24,7 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
         table = []
         for wrapper, entries in state.plan:
             slots = tuple(s for rec_name, rec_slots in entries if rec_name in on for s in rec_slots)
-            table.append((wrapper, (slots, any(s.needs_wx for s in slots))))
+            table.append((wrapper, AdapterLinear.active_state(slots)))
         if len(state.switch_cache) > _MAX_SETS:
             state.switch_cache.clear()
         state.switch_cache[names] = table

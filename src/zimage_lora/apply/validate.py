@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import shapes
-from ..adapter import ALGORITHMS, Adapter, Target
+from .. import algorithms, shapes
+from ..adapter import Adapter, Target
+from ..algorithms.base import amax
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..fp32 import FP32_MAX, fits_fp32
@@ -154,7 +155,7 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
             f"{at}: the model has no module '{t.module}'. The adapter was resolved against another model; "
             "load it with this model (apply_adapter(model, path) does)."
         ) from None
-    if t.algorithm not in ALGORITHMS:
+    if t.algorithm not in algorithms.names():
         raise IncompatibleWeightsError(f"{at}: unknown algorithm '{t.algorithm}'.")
     for role, tensor in t.tensors.items():
         _check_tensor(at, role, tensor, scan)
@@ -204,43 +205,12 @@ def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], streng
     """
     for role, t in tensors.items():
         merge._check_finite(f"{name} ({role})", t.to(dtype), dynamic=True)
-    headroom = torch.finfo(dtype).max / max(_bound(kind, tensors), 1e-300)
+    kernel = algorithms.kernel(kind)
+    bias = amax(tensors["bias"]) if "bias" in tensors else 0.0
+    headroom = torch.finfo(dtype).max / max(bias, kernel.bound(tensors), 1e-300)
     need = max(abs(strength), 1.0)  # the kernels form the delta at strength 1, then scale it
     if need > headroom:
-        _check_exact(name, kind, tensors, need, dtype)
+        # Rounding is monotonic: every value stays finite in `dtype` exactly when the largest does.
+        exact = max(bias, (kernel.abs_max or kernel.bound)(tensors))
+        merge._check_finite(name, torch.tensor([exact * need], dtype=torch.float64).to(dtype), dynamic=True)
     return headroom
-
-
-def _bound(kind: str, t: dict[str, torch.Tensor]) -> float:
-    """An upper bound on |every value| of the slot's delta and bias (fp64, so the bound cannot overflow)."""
-    def amax(x: torch.Tensor) -> float:
-        return float(x.double().abs().max()) if x.numel() else 0.0
-
-    bound = amax(t["bias"]) if "bias" in t else 0.0
-    if kind == "lora":  # |(up @ down)_ij| <= ||up_i|| ||down_:j|| (Cauchy-Schwarz)
-        up, down = t["up"].double(), t["down"].double()
-        rows = float(up.norm(dim=1).max()) if up.numel() else 0.0
-        cols = float(down.norm(dim=0).max()) if down.numel() else 0.0
-        bound = max(bound, rows * cols)
-    elif kind == "lokr":  # kron's values are exactly the products
-        bound = max(bound, amax(t["w1"]) * amax(t["w2"]))
-    elif kind == "dense":
-        bound = max(bound, amax(t["delta"]))
-    return bound
-
-
-def _check_exact(name: str, kind: str, t: dict[str, torch.Tensor], strength: float, dtype: torch.dtype) -> None:
-    def check(values: torch.Tensor) -> None:
-        merge._check_finite(name, (values * strength).to(dtype), dynamic=True)
-
-    if "bias" in t:
-        check(t["bias"].double())
-    if kind == "lora":
-        up, down = t["up"].double(), t["down"].double()
-        step = max(1, (1 << 20) // max(1, down.shape[1]))
-        for r0 in range(0, up.shape[0], step):
-            check(up[r0 : r0 + step] @ down)
-    elif kind == "lokr":
-        check(torch.tensor([float(t["w1"].double().abs().max()) * float(t["w2"].double().abs().max())]))
-    elif kind == "dense":
-        check(t["delta"].double())

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..keys import ModuleIndex
     from ..loading import load_adapter
     from ..numerics import one_thread
-    from ..report import summarize
+    from ..summary import summarize
 
     index = ModuleIndex(inventory_model(load_config(args.model)))
     with one_thread():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import algorithms
 from ..adapter import Unmatched
 from ..errors import InvalidFormatError
 from . import grammar, writers
@@ -62,9 +63,6 @@ class AdapterFile:
         return load_tensors(self.header, keys)
 
 
-_FAMILY_TO_ALGO = {"lora": "lora", "lokr": "lokr", "loha": "loha", "full": "full"}
-# A family's roles decide the algorithm: LoRA/LoKr/LoHa factors win over a lone bias diff.
-_PRIORITY = ("lokr", "loha", "lora", "full")
 
 
 def read_adapter_file(path: str | Path, config: dict | None = None, *, component: str = "transformer") -> AdapterFile:
@@ -153,12 +151,14 @@ def _make_group(
     unmatched: list[Unmatched],
 ) -> Group | None:
     families = {slot.split(":")[0] for slot in roles}
-    algo = next((a for a in _PRIORITY if a in families), None)
-    if algo is None:
+    # A family's roles decide the algorithm, in the registry's priority (factors win over a lone bias diff).
+    chosen = next((a for a in algorithms.by_priority() if a.family in families), None)
+    if chosen is None:
         for _role, key in roles.values():
             unmatched.append(Unmatched(key, "alpha or DoRA magnitude without any adapter weights for this module"))
         return None
-    group = Group(prefix=prefix, stem=stem, algorithm=_FAMILY_TO_ALGO[algo])
+    group = Group(prefix=prefix, stem=stem, algorithm=chosen.name)
+    algo = chosen.family
     for slot, (role, key) in roles.items():
         family = slot.split(":")[0]
         info = header.tensors[key]

@@ -227,11 +227,12 @@ def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleInde
     parts = []
     for p in (a, b):
         t = next(t for t in _targets(_Placed(p.group, p.site, p.scale), tensors, index) if t.module == module)
-        if t.dora is not None or (t.algorithm == "full" and "diff" not in t.tensors):
+        algo = algorithms.get(t.algorithm)
+        if t.dora is not None or algo.needs_weight or not algo.has_weight(t.tensors):
             return None
         y = algorithms.bypass(t.algorithm, x[None], {k: v.float() for k, v in t.tensors.items()})[0] * t.scale
-        y = y if t.delta_rows is None else y[t.delta_rows[0]:t.delta_rows[1]]
-        parts.append((t.rows or (0, y.shape[0]), y))
+        placement = t.placement(index.shapes[module].shape[0])
+        parts.append((placement.rows, placement.take(y)))
     (la, ya), (lb, yb) = parts
     lo, hi = max(la[0], lb[0]), min(la[1], lb[1])
     ya, yb = ya[lo - la[0]:hi - la[0]], yb[lo - lb[0]:hi - lb[0]]
@@ -274,8 +275,8 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         return [Target(module=site.modules[0], tensors=own, dora=dora, **common)]
     if site.kind == "rows":
         return [Target(module=site.modules[0], tensors=own, rows=site.rows, dora=dora, **common)]
-    # A fused stem on split layers: LoRA shares down and takes row blocks of up; the other algorithms
-    # keep their factors and take row blocks of the delta they build.
+    # A fused stem on split layers: an algorithm that can split its tensors exactly (LoRA: rows of up)
+    # does; the others keep their factors and take row blocks of the delta they build.
     out: list[Target] = []
     start = 0
     for module in site.modules:
@@ -284,12 +285,9 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         if module in p.skip:
             start += n
             continue
-        part = dict(own)
-        if g.algorithm == "lora":
-            part["up"] = own["up"][rows[0]:rows[1]]
-            delta_rows = None
-        else:
-            delta_rows = rows
+        split = algorithms.get(g.algorithm).split_rows(own, *rows)
+        part = dict(own) if split is None else split
+        delta_rows = rows if split is None else None
         if "diff_b" in part and delta_rows is None:
             part["diff_b"] = own["diff_b"][rows[0]:rows[1]]
         part_dora = None

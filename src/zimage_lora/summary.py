@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from . import algorithms
 from .adapter import Adapter, Target
 from .keys import ModuleIndex
 
@@ -29,28 +30,24 @@ def dynamic_extra_bytes(target: Target) -> int:
     """Memory a target holds when attached dynamically (factors, or the cached delta for LoHa / full)."""
     size = next(iter(target.tensors.values())).element_size()
     t = target.tensors
-    if target.algorithm == "lora":
-        n = sum(v.numel() for k, v in t.items() if k in ("down", "up", "mid"))
-    elif target.algorithm == "lokr":
-        o1 = t["w1"].shape[0] if "w1" in t else t["w1_a"].shape[0]
-        i1 = t["w1"].shape[1] if "w1" in t else t["w1_b"].shape[1]
-        if "w2" in t:
-            o2, i2 = t["w2"].shape[:2]
-        elif "t2" in t:
-            o2, i2 = t["w2_a"].shape[1], t["w2_b"].shape[1]
-        else:
-            o2, i2 = t["w2_a"].shape[0], t["w2_b"].shape[1]
-        n = o1 * i1 + o2 * i2
-    elif target.algorithm == "loha":
-        n = t["w1_a"].shape[0] * t["w1_b"].shape[1]
-    else:
-        n = t["diff"].numel() if "diff" in t else 0
+    n = algorithms.get(target.algorithm).dynamic_numel({k: tuple(v.shape) for k, v in t.items()})
     if "diff_b" in t:
         n += t["diff_b"].numel()
     extra = n * size
     if target.dora is not None:
         extra += 2 * target.dora.magnitude.numel() * 4
     return extra
+
+
+def factor_shapes(target: Target) -> str:
+    """The algorithm's short description of the target's factors, e.g. "kron(60x60, 64x64)"."""
+    shapes = {k: tuple(v.shape) for k, v in target.tensors.items() if k != "diff_b"}
+    if not shapes:
+        return "bias only"
+    try:
+        return algorithms.get(target.algorithm).describe(shapes)
+    except (ValueError, KeyError):  # a report never fails on what validation reports elsewhere
+        return ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
 
 
 def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
@@ -83,7 +80,8 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
         "model_linear_count": len(linear),
         "targets": [
             {"module": t.module, "rows": list(t.rows) if t.rows else None, "algorithm": t.algorithm,
-             "rank": t.rank, "alpha": t.alpha if t.alpha_used else None, "alpha_used": t.alpha_used,
+             "factors": factor_shapes(t), "rank": t.rank, "alpha": t.alpha if t.alpha_used else None,
+             "alpha_used": t.alpha_used,
              "scale": t.scale, "scale_rule": t.scale_rule, "dora": t.dora is not None,
              "dora_on": None if t.dora is None else ("output rows" if t.dora.on_out else "input columns"),
              "keys": list(t.source_keys)}

@@ -1,0 +1,182 @@
+"""The protocol every algorithm module fills in: one `Algorithm` (what a delta is) and, for dynamic
+mode, one `Kernel` (how a prepared delta adds into a layer's output).
+
+Conventions. `tensors` are a target's own tensors by role (as the layout table names them), in the
+file's dtype; `parts` are what `row_parts` made of them (fp32, on the weight's device); `weight` is the
+fp32 base weight, passed only to algorithms with `needs_weight=True` (GLoRA: W @ a1 @ a2, OFT:
+(R - I) @ W, IA3: W * w): in a row block it is the same rows as the block, and in a merge it is the
+current weight under the adapter (base plus what is merged before it). Every delta is unscaled
+unless a docstring says "scaled"; `prepare` folds the scale in. Row ranges are half-open.
+
+How to add an algorithm (one module plus its layout rows, nothing else):
+
+1. Write `algorithms/<name>.py` with pure functions and, at the bottom,
+   `ALGORITHM = Algorithm(name=..., family=..., priority=..., delta_shape=..., ...)`.
+   `family` is the key-table family its roles come from (formats/grammar); `priority` orders it when
+   one module's keys hold several families (lower wins: LoKr 10, LoHa 20, LoRA 30, full 90).
+2. The registry (`algorithms/__init__.py`) imports every module of the package that declares an
+   `ALGORITHM`; add the key suffixes of its roles to the layout table. Merged mode, validation,
+   inspect and conversion then work through this protocol.
+3. Dynamic mode: give `prepare` (tensors, scale, placement, weight) -> (kernel name, fp32 tensors),
+   and a `Kernel` for that name, unless the dense fallback (`DENSE`, the cached scaled delta rows) is
+   good enough: `prepare=None` (or returning None) uses it. A kernel that needs the base output without
+   bias sets `uses_wx`; one that transforms the input before the base call (x -> x + alpha * g(x), so
+   the base runs once) sets `transform=g` and must only be chosen when `placement.whole`.
+   `bound` is an upper bound on |every value| of the scaled delta the prepared tensors stand for (the
+   dynamic overflow check); when it needs facts of the base weight, keep them in the prepared tensors.
+   `prepare`'s weight is the fp32 base weight rows [lo, hi) of the placement (None unless
+   `needs_weight`); a slot prepared from it is prepared again when that weight changes (as DoRA's).
+   With an input transform active, `wx` is the base output of the transformed input (what merging
+   that adapter first gives). Per-sample blocks refuse input-transform kernels (they add after the base).
+4. Fused rows: `split_rows` when the rows of a fused delta have tensors of their own (LoRA: rows of
+   `up`; IA3 per input column: the same vector); `row_align` when a row block of the delta needs whole
+   groups of weight rows (OFT's blocks); merges then cut blocks on multiples of it.
+5. DoRA needs nothing: it folds into a kernel with `scale_rows` and `dense`, else runs on `DENSE`.
+6. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
+   a dense reference: the pattern to copy for a new algorithm's test.
+
+Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
+strength-scaled), "fm1" (DoRA's f - 1 per row, see `dora.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..placement import Placement
+
+Tensors = Mapping[str, torch.Tensor]
+Shapes = Mapping[str, tuple[int, ...]]
+Alpha = float | torch.Tensor  # a Python float in eager mode; a 0-d tensor under torch.compile
+# add_(rows, x, wx, tensors, alpha): rows (n, hi - lo) += alpha * x @ delta.T for x (n, in), in place
+AddFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", Tensors, Alpha], None]
+PrepareFn = Callable[[Tensors, float, Placement, "torch.Tensor | None"], "tuple[str, dict[str, torch.Tensor]] | None"]
+
+
+def _no_split(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor] | None:
+    return None
+
+
+def _one_row(parts: Tensors) -> int:
+    return 1
+
+
+def add_block_(
+    algo: Algorithm, rows: torch.Tensor, parts: Tensors, lo: int, hi: int, alpha: float
+) -> None:
+    """The default `add_rows_`: rows (fp32, the module rows matching delta rows [lo, hi)) += alpha * block."""
+    rows.add_(algo.delta_block(parts, lo, hi, weight=rows if algo.needs_weight else None), alpha=alpha)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kernel:
+    """A dynamic-mode forward: prepared tensors (scale folded in, the placement's rows only) -> output."""
+
+    name: str
+    # rows (n, hi - lo) += alpha * delta(x); wx: the base output without bias on the same rows (uses_wx).
+    add_: AddFn
+    # Upper bound on |every value| of the scaled delta, in fp64 so it cannot overflow.
+    bound: Callable[[Tensors], float]
+    # The exact max |value| (fp64, a row block at a time where it is large); default: `bound` (exact there).
+    abs_max: Callable[[Tensors], float] | None = None
+    # The scaled dense delta rows (n, in) fp32; DoRA needs it to fold its row factor. None: no DoRA fold.
+    dense: Callable[[Tensors], torch.Tensor] | None = None
+    # Fold a per-output-row factor f (n, 1) into the prepared tensors (DoRA); None: DoRA uses `DENSE`.
+    scale_rows: Callable[[Tensors, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    uses_wx: bool = False
+    # g(x, tensors) for x (n, in): the layer runs base(x + alpha * g(x)); add_ adds the rest (if any).
+    transform: Callable[[torch.Tensor, Tensors], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Algorithm:
+    """Everything about one algorithm, as plain functions of its tensors."""
+
+    name: str  # Target.algorithm
+    family: str  # the key-table family its roles come from
+    priority: int  # lower wins when one module's keys hold several families
+    # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent. A side the
+    # tensors leave open is None (IA3's vector fixes one side only): the module's is taken.
+    delta_shape: Callable[[Shapes], tuple[int, int]]
+    # The rank alpha divides by (None: scale 1).
+    rank: Callable[[Shapes], int | None]
+    # delta(tensors, weight=None): the full fp32 delta, unscaled.
+    delta: Callable[..., torch.Tensor]
+    # bypass(x, tensors, weight=None): x @ delta.T in x's dtype, unscaled, without the dense delta where cheaper.
+    bypass: Callable[..., torch.Tensor]
+    # row_parts(tensors) -> parts, once per merge; delta_block(parts, lo, hi, weight=None): delta rows [lo, hi).
+    row_parts: Callable[[Tensors], dict[str, torch.Tensor]]
+    delta_block: Callable[..., torch.Tensor]
+    # How many weight elements dynamic mode keeps for this target (factors, or a cached dense delta).
+    dynamic_numel: Callable[[Shapes], int]
+    # A short factor-shape description for reports, e.g. "kron(16x16, 240x240)".
+    describe: Callable[[Shapes], str]
+    needs_weight: bool = False
+    # add_rows_(rows, parts, lo, hi, alpha): in-place `rows += alpha * delta rows [lo, hi)`; None: add_block_.
+    add_rows_: Callable[[torch.Tensor, Tensors, int, int, float], None] | None = None
+    # Rows [lo, hi) of a fused delta as tensors of their own (LoRA: rows of `up`), or None: keep the
+    # factors and take the rows of the built delta (Target.delta_rows).
+    split_rows: Callable[[Tensors, int, int], dict[str, torch.Tensor] | None] = _no_split
+    # Row blocks given to delta_block must start at multiples of this (OFT's block size); default 1.
+    row_align: Callable[[Tensors], int] = _one_row
+    # Dynamic mode: (tensors, scale, placement, weight rows or None) -> (kernel name, fp32 tensors), or
+    # None for the dense fallback. The kernel's own module registers it in `kernels`.
+    prepare: PrepareFn | None = None
+    kernels: tuple[Kernel, ...] = ()
+    # Whether the tensors hold a weight delta at all (a full diff may be a bias diff only).
+    has_weight: Callable[[Tensors], bool] = lambda tensors: True
+
+    def add_rows(self, rows: torch.Tensor, parts: Tensors, lo: int, hi: int, alpha: float) -> None:
+        if self.add_rows_ is not None:
+            self.add_rows_(rows, parts, lo, hi, alpha)
+        else:
+            add_block_(self, rows, parts, lo, hi, alpha)
+
+
+# --- the generic dynamic kernels: a cached dense delta, and a bias diff alone ------------------------
+def dense_add_(out: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, alpha: Alpha) -> None:
+    """out (n, o) += alpha * x @ delta.T."""
+    if isinstance(alpha, torch.Tensor):
+        out.addmm_(x * alpha.to(x.dtype), delta.T)
+    else:
+        out.addmm_(x, delta.T, alpha=alpha)
+
+
+def scaled_add_(out: torch.Tensor, y: torch.Tensor, alpha: Alpha) -> None:
+    """out += alpha * y (y broadcast)."""
+    if isinstance(alpha, torch.Tensor):
+        out.add_(y * alpha.to(y.dtype))
+    else:
+        out.add_(y, alpha=alpha)
+
+
+def scaled_addcmul_(out: torch.Tensor, y: torch.Tensor, v: torch.Tensor, alpha: Alpha) -> None:
+    """out += alpha * y * v (v a per-column vector)."""
+    if isinstance(alpha, torch.Tensor):
+        out.add_(y * (v * alpha.to(v.dtype)))
+    else:
+        out.addcmul_(y, v, value=alpha)
+
+
+def amax(x: torch.Tensor) -> float:
+    """max |x| in fp64 (0 for an empty tensor)."""
+    return float(x.double().abs().max()) if x.numel() else 0.0
+
+
+def row_blocks(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about 1M elements each, for exact checks that must not build a whole delta."""
+    step = max(1, (1 << 20) // max(1, n_cols))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+DENSE = Kernel(
+    name="dense",
+    add_=lambda rows, x, wx, t, alpha: dense_add_(rows, x, t["delta"], alpha),
+    bound=lambda t: amax(t["delta"]),
+    dense=lambda t: t["delta"],
+)
+BIAS = Kernel(name="bias", add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)
