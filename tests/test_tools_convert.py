@@ -203,3 +203,36 @@ def test_converted_file_gives_the_same_output_through_the_engine(model, tmp_path
     assert effect > 1e-2 * base.norm()
     for r in results[1:]:
         assert (r - results[0]).norm() < 1e-4 * effect
+
+
+def test_failed_convert_leaves_the_old_output_and_no_partial_file(tmp_path, monkeypatch, model):
+    """A write that fails half-way (a full disk, Ctrl-C) keeps the previous output intact and leaves
+    no partial file: the new file is written aside and moved in only when complete."""
+    import safetensors.torch
+
+    src = make_adapter("kohya", tmp_path / "in.safetensors", model)
+    out = tmp_path / "out.safetensors"
+    convert_adapter(src, "kohya", out, model=model)
+    before = out.read_bytes()
+
+    def fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(LoRAError, match="no space left"):
+        convert_adapter(src, "kohya", out, model=model, overwrite=True)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+
+    def interrupt(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert_adapter(src, "comfy", out, model=model, overwrite=True)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]

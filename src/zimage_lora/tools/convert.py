@@ -19,6 +19,7 @@ from ..errors import LoRAError, UnsupportedError
 from ..keys.aliases import FUSED_QKV, SPLIT_QKV
 from ..layouts import Item, write
 from ..sources import LoRAConfiguration
+from .output import clean_leftovers, move_into_place, output_error, remove, temp_path
 
 #: The `--to` layouts: rows of `layouts.LAYOUTS`.
 FORMATS = ("diffusers", "kohya", "comfy", "peft")
@@ -44,7 +45,24 @@ def convert_adapter(
     if not layout.folder and out.suffix != ".safetensors":
         raise LoRAError(f"{out}: the output of --to {to} is one file; give a name ending in .safetensors.")
     metadata["zimage_lora_converted_from"] = adapter.format
-    return write.save_state_dict(sd, metadata, config, layout, out)
+    # Written aside, then moved in: an interrupted or failed write never leaves a broken `out` behind,
+    # and an existing `out` stays as it was until the new one is complete.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    clean_leftovers(out)
+    tmp = temp_path(out)
+    try:
+        write.save_state_dict(sd, metadata, config, layout, tmp)
+        move_into_place(tmp, out)
+    except OSError as exc:
+        remove(tmp)
+        raise output_error(exc, out) from None
+    except BaseException:
+        remove(tmp)
+        raise
+    return out
 
 
 def _load(source, model) -> Adapter:
