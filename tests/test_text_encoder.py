@@ -272,14 +272,14 @@ def test_a_text_encoder_failure_after_the_transformer_changed_puts_the_transform
     tr_before, te_before = output(pipe.transformer), Pristine(pipe.text_encoder)
     tr_pristine = Pristine(pipe.transformer)
     listed = list_adapters(pipe)
-    real = engine.apply_resolved
+    real = engine.attach
 
-    def failing(model, source, **kwargs):
-        if model is pipe.text_encoder:
+    def failing(txn, adapter, *args, **kwargs):
+        if txn.model is pipe.text_encoder:
             raise MemoryError("out of memory")
-        return real(model, source, **kwargs)
+        return real(txn, adapter, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.engine, "apply_resolved", failing)
+    monkeypatch.setattr(pipeline.engine, "attach", failing)
     with pytest.raises(MemoryError):
         apply_adapter(pipe, new, name="x", mode="dynamic" if prior == "hotswapped" else "merged")
     monkeypatch.undo()

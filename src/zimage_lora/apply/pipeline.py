@@ -11,7 +11,8 @@ a forward pass running at the same time on the other component.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from ..keys import ModuleIndex, resolve
 from ..keys.text_encoder import TextEncoderIndex
 from ..sources import LoRAConfiguration, resolve_source
 from . import engine
+from .access import _locked
 from .report import AdapterInfo, ApplyReport
+from .transaction import change
 from .validate import check_compute_dtype, check_mode, check_name, check_names, check_scale, check_weights, plan
 
 #: diffusers' Z-Image pipelines (0.42.1): each has `transformer` and `text_encoder`.
@@ -143,57 +146,27 @@ def apply(
     if name is not None:
         check_name(name)
     adapters, left, name = load_parts(parts, source, name=name, filename=filename, strict=strict)
-    # Validate the text-encoder part before the transformer changes (the transformer's apply validates
-    # its own part first): a refusal then leaves both components as they were.
-    if TEXT_ENCODER in adapters:
-        plan(parts[TEXT_ENCODER], adapters[TEXT_ENCODER], mode, scan=False)
+    # Every part is validated before either component changes (the loader scanned the tensors already).
+    planned = {part: plan(parts[part], adapters[part], mode, scan=False) for part in adapters}
     reports: dict[str, ApplyReport] = {}
-    before = {part: _snapshot(engine.attached(module, name)) for part, module in parts.items()}
-    try:
+    held = {part: engine.attached(module, name) is not None for part, module in parts.items()}
+    # One transaction per component, both open until every part is attached: an error in either
+    # (e.g. memory, past validation) rolls both back, each by its own transaction. Locks are always
+    # taken transformer first, so two pipeline changes cannot wait on each other.
+    with ExitStack() as stack:
+        txns = {}
         for part in (TRANSFORMER, TEXT_ENCODER):
             if part in adapters:
-                reports[part] = engine.apply_resolved(  # scanned by the loader already
-                    parts[part], adapters[part], name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
-                    scanned=True,
-                )
-    except BaseException:
-        for part in reports:
-            _put_back(parts[part], name, before[part])
-        raise
+                state = stack.enter_context(_locked(parts[part], create=True))
+                txns[part] = stack.enter_context(change(parts[part], state))
+        for part, txn in txns.items():
+            reports[part] = engine.attach(txn, adapters[part], planned[part], name, mode, strength, compute_dtype)
     for part, module in parts.items():  # the name now means this file: an older part elsewhere goes
-        if part not in adapters and before[part] is not None:
+        if part not in adapters and held[part]:
             engine.remove_adapter(module, name)
     for report in reports.values():
         engine.warn_requant(report, stacklevel=4)  # the caller of apply_adapter
     return _merge_reports(reports, left, name, mode, strength)
-
-
-def _snapshot(record: Any) -> dict | None:
-    """What re-creates a record. A hot swap changes the record in place and copies the new values into
-    the slots' tensors, which may be the old adapter's own (fp32 factors are used as they are): a
-    dynamic record's tensors are copied here so that the undo has the old values."""
-    if record is None:
-        return None
-    adapter = record.adapter
-    if record.mode == "dynamic":
-        targets = [replace(t, tensors={k: v.clone() for k, v in t.tensors.items()}) for t in adapter.targets]
-        adapter = replace(adapter, targets=targets)
-    return dict(adapter=adapter, scale=record.scale, mode=record.mode, compute_dtype=record.compute_dtype,
-                active=record.active)
-
-
-def _put_back(module: nn.Module, name: str, prior: dict | None) -> None:
-    """Undo one component's apply after the other component failed: its prior adapter, or nothing."""
-    if prior is None:
-        engine.remove_adapter(module, name)
-        return
-    engine.apply_adapter(
-        module, prior["adapter"], scale=prior["scale"], mode=prior["mode"], name=name,
-        compute_dtype=prior["compute_dtype"],
-    )
-    if not prior["active"]:
-        active = [a.name for a in engine.list_adapters(module) if a.active and a.name != name]
-        engine.set_active_adapters(module, active)
 
 
 def _merge_reports(
