@@ -10,6 +10,7 @@ with LyCORIS's `get_diff_weight`, its default forward and its bypass forward.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -87,13 +88,36 @@ def _x(seed: int = 1) -> torch.Tensor:
     return torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(seed))
 
 
-def _row_blocks(mod, shapes, parts, weight: torch.Tensor, cuts=(0, 7, 20, 41, OUT)) -> torch.Tensor:
-    pieces = []
-    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-        s0, s1 = mod.row_span(shapes, lo, hi)
-        assert s0 <= lo and hi <= s1
-        pieces.append(mod.delta_block(parts, weight[s0:s1], lo, hi))
+@dataclass(frozen=True)
+class Rows:
+    """The part of `zimage_lora.placement.Placement` that `prepare` reads: delta rows [d0, d0 + n)."""
+
+    d0: int = 0
+    n: int = OUT
+
+    @property
+    def whole(self) -> bool:
+        return self.d0 == 0 and self.n == OUT
+
+
+def _row_blocks(mod, tensors, weight: torch.Tensor) -> torch.Tensor:
+    """The delta a row block at a time, each block from the same rows of W (cuts at `row_align`)."""
+    align = mod.row_align(tensors) if hasattr(mod, "row_align") else 1
+    cuts = sorted({min(OUT, c * align) for c in (0, 1, 3, 5)} | {OUT}) if align < OUT else [0, OUT]
+    if align == 1:
+        cuts = [0, 7, 20, 41, OUT]
+    parts = mod.row_parts(tensors)
+    pieces = [mod.delta_block(parts, lo, hi, weight=weight[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
     return torch.cat(pieces)
+
+
+def _kernel_out(add_, x, w, t, alpha: float = 1.0) -> torch.Tensor:
+    """What a `uses_wx` kernel adds to zero rows, with wx = x @ W_rows^T (no bias)."""
+    x2 = x.reshape(-1, IN)
+    wx = x2 @ w.T
+    rows = torch.zeros_like(wx)
+    add_(rows, x2, wx, t, alpha)
+    return rows.reshape(*x.shape[:-1], w.shape[0])
 
 
 # --- GLoRA --------------------------------------------------------------------------------------
@@ -108,32 +132,46 @@ def test_glora(tmp_path, use_scalar):
     assert shapes["a1"] == (IN, dim) and shapes["a2"] == (dim, IN)
     assert shapes["b1"] == (OUT, dim) and shapes["b2"] == (dim, IN)
     w = model.layer.weight.detach()
-    assert glora.delta_shape(shapes, tuple(w.shape)) == (OUT, IN)
+    assert glora.delta_shape(shapes) == (OUT, IN)
     scale = float(tensors["alpha"]) / glora.rank(shapes)
     assert scale == alpha / dim
 
     d = glora.delta(tensors, w)
     for s in STRENGTHS:
         _close(s * scale * d, module.get_diff_weight(multiplier=s)[0])
-    _close(_row_blocks(glora, shapes, glora.row_parts(tensors), w), d)
+    _close(_row_blocks(glora, tensors, w), d)
+    x = _x()
+    _close(glora.bypass(x, tensors, w), x @ d.T)
 
-    parts, x = glora.prepare(tensors, torch.float32), _x()
+    base = _plain(model)
     for s in STRENGTHS:
-        base = _plain(model)
-        ours = glora.forward(x, base, parts, s * scale) - base(x)
-        _close(ours.detach(), _lycoris_delta_out(model, module, x, s))
-        _close(ours.detach(), _lycoris_delta_out(model, module, x, s, bypass=True))
-    assert glora.abs_bound(tensors, w) >= float(d.abs().max())
-    assert glora.dynamic_bytes(shapes, 2) == 2 * dim * (2 * IN + OUT + IN)
+        ref = _lycoris_delta_out(model, module, x, s)
+        _close(ref, _lycoris_delta_out(model, module, x, s, bypass=True))
+        # The rank-2r LoRA fold, computed here with plain matmuls (LoRA's kernel is x @ down^T @ up^T).
+        kind, p = glora.prepare(tensors, s * scale, Rows(), w)
+        assert kind == "lora" and p["down"].shape == (2 * dim, IN) and p["up"].shape == (OUT, 2 * dim)
+        _close((x @ p["down"].T) @ p["up"].T, ref)
+        # The input-transform form: base(x + g(x)) + the b-half.
+        q = glora.prepare_transform(tensors, s * scale)
+        rows = torch.zeros(x.shape[:-1] + (OUT,))
+        glora.add_b_(rows, x, None, q, 1.0)
+        _close(base(x + glora.transform(x, q)) + rows - base(x), ref)
+    # A placement of rows [16, 40): the fold takes W's rows and b1's rows.
+    kind, p = glora.prepare(tensors, scale, Rows(16, 24), w[16:40])
+    _close((x @ p["down"].T) @ p["up"].T, scale * x @ d[16:40].T)
+    assert glora.dynamic_numel(shapes) == 2 * dim * (IN + OUT)
+    assert glora.describe(shapes) == "W @ 48x4 @ 4x48 + 64x4 @ 4x48"
 
 
 def test_glora_checks_shapes():
     shapes = {"a1": (IN, 4), "a2": (4, IN), "b1": (OUT, 4), "b2": (3, IN)}
     with pytest.raises(ValueError, match="ranks disagree"):
         glora.delta_shape(shapes)
-    shapes["b2"] = (4, IN)
-    with pytest.raises(ValueError, match="weight is"):
-        glora.delta_shape(shapes, (OUT, IN + 1))
+    shapes["b2"] = (4, IN + 1)
+    with pytest.raises(ValueError, match="input widths disagree"):
+        glora.delta_shape(shapes)
+    with pytest.raises(ValueError, match="base weight"):
+        glora.delta({k: torch.zeros(v) for k, v in shapes.items()})
 
 
 # --- diag-oft -----------------------------------------------------------------------------------
@@ -151,46 +189,61 @@ def test_diag_oft(tmp_path, constraint, rescaled):
     if rescaled:
         assert shapes["rescale"] == (OUT, 1)
     w = model.layer.weight.detach()
-    assert oft.delta_shape(shapes, tuple(w.shape)) == (OUT, IN)
-    assert oft.rank(shapes) is None
+    assert oft.delta_shape(shapes) == (OUT, 0)
+    oft.check_weight(shapes, tuple(w.shape))
+    assert oft.rank(shapes) is None and oft.row_align(t) == 8
     if constraint == 1e-4:  # the bound binds: ||Q|| is far above 1e-4 * 64
         q = t["oft_blocks"] - t["oft_blocks"].transpose(1, 2)
-        assert float(q.norm()) > oft.constraint(t, OUT) > 0
+        assert float(q.norm()) > oft.constraint(t) > 0
 
     # LyCORIS forms R in fp32 and subtracts W afterwards, so its delta carries ~eps32 * |W| of
     # absolute error (visible when the constraint makes R nearly I); ours keeps R - I in fp64.
     tol = 2e-6 * float(w.abs().max())
     d = oft.delta(t, w)
     _close(d, module.get_diff_weight(multiplier=1.0)[0], tol)
-    _close(_row_blocks(oft, shapes, oft.row_parts(t, OUT), w), d)
-    parts, x = oft.prepare(t, OUT, torch.float32), _x()
-    y = torch.nn.functional.linear(x, w)  # the base output without its bias
+    _close(_row_blocks(oft, t, w), d)
+    x = _x()
+    _close(oft.bypass(x, t, w), x @ d.T, tol)
     for s in STRENGTHS:
+        ref = _lycoris_delta_out(model, module, x, s)
         if rescaled and s != 1.0:
             # LyCORIS's multiplier scales only the rotation: W' = rescale * (I + s (R - I))^T W, so its
             # delta is s * delta + (1 - s) * (rescale - 1) * W, not linear in s. (Its get_diff_weight
             # fails here in 4.1.3, a broadcast of (out, 1) against (blocks, b, in); its forward works.)
             lyco = s * d + (1 - s) * (t["rescale"] - 1) * w
-            _close(torch.nn.functional.linear(x, lyco), _lycoris_delta_out(model, module, x, s), tol)
+            _close(torch.nn.functional.linear(x, lyco), ref, tol)
             continue
         _close(s * d, module.get_diff_weight(multiplier=s)[0], tol)
-        _close(s * oft.output_delta(y, parts), _lycoris_delta_out(model, module, x, s), tol)
+        kind, p = oft.prepare(t, s, Rows(), w)
+        assert kind == "oft"
+        _close(_kernel_out(oft.add_, x, w, p), ref, tol)
+        _close(_kernel_out(oft.add_, x, w, oft.prepare(t, 1.0, Rows(), w)[1], alpha=s), ref, tol)
+        assert oft.bound(p) >= float((s * d).abs().max())
         if s == 1.0:
             # LyCORIS's bypass rotates the base output *with* its bias; its merge leaves the bias alone.
             bypass = _lycoris_delta_out(model, module, x, s, bypass=True)
-            _close(oft.output_delta(y + model.layer.bias.detach(), parts), bypass, tol)
-    assert oft.abs_bound(t, w) >= float(d.abs().max())
-    assert oft.dynamic_bytes(shapes, 4) == 4 * (8 * 8 * 8 + (OUT if rescaled else 0))
+            _close(_kernel_out(oft.add_, x, w, p) + _bias_term(oft, t, model), bypass, tol)
+    # A placement of whole blocks (rows [8, 24)) takes those blocks and W's rows only.
+    _close(_kernel_out(oft.add_, x, w[8:24], oft.prepare(t, 1.0, Rows(8, 16), w[8:24])[1]), x @ d[8:24].T, tol)
+    with pytest.raises(ValueError, match="cut its blocks"):
+        oft.prepare(t, 1.0, Rows(4, 16), w[4:20])
+    assert oft.dynamic_numel(shapes) == 8 * 8 * 8 + OUT * (2 if rescaled else 1)
 
 
-def test_diag_oft_row_span_and_checks():
+def _bias_term(mod, t, model) -> torch.Tensor:
+    """What LyCORIS's bypass adds on top of the merge: the rotation of the bias, delta(b) for W = b."""
+    b = model.layer.bias.detach()
+    return mod.delta(t, b.reshape(-1, 1)).reshape(-1)
+
+
+def test_diag_oft_checks():
     shapes = {"oft_blocks": (16, 4, 4)}
-    assert oft.row_span(shapes, 5, 9) == (4, 12)
-    assert oft.row_span(shapes, 8, 12) == (8, 12)
     with pytest.raises(ValueError, match="cover 64 rows, the weight has 60"):
-        oft.delta_shape(shapes, (60, IN))
+        oft.check_weight(shapes, (60, IN))
     with pytest.raises(ValueError, match="square blocks"):
-        oft.delta_shape({"oft_blocks": (16, 4, 3)}, (OUT, IN))
+        oft.delta_shape({"oft_blocks": (16, 4, 3)})
+    with pytest.raises(ValueError, match="one value per output row"):
+        oft.delta_shape({**shapes, "rescale": (60, 1)})
 
 
 # --- BOFT ---------------------------------------------------------------------------------------
@@ -202,33 +255,38 @@ def test_boft(tmp_path, constraint, rescaled):
     shapes = {k: tuple(v.shape) for k, v in t.items()}
     assert shapes["oft_blocks"] == (5, 16, 4, 4)
     w = model.layer.weight.detach()
-    assert boft.delta_shape(shapes, tuple(w.shape)) == (OUT, IN)
+    assert boft.delta_shape(shapes) == (OUT, 0)
+    boft.check_weight(shapes, tuple(w.shape))
+    assert boft.row_align(t) == OUT
     d = boft.delta(t, w)
     _close(d, module.get_diff_weight(multiplier=1.0)[0])
     # Column blocks of the delta need only the same columns of W (rows need all of W).
-    parts = boft.row_parts(t, OUT)
+    parts = boft.row_parts(t)
     cols = torch.cat([boft.delta_cols(parts, w[:, c0:c1]) for c0, c1 in ((0, 5), (5, 30), (30, IN))], dim=1)
     _close(cols, d)
-    assert boft.row_span(shapes, 3, 9) == (0, OUT)
-    _close(_row_blocks(boft, shapes, parts, w), d)
-    parts, x = boft.prepare(t, OUT, torch.float32), _x()
-    y = torch.nn.functional.linear(x, w)
-    _close(boft.output_delta(y, parts), _lycoris_delta_out(model, module, x, 1.0))
+    _close(_row_blocks(boft, t, w), d)
+    x = _x()
+    _close(boft.bypass(x, t, w), x @ d.T)
+    kind, p = boft.prepare(t, 1.0, Rows(), w)
+    assert kind == "boft"
+    _close(_kernel_out(boft.add_, x, w, p), _lycoris_delta_out(model, module, x, 1.0))
     # As diag-oft: LyCORIS's bypass rotates the bias with the output, its merge does not.
-    bypass = _lycoris_delta_out(model, module, x, 1.0, bypass=True)
-    _close(boft.output_delta(y + model.layer.bias.detach(), parts), bypass)
+    _close(_kernel_out(boft.add_, x, w, p) + _bias_term(boft, t, model),
+           _lycoris_delta_out(model, module, x, 1.0, bypass=True))
+    assert boft.bound(boft.prepare(t, -1.3, Rows(), w)[1]) >= float((1.3 * d).abs().max())
     # At other strengths LyCORIS interpolates every stage toward I (a product of interpolations),
     # which is not linear in the strength; ours is. They differ: say so, as a test.
     s = 0.5
     assert not torch.allclose(s * d, module.get_diff_weight(multiplier=s)[0].detach(), rtol=1e-3, atol=1e-4)
-    assert boft.abs_bound(t, w) >= float(d.abs().max())
+    with pytest.raises(ValueError, match="needs all of them"):
+        boft.prepare(t, 1.0, Rows(0, 32), w[:32])
 
 
 def test_boft_checks_shapes():
     with pytest.raises(ValueError, match="butterfly"):
-        boft.delta_shape({"oft_blocks": (4, 12, 5, 5)}, (60, IN))  # odd block
+        boft.delta_shape({"oft_blocks": (4, 12, 5, 5)})  # odd block
     with pytest.raises(ValueError, match="butterfly"):
-        boft.delta_shape({"oft_blocks": (3, 3, 4, 4)}, (12, IN))  # stage 2 mixes 16 rows of 12
+        boft.delta_shape({"oft_blocks": (3, 3, 4, 4)})  # stage 2 mixes 16 rows of 12
 
 
 # --- IA3 ----------------------------------------------------------------------------------------
@@ -245,23 +303,37 @@ def test_ia3(tmp_path, on_input):
     shapes = {k: tuple(v.shape) for k, v in t.items()}
     assert shapes["weight"] == ((IN,) if on_input else (OUT,))
     w, b = model.layer.weight.detach(), model.layer.bias.detach()
-    assert ia3.delta_shape(shapes, tuple(w.shape), on_input) == (OUT, IN)
+    assert ia3.delta_shape(shapes) == (0, 0)
+    ia3.check_weight(t, tuple(w.shape))
     with pytest.raises(ValueError, match="IA3 'weight' has"):
-        ia3.delta_shape(shapes, tuple(w.shape), not on_input)
+        ia3.check_weight(t, (IN, OUT))
 
     d = ia3.delta(t, w)
     for s in STRENGTHS:
         _close(s * d, module.get_diff_weight(multiplier=s)[0])
-    _close(_row_blocks(ia3, shapes, ia3.row_parts(t), w), d)
-    parts, x = ia3.prepare(t, torch.float32), _x()
+    _close(_row_blocks(ia3, t, w), d)
+    x, base = _x(), _plain(model)
+    _close(ia3.bypass(x, t, w), x @ d.T)
     for s in STRENGTHS:
-        base = _plain(model)
-        ours = ia3.forward(x, base, b, parts, s) - base(x)
-        _close(ours, _lycoris_delta_out(model, module, x, s))
+        ref = _lycoris_delta_out(model, module, x, s)
+        kind, p = ia3.prepare(t, s, Rows(), w)
+        if on_input:
+            assert kind == "ia3_in"
+            ours = base(x + ia3.transform(x, p)) - base(x)
+        else:
+            assert kind == "ia3"
+            ours = _kernel_out(ia3.add_, x, w, p)
+        _close(ours, ref)
+        assert ia3.bound(p) >= float((s * d).abs().max())
         bypass = _lycoris_delta_out(model, module, x, s, bypass=True)
         if on_input:
             _close(ours, bypass)
         else:
             # LyCORIS's bypass scales the bias too: (Wx + b)(1 + s w); its merge does not.
             _close(ours + s * t["weight"] * b, bypass)
-    assert ia3.abs_bound(t, w) >= float(d.abs().max())
+    part = ia3.prepare(t, 1.0, Rows(16, 24), w[16:40])
+    if on_input:
+        assert part is None  # an input transform would touch every row: the dense fallback
+    else:
+        _close(_kernel_out(ia3.add_, x, w[16:40], part[1]), x @ d[16:40].T)
+    assert ia3.dynamic_numel(shapes) == (IN if on_input else OUT)

@@ -12,9 +12,9 @@ multiplied by its R (Cayley of the skew part, as diag-oft) — R @ block here, w
 
 Strength is linear here (W + t * delta). LyCORIS interpolates each stage toward I instead, so the
 two agree at strength 1 only. Rows of the delta need all rows of W (the last stage mixes rows out/2
-apart), but columns are independent: `delta_cols` gives any columns from the same columns of W,
-so merges should go by column blocks. Dynamic mode applies the stages to the base output without
-its bias (`output_delta`), O(tokens * out * b * m).
+apart): `row_align` is the whole height, so a merge takes it in one block, and a placement of part
+of the delta's rows cannot be applied. Columns are independent (`delta_cols`). Dynamic mode applies
+the stages to the base output without its bias (`add_`), O(tokens * out * b * m).
 """
 
 from __future__ import annotations
@@ -22,35 +22,45 @@ from __future__ import annotations
 import torch
 
 from . import oft
-from ._shapes import matrix
+
+Tensors = dict[str, torch.Tensor]
 
 
-def delta_shape(shapes: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    m, n, b, _ = oft._blocks_shape(shapes, ndim=4)
-    out, n_in = matrix({"weight": weight_shape}, "weight")
-    if n * b != out:
-        raise ValueError(f"'oft_blocks' {n} blocks of {b} rows cover {n * b} rows, the weight has {out}")
+def _shape(shapes) -> tuple[int, int, int]:
+    m, n, b, _ = oft.blocks_shape(shapes, ndim=4)
+    out = n * b
     if b % 2 or any(out % (2**i * b) for i in range(m)):
-        raise ValueError(f"'oft_blocks' {list(shapes['oft_blocks'])} is no butterfly over {out} rows "
+        raise ValueError(f"'oft_blocks' {[m, n, b, b]} is no butterfly over {out} rows "
                          f"(needs an even block and out divisible by 2^i * {b} for each of the {m} stages)")
-    oft._check_rescale(shapes, out)
-    return out, n_in
+    return m, n, b
 
 
-def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def delta_shape(shapes) -> tuple[int, int]:
+    """(out, 0): the rows from the blocks; 0 = the weight's own input width (see `check_weight`)."""
+    m, n, b = _shape(shapes)
+    oft.check_rescale(shapes, n * b)
+    return n * b, 0
+
+
+def check_weight(shapes, weight_shape: tuple[int, ...]) -> None:
+    oft.check_weight(shapes, weight_shape, ndim=4)
+
+
+def rank(shapes) -> int | None:
     return None  # alpha is the constraint, never a scale
 
 
-def row_parts(tensors: dict[str, torch.Tensor], out: int) -> dict[str, torch.Tensor]:
-    """fp32 parts: R - I for every stage and block (m, n, b, b), and the optional rescale column."""
-    parts = {"rot": oft.cayley(tensors["oft_blocks"], oft.constraint(tensors, out)).float()}
+def row_parts(tensors: Tensors) -> Tensors:
+    """fp32 parts: "rot" R - I for every stage and block (m, n, b, b), "rescale" (out,) if any."""
+    parts = {"rot": oft.cayley(tensors["oft_blocks"], oft.constraint(tensors)).float()}
     if "rescale" in tensors:
         parts["rescale"] = tensors["rescale"].reshape(-1).float()
     return parts
 
 
-def prepare(tensors: dict[str, torch.Tensor], out: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) for k, v in row_parts(tensors, out).items()}
+def row_align(tensors: Tensors) -> int:
+    m, n, b, _ = tensors["oft_blocks"].shape
+    return n * b
 
 
 def _stage(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,55 +72,91 @@ def _stage(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
     return c.reshape(*lead, out // (2 * k), k, 2).transpose(-1, -2).reshape(*lead, out)
 
 
-def _apply(v: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """rescale * B v - v on the last axis; B v - v is summed stage by stage so it keeps its digits."""
-    rot = parts["rot"]
+def _butterfly(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """B v - v on the last axis, summed stage by stage so it keeps its digits when B is near I."""
+    rot = rot.to(v.dtype)
     half = rot.shape[-1] // 2
     cur, d = v, torch.zeros_like(v)
     for i in range(rot.shape[0]):
         c = _stage(cur, rot[i], 2**i * half)
         cur, d = cur + c, d + c
-    if "rescale" in parts:
-        s = parts["rescale"]
-        d = s * d + (s - 1.0) * v
     return d
 
 
-def delta_cols(parts: dict[str, torch.Tensor], w_cols: torch.Tensor) -> torch.Tensor:
+def _whole(rot: torch.Tensor, lo: int, hi: int) -> None:
+    out = rot.shape[1] * rot.shape[2]
+    if (lo, hi) != (0, out):
+        raise ValueError(f"BOFT rows [{lo}, {hi}) are part of its {out} rows; its butterfly needs all of them")
+
+
+def delta_cols(parts: Tensors, w_cols: torch.Tensor) -> torch.Tensor:
     """Columns of the fp32 delta from the same columns of W (all rows)."""
-    return _apply(w_cols.float().T, parts).T
+    wt = w_cols.float().T
+    gs = oft.gain_shift(parts.get("rescale"), 1.0, wt.shape[-1])
+    return oft.combine(_butterfly(wt, parts["rot"]), wt, gs).T
 
 
-def delta(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    return delta_cols(row_parts(tensors, weight.shape[0]), weight)
+def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole fp32 delta (lo, hi must be 0, out: see `row_align`) from all of W."""
+    if weight is None:
+        raise ValueError("BOFT's delta depends on the base weight")
+    _whole(parts["rot"], lo, hi)
+    return delta_cols(parts, weight)
 
 
-def row_span(shapes: dict[str, tuple[int, ...]], lo: int, hi: int) -> tuple[int, int]:
-    """Every row of W: the butterfly's last stage mixes rows out / 2 apart."""
-    m, n, b, _ = oft._blocks_shape(shapes, ndim=4)
-    return 0, n * b
+def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    if weight is None:
+        raise ValueError("BOFT's delta depends on the base weight")
+    return delta_cols(row_parts(tensors), weight)
 
 
-def delta_block(parts: dict[str, torch.Tensor], w_rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) from all of W: costs a whole delta per call, so prefer `delta_cols`."""
-    return delta_cols(parts, w_rows)[lo:hi]
+def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+    """("boft", fp32 tensors): "rot" (all stages), "gain"/"shift" (scale and rescale folded), and the
+    weight facts `bound` needs. The placement must keep every delta row."""
+    parts = row_parts(tensors)
+    _whole(parts["rot"], placement.d0, placement.d0 + placement.n)
+    out = {"rot": parts["rot"], **oft.gain_shift(parts.get("rescale"), scale, placement.n)}
+    return "boft", {**out, **_weight_facts(weight)}
 
 
-def output_delta(y: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """delta @ x from the base output without its bias, y = x @ W^T."""
-    return _apply(y, parts)
-
-
-def abs_bound(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> float:
-    """B is orthogonal, so |(B W)_ij| <= ||W[:, j]||; the rescale multiplies that, "- W" adds max|W|
-    (1% slack for the rounding by which the computed stages miss orthogonality)."""
+def _weight_facts(weight: torch.Tensor | None) -> Tensors:
+    zero = torch.zeros((), dtype=torch.float64)
+    if weight is None or not weight.numel():
+        return {"w_colmax": zero, "w_absmax": zero}
     w = weight.double()
-    if not w.numel():
-        return 0.0
-    scale = float(tensors["rescale"].double().abs().max()) if "rescale" in tensors else 1.0
-    return 1.01 * scale * float(w.norm(dim=0).max()) + float(w.abs().max())
+    return {"w_colmax": w.norm(dim=0).max(), "w_absmax": w.abs().max()}
 
 
-def dynamic_bytes(shapes: dict[str, tuple[int, ...]], element_size: int) -> int:
-    m, n, b, _ = oft._blocks_shape(shapes, ndim=4)
-    return (m * n * b * b + (n * b if "rescale" in shapes else 0)) * element_size
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+    """rows += alpha * delta x, from wx = x @ W^T (the base output without bias)."""
+    rows.add_(oft.combine(_butterfly(wx, t["rot"]), wx, t) * alpha)
+
+
+def bound(t: Tensors) -> float:
+    """B is orthogonal, so ||(B - I) row|| <= 2 and |((B - I) W)_ij| <= 2 ||W[:, j]||; the gain
+    multiplies that and the shift adds max|shift| max|W| (1% slack for the rounding of B), fp64."""
+    def amax(v: torch.Tensor) -> float:
+        return float(v.double().abs().max()) if v.numel() else 0.0
+
+    shift = amax(t["shift"]) * float(t["w_absmax"]) if "shift" in t else 0.0
+    return 2.02 * amax(t["gain"]) * float(t["w_colmax"]) + shift
+
+
+def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    if weight is None:
+        raise ValueError("BOFT's delta depends on the base weight")
+    wx = x @ weight.to(x.dtype).T
+    t = prepare(tensors, 1.0, oft.Whole(weight.shape[0]), None)[1]
+    rows = torch.zeros_like(wx)
+    add_(rows, x, wx, t, 1.0)
+    return rows
+
+
+def dynamic_numel(shapes) -> int:
+    m, n, b = _shape(shapes)
+    return m * n * b * b + n * b * (2 if "rescale" in shapes else 1)
+
+
+def describe(shapes) -> str:
+    m, n, b = _shape(shapes)
+    return f"butterfly of {m} stages x {n} rotations of {b}x{b}" + (" + rescale" if "rescale" in shapes else "")

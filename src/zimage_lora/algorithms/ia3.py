@@ -12,9 +12,11 @@ the base output including its bias, (W x + bias) * (1 + s w), while its merge an
 forward leave the bias alone; this module follows the merge (the bias is not scaled).
 
 The `on_input` flag is a value, not a shape: on a square layer only it tells rows from columns, so
-callers read it (`is_on_input`) before validating. Rows: rows [lo, hi) need the same rows of W.
-Dynamic mode never builds the delta: on output, delta x = weight * y with y the base output
-without its bias; on input, the base layer runs on x + c * weight * x (one base matmul).
+`delta_shape` cannot know the delta's shape and returns (0, 0); `check_weight` (tensors and the
+weight's shape) is the real check. Rows [lo, hi) of the delta need the same rows of W.
+Dynamic mode never builds the delta: on output, delta x = scale * weight * wx (wx the base output
+without its bias, kernel "ia3"); on input, the base layer runs on x + scale * weight * x (kernel
+"ia3_in", a `transform`, whole placements only; others take the dense fallback).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import torch
 
 from ._shapes import matrix
 
+Tensors = dict[str, torch.Tensor]
 
-def is_on_input(tensors: dict[str, torch.Tensor]) -> bool:
+
+def is_on_input(tensors: Tensors) -> bool:
     flag = tensors.get("on_input")
     return flag is not None and bool(flag.reshape(-1)[0] != 0)
 
 
-def _length(shapes: dict[str, tuple[int, ...]]) -> int:
+def _length(shapes) -> int:
     if "weight" not in shapes:
         raise ValueError("IA3 needs 'weight'")
     shape = tuple(shapes["weight"])
@@ -40,69 +44,82 @@ def _length(shapes: dict[str, tuple[int, ...]]) -> int:
     return shape[0]
 
 
-def delta_shape(shapes: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...], on_input: bool) -> tuple[int, int]:
+def delta_shape(shapes) -> tuple[int, int]:
+    """(0, 0): the weight's own shape; which side the vector scales is a value (`check_weight`)."""
+    _length(shapes)
+    return 0, 0
+
+
+def check_weight(tensors: Tensors, weight_shape: tuple[int, ...]) -> None:
     out, n_in = matrix({"weight": weight_shape}, "weight")
-    n = _length(shapes)
-    want, axis = (n_in, "input columns") if on_input else (out, "output rows")
+    n = _length({"weight": tuple(tensors["weight"].shape)})
+    want, axis = (n_in, "input columns") if is_on_input(tensors) else (out, "output rows")
     if n != want:
         raise ValueError(f"IA3 'weight' has {n} values, the layer has {want} {axis}")
-    return out, n_in
 
 
-def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def rank(shapes) -> int | None:
     return None
 
 
-def row_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    w = tensors["weight"].float()
-    return {"cols" if is_on_input(tensors) else "rows": w}
+def row_parts(tensors: Tensors) -> Tensors:
+    return {"cols" if is_on_input(tensors) else "rows": tensors["weight"].float()}
 
 
-def row_span(shapes: dict[str, tuple[int, ...]], lo: int, hi: int) -> tuple[int, int]:
-    return lo, hi
-
-
-def delta_block(parts: dict[str, torch.Tensor], w_rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of the fp32 delta from `w_rows` = W[lo:hi]."""
+def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [lo, hi) of the fp32 delta from `weight` = W rows [lo, hi)."""
+    if weight is None:
+        raise ValueError("IA3's delta depends on the base weight")
     if "cols" in parts:
-        return w_rows.float() * parts["cols"]
-    return w_rows.float() * parts["rows"][lo:hi, None]
+        return weight.float() * parts["cols"]
+    return weight.float() * parts["rows"][lo:hi, None]
 
 
-def delta(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    return delta_block(row_parts(tensors), weight, 0, weight.shape[0])
+def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    if weight is None:
+        raise ValueError("IA3's delta depends on the base weight")
+    return delta_block(row_parts(tensors), 0, weight.shape[0], weight=weight)
 
 
-def prepare(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) for k, v in row_parts(tensors).items()}
+def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    if weight is None:
+        raise ValueError("IA3's delta depends on the base weight")
+    v, w = tensors["weight"].to(x.dtype), weight.to(x.dtype)
+    return (x * v) @ w.T if is_on_input(tensors) else (x @ w.T) * v
 
 
-def input_delta(x: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """on_input: the change to the base layer's input, unscaled (x * weight); else None."""
-    return x * parts["cols"] if "cols" in parts else None
+def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+    """On output: ("ia3", {"rows": scale * weight[kept rows]}); on input and a whole placement:
+    ("ia3_in", {"cols": scale * weight}); else None (the dense fallback). Plus max|W| for `bound`."""
+    v = tensors["weight"].float() * scale
+    facts = {"w_absmax": weight.double().abs().max() if weight is not None and weight.numel()
+             else torch.zeros((), dtype=torch.float64)}
+    if not is_on_input(tensors):
+        return "ia3", {"rows": v[placement.d0 : placement.d0 + placement.n].contiguous(), **facts}
+    if placement.whole:
+        return "ia3_in", {"cols": v.contiguous(), **facts}
+    return None
 
 
-def output_delta(y: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """On output: delta @ x from the base output without its bias (y * weight); else None."""
-    return y * parts["rows"] if "rows" in parts else None
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+    """Kernel "ia3": rows += alpha * rows-scale * wx (wx = x @ W_rows^T, no bias)."""
+    rows.add_(wx * (t["rows"].to(wx.dtype) * alpha))
 
 
-def forward(x: torch.Tensor, base, bias: torch.Tensor | None, parts: dict[str, torch.Tensor], c: float) -> torch.Tensor:
-    """The adapted layer's output at scale c; `base` is the layer's own forward (weight and bias)."""
-    if "cols" in parts:
-        return base(x + c * input_delta(x, parts))
-    y = base(x)
-    plain = y if bias is None else y - bias
-    return y + c * output_delta(plain, parts)
+def transform(x: torch.Tensor, t: Tensors) -> torch.Tensor:
+    """Kernel "ia3_in": the base runs on x + alpha * x * cols."""
+    return x * t["cols"].to(x.dtype)
 
 
-def abs_bound(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> float:
-    """|delta| <= max|weight| * max|W| (each value is one product)."""
-    w, v = weight.double(), tensors["weight"].double()
-    if not w.numel() or not v.numel():
-        return 0.0
-    return float(v.abs().max()) * float(w.abs().max())
+def bound(t: Tensors) -> float:
+    """Each delta value is one product: max|scale * weight| * max|W|, fp64."""
+    v = t["rows"] if "rows" in t else t["cols"]
+    return (float(v.double().abs().max()) if v.numel() else 0.0) * float(t["w_absmax"])
 
 
-def dynamic_bytes(shapes: dict[str, tuple[int, ...]], element_size: int) -> int:
-    return math.prod(shapes["weight"]) * element_size
+def dynamic_numel(shapes) -> int:
+    return math.prod(shapes["weight"])
+
+
+def describe(shapes) -> str:
+    return f"{_length(shapes)} channel scales"

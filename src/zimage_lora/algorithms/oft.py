@@ -11,14 +11,15 @@ R's *first* index (einsum "k n m, k n ... -> k m ..."), so each block of rows be
 
     W' = rescale * R^T W (blockwise),  delta = W' - W.
 
-The delta depends on W, so every function takes the base weight. There is no rank: alpha never
-scales, and `rank` returns None (scale 1). Strength is linear here (W + t * delta). LyCORIS agrees at
-every strength without `rescale` (its multiplier interpolates R toward I, which is linear in the
+The delta depends on W, so the functions take the weight (rows [lo, hi) in a row block). There is no
+rank: alpha never scales, `rank` is None (scale 1). Strength is linear here (W + t * delta). LyCORIS
+agrees at every strength without `rescale` (its multiplier interpolates R toward I, linear in the
 delta); with `rescale` it scales only the rotation part, so the two agree at strength 1 only.
 
-Rows: block k of the delta needs only block k of W, so row ranges widen to whole blocks (`row_span`).
-Dynamic mode never builds the delta: the base output without bias, y, becomes
-rescale * (y_block @ R) - y per block (`output_delta`).
+Rows: block k of the delta needs only block k of W, so row blocks must be whole blocks (`row_align`);
+a placement that cuts a block (a fused-qkv file whose blocks straddle q/k on split modules) cannot be
+applied. Dynamic mode never builds the delta: from the base output without bias, wx, it adds
+gain * (wx_k @ (R - I)) + shift * wx per block (`add_`), O(tokens * out * b).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import torch
 
 from ._shapes import matrix
 
+Tensors = dict[str, torch.Tensor]
 
-def _blocks_shape(shapes: dict[str, tuple[int, ...]], ndim: int = 3) -> tuple[int, ...]:
+
+def blocks_shape(shapes, ndim: int = 3) -> tuple[int, ...]:
+    """`oft_blocks`' shape, checked: (n, b, b) for diag-oft, (m, n, b, b) for BOFT."""
     if "oft_blocks" not in shapes:
         raise ValueError("needs 'oft_blocks'")
     shape = tuple(shapes["oft_blocks"])
@@ -40,39 +44,44 @@ def _blocks_shape(shapes: dict[str, tuple[int, ...]], ndim: int = 3) -> tuple[in
     return shape
 
 
-def _check_rescale(shapes: dict[str, tuple[int, ...]], out: int) -> None:
+def check_rescale(shapes, out: int) -> None:
     if "rescale" in shapes:
-        numel = math.prod(shapes["rescale"])
-        if numel != out or len(shapes["rescale"]) > 2:
-            found = list(shapes["rescale"])
+        found = list(shapes["rescale"])
+        if math.prod(found) != out or len(found) > 2:
             raise ValueError(f"'rescale' must hold one value per output row ({out}), found shape {found}")
 
 
-def delta_shape(shapes: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(out, in) of the delta: the base weight's, once the blocks are checked to tile its rows."""
-    n, b, _ = _blocks_shape(shapes)
-    out, n_in = matrix({"weight": weight_shape}, "weight")
-    if n * b != out:
-        raise ValueError(f"'oft_blocks' {n} blocks of {b} rows cover {n * b} rows, the weight has {out}")
-    _check_rescale(shapes, out)
-    return out, n_in
+def check_weight(shapes, weight_shape: tuple[int, ...], ndim: int = 3) -> None:
+    """The blocks must tile the weight's rows exactly (the input width is the weight's own)."""
+    shape = blocks_shape(shapes, ndim)
+    out = matrix({"weight": weight_shape}, "weight")[0]
+    if shape[-3] * shape[-1] != out:
+        raise ValueError(f"'oft_blocks' {shape[-3]} blocks of {shape[-1]} rows cover {shape[-3] * shape[-1]} rows, "
+                         f"the weight has {out}")
 
 
-def rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def delta_shape(shapes) -> tuple[int, int]:
+    """(out, 0): the rows from the blocks; 0 = the weight's own input width (see `check_weight`)."""
+    n, b, _ = blocks_shape(shapes)
+    check_rescale(shapes, n * b)
+    return n * b, 0
+
+
+def rank(shapes) -> int | None:
     return None  # alpha is the constraint, never a scale
 
 
-def constraint(tensors: dict[str, torch.Tensor], out: int) -> float:
-    """LyCORIS's norm bound on Q: alpha * out (DiagOFTModule.__init__), 0 = none."""
+def constraint(tensors: Tensors) -> float:
+    """LyCORIS's norm bound on Q: alpha * out (DiagOFTModule/ButterflyOFTModule.__init__), 0 = none."""
     alpha = tensors.get("alpha")
-    return 0.0 if alpha is None else float(alpha) * out
+    b = tensors["oft_blocks"].shape
+    return 0.0 if alpha is None else float(alpha) * b[-3] * b[-1]
 
 
 def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
     """R - I for every block (any leading dims), in float64: R is within rounding of I for small Q,
     so keeping R - I instead of R avoids the cancellation a later `R @ W - W` would suffer."""
-    b = blocks.double()
-    q = b - b.transpose(-1, -2)
+    q = blocks.double() - blocks.double().transpose(-1, -2)
     if bound > 0:
         q_norm = float(torch.linalg.vector_norm(q)) + 1e-8
         if q_norm > bound:
@@ -82,78 +91,124 @@ def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
     return 2.0 * torch.linalg.solve(eye - q, q)
 
 
-def _rescale(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    r = tensors.get("rescale")
-    return None if r is None else r.reshape(-1, 1).float()
-
-
-def row_parts(tensors: dict[str, torch.Tensor], out: int) -> dict[str, torch.Tensor]:
-    """fp32 parts for any rows of the delta: R - I per block and the optional rescale column."""
-    parts = {"rot": cayley(tensors["oft_blocks"], constraint(tensors, out)).float()}
-    rescale = _rescale(tensors)
-    if rescale is not None:
-        parts["rescale"] = rescale
+def row_parts(tensors: Tensors) -> Tensors:
+    """fp32 parts for any whole blocks of the delta: "rot" R - I (n, b, b), "rescale" (out,) if any."""
+    parts = {"rot": cayley(tensors["oft_blocks"], constraint(tensors)).float()}
+    if "rescale" in tensors:
+        parts["rescale"] = tensors["rescale"].reshape(-1).float()
     return parts
 
 
-def row_span(shapes: dict[str, tuple[int, ...]], lo: int, hi: int) -> tuple[int, int]:
-    """The rows of W that rows [lo, hi) of the delta need: [lo, hi) widened to whole blocks."""
-    b = _blocks_shape(shapes)[1]
-    return lo // b * b, -(-hi // b) * b
+def row_align(tensors: Tensors) -> int:
+    return tensors["oft_blocks"].shape[-1]
 
 
-def delta_block(parts: dict[str, torch.Tensor], w_rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of the fp32 delta from `w_rows` = W[row_span(lo, hi)] (any dtype)."""
-    rot = parts["rot"]
-    b = rot.shape[-1]
-    start = lo // b * b
-    k0, k1 = start // b, -(-hi // b)
-    w = w_rows.float()
-    # (R^T - I) @ W_block for each block: contract the block's row index with rot's first index.
-    d = torch.einsum("knm,kni->kmi", rot[k0:k1], w.reshape(k1 - k0, b, -1)).reshape(w.shape)
-    if "rescale" in parts:
-        s = parts["rescale"][start : start + w.shape[0]]
-        d = s * d + (s - 1.0) * w  # rescale * R^T W - W without forming R^T W - W twice
-    return d[lo - start : hi - start]
+def _block_range(b: int, lo: int, hi: int) -> tuple[int, int]:
+    if lo % b or hi % b:
+        raise ValueError(f"OFT rows [{lo}, {hi}) cut its blocks of {b} rows; only whole blocks can be applied")
+    return lo // b, hi // b
 
 
-def delta(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """The full fp32 delta rescale * R^T W - W (unscaled: strength multiplies it)."""
-    out = weight.shape[0]
-    return delta_block(row_parts(tensors, out), weight, 0, out)
-
-
-def prepare(tensors: dict[str, torch.Tensor], out: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What dynamic mode keeps: R - I per block (n, b, b) and the rescale row, in `dtype`."""
-    return {k: v.to(dtype) for k, v in row_parts(tensors, out).items()}
-
-
-def output_delta(y: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """delta @ x from the base output without its bias, y = x @ W^T: per block y_k @ (R - I),
-    then the rescale. O(tokens * out * b), against O(tokens * out * in) for a dense delta."""
-    rot = parts["rot"]
+def _rotate(wx: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """wx (..., n * b) with each block k times rot[k] on the right: (R^T - I) applied to columns."""
     n, b, _ = rot.shape
-    lead = y.shape[:-1]
-    yb = y.reshape(-1, n, b)
-    d = torch.einsum("tkn,knm->tkm", yb, rot).reshape(*lead, n * b)
-    if "rescale" in parts:
-        s = parts["rescale"].reshape(-1)
-        d = s * d + (s - 1.0) * y
+    lead = wx.shape[:-1]
+    return torch.einsum("tkn,knm->tkm", wx.reshape(-1, n, b), rot.to(wx.dtype)).reshape(*lead, n * b)
+
+
+def gain_shift(rescale: torch.Tensor | None, scale: float, n: int) -> Tensors:
+    """delta = gain * rotated + shift * W: gain = scale * rescale, shift = scale * (rescale - 1)."""
+    if rescale is None:
+        return {"gain": torch.full((n,), float(scale))}
+    return {"gain": rescale * scale, "shift": (rescale - 1.0) * scale}
+
+
+def combine(rotated: torch.Tensor, w: torch.Tensor, t: Tensors) -> torch.Tensor:
+    d = rotated * t["gain"].to(rotated.dtype)
+    if "shift" in t:
+        d = d + t["shift"].to(w.dtype) * w
     return d
 
 
-def abs_bound(tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> float:
-    """An upper bound on |every value| of the delta. R is orthogonal, so |(R^T W_k)_mj| is at most
-    the norm of column j of block k of W; the rescale multiplies that, and the "- W" adds max|W|.
-    1% slack covers the rounding by which the computed R misses orthogonality."""
-    n, b, _ = tensors["oft_blocks"].shape
+def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [lo, hi) (whole blocks) of the fp32 delta from `weight` = W rows [lo, hi)."""
+    if weight is None:
+        raise ValueError("OFT's delta depends on the base weight")
+    rot = parts["rot"]
+    k0, k1 = _block_range(rot.shape[-1], lo, hi)
+    wt = weight.float().T  # columns of W are vectors over the rows: rotate W^T's last axis
+    rescale = parts.get("rescale")
+    gs = gain_shift(None if rescale is None else rescale[lo:hi], 1.0, hi - lo)
+    return combine(_rotate(wt, rot[k0:k1]), wt, gs).T
+
+
+def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The full fp32 delta rescale * R^T W - W (unscaled: the strength multiplies it)."""
+    if weight is None:
+        raise ValueError("OFT's delta depends on the base weight")
+    return delta_block(row_parts(tensors), 0, weight.shape[0], weight=weight)
+
+
+def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+    """("oft", fp32 tensors) for the placement's delta rows, which must be whole blocks: "rot" R - I
+    of the kept blocks, "gain"/"shift" (scale and rescale folded), and the weight facts `bound` needs."""
+    parts = row_parts(tensors)
+    d0, n = placement.d0, placement.n
+    k0, k1 = _block_range(parts["rot"].shape[-1], d0, d0 + n)
+    rescale = parts.get("rescale")
+    out = {"rot": parts["rot"][k0:k1].contiguous(),
+           **gain_shift(None if rescale is None else rescale[d0 : d0 + n], scale, n)}
+    return "oft", {**out, **_weight_facts(weight, parts["rot"].shape[-1])}
+
+
+def _weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
+    """max over blocks and columns of ||W_k[:, j]||, and max |W| (0-d fp64), for `bound`."""
+    if weight is None or not weight.numel():
+        return {"w_colmax": torch.zeros((), dtype=torch.float64), "w_absmax": torch.zeros((), dtype=torch.float64)}
     w = weight.double()
-    col = float(w.reshape(n, b, -1).norm(dim=1).max()) if w.numel() else 0.0
-    scale = float(tensors["rescale"].double().abs().max()) if "rescale" in tensors else 1.0
-    return 1.01 * scale * col + (float(w.abs().max()) if w.numel() else 0.0)
+    return {"w_colmax": w.reshape(-1, b, w.shape[-1]).norm(dim=1).max(), "w_absmax": w.abs().max()}
 
 
-def dynamic_bytes(shapes: dict[str, tuple[int, ...]], element_size: int) -> int:
-    """Bytes dynamic mode holds: the n (b x b) blocks of R - I and the rescale row."""
-    n, b, _ = _blocks_shape(shapes)
-    return (n * b * b + (n * b if "rescale" in shapes else 0)) * element_size
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+    """rows += alpha * delta x, from wx = x @ W_rows^T (the base output without bias)."""
+    rows.add_(combine(_rotate(wx, t["rot"]), wx, t) * alpha)
+
+
+def bound(t: Tensors) -> float:
+    """|gain * ((R - I)^T W)_mj + shift * W_mj| <= max|gain| ||(R - I)[:, m]|| ||W_k[:, j]|| + max|shift| max|W|
+    (Cauchy-Schwarz; 1% slack for the rounding of R), fp64."""
+    def amax(v: torch.Tensor) -> float:
+        return float(v.double().abs().max()) if v.numel() else 0.0
+
+    rot = t["rot"].double()
+    col = float(rot.norm(dim=-2).max()) if rot.numel() else 0.0
+    shift = amax(t["shift"]) * float(t["w_absmax"]) if "shift" in t else 0.0
+    return 1.01 * amax(t["gain"]) * col * float(t["w_colmax"]) + shift
+
+
+def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ delta.T in x's dtype, unscaled, without the dense delta."""
+    if weight is None:
+        raise ValueError("OFT's delta depends on the base weight")
+    wx = x @ weight.to(x.dtype).T
+    rows = torch.zeros_like(wx)
+    t = prepare(tensors, 1.0, Whole(weight.shape[0]), None)[1]
+    add_(rows.reshape(-1, rows.shape[-1]), x, wx.reshape(-1, wx.shape[-1]), t, 1.0)
+    return rows
+
+
+class Whole:
+    """A placement of every row (what `bypass` needs from one)."""
+
+    def __init__(self, n: int) -> None:
+        self.d0, self.n, self.whole = 0, n, True
+
+
+def dynamic_numel(shapes) -> int:
+    n, b, _ = blocks_shape(shapes)
+    return n * b * b + n * b * (2 if "rescale" in shapes else 1)
+
+
+def describe(shapes) -> str:
+    n, b, _ = blocks_shape(shapes)
+    return f"{n} rotations of {b}x{b}" + (" + rescale" if "rescale" in shapes else "")
