@@ -63,22 +63,23 @@ def row_align(tensors: Tensors) -> int:
     return n * b
 
 
-def _stage(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
-    """(R - I) applied to the butterfly blocks of the last axis of v, in v's own order."""
-    *lead, out = v.shape
+def _stage_rows(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
+    """(R - I) applied to the butterfly blocks of v's rows (out, cols): rows viewed as (c, 2, k) are
+    read in (c, k, 2) order and cut into blocks of b; whole rows move, so W needs no transpose."""
+    out, cols = v.shape
     n, b, _ = rot.shape
-    p = v.reshape(*lead, out // (2 * k), 2, k).transpose(-1, -2).reshape(*lead, n, b)
-    c = torch.einsum("kij,...kj->...ki", rot, p)
-    return c.reshape(*lead, out // (2 * k), k, 2).transpose(-1, -2).reshape(*lead, out)
+    p = v.reshape(out // (2 * k), 2, k, cols).transpose(1, 2).reshape(n, b, cols)
+    c = torch.bmm(rot, p)
+    return c.reshape(out // (2 * k), k, 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-def _butterfly(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """B v - v on the last axis, summed stage by stage so it keeps its digits when B is near I."""
+def _butterfly_rows(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """B v - v for v (out, cols), summed stage by stage so it keeps its digits when B is near I."""
     rot = rot.to(v.dtype)
     half = rot.shape[-1] // 2
     cur, d = v, torch.zeros_like(v)
     for i in range(rot.shape[0]):
-        c = _stage(cur, rot[i], 2**i * half)
+        c = _stage_rows(cur, rot[i], 2**i * half)
         cur, d = cur + c, d + c
     return d
 
@@ -91,9 +92,9 @@ def _whole(rot: torch.Tensor, lo: int, hi: int) -> None:
 
 def delta_cols(parts: Tensors, w_cols: torch.Tensor) -> torch.Tensor:
     """Columns of the fp32 delta from the same columns of W (all rows)."""
-    wt = w_cols.float().T
-    gs = oft.gain_shift(parts.get("rescale"), 1.0, wt.shape[-1])
-    return oft.combine(_butterfly(wt, parts["rot"]), wt, gs).T
+    w = w_cols.float()
+    gs = oft.gain_shift(parts.get("rescale"), 1.0, w.shape[0])
+    return oft.combine(_butterfly_rows(w, parts["rot"]), w, {k: v[:, None] for k, v in gs.items()})
 
 
 def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,27 +130,34 @@ def _weight_facts(weight: torch.Tensor | None) -> Tensors:
 
 def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
     """rows += alpha * delta x, from wx = x @ W^T (the base output without bias)."""
-    rows.add_(oft.combine(_butterfly(wx, t["rot"]), wx, t) * alpha)
+    # The stages move whole rows of wx^T (one value per token): cheaper than permuting wx's last axis.
+    d = _butterfly_rows(wx.T.contiguous(), t["rot"]).T
+    rows.add_(oft.combine(d, wx, t) * alpha)
 
 
 def bound(t: Tensors) -> float:
-    """B is orthogonal, so ||(B - I) row|| <= 2 and |((B - I) W)_ij| <= 2 ||W[:, j]||; the gain
-    multiplies that and the shift adds max|shift| max|W| (1% slack for the rounding of B), fp64."""
+    """|((B - I) W)_ij| <= ||B - I||_2 ||W[:, j]|| (Cauchy-Schwarz), with ||B - I||_2 at most 2 (B is
+    orthogonal) and at most prod(1 + e_i) - 1 (B - I = prod(I + E_i) - I, e_i >= ||E_i||_2 the largest
+    Frobenius norm of a stage's R - I blocks). The gain multiplies that, the shift adds max|shift| max|W|;
+    1% slack for the rounding of B. fp64."""
     def amax(v: torch.Tensor) -> float:
         return float(v.double().abs().max()) if v.numel() else 0.0
 
+    rot = t["rot"].double()
+    grow = float(torch.prod(1.0 + rot.flatten(2).norm(dim=2).amax(dim=1))) - 1.0 if rot.numel() else 0.0
     shift = amax(t["shift"]) * float(t["w_absmax"]) if "shift" in t else 0.0
-    return 2.02 * amax(t["gain"]) * float(t["w_colmax"]) + shift
+    return 1.01 * min(2.0, grow) * amax(t["gain"]) * float(t["w_colmax"]) + shift
 
 
 def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     if weight is None:
         raise ValueError("BOFT's delta depends on the base weight")
-    wx = x @ weight.to(x.dtype).T
+    x2 = x.reshape(-1, x.shape[-1])
+    wx = x2 @ weight.to(x.dtype).T
     t = prepare(tensors, 1.0, oft.Whole(weight.shape[0]), None)[1]
     rows = torch.zeros_like(wx)
-    add_(rows, x, wx, t, 1.0)
-    return rows
+    add_(rows, x2, wx, t, 1.0)
+    return rows.reshape(*x.shape[:-1], wx.shape[-1])
 
 
 def dynamic_numel(shapes) -> int:

@@ -116,6 +116,12 @@ def _rotate(wx: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tkn,knm->tkm", wx.reshape(-1, n, b), rot.to(wx.dtype)).reshape(*lead, n * b)
 
 
+def _rotate_rows(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """(R^T - I) @ W_k for each block of rows of w (n * b, cols): one batched matmul, W untransposed."""
+    n, b, _ = rot.shape
+    return torch.bmm(rot.transpose(1, 2), w.reshape(n, b, -1)).reshape(w.shape)
+
+
 def gain_shift(rescale: torch.Tensor | None, scale: float, n: int) -> Tensors:
     """delta = gain * rotated + shift * W: gain = scale * rescale, shift = scale * (rescale - 1)."""
     if rescale is None:
@@ -136,10 +142,10 @@ def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = 
         raise ValueError("OFT's delta depends on the base weight")
     rot = parts["rot"]
     k0, k1 = _block_range(rot.shape[-1], lo, hi)
-    wt = weight.float().T  # columns of W are vectors over the rows: rotate W^T's last axis
+    w = weight.float()
     rescale = parts.get("rescale")
     gs = gain_shift(None if rescale is None else rescale[lo:hi], 1.0, hi - lo)
-    return combine(_rotate(wt, rot[k0:k1]), wt, gs).T
+    return combine(_rotate_rows(w, rot[k0:k1]), w, {k: v[:, None] for k, v in gs.items()})
 
 
 def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
