@@ -337,3 +337,55 @@ def test_ia3(tmp_path, on_input):
     else:
         _close(_kernel_out(ia3.add_, x, w[16:40], part[1]), x @ d[16:40].T)
     assert ia3.dynamic_numel(shapes) == (IN if on_input else OUT)
+
+
+def test_ia3_on_input_flag_dtypes():
+    # save_weights(dtype=None) keeps LyCORIS's int64 buffer; save_weights(dtype=bf16) casts it.
+    for dtype in (torch.int64, torch.bfloat16, torch.float32):
+        assert ia3.is_on_input({"on_input": torch.tensor(1).to(dtype)})
+        assert not ia3.is_on_input({"on_input": torch.tensor(0).to(dtype)})
+    assert not ia3.is_on_input({})
+
+
+# --- Z-Image's widths ---------------------------------------------------------------------------
+@pytest.mark.parametrize("out,lora_dim,shape", [
+    (3840, 64, (64, 60, 60)),  # attention and w2 rows: factorization(3840, 64) = (60, 64)
+    (10240, 4, (2560, 4, 4)),  # feed-forward w1/w3 rows
+    (15360, 128, (128, 120, 120)),  # adaLN_modulation rows
+])
+def test_diag_oft_at_zimage_widths(out, lora_dim, shape):
+    from lycoris.functional import diag_oft as lyco_oft
+    from lycoris.functional.general import factorization
+
+    b, n = factorization(out, lora_dim)  # DiagOFTModule: block_size, block_num
+    assert (n, b, b) == shape
+    torch.manual_seed(7)
+    w, blocks = torch.randn(out, 16), torch.randn(*shape) * 0.05
+    t = {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
+    oft.check_weight({"oft_blocks": shape}, (out, 16))
+    _close(oft.delta(t, w), lyco_oft.diff_weight(w, blocks, None, constraint=0.0), 2e-6 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("out,lora_dim,shape", [
+    (3840, 32, (8, 128, 30, 30)),  # 3840 = 30 * 2^7: blocks of 30 need lora_dim >= 30
+    (10240, 16, (11, 1024, 10, 10)),  # 10240 = 10 * 2^10
+])
+def test_boft_at_zimage_widths(out, lora_dim, shape):
+    from lycoris.functional import boft as lyco_boft
+    from lycoris.modules.boft import butterfly_factor
+
+    b, n = butterfly_factor(out, lora_dim)  # ButterflyOFTModule: boft_b, block_num; boft_m = log2(n) + 1
+    assert (n.bit_length(), n, b, b) == shape
+    torch.manual_seed(8)
+    w, blocks = torch.randn(out, 8), torch.randn(*shape) * 0.05
+    t = {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
+    boft.check_weight({"oft_blocks": shape}, (out, 8))
+    _close(boft.delta(t, w), lyco_boft.diff_weight(w, blocks, None, constraint=0.0))
+
+
+def test_boft_impossible_at_small_lora_dim():
+    from lycoris.modules.boft import butterfly_factor
+
+    # No even divisor <= 16 of 3840 leaves a power-of-two cofactor: LyCORIS refuses to write BOFT there.
+    with pytest.raises(ValueError, match="impossible"):
+        butterfly_factor(3840, 16)
