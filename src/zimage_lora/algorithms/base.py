@@ -32,7 +32,11 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `up`; IA3 per input column: the same vector); `row_align` when a row block of the delta needs whole
    groups of weight rows (OFT's blocks); merges then cut blocks on multiples of it.
 5. DoRA needs nothing: it folds into a kernel with `scale_rows` and `dense`, else runs on `DENSE`.
-6. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
+6. Reading: `claims` picks between algorithms sharing a family by shape; `check_weight` checks what
+   `delta_shape` cannot (a side that is the weight's own, a flag's value); `alpha_role` takes a file's
+   alpha as a tensor of the algorithm, not a scale; `value_roles` may be integer flags. A role that
+   counts only beside another (a bare `.weight`) is a layout rule: `layouts.tables.COMPANIONS`.
+7. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
    a dense reference: the pattern to copy for a new algorithm's test.
 
 Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
@@ -96,6 +100,7 @@ class Algorithm:
     """Everything about one algorithm, as plain functions of its tensors."""
 
     name: str  # Target.algorithm
+    title: str = ""  # how messages name it ("LoKr"); default: `name`
     family: str  # the key-table family its roles come from
     priority: int  # lower wins when one module's keys hold several families
     # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent. A side the
@@ -120,7 +125,8 @@ class Algorithm:
     # Rows [lo, hi) of a fused delta as tensors of their own (LoRA: rows of `up`), or None: keep the
     # factors and take the rows of the built delta (Target.delta_rows).
     split_rows: Callable[[Tensors, int, int], dict[str, torch.Tensor] | None] = _no_split
-    # Row blocks given to delta_block must start at multiples of this (OFT's block size); default 1.
+    # row_align(parts) (of `row_parts`): row blocks given to delta_block start and end on multiples of
+    # this (OFT's block size; the whole height: all rows at once); default 1.
     row_align: Callable[[Tensors], int] = _one_row
     # Dynamic mode: (tensors, scale, placement, weight rows or None) -> (kernel name, fp32 tensors), or
     # None for the dense fallback. The kernel's own module registers it in `kernels`.
@@ -128,6 +134,19 @@ class Algorithm:
     kernels: tuple[Kernel, ...] = ()
     # Whether the tensors hold a weight delta at all (a full diff may be a bias diff only).
     has_weight: Callable[[Tensors], bool] = lambda tensors: True
+    # Algorithms that share a family (one spelling) tell theirs apart by the family's shapes: the
+    # reader picks the first, by priority, that claims them. None: claims any.
+    claims: Callable[[Shapes], bool] | None = None
+    # check_weight(shapes, (out, in), tensors or None): the delta against the weight it is built from,
+    # where `delta_shape` leaves a side open or a value decides it; tensors are None before they are
+    # read (check what the shapes allow). ValueError saying what does not fit.
+    check_weight: Callable[[Shapes, tuple[int, int], Tensors | None], None] | None = None
+    # The file's alpha is this tensor role of the algorithm (a constraint, not a scale; the scale is 1).
+    alpha_role: str | None = None
+    # Roles holding flags, not weights: any dtype (a trainer may save them as integers), never scaled.
+    value_roles: tuple[str, ...] = ()
+    # Why the scale is 1 when `rank` is None (inspect's scale rule), e.g. "both LoKr factors full".
+    unit_scale: str = "no rank"
 
     def add_rows(self, rows: torch.Tensor, parts: Tensors, lo: int, hi: int, alpha: float) -> None:
         if self.add_rows_ is not None:

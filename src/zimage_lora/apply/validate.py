@@ -157,8 +157,9 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
         ) from None
     if t.algorithm not in algorithms.names():
         raise IncompatibleWeightsError(f"{at}: unknown algorithm '{t.algorithm}'.")
+    flags = algorithms.get(t.algorithm).value_roles
     for role, tensor in t.tensors.items():
-        _check_tensor(at, role, tensor, scan)
+        _check_tensor(at, role, tensor, scan, flag=role in flags)
     if t.dora is not None:
         _check_tensor(at, "dora magnitude", t.dora.magnitude, scan)
     backend = backend_for(module)
@@ -177,7 +178,8 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
     return Planned(t, module, backend, out_f, in_f, False)
 
 
-def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
+def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool, flag: bool = False) -> None:
+    """`flag`: a role holding a flag (`Algorithm.value_roles`), which may be an integer."""
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"{at}: tensor '{role}' must be a torch.Tensor, found {type(tensor).__name__}.")
     # Only a hand-built Adapter can hold these (the loader reads dense CPU tensors).
@@ -187,7 +189,7 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
             f"{at}: tensor '{role}' is {kind}; an Adapter needs dense tensors holding values "
             "(.to_dense(), or load it with load_adapter)."
         )
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() and not flag:
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
     if scan:

@@ -50,6 +50,11 @@ READ_ONLY_SUFFIXES: Spelling = {
     "dora": {"magnitude": (".lora_magnitude_vector.weight",)},
 }
 
+# "family:role" -> a role of the same family it needs beside it: a suffix as short as '.weight' would
+# match any module weight, so it counts only where its companion sits on the same module; alone it is
+# reported as a key without an adapter suffix (formats/reader.py).
+COMPANIONS: dict[str, str] = {}
+
 # PEFT puts the adapter's name in the key ('.lora_A.default.weight'); the reader strips these names.
 PEFT_ADAPTER_NAMES = ("default", "default_0")
 
@@ -116,7 +121,7 @@ class Layout:
 
     @property
     def algorithms(self) -> tuple[str, ...]:
-        return tuple(f for f in self.suffixes if f in ("lora", "lokr", "loha", "full"))
+        return tuple(f for f in self.suffixes if f not in ("scale", "dora"))
 
 
 def _rows(*layouts: Layout) -> dict[str, Layout]:
