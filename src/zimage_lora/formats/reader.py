@@ -294,7 +294,12 @@ def _literal_match(pattern: str, stem: str) -> bool:
 
 def _looks_like_model(header: Header) -> bool:
     """Most tensors are `<module>.weight` / `<module>.bias` (no adapter role) and some are full-size matrices."""
-    keys = [k for k in header.tensors if grammar.split_role(k) is None]
+    keys = [k for k in header.tensors if _bare(grammar.split_role(k))]
     plain = sum(k.endswith((".weight", ".bias")) for k in keys)
     matrices = sum(len(header.tensors[k].shape) == 2 and min(header.tensors[k].shape) > 1 for k in keys)
     return bool(keys) and plain >= 0.9 * len(header.tensors) and matrices > 0
+
+
+def _bare(split: tuple[str, str, str] | None) -> bool:
+    """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
+    return split is None or f"{split[1]}:{split[2]}" in grammar.COMPANIONS
