@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from zimage_lora import algorithms, shapes
 from zimage_lora.adapter import Target
-from zimage_lora.algorithms.base import Algorithm
+from zimage_lora.algorithms.base import Algorithm, Kernel, amax
 from zimage_lora.errors import IncompatibleWeightsError, InvalidFormatError, UnsupportedError
 from zimage_lora.formats import grammar
 from zimage_lora.formats.reader import read_adapter_file
@@ -127,4 +127,43 @@ def test_the_writer_spells_an_alpha_role_with_the_scale_suffix_and_refuses_by_fa
 
 def test_unsupported_algorithm_message_lists_the_registry():
     assert grammar.unsupported_algorithm("x.vera_lambda_b") == "VeRA"
-    assert algorithms.titles()[:4] == ["LoKr", "LoHa", "LoRA", "full diffs"] and algorithms.titles()[-1] == "DoRA"
+    titles = algorithms.titles()
+    assert {"LoKr", "LoHa", "LoRA", "full diffs"} <= set(titles) and titles[-1] == "DoRA"
+
+
+def _scaler(name: str, probe: bool) -> Algorithm:
+    """delta = W * v per output row, with a bound 4x too large: only the exact check can admit more."""
+    kernel = Kernel(name=name, add_=lambda rows, x, wx, t, alpha: rows.add_(wx * (t["v"] * alpha)),
+                    bound=lambda t: 4.0 * amax(t["v"]) * float(t["wmax"]), uses_wx=True, probe=probe)
+    return Algorithm(
+        name=name, family=name, priority=70, delta_shape=lambda s: (s["v"][0], None), rank=lambda s: None,
+        delta=lambda t, weight=None: weight * t["v"][:, None], bypass=lambda x, t, weight=None: x,
+        row_parts=lambda t: {"v": t["v"].float()},
+        delta_block=lambda p, lo, hi, weight=None: weight * p["v"][lo:hi, None],
+        dynamic_numel=lambda s: s["v"][0], describe=lambda s: name, needs_weight=True, kernels=(kernel,),
+        prepare=lambda t, scale, placement, weight: (name, {"v": t["v"].float() * scale, "wmax": weight.abs().max()}),
+    )
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_the_exact_overflow_check_probes_kernels_that_need_the_weight(probe):
+    """max |delta| is 1 (W's largest value 1, v = 1), the bound says 4: strength 3e38 fits fp32 exactly."""
+    from torch import nn
+
+    from zimage_lora import Adapter, LoRAError, apply_adapter
+
+    algorithms.register(_scaler("toy_scaler", probe))
+    try:
+        model = nn.Sequential(nn.Linear(6, 8, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.linspace(-1, 1, 48).reshape(8, 6))
+        adapter = Adapter(name="s", format="test", source="test",
+                          targets=[Target(module="0", algorithm="toy_scaler", tensors={"v": torch.ones(8)})])
+        if probe:
+            apply_adapter(model, adapter, mode="dynamic", name="s", scale=3e38)
+            assert torch.isfinite(model(torch.eye(6)[:1] * 0.5)).all()
+        else:
+            with pytest.raises(LoRAError, match="overflows"):
+                apply_adapter(model, adapter, mode="dynamic", name="s", scale=3e38)
+    finally:
+        algorithms.unregister("toy_scaler")

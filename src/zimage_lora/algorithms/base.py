@@ -86,6 +86,9 @@ class Kernel:
     bound: Callable[[Tensors], float]
     # The exact max |value| (fp64, a row block at a time where it is large); default: `bound` (exact there).
     abs_max: Callable[[Tensors], float] | None = None
+    # Its bound is not exact and the exact value needs the base weight (OFT's rotation of W): the exact
+    # check runs the kernel itself on blocks of the identity (`probe_abs_max`) instead of `abs_max`.
+    probe: bool = False
     # The scaled dense delta rows (n, in) fp32; DoRA needs it to fold its row factor. None: no DoRA fold.
     dense: Callable[[Tensors], torch.Tensor] | None = None
     # Fold a per-output-row factor f (n, 1) into the prepared tensors (DoRA); None: DoRA uses `DENSE`.
@@ -190,6 +193,23 @@ def row_blocks(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
     step = max(1, (1 << 20) // max(1, n_cols))
     for r0 in range(0, n_rows, step):
         yield r0, min(n_rows, r0 + step)
+
+
+def probe_abs_max(kernel: Kernel, tensors: Tensors, weight: torch.Tensor) -> float:
+    """The exact max |value| of the scaled delta a kernel adds, from `weight` (fp32, its rows): x = e_j
+    gives column j of the delta, so blocks of the identity's rows give it a block of columns at a time."""
+    t = {k: v.float() for k, v in tensors.items()}
+    n_rows, n_in = weight.shape
+    worst = 0.0
+    for c0, c1 in row_blocks(n_in, n_rows):
+        x = torch.eye(n_in, dtype=torch.float32, device=weight.device)[c0:c1]
+        wx = weight.T[c0:c1].contiguous()  # x @ W^T
+        rows = torch.zeros_like(wx)
+        if kernel.transform is not None:  # base(x + g(x)) - base(x) = g(x) @ W^T
+            rows += kernel.transform(x, t) @ weight.T
+        kernel.add_(rows, x, wx, t, 1.0)
+        worst = max(worst, amax(rows))
+    return worst
 
 
 DENSE = Kernel(
