@@ -11,9 +11,10 @@ Both halves are linear in the strength, as LyCORIS's multiplier is.
 
 Dynamic mode never builds the delta. W a1 a2 + b1 b2 = [W a1 | b1] @ [a2 ; b2], a rank-2r LoRA, so
 `prepare` hands LoRA's own kernel up = scale * [W_rows a1 | b1_rows] (n, 2r), down = [a2 ; b2]
-(2r, in): any placement, DoRA's row fold, one kernel. The input-transform form LyCORIS's bypass uses,
-y = base(x + c (x a2^T) a1^T) + c (x b2^T) b1^T, is `transform` + `add_b_` (whole placements only;
-it reads the live base weight instead of a copy of W a1 taken at prepare time).
+(2r, in): any placement, DoRA's row fold, one kernel. W a1 is a copy taken at prepare time: the
+layer prepares it again when the base weight changes (`needs_weight`, as DoRA). The input-transform
+form LyCORIS's bypass uses, y = base(x + c (x a2^T) a1^T) + c (x b2^T) b1^T (`transform` + `add_b_`,
+whole placements only, reading the live base weight), is kept for reference; `prepare` does not pick it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._shapes import as_matrix, matrix
+from .base import Algorithm
 
 Tensors = dict[str, torch.Tensor]
 FACTORS = ("a1", "a2", "b1", "b2")
@@ -107,3 +109,16 @@ def describe(shapes) -> str:
     n_out, n_in = delta_shape(shapes)
     r = rank(shapes)
     return f"W @ {n_in}x{r} @ {r}x{n_in} + {n_out}x{r} @ {r}x{n_in}"
+
+
+def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
+    """Rows [lo, hi) of a fused delta, exactly: the a-half reads the module's own weight rows, so only
+    b1's rows are cut."""
+    return {**tensors, "b1": as_matrix(tensors["b1"])[lo:hi]}
+
+
+ALGORITHM = Algorithm(
+    name="glora", title="GLoRA", family="glora", priority=44, delta_shape=delta_shape, rank=rank,
+    delta=delta, bypass=bypass, row_parts=row_parts, delta_block=delta_block, split_rows=split_rows,
+    dynamic_numel=dynamic_numel, describe=describe, needs_weight=True, prepare=prepare,
+)

@@ -26,6 +26,7 @@ import math
 import torch
 
 from ._shapes import matrix
+from .base import Algorithm, Kernel
 
 Tensors = dict[str, torch.Tensor]
 
@@ -123,3 +124,32 @@ def dynamic_numel(shapes) -> int:
 
 def describe(shapes) -> str:
     return f"{_length(shapes)} channel scales"
+
+
+def _check(shapes, weight_shape: tuple[int, int], values: Tensors | None) -> None:
+    """The protocol's check: exact once the flag is read; before, the vector must fit one side."""
+    if values is not None:
+        check_weight(values, weight_shape)
+        return
+    n, (out, n_in) = _length(shapes), weight_shape
+    if n not in (out, n_in):
+        raise ValueError(f"IA3 'weight' has {n} values, the layer has {out} output rows and {n_in} input columns")
+
+
+def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
+    """Rows [lo, hi) of a fused delta: the vector's rows on output; the same vector on input."""
+    return dict(tensors) if is_on_input(tensors) else {**tensors, "weight": tensors["weight"][lo:hi]}
+
+
+# `bound` is max|v| max|W|, not the max of the products: the exact check probes the kernel instead.
+KERNELS = (
+    Kernel(name="ia3", add_=add_, bound=bound, uses_wx=True, probe=True),
+    Kernel(name="ia3_in", add_=lambda rows, x, wx, t, alpha: None, bound=bound, transform=transform, probe=True),
+)
+
+ALGORITHM = Algorithm(
+    name="ia3", title="IA3", family="ia3", priority=41, delta_shape=lambda s: (_length(s) and None, None),
+    rank=rank, delta=delta, bypass=bypass, row_parts=row_parts, delta_block=delta_block, split_rows=split_rows,
+    dynamic_numel=dynamic_numel, describe=describe, needs_weight=True, prepare=prepare, kernels=KERNELS,
+    check_weight=_check, value_roles=("on_input",), unit_scale="IA3 has no alpha",
+)

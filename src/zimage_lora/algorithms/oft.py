@@ -29,6 +29,7 @@ import math
 import torch
 
 from ._shapes import matrix
+from .base import Algorithm, Kernel
 
 Tensors = dict[str, torch.Tensor]
 
@@ -99,8 +100,9 @@ def row_parts(tensors: Tensors) -> Tensors:
     return parts
 
 
-def row_align(tensors: Tensors) -> int:
-    return tensors["oft_blocks"].shape[-1]
+def row_align(parts: Tensors) -> int:
+    """The block size, from `row_parts`' "rot" (or the file's "oft_blocks")."""
+    return (parts["rot"] if "rot" in parts else parts["oft_blocks"]).shape[-1]
 
 
 def _block_range(b: int, lo: int, hi: int) -> tuple[int, int]:
@@ -123,16 +125,17 @@ def _rotate_rows(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 
 def gain_shift(rescale: torch.Tensor | None, scale: float, n: int) -> Tensors:
-    """delta = gain * rotated + shift * W: gain = scale * rescale, shift = scale * (rescale - 1)."""
+    """delta = gain * rotated + offset * W: gain = scale * rescale, offset = scale * (rescale - 1)."""
+    # "offset", not "shift": prepared tensors become attributes of the dynamic slot, which has a shift().
     if rescale is None:
         return {"gain": torch.full((n,), float(scale))}
-    return {"gain": rescale * scale, "shift": (rescale - 1.0) * scale}
+    return {"gain": rescale * scale, "offset": (rescale - 1.0) * scale}
 
 
 def combine(rotated: torch.Tensor, w: torch.Tensor, t: Tensors) -> torch.Tensor:
     d = rotated * t["gain"].to(rotated.dtype)
-    if "shift" in t:
-        d = d + t["shift"].to(w.dtype) * w
+    if "offset" in t:
+        d = d + t["offset"].to(w.dtype) * w
     return d
 
 
@@ -157,7 +160,7 @@ def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
 
 def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
     """("oft", fp32 tensors) for the placement's delta rows, which must be whole blocks: "rot" R - I
-    of the kept blocks, "gain"/"shift" (scale and rescale folded), and the weight facts `bound` needs."""
+    of the kept blocks, "gain"/"offset" (scale and rescale folded), and the weight facts `bound` needs."""
     parts = row_parts(tensors)
     d0, n = placement.d0, placement.n
     k0, k1 = _block_range(parts["rot"].shape[-1], d0, d0 + n)
@@ -188,7 +191,7 @@ def bound(t: Tensors) -> float:
 
     rot = t["rot"].double()
     col = float(rot.norm(dim=-2).max()) if rot.numel() else 0.0
-    shift = amax(t["shift"]) * float(t["w_absmax"]) if "shift" in t else 0.0
+    shift = amax(t["offset"]) * float(t["w_absmax"]) if "offset" in t else 0.0
     return 1.01 * amax(t["gain"]) * col * float(t["w_colmax"]) + shift
 
 
@@ -218,3 +221,17 @@ def dynamic_numel(shapes) -> int:
 def describe(shapes) -> str:
     n, b, _ = blocks_shape(shapes)
     return f"{n} rotations of {b}x{b}" + (" + rescale" if "rescale" in shapes else "")
+
+
+def _claims(shapes) -> bool:
+    return len(shapes.get("oft_blocks", ())) == 3  # BOFT's are 4-D (LyCORIS tells them apart the same way)
+
+
+KERNEL = Kernel(name="oft", add_=add_, bound=bound, uses_wx=True, probe=True)  # bound: Cauchy-Schwarz
+
+ALGORITHM = Algorithm(
+    name="oft", title="OFT", family="oft", priority=42, delta_shape=lambda s: (delta_shape(s)[0], None),
+    rank=rank, delta=delta, bypass=bypass, row_parts=row_parts, delta_block=delta_block,
+    dynamic_numel=dynamic_numel, describe=describe, needs_weight=True, row_align=row_align, prepare=prepare,
+    kernels=(KERNEL,), claims=_claims, alpha_role="alpha", unit_scale="OFT's alpha is its constraint, not a scale",
+)
