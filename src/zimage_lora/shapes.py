@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from . import algorithms
 from .adapter import Target
+from .algorithms.base import Algorithm
 from .errors import IncompatibleWeightsError, LoRAError
 
 Shape = Sequence[int]
@@ -34,10 +35,12 @@ def check_delta(
     where: str, algorithm: str, shapes: Mapping[str, Shape], *, out_rows: int, in_features: int,
     delta_rows: tuple[int, int] | None = None,
     inconsistent: tuple[type[LoRAError], str] = (IncompatibleWeightsError, ""),
+    values: Mapping | None = None,
 ) -> int:
     """The delta the factors describe must take the module's inputs and cover its `out_rows` rows
     (rows `delta_rows` of it, when given). Returns the delta's row count. `inconsistent`: the error
-    (and a sentence to add) for factors that describe no delta at all."""
+    (and a sentence to add) for factors that describe no delta at all. `values`: the tensors, once
+    read, for an algorithm whose fit depends on a value (`Algorithm.check_weight`)."""
     factors = {r: tuple(s) for r, s in shapes.items() if r not in ("diff_b", "dora")}
     try:
         if not factors:  # a bias-only diff: `check_bias` checks its length
@@ -60,7 +63,34 @@ def check_delta(
             f"{where}: the {algorithm} delta has shape {[d_out, d_in]} but the module expects "
             f"{[out_rows, in_features]}{inputs}. {_ANOTHER_MODEL}"
         )
+    check = algorithms.get(algorithm).check_weight
+    if check is not None:
+        try:
+            check(factors, (d_out, d_in), values)
+        except ValueError as exc:
+            raise IncompatibleWeightsError(
+                f"{where}: the {algorithm} tensors do not fit the module's weight {[d_out, d_in]}: {exc}. "
+                f"{_ANOTHER_MODEL}"
+            ) from None
     return d_out
+
+
+def check_row_groups(where: str, t: Target) -> None:
+    """A target taking rows `delta_rows` of a larger delta (a fused file on split modules) must take
+    whole row groups of an algorithm whose rows come in groups (`Algorithm.row_align`: OFT's blocks)."""
+    algo = algorithms.get(t.algorithm)
+    if t.delta_rows is None or algo.row_align is Algorithm.__dataclass_fields__["row_align"].default:
+        return
+    try:
+        align = algo.row_align(algo.row_parts(t.tensors))
+    except (ValueError, KeyError):
+        return  # the tensors' own check says what is wrong
+    a, b = t.delta_rows
+    if a % align or b % align:
+        raise IncompatibleWeightsError(
+            f"{where}: rows {a}:{b} of the fused {t.algorithm} delta cut its groups of {align} rows, which only "
+            "apply whole; apply the file to a model with the fused layer, or write it per module."
+        )
 
 
 def check_norm(where: str, algorithm: str, shapes: Mapping[str, Shape], weight_shape: Shape, *,
@@ -111,7 +141,9 @@ def check_target(where: str, t: Target, *, out_features: int, in_features: int, 
     Returns the number of module rows it lands on."""
     n = check_rows(where, t.rows, out_features)
     shapes = {r: tuple(v.shape) for r, v in t.tensors.items()}
-    d_out = check_delta(where, t.algorithm, shapes, out_rows=n, in_features=in_features, delta_rows=t.delta_rows)
+    d_out = check_delta(where, t.algorithm, shapes, out_rows=n, in_features=in_features, delta_rows=t.delta_rows,
+                        values=t.tensors)
+    check_row_groups(where, t)
     if "diff_b" in shapes:
         check_bias(where, shapes["diff_b"], has_bias=has_bias, want=d_out if t.delta_rows is not None else n)
     if t.dora is not None:

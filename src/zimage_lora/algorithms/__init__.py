@@ -62,6 +62,11 @@ def names() -> tuple[str, ...]:
     return tuple(_BY_NAME)
 
 
+def titles() -> list[str]:
+    """What messages call the registered algorithms, by priority (DoRA rides on them)."""
+    return [a.title or a.name for a in _ORDER] + ["DoRA"]
+
+
 def by_priority() -> list[Algorithm]:
     """Algorithms in the order a module's key families pick one (the first family present wins)."""
     return _ORDER
@@ -141,6 +146,6 @@ def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts, placement: Pla
 
 
 __all__ = [
-    "Algorithm", "Kernel", "get", "names", "by_priority", "kernel", "register", "unregister",
+    "Algorithm", "Kernel", "get", "names", "titles", "by_priority", "kernel", "register", "unregister",
     "delta_shape", "rank", "delta", "bypass", "prepare", "add_rows_", "dora_row_factor",
 ]

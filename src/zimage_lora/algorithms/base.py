@@ -32,7 +32,11 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `up`; IA3 per input column: the same vector); `row_align` when a row block of the delta needs whole
    groups of weight rows (OFT's blocks); merges then cut blocks on multiples of it.
 5. DoRA needs nothing: it folds into a kernel with `scale_rows` and `dense`, else runs on `DENSE`.
-6. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
+6. Reading: `claims` picks between algorithms sharing a family by shape; `check_weight` checks what
+   `delta_shape` cannot (a side that is the weight's own, a flag's value); `alpha_role` takes a file's
+   alpha as a tensor of the algorithm, not a scale; `value_roles` may be integer flags. A role that
+   counts only beside another (a bare `.weight`) is a layout rule: `layouts.tables.COMPANIONS`.
+7. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
    a dense reference: the pattern to copy for a new algorithm's test.
 
 Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
@@ -82,6 +86,9 @@ class Kernel:
     bound: Callable[[Tensors], float]
     # The exact max |value| (fp64, a row block at a time where it is large); default: `bound` (exact there).
     abs_max: Callable[[Tensors], float] | None = None
+    # Its bound is not exact and the exact value needs the base weight (OFT's rotation of W): the exact
+    # check runs the kernel itself on blocks of the identity (`probe_abs_max`) instead of `abs_max`.
+    probe: bool = False
     # The scaled dense delta rows (n, in) fp32; DoRA needs it to fold its row factor. None: no DoRA fold.
     dense: Callable[[Tensors], torch.Tensor] | None = None
     # Fold a per-output-row factor f (n, 1) into the prepared tensors (DoRA); None: DoRA uses `DENSE`.
@@ -96,6 +103,7 @@ class Algorithm:
     """Everything about one algorithm, as plain functions of its tensors."""
 
     name: str  # Target.algorithm
+    title: str = ""  # how messages name it ("LoKr"); default: `name`
     family: str  # the key-table family its roles come from
     priority: int  # lower wins when one module's keys hold several families
     # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent. A side the
@@ -120,7 +128,8 @@ class Algorithm:
     # Rows [lo, hi) of a fused delta as tensors of their own (LoRA: rows of `up`), or None: keep the
     # factors and take the rows of the built delta (Target.delta_rows).
     split_rows: Callable[[Tensors, int, int], dict[str, torch.Tensor] | None] = _no_split
-    # Row blocks given to delta_block must start at multiples of this (OFT's block size); default 1.
+    # row_align(parts) (of `row_parts`): row blocks given to delta_block start and end on multiples of
+    # this (OFT's block size; the whole height: all rows at once); default 1.
     row_align: Callable[[Tensors], int] = _one_row
     # Dynamic mode: (tensors, scale, placement, weight rows or None) -> (kernel name, fp32 tensors), or
     # None for the dense fallback. The kernel's own module registers it in `kernels`.
@@ -128,6 +137,19 @@ class Algorithm:
     kernels: tuple[Kernel, ...] = ()
     # Whether the tensors hold a weight delta at all (a full diff may be a bias diff only).
     has_weight: Callable[[Tensors], bool] = lambda tensors: True
+    # Algorithms that share a family (one spelling) tell theirs apart by the family's shapes: the
+    # reader picks the first, by priority, that claims them. None: claims any.
+    claims: Callable[[Shapes], bool] | None = None
+    # check_weight(shapes, (out, in), tensors or None): the delta against the weight it is built from,
+    # where `delta_shape` leaves a side open or a value decides it; tensors are None before they are
+    # read (check what the shapes allow). ValueError saying what does not fit.
+    check_weight: Callable[[Shapes, tuple[int, int], Tensors | None], None] | None = None
+    # The file's alpha is this tensor role of the algorithm (a constraint, not a scale; the scale is 1).
+    alpha_role: str | None = None
+    # Roles holding flags, not weights: any dtype (a trainer may save them as integers), never scaled.
+    value_roles: tuple[str, ...] = ()
+    # Why the scale is 1 when `rank` is None (inspect's scale rule), e.g. "both LoKr factors full".
+    unit_scale: str = "no rank"
 
     def add_rows(self, rows: torch.Tensor, parts: Tensors, lo: int, hi: int, alpha: float) -> None:
         if self.add_rows_ is not None:
@@ -171,6 +193,23 @@ def row_blocks(n_rows: int, n_cols: int) -> Iterator[tuple[int, int]]:
     step = max(1, (1 << 20) // max(1, n_cols))
     for r0 in range(0, n_rows, step):
         yield r0, min(n_rows, r0 + step)
+
+
+def probe_abs_max(kernel: Kernel, tensors: Tensors, weight: torch.Tensor) -> float:
+    """The exact max |value| of the scaled delta a kernel adds, from `weight` (fp32, its rows): x = e_j
+    gives column j of the delta, so blocks of the identity's rows give it a block of columns at a time."""
+    t = {k: v.float() for k, v in tensors.items()}
+    n_rows, n_in = weight.shape
+    worst = 0.0
+    for c0, c1 in row_blocks(n_in, n_rows):
+        x = torch.eye(n_in, dtype=torch.float32, device=weight.device)[c0:c1]
+        wx = weight.T[c0:c1].contiguous()  # x @ W^T
+        rows = torch.zeros_like(wx)
+        if kernel.transform is not None:  # base(x + g(x)) - base(x) = g(x) @ W^T
+            rows += kernel.transform(x, t) @ weight.T
+        kernel.add_(rows, x, wx, t, 1.0)
+        worst = max(worst, amax(rows))
+    return worst
 
 
 DENSE = Kernel(

@@ -52,7 +52,8 @@ def describe(shapes) -> str:
 
 
 ALGORITHM = Algorithm(
-    name="full", family="full", priority=90, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    name="full", title="full diffs", family="full", priority=90, delta_shape=delta_shape, rank=rank,
+    delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
     has_weight=lambda tensors: "diff" in tensors,
 )

@@ -66,6 +66,7 @@ def describe(shapes) -> str:
 
 
 ALGORITHM = Algorithm(
-    name="loha", family="loha", priority=20, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    name="loha", title="LoHa", family="loha", priority=20, delta_shape=delta_shape, rank=rank,
+    delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
 )

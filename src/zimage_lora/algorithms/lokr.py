@@ -127,7 +127,8 @@ KERNEL = Kernel(
 )
 
 ALGORITHM = Algorithm(
-    name="lokr", family="lokr", priority=10, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    name="lokr", title="LoKr", family="lokr", priority=10, delta_shape=delta_shape, rank=rank,
+    delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
-    prepare=prepare, kernels=(KERNEL,),
+    prepare=prepare, kernels=(KERNEL,), unit_scale="both LoKr factors full",
 )

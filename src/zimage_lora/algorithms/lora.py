@@ -121,7 +121,8 @@ KERNEL = Kernel(
 )
 
 ALGORITHM = Algorithm(
-    name="lora", family="lora", priority=30, delta_shape=delta_shape, rank=rank, delta=delta, bypass=bypass,
+    name="lora", title="LoRA", family="lora", priority=30, delta_shape=delta_shape, rank=rank,
+    delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, add_rows_=add_rows_, split_rows=split_rows,
     dynamic_numel=dynamic_numel, describe=describe, prepare=prepare, kernels=(KERNEL,),
 )

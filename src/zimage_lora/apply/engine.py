@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..backends import backend_for
 from .access import _locked, _model_of, _not_attached, _pipeline, attached
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
 from .report import AdapterInfo, ApplyReport
@@ -92,7 +93,13 @@ def _check_strength(model: nn.Module, record: Record, value: float) -> None:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
             dtype = next(iter(tensors.values())).dtype
-            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype)
+            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype,
+                          _weight_rows(wrapper, slot))
+
+
+def _weight_rows(wrapper, slot):
+    """The fp32 base weight rows of a slot, read only if an exact check needs them."""
+    return lambda: backend_for(wrapper.base_layer).get_base_weight(wrapper.base_layer).float()[slot.lo:slot.hi]
 
 
 def set_active_adapters(

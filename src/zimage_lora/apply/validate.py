@@ -4,7 +4,7 @@ dynamic mode whether the delta fits the compute dtype. Any problem raises here, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import algorithms, shapes
 from ..adapter import Adapter, Target
-from ..algorithms.base import amax
+from ..algorithms.base import amax, probe_abs_max
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..fp32 import FP32_MAX, fits_fp32
@@ -157,8 +157,9 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
         ) from None
     if t.algorithm not in algorithms.names():
         raise IncompatibleWeightsError(f"{at}: unknown algorithm '{t.algorithm}'.")
+    flags = algorithms.get(t.algorithm).value_roles
     for role, tensor in t.tensors.items():
-        _check_tensor(at, role, tensor, scan)
+        _check_tensor(at, role, tensor, scan, flag=role in flags)
     if t.dora is not None:
         _check_tensor(at, "dora magnitude", t.dora.magnitude, scan)
     backend = backend_for(module)
@@ -177,7 +178,8 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
     return Planned(t, module, backend, out_f, in_f, False)
 
 
-def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
+def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool, flag: bool = False) -> None:
+    """`flag`: a role holding a flag (`Algorithm.value_roles`), which may be an integer."""
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgumentError(f"{at}: tensor '{role}' must be a torch.Tensor, found {type(tensor).__name__}.")
     # Only a hand-built Adapter can hold these (the loader reads dense CPU tensors).
@@ -187,7 +189,7 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
             f"{at}: tensor '{role}' is {kind}; an Adapter needs dense tensors holding values "
             "(.to_dense(), or load it with load_adapter)."
         )
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() and not flag:
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
     if scan:
@@ -196,12 +198,14 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool) -> None:
 
 
 # --- dynamic mode's overflow rule ------------------------------------------------------------------
-def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], strength: float, dtype: torch.dtype) -> float:
+def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], strength: float, dtype: torch.dtype,
+                  weight: Callable[[], torch.Tensor] | None = None) -> float:
     """Merged mode's overflow rule (`merge._check_finite`) for a dynamic slot: its tensors, and its delta
     times `strength`, must be finite in `dtype` (the one it computes in), or every output is NaN/Inf.
 
     Returns the slot's headroom: the largest |strength| a cheap bound on |delta| admits, so a later
     re-weight within it needs no check. Only a strength past it builds the delta, a row block at a time.
+    `weight()`: the slot's fp32 base weight rows, for a kernel whose exact check needs them (`Kernel.probe`).
     """
     for role, t in tensors.items():
         merge._check_finite(f"{name} ({role})", t.to(dtype), dynamic=True)
@@ -211,6 +215,9 @@ def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], streng
     need = max(abs(strength), 1.0)  # the kernels form the delta at strength 1, then scale it
     if need > headroom:
         # Rounding is monotonic: every value stays finite in `dtype` exactly when the largest does.
-        exact = max(bias, (kernel.abs_max or kernel.bound)(tensors))
+        if kernel.probe and weight is not None:
+            exact = max(bias, probe_abs_max(kernel, {k: v for k, v in tensors.items() if k != "bias"}, weight()))
+        else:
+            exact = max(bias, (kernel.abs_max or kernel.bound)(tensors))
         merge._check_finite(name, torch.tensor([exact * need], dtype=torch.float64).to(dtype), dynamic=True)
     return headroom

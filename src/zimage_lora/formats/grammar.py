@@ -44,6 +44,7 @@ _ADAPTER_SEGMENT = re.compile(r"\.(" + "|".join(tables.PEFT_ADAPTER_NAMES) + r")
 TRANSFORMER_PREFIXES: dict[str, str] = tables.PREFIXES
 KOHYA_PREFIXES = tuple(p for p, naming in TRANSFORMER_PREFIXES.items() if naming == "kohya")
 
+COMPANIONS = tables.COMPANIONS
 TRAINER_DATA = tables.TRAINER_DATA
 TEXT_ENCODER_PREFIXES = tables.TEXT_ENCODER_PREFIXES
 

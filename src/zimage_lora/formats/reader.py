@@ -98,13 +98,7 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
             continue
         split = grammar.split_role(key)  # parse_key without building a ParsedKey: headers can be huge
         if split is None:
-            algo = grammar.unsupported_algorithm(key)
-            reason = (
-                f"unsupported algorithm {algo}: supported are LoRA, LoKr, LoHa, DoRA and full diffs"
-                if algo
-                else "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
-            )
-            unmatched.append(Unmatched(key, reason))
+            unmatched.append(Unmatched(key, _no_suffix(key)))
             continue
         stem, family, role = split
         roles = raw.setdefault((te_keys if text_encoder else grammar).strip_prefix(stem), {})
@@ -114,6 +108,8 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
             continue
         roles[slot] = (role, key)
 
+    for roles in raw.values():
+        _drop_lonely(roles, unmatched)
     groups: list[Group] = []
     alpha_tensors = [roles["scale:alpha"][1] for roles in raw.values() if "scale:alpha" in roles]
     alphas = _read_alphas(header, alpha_tensors)
@@ -142,6 +138,38 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
     )
 
 
+def _no_suffix(key: str) -> str:
+    algo = grammar.unsupported_algorithm(key)
+    if algo:
+        return f"unsupported algorithm {algo}: supported are {', '.join(algorithms.titles())}"
+    return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
+
+
+def _drop_lonely(roles: dict[str, tuple[str, str]], unmatched: list[Unmatched]) -> None:
+    """A role that counts only beside its companion (`tables.COMPANIONS`: a bare `.weight`) is no
+    adapter key without it: reported as any key without a known suffix."""
+    for slot in [s for s in roles if s in grammar.COMPANIONS]:
+        family = slot.split(":")[0]
+        if f"{family}:{grammar.COMPANIONS[slot]}" not in roles:
+            key = roles.pop(slot)[1]
+            unmatched.append(Unmatched(key, _no_suffix(key)))
+
+
+def _choose(header: Header, roles: dict[str, tuple[str, str]]) -> algorithms.Algorithm | None:
+    """The family of the first algorithm (by priority) the roles hold; of the algorithms sharing it,
+    the first that claims its shapes, else the first (its shape check then says what is wrong)."""
+    families = {slot.split(":")[0] for slot in roles}
+    present = [a for a in algorithms.by_priority() if a.family in families]
+    if not present:
+        return None
+    family = present[0].family
+    same = [a for a in present if a.family == family]
+    if len(same) == 1:
+        return same[0]
+    shapes = {role: header.tensors[key].shape for slot, (role, key) in roles.items() if slot.startswith(family + ":")}
+    return next((a for a in same if a.claims is None or a.claims(shapes)), same[0])
+
+
 def _make_group(
     header: Header,
     prefix: str,
@@ -150,9 +178,8 @@ def _make_group(
     alphas: dict[str, float],
     unmatched: list[Unmatched],
 ) -> Group | None:
-    families = {slot.split(":")[0] for slot in roles}
     # A family's roles decide the algorithm, in the registry's priority (factors win over a lone bias diff).
-    chosen = next((a for a in algorithms.by_priority() if a.family in families), None)
+    chosen = _choose(header, roles)
     if chosen is None:
         for _role, key in roles.values():
             unmatched.append(Unmatched(key, "alpha or DoRA magnitude without any adapter weights for this module"))
@@ -162,8 +189,10 @@ def _make_group(
     for slot, (role, key) in roles.items():
         family = slot.split(":")[0]
         info = header.tensors[key]
+        if family == "scale" and chosen.alpha_role is not None:  # a tensor of the algorithm, not a scale
+            family, role = algo, chosen.alpha_role
         if family == algo or (family == "full" and role == "diff_b"):
-            if info.dtype not in FLOAT_DTYPES:
+            if info.dtype not in FLOAT_DTYPES and role not in chosen.value_roles:
                 raise InvalidFormatError(
                     f"{header.path}: key '{key}' has dtype {info.dtype}; adapter weights must be floating point."
                 )
@@ -265,7 +294,12 @@ def _literal_match(pattern: str, stem: str) -> bool:
 
 def _looks_like_model(header: Header) -> bool:
     """Most tensors are `<module>.weight` / `<module>.bias` (no adapter role) and some are full-size matrices."""
-    keys = [k for k in header.tensors if grammar.split_role(k) is None]
+    keys = [k for k in header.tensors if _bare(grammar.split_role(k))]
     plain = sum(k.endswith((".weight", ".bias")) for k in keys)
     matrices = sum(len(header.tensors[k].shape) == 2 and min(header.tensors[k].shape) > 1 for k in keys)
     return bool(keys) and plain >= 0.9 * len(header.tensors) and matrices > 0
+
+
+def _bare(split: tuple[str, str, str] | None) -> bool:
+    """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
+    return split is None or f"{split[1]}:{split[2]}" in grammar.COMPANIONS

@@ -38,13 +38,14 @@ def scale_for(file: AdapterFile, group: Group) -> Scale:
         return Scale(None, 1.0, None, "1 (full diff)", "none")
     if group.algorithm == "lokr" and _musubi_lokr(file, shapes):
         return _musubi_lokr_scale(file, group, shapes)
-    rank = algorithms.rank(group.algorithm, shapes)
+    algo = algorithms.get(group.algorithm)
+    rank = algo.rank(shapes)
     if rank is None:
-        # LyCORIS (and ai-toolkit, ComfyUI, diffusers): both LoKr factors full means scale 1; the alpha
-        # the file carries (ai-toolkit: 9999999999, inf in fp16) never enters the math.
+        # The algorithm says why its scale is 1 (LyCORIS, ai-toolkit, ComfyUI, diffusers: both LoKr factors
+        # full); an alpha the file carries (ai-toolkit: 9999999999, inf in fp16) never enters the math.
         unused = group.alpha is not None
-        return Scale(None, 1.0, group.alpha, "1 (both LoKr factors full; alpha unused)" if unused else "1 (both LoKr "
-                     "factors full)", "unused" if unused else "none")
+        return Scale(None, 1.0, group.alpha, f"1 ({algo.unit_scale}; alpha unused)" if unused else
+                     f"1 ({algo.unit_scale})", "unused" if unused else "none")
     alpha, source, rslora, ignored = _alpha(file, group)
     if alpha is None or alpha == 0 or rank == 0:
         return Scale(rank, 1.0, alpha, "1 (no alpha)" if alpha is None else "1 (alpha 0)", "none", ignored)

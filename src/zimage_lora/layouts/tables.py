@@ -29,11 +29,19 @@ LYCORIS_ALGOS: Spelling = {
     "loha": {r: ".hada_" + r for r in LOHA_ROLES},
     "full": {"diff": ".diff", "diff_b": ".diff_b"},
 }
+# LyCORIS-only algorithms (lycoris/modules/glora.py, diag_oft.py, boft.py, ia3.py: the module's state dict;
+# OFT's `.alpha` is its constraint, read through the scale's spelling, see Algorithm.alpha_role). Not in
+# ComfyUI's rows: ComfyUI reads OFT's constraint and GLoRA's factors differently from LyCORIS.
+LYCORIS_ONLY: Spelling = {
+    "glora": {r: f".{r}.weight" for r in ("a1", "a2", "b1", "b2")},
+    "oft": {"oft_blocks": ".oft_blocks", "rescale": ".rescale"},  # diag-oft (n, b, b) and BOFT (m, n, b, b)
+    "ia3": {"weight": ".weight", "on_input": ".on_input"},
+}
 ALPHA = {"alpha": ".alpha"}
 DORA_SCALE = {"dora_scale": ".dora_scale"}  # LyCORIS / ComfyUI: shape (out, 1), or (1, in) (OneTrainer)
 PEFT_MAGNITUDE = {"magnitude": ".lora_magnitude_vector"}  # PEFT: one value per output row
 
-KOHYA: Spelling = {"lora": KOHYA_LORA, **LYCORIS_ALGOS, "scale": ALPHA, "dora": DORA_SCALE}
+KOHYA: Spelling = {"lora": KOHYA_LORA, **LYCORIS_ALGOS, **LYCORIS_ONLY, "scale": ALPHA, "dora": DORA_SCALE}
 COMFY: Spelling = {"lora": PEFT_LORA, **LYCORIS_ALGOS, "scale": ALPHA, "dora": DORA_SCALE}
 PEFT: Spelling = {"lora": PEFT_LORA, "dora": PEFT_MAGNITUDE}
 
@@ -50,14 +58,18 @@ READ_ONLY_SUFFIXES: Spelling = {
     "dora": {"magnitude": (".lora_magnitude_vector.weight",)},
 }
 
+# "family:role" -> a role of the same family it needs beside it: a suffix as short as '.weight' would
+# match any module weight, so it counts only where its companion sits on the same module; alone it is
+# reported as a key without an adapter suffix (formats/reader.py).
+COMPANIONS: dict[str, str] = {"ia3:weight": "on_input"}  # LyCORIS IA3: `.weight` beside `.on_input`
+
 # PEFT puts the adapter's name in the key ('.lora_A.default.weight'); the reader strips these names.
 PEFT_ADAPTER_NAMES = ("default", "default_0")
 
 # Algorithms other trainers write that this library does not apply yet (reported with this name).
 # Adding one moves its suffixes from here into a family of LYCORIS_ALGOS (see the package docstring).
 UNSUPPORTED_SUFFIXES = {
-    ".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R": "OFT", ".boft_R": "BOFT", ".boft_s": "BOFT",
-    ".on_input": "IA3", ".weight_ia3": "IA3", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA",
+    ".oft_diag": "OFT", ".oft_R": "OFT", ".boft_R": "BOFT", ".boft_s": "BOFT", ".weight_ia3": "IA3",
     ".lora_E": "AdaLoRA", ".vera_lambda_b": "VeRA", ".vera_lambda_d": "VeRA",
 }
 
@@ -116,7 +128,7 @@ class Layout:
 
     @property
     def algorithms(self) -> tuple[str, ...]:
-        return tuple(f for f in self.suffixes if f in ("lora", "lokr", "loha", "full"))
+        return tuple(f for f in self.suffixes if f not in ("scale", "dora"))
 
 
 def _rows(*layouts: Layout) -> dict[str, Layout]:

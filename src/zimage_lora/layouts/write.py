@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import algorithms
 from ..errors import UnsupportedError
 from ..keys.aliases import native_name
 from .fuse import fuse_qkv_items
@@ -41,12 +42,26 @@ def suffix(lay: Layout, family: str, role: str) -> str:
     return s
 
 
+def _spelled(lay: Layout, algorithm: str, role: str) -> tuple[str, str]:
+    """(family, role) whose suffix spells `role` of `algorithm`: its own; the bias diff's; the scale's
+    alpha for an alpha the algorithm keeps as a tensor (`Algorithm.alpha_role`)."""
+    if role == "diff_b":
+        return "full", role
+    algo = algorithms.get(algorithm)
+    return ("scale", "alpha") if role == algo.alpha_role else (algo.family, role)
+
+
+def _can_spell(lay: Layout, algorithm: str, role: str) -> bool:
+    family, spelled_role = _spelled(lay, algorithm, role)
+    return spelled_role in lay.suffixes.get(family, {})
+
+
 def refusal(lay: Layout, item: Item) -> str | None:
     """What in `item` layout `lay` cannot hold (None: it can)."""
     spelled = lay.suffixes
-    if item.algorithm not in spelled:
+    if algorithms.get(item.algorithm).family not in spelled:
         return f"{item.algorithm} ({item.source_keys[0] if item.source_keys else item.name})"
-    unspelled = [r for r in item.tensors if r != "diff_b" and r not in spelled[item.algorithm]]
+    unspelled = [r for r in item.tensors if r != "diff_b" and not _can_spell(lay, item.algorithm, r)]
     if unspelled:
         return f"{item.algorithm} tensors {unspelled} ({item.name})"
     if "diff_b" in item.tensors and "diff_b" not in spelled.get("full", {}):
@@ -58,12 +73,23 @@ def refusal(lay: Layout, item: Item) -> str | None:
 
 def _holds(lay: Layout) -> str:
     """'LoRA and DoRA only (PEFT keys lora_A/lora_B)': the families a layout spells, for refusals."""
-    names = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "full": "full diffs"}
-    held = [names[a] for a in lay.algorithms] + (["DoRA"] if "dora" in lay.suffixes else [])
+    names = {a.family: a.title or a.name for a in reversed(algorithms.by_priority())}
+    held = [names.get(a, a) for a in lay.algorithms] + (["DoRA"] if "dora" in lay.suffixes else [])
     text = " and ".join(held) + (" only" if len(lay.algorithms) == 1 else "")
     if lay.suffixes.get("lora") == PEFT_LORA:
         text += " (PEFT keys lora_A/lora_B)"
     return text
+
+
+def _elsewhere(item: Item) -> str:
+    """Which of the writable file layouts hold `item`'s algorithm, for a refusal."""
+    family = algorithms.get(item.algorithm).family
+    held = [n for n in ("kohya", "comfy") if family in LAYOUTS[n].suffixes]
+    if held == ["kohya", "comfy"]:
+        return "Convert to 'kohya' or 'comfy', which keep LoKr, LoHa and full diffs."
+    if held:
+        return f"Convert to {' or '.join(repr(n) for n in held)}, which keep{'s' if len(held) == 1 else ''} it."
+    return "No layout this tool writes keeps it."
 
 
 def state_dict(items: list[Item], name: str, where: str = "adapter") -> tuple[dict, dict, dict | None]:
@@ -73,8 +99,7 @@ def state_dict(items: list[Item], name: str, where: str = "adapter") -> tuple[di
         problem = refusal(lay, item)
         if problem:
             raise UnsupportedError(
-                f"{where}: --to {name} holds {_holds(lay)}, but the adapter has {problem}. "
-                "Convert to 'kohya' or 'comfy', which keep LoKr, LoHa and full diffs."
+                f"{where}: --to {name} holds {_holds(lay)}, but the adapter has {problem}. {_elsewhere(item)}"
             )
     if lay.fused_qkv:
         items = fuse_qkv_items(items)
@@ -99,8 +124,7 @@ def _put(sd: dict, lay: Layout, item: Item) -> None:
         # The file means scale 1: the scale goes into up, in fp32 (as OneTrainer's convert_to_diffusers does).
         tensors["up"] = tensors["up"].float() * item.scale
     for role, v in tensors.items():
-        family = "full" if role == "diff_b" else item.algorithm
-        sd[stem + suffix(lay, family, role)] = v.contiguous()
+        sd[stem + suffix(lay, *_spelled(lay, item.algorithm, role))] = v.contiguous()
     if lay.alpha == "key" and item.alpha is not None:
         sd[stem + suffix(lay, "scale", "alpha")] = torch.tensor(float(item.alpha), dtype=torch.float32)
     if item.dora is not None:
