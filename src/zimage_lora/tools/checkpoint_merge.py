@@ -282,10 +282,10 @@ def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar
                     kind, targets = plan
                     merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
                     merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
+                    merged = merged.to(dtype)  # checked as written: fp32 may be finite where fp16/bf16 is not
                     require_finite({info.key: merged}, lambda key, _n: (
                         f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter "
                         "overflow); nothing was written. Lower the scale or check the adapter."))
-                    merged = merged.to(dtype)
                     # Counted only when the written bytes differ: a delta below the dtype's rounding is no change.
                     report.merged_tensors += not torch.equal(merged, result)
                     result = merged
