@@ -277,3 +277,21 @@ def test_overflow_only_in_the_output_dtype_is_refused(tmp_path):
     with pytest.raises(LoRAError, match="non-finite values"):
         merge_checkpoint(folder, [f"{lora}:{strength}"], out)
     assert not out.exists()
+
+
+def test_bias_diff_of_the_wrong_length_is_refused_before_writing(base, tmp_path):
+    """The bias-fit rule is `shapes.check_bias`, run on the checkpoint's own tensors before any write."""
+    from zimage_lora.adapter import Adapter, Target
+
+    model, folder, _root = base
+    module = "t_embedder.mlp.0"
+    out_f, in_f = model.get_submodule(module).weight.shape
+    g = torch.Generator().manual_seed(0)
+    target = Target(module=module, algorithm="lora", tensors={
+        "down": torch.randn(4, in_f, generator=g), "up": torch.randn(out_f, 4, generator=g),
+        "diff_b": torch.randn(out_f - 1, generator=g)})
+    adapter = Adapter(name="bad-bias", format="hand-built", source="", targets=[target])
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(LoRAError, match=rf"bias diff has shape \[{out_f - 1}\], expected \[{out_f}\]"):
+        merge_checkpoint(folder, [adapter], out)
+    assert not out.exists()
