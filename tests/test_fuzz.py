@@ -384,7 +384,6 @@ def test_valid_files_load_apply_and_come_off():
             assert_untouched(MODEL, PRISTINE)
 
     check()
-    assert FUZZ.max_examples == EXAMPLES > 0
     assert len(ran) == EXAMPLES
 
 

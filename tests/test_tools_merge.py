@@ -256,3 +256,42 @@ def test_hub_id_is_found_in_the_local_cache_offline(base, tmp_path, monkeypatch)
     assert report.merged_tensors == 37
     with pytest.raises(LoRAError, match="not in the Hugging Face cache"):
         merge_checkpoint("org/absent", [lora], tmp_path / "out2.safetensors")
+
+
+def test_overflow_only_in_the_output_dtype_is_refused(tmp_path):
+    """fp16 weight + delta finite in fp32 but past fp16's max: the merge must refuse, not write inf."""
+    ref = tiny_model(seed=3)
+    lora = make_adapter("kohya", tmp_path / "k.safetensors", ref)
+    target = load_adapter(lora, ref).targets[0]
+    delta = target.scale * (target.tensors["up"].float() @ target.tensors["down"].float())
+    flat = int(delta.argmax())
+    row, col = divmod(flat, delta.shape[1])
+    strength = 1000.0 / float(delta[row, col])  # that entry becomes 65504 + 1000: finite in fp32 only
+    model = tiny_model(seed=3, dtype=torch.float16)
+    with torch.no_grad():
+        model.get_submodule(target.module).weight[row, col] = 65504.0
+    folder = tmp_path / "fp16"
+    model.save_pretrained(folder)
+    out = tmp_path / "merged.safetensors"
+    assert 65504.0 + 1000.0 < torch.finfo(torch.float32).max
+    with pytest.raises(LoRAError, match="non-finite values"):
+        merge_checkpoint(folder, [f"{lora}:{strength}"], out)
+    assert not out.exists()
+
+
+def test_bias_diff_of_the_wrong_length_is_refused_before_writing(base, tmp_path):
+    """The bias-fit rule is `shapes.check_bias`, run on the checkpoint's own tensors before any write."""
+    from zimage_lora.adapter import Adapter, Target
+
+    model, folder, _root = base
+    module = "t_embedder.mlp.0"
+    out_f, in_f = model.get_submodule(module).weight.shape
+    g = torch.Generator().manual_seed(0)
+    target = Target(module=module, algorithm="lora", tensors={
+        "down": torch.randn(4, in_f, generator=g), "up": torch.randn(out_f, 4, generator=g),
+        "diff_b": torch.randn(out_f - 1, generator=g)})
+    adapter = Adapter(name="bad-bias", format="hand-built", source="", targets=[target])
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(LoRAError, match=rf"bias diff has shape \[{out_f - 1}\], expected \[{out_f}\]"):
+        merge_checkpoint(folder, [adapter], out)
+    assert not out.exists()

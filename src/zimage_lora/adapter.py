@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import algorithms
 from .placement import Placement
-
-# The built-in algorithms' names (the registry, `algorithms.names()`, is the live list).
-ALGORITHMS = algorithms.names()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Dora
-from .keys.aliases import FUSED_QKV, SPLIT_QKV
+from .keys.aliases import FUSED_QKV, qkv_block, qkv_groups
 from .layouts import LAYOUTS as _LAYOUT_ROWS
 from .layouts import Item, Layout, write
 
@@ -257,22 +257,14 @@ def _scale_and_rank(row: Layout, alpha: float | None, rank: int) -> tuple[float,
 
 
 def _blocks_first(names: list[str]) -> list[str]:
-    blocks = [n[: -len(SPLIT_QKV[0])] for n in names if n.endswith(SPLIT_QKV[0])]
-    whole = [b + p for b in blocks if all(b + p in names for p in SPLIT_QKV) for p in SPLIT_QKV]
+    whole = [n for trio in qkv_groups(names) for n in trio]
     return whole + [n for n in names if n not in set(whole)]
 
 
 def _qkv_blocks(items: list[Item]) -> list[list[Item]]:
     """The q, k, v items of every block whose three projections are all targeted."""
     by_name = {i.name: i for i in items}
-    blocks = []
-    for i in items:
-        if i.name.endswith(SPLIT_QKV[0]):
-            block = i.name[: -len(SPLIT_QKV[0])]
-            parts = [by_name.get(block + p) for p in SPLIT_QKV]
-            if all(parts):
-                blocks.append(parts)
-    return blocks
+    return [[by_name[n] for n in trio] for trio in qkv_groups(by_name)]
 
 
 def _share_qkv_down(items: list[Item]) -> None:
@@ -286,6 +278,6 @@ def _fused_copies(items: list[Item]) -> list[Item]:
     out = []
     for q, k, v in _qkv_blocks(items):
         up = torch.cat([p.tensors["up"] for p in (q, k, v)], 0)
-        block = q.name[: -len(SPLIT_QKV[0])]
-        out.append(Item(block + FUSED_QKV, "lora", {"down": q.tensors["down"].clone(), "up": up}, q.scale, q.rank))
+        fused = f"{qkv_block(q.name)}{FUSED_QKV}"
+        out.append(Item(fused, "lora", {"down": q.tensors["down"].clone(), "up": up}, q.scale, q.rank))
     return out

@@ -46,6 +46,11 @@ class Placement:
         """The kept delta rows of a row-indexed tensor (a delta, a bias diff, LoRA's up)."""
         return t[self.d0 : self.d0 + self.n]
 
+    def local(self, t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Module rows [lo, hi) (within this placement) of a tensor indexed from its first row: a taken
+        delta, a DoRA magnitude per output row."""
+        return t[lo - self.lo : hi - self.lo]
+
     def clip(self, r0: int, r1: int) -> tuple[int, int, int, int] | None:
         """Module rows [r0, r1) met with this placement: (module lo, hi, delta lo, hi), or None when apart."""
         lo, hi = max(r0, self.lo), min(r1, self.hi)

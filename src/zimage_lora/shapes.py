@@ -18,6 +18,7 @@ from . import algorithms
 from .adapter import Target
 from .algorithms.base import Algorithm
 from .errors import IncompatibleWeightsError, LoRAError
+from .placement import Placement
 
 Shape = Sequence[int]
 _ANOTHER_MODEL = "The adapter was made for another model (or another Z-Image variant), or the file is corrupt."
@@ -25,7 +26,7 @@ _ANOTHER_MODEL = "The adapter was made for another model (or another Z-Image var
 
 def check_rows(where: str, rows: tuple[int, int] | None, out_features: int) -> int:
     """The number of the module's output rows the delta lands on (all of them without `rows`)."""
-    lo, hi = rows if rows is not None else (0, out_features)
+    lo, hi = Placement.of(rows, None, out_features).rows
     if not (0 <= lo < hi <= out_features):
         raise IncompatibleWeightsError(f"{where}: rows {lo}:{hi} fall outside the module's {out_features} output rows.")
     return hi - lo

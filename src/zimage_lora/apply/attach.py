@@ -174,7 +174,7 @@ def attach(
         txn.detach(old)
     txn.put(record)
     for p, kind, tensors in prepared:
-        txn.attach(record, p, kind, tensors, _rows(p))
+        txn.attach(record, p, kind, tensors, p.target.placement(p.out_features))
     txn.publish_all()
     for module_name, loss in txn.rebuild(touched_patch).items():
         report.requant_loss[module_name] = loss

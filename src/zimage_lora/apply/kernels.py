@@ -59,7 +59,7 @@ def _launch(mod: ModuleType, out: torch.Tensor, x: torch.Tensor, down: torch.Ten
 
 def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
     """A slot the fused kernel takes as it is: plain LoRA on every row, tensors already in x's dtype."""
-    if slot.kind != "lora" or slot.needs_wx or "bias" in slot.names or (slot.lo, slot.hi) != (0, out.shape[1]):
+    if not slot.plain_lora:
         return False
     down = slot.down
     return down.dtype == x.dtype == out.dtype and down.device == x.device

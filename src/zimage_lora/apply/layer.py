@@ -21,6 +21,7 @@ from .. import algorithms
 from ..adapter import Target
 from ..algorithms.base import scaled_add_, scaled_addcmul_
 from ..backends import backend_for
+from ..placement import Placement
 from . import kernels
 from .state import Strength
 
@@ -46,7 +47,7 @@ class Slot(nn.Module):
         strength: Strength,
         kind: str,
         tensors: dict[str, torch.Tensor],
-        rows: tuple[int, int],
+        placement: Placement,
         compute_dtype: torch.dtype | None,
         dtype: torch.dtype,
         device: torch.device,
@@ -56,10 +57,15 @@ class Slot(nn.Module):
         self.target = target
         self.strength = strength
         self.kind = kind
-        self.lo, self.hi = rows
+        self.placement = placement
+        # Read on every forward: worked out once here, not per call.
+        self.whole = placement.whole
+        self.span = slice(placement.lo, placement.hi)
         self.compute_dtype = compute_dtype
         kernel = algorithms.kernel(kind)
         self.needs_wx = kernel.uses_wx or "fm1" in tensors  # the base output without bias, "wx"
+        # Plain LoRA on every row, nothing else: what the fused and the per-sample batched products take.
+        self.plain_lora = kind == "lora" and not self.needs_wx and "bias" not in tensors and self.whole
         self.transforms_input = kernel.transform is not None  # base(x + alpha * g(x)) (see forward)
         # Prepared from the base weight (as DoRA is): re-prepared when that weight changes.
         self.reads_weight = algorithms.get(target.algorithm).needs_weight
@@ -71,6 +77,14 @@ class Slot(nn.Module):
             if buf.untyped_storage().data_ptr() in theirs:
                 buf = buf.clone()
             self.register_buffer(key, buf, persistent=False)
+
+    @property
+    def lo(self) -> int:
+        return self.placement.lo
+
+    @property
+    def hi(self) -> int:
+        return self.placement.hi
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(getattr(self, k).shape) for k in self.names}
@@ -101,7 +115,7 @@ class Slot(nn.Module):
     def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
         """out (n, out_features) += this adapter's share for input x (n, in_features)."""
         want = self._ready(x)
-        rows = out if (self.lo, self.hi) == (0, out.shape[1]) else out[:, self.lo : self.hi]
+        rows = out if self.whole else out[:, self.span]
         if want != out.dtype or want != x.dtype:
             acc = torch.zeros(rows.shape, dtype=want, device=out.device)
             xs = x.to(want)
@@ -115,7 +129,7 @@ class Slot(nn.Module):
         t = self._buffers  # the prepared tensors by name, current after any recast or .to()
         part = None
         if self.needs_wx:
-            part = wx if wx.shape[1] == rows.shape[1] else wx[:, self.lo : self.hi]
+            part = wx if self.whole else wx[:, self.span]
         kernels.add_fn(self.kind)(rows, x, part, t, alpha)
         if "fm1" in t:  # DoRA per output row: + alpha * (f - 1) * W x
             scaled_addcmul_(rows, part, t["fm1"], alpha)
@@ -190,8 +204,7 @@ class AdapterLinear(nn.Module):
         backend = backend_for(base)
         with torch.no_grad():
             for slot in slots:
-                # `prepare` reads out_features only when the target has no row range; then it is slot.hi.
-                _kind, tensors = prepare(slot.target, base, backend, slot.hi)
+                _kind, tensors = prepare(slot.target, base, backend, slot.placement.out_features)
                 slot.load_(tensors)
 
     # -- state_dict: as if unwrapped --------------------------------------------------------------

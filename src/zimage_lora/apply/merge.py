@@ -14,7 +14,7 @@ import torch
 
 from ..adapter import Target
 from ..backends import PlainLinearBackend
-from ..numerics import require_finite
+from ..numerics import check_landed, surely_finite
 from .rows import Prepared, add_rows
 from .state import Snapshot
 
@@ -55,7 +55,7 @@ def _rebuild_bias(name: str, module: torch.nn.Module, snap: Snapshot, prepared: 
         return
     with torch.no_grad():
         module.bias.copy_(_bias_value(snap.bias, prepared))
-    _check_finite(name + ".bias", module.bias)
+    check_landed(name + ".bias", module.bias)
 
 
 def _bias_value(original: torch.Tensor, prepared: list[tuple[Prepared, float]]) -> torch.Tensor:
@@ -111,7 +111,7 @@ def _rebuild_plain(
     if weight.dim() == 1:  # a norm's weight: the diff is a vector
         with torch.no_grad():
             weight.copy_(_vector_value(original, weighted))
-        _check_finite(name + ".weight", weight)
+        check_landed(name + ".weight", weight)
         return None
     rows = weight.shape[0]
     step = _step(tuple(weight.shape), weighted)
@@ -133,8 +133,8 @@ def _rebuild_plain(
                 wanted.append((chunk - original[r0:r1].float()).square().sum())
     # One host sync per layer (not per block) to read every block's sum of squares.
     for (r0, r1), sq in zip(spans, torch.stack(squares).tolist(), strict=True):
-        if not _surely_finite(sq, weight.dtype):
-            _check_finite(name + ".weight", weight[r0:r1])
+        if not surely_finite(sq, weight.dtype):
+            check_landed(name + ".weight", weight[r0:r1])
     if not lossy:
         return None
     delta2 = float(torch.stack(wanted).sum())
@@ -150,7 +150,7 @@ def _rebuild_backend(
     step = _step(tuple(new.shape), weighted)
     for r0 in range(0, new.shape[0], step):
         add_rows(new[r0 : r0 + step], r0, weighted)
-    _check_finite(name + ".weight", new)
+    check_landed(name + ".weight", new)
     delta_norm = float(torch.linalg.vector_norm(new - base))
     del base
     backend.set_base_weight(module, new)
@@ -160,28 +160,3 @@ def _rebuild_backend(
         return 0.0 if err == 0.0 else float("inf")
     return err / delta_norm
 
-
-def _surely_finite(sum_of_squares: float, dtype: torch.dtype) -> bool:
-    """True only when an fp32 block with this sum of squares, rounded into `dtype`, is certainly all
-    finite; False means "check exactly".
-
-    One BLAS dot product per block instead of an elementwise isfinite on the rounded low-precision
-    rows, which is many times slower on CPUs without native bf16/fp16. A finite sum of squares below
-    max(dtype)**2 bounds every |x| below max(dtype), so rounding cannot overflow and nothing is NaN/Inf.
-    """
-    if not math.isfinite(sum_of_squares):
-        return False
-    return sum_of_squares < torch.finfo(dtype).max ** 2 if dtype.itemsize < 4 else True
-
-
-def _check_finite(name: str, t: torch.Tensor, dynamic: bool = False) -> None:
-    """The overflow rule of both modes: what an adapter puts into `name` (merged: the new weight;
-    dynamic: its delta times the strength) must be finite in the dtype it lands in."""
-    if dynamic:
-        require_finite({name: t}, lambda key, _n: (
-            f"adapter delta on '{key}' times the scale overflows the compute dtype {t.dtype}: every output "
-            "would be NaN/Inf. Lower the scale (or, on a bf16/fp16 model, pass compute_dtype=torch.float32)."))
-    else:
-        require_finite({name: t}, lambda key, _n: (
-            f"merging into '{key}' gives non-finite values (the delta times the scale overflows the "
-            f"weight's dtype {t.dtype}). Lower the scale or use mode='dynamic'."))

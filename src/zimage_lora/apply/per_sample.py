@@ -90,8 +90,8 @@ class Routing:
         self.slots = slots
         self.needs_wx = any(s.needs_wx for s, _ in slots)
         # Plain LoRA slots over all rows can run stacked: one bmm pair per level for the whole batch.
-        self.stackable = [(s, w) for s, w in slots if _stackable(s, out_features)]
-        self.rest = [(s, w) for s, w in slots if not _stackable(s, out_features)]
+        self.stackable = [(s, w) for s, w in slots if _stackable(s)]
+        self.rest = [(s, w) for s, w in slots if not _stackable(s)]
         self._runs: dict[int, list[tuple[Slot, list[Run]]]] = {}
         self._stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = {}
 
@@ -179,11 +179,8 @@ def _level(per_sample: list[list[tuple[Slot, float]]], k: int, x: torch.Tensor) 
     return down, up, alpha
 
 
-def _stackable(slot: Slot, out_features: int) -> bool:
-    return (
-        slot.kind == "lora" and not slot.needs_wx and "bias" not in slot.names and slot.compute_dtype is None
-        and (slot.lo, slot.hi) == (0, out_features)
-    )
+def _stackable(slot: Slot) -> bool:
+    return slot.plain_lora and slot.compute_dtype is None
 
 
 def _runs(strengths: list[float | None]) -> list[Run]:

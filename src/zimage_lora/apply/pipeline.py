@@ -52,13 +52,6 @@ def components(obj: Any) -> dict[str, nn.Module] | None:
     return None
 
 
-def component_of(label: str) -> tuple[str, str]:
-    """(component, module label) of an entry of `PipelineReport.applied`."""
-    if label.startswith(TEXT_ENCODER + "."):
-        return TEXT_ENCODER, label[len(TEXT_ENCODER) + 1:]
-    return TRANSFORMER, label
-
-
 @dataclass
 class PipelineReport(ApplyReport):
     """`ApplyReport` over a pipeline. `applied`: transformer modules by their own names (as for a bare

@@ -52,8 +52,7 @@ class Prepared:
             return
         lo, hi, d_lo, d_hi = met
         view = chunk[lo - r0 : hi - r0]
-        p = self.placement
-        mag = self.target.dora.magnitude.float()[lo - p.lo : hi - p.lo].to(view.device)
+        mag = self.placement.local(self.target.dora.magnitude.float(), lo, hi).to(view.device)
         merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi, view), mag, strength, True)
         view.copy_(merged)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapter import Target
 from ..backends import backend_for
+from ..placement import Placement
 from . import merge
 from .layer import AdapterLinear, Slot, refresh_dora
 from .state import EngineState, Record, drop_state
@@ -109,12 +110,13 @@ class Transaction:
                 del wrapper.slots[k]
 
     def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor],
-               rows: tuple[int, int]) -> None:
+               placement: Placement) -> None:
         wrapper = self._wrapper(p.target.module, create=True)
         weight = getattr(p.module, "weight", None)
         dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
-        slot = Slot(record.name, p.target, record.strength, kind, tensors, rows, record.compute_dtype, dtype, device)
+        slot = Slot(record.name, p.target, record.strength, kind, tensors, placement, record.compute_dtype, dtype,
+                    device)
         key = wrapper.new_key()
         wrapper.slots[key] = slot
         record.wrapped.setdefault(p.target.module, []).append(key)

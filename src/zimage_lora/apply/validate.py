@@ -17,8 +17,7 @@ from ..algorithms.base import amax, probe_abs_max
 from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..fp32 import FP32_MAX, fits_fp32
-from ..numerics import require_finite
-from . import merge
+from ..numerics import check_landed, headroom, require_finite
 from .layer import AdapterLinear
 
 MODES = ("dynamic", "merged")
@@ -200,7 +199,7 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool, flag: bo
 # --- dynamic mode's overflow rule ------------------------------------------------------------------
 def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], strength: float, dtype: torch.dtype,
                   weight: Callable[[], torch.Tensor] | None = None) -> float:
-    """Merged mode's overflow rule (`merge._check_finite`) for a dynamic slot: its tensors, and its delta
+    """Merged mode's overflow rule (`numerics.check_landed`) for a dynamic slot: its tensors, and its delta
     times `strength`, must be finite in `dtype` (the one it computes in), or every output is NaN/Inf.
 
     Returns the slot's headroom: the largest |strength| a cheap bound on |delta| admits, so a later
@@ -208,16 +207,16 @@ def check_dynamic(name: str, kind: str, tensors: dict[str, torch.Tensor], streng
     `weight()`: the slot's fp32 base weight rows, for a kernel whose exact check needs them (`Kernel.probe`).
     """
     for role, t in tensors.items():
-        merge._check_finite(f"{name} ({role})", t.to(dtype), dynamic=True)
+        check_landed(f"{name} ({role})", t.to(dtype), dynamic=True)
     kernel = algorithms.kernel(kind)
     bias = amax(tensors["bias"]) if "bias" in tensors else 0.0
-    headroom = torch.finfo(dtype).max / max(bias, kernel.bound(tensors), 1e-300)
+    room = headroom(dtype, max(bias, kernel.bound(tensors)))
     need = max(abs(strength), 1.0)  # the kernels form the delta at strength 1, then scale it
-    if need > headroom:
+    if need > room:
         # Rounding is monotonic: every value stays finite in `dtype` exactly when the largest does.
         if kernel.probe and weight is not None:
             exact = max(bias, probe_abs_max(kernel, {k: v for k, v in tensors.items() if k != "bias"}, weight()))
         else:
             exact = max(bias, (kernel.abs_max or kernel.bound)(tensors))
-        merge._check_finite(name, torch.tensor([exact * need], dtype=torch.float64).to(dtype), dynamic=True)
-    return headroom
+        check_landed(name, torch.tensor([exact * need], dtype=torch.float64).to(dtype), dynamic=True)
+    return room

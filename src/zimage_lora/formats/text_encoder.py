@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from ..layouts.tables import KOHYA_TEXT_ENCODER_PREFIXES
 from . import grammar
 
 #: Reported for text-encoder keys when only a transformer was given.
@@ -56,7 +57,7 @@ def format_label(prefixes: set[str]) -> str:
     """The writer a text-encoder part's prefixes point to."""
     if any(p.startswith("text_encoders.") for p in prefixes):
         return "comfyui (text encoder)"
-    if any(p.startswith(("lora_te", "lycoris_te")) for p in prefixes):
+    if any(p.startswith(KOHYA_TEXT_ENCODER_PREFIXES) for p in prefixes):
         return "kohya (text encoder)"
     if "text_encoder." in prefixes:
         return "diffusers (text encoder)"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import cache
 from typing import Protocol
 
-from ..layouts.tables import MFLUX_MARKS, MUSUBI_MODULES, ONETRAINER_MARKS
+from ..layouts.tables import KOHYA_LORA, LAYOUTS, MFLUX_MARKS, MUSUBI_MODULES, ONETRAINER_MARKS, PEFT_LORA, PREFIXES
 from .grammar import KOHYA_PREFIXES
 
 
@@ -23,7 +24,12 @@ class _Group(Protocol):
     keys: dict[str, str]
 
 
-_FUSED_STEM = ("qkv", "attention.out", "attention_out")
+# The prefixes and role names the rules below look for, as the layout rows write them.
+_LYCORIS = LAYOUTS["lycoris"].prefix
+_VIDEOX = LAYOUTS["videox-fun"].prefix
+_DIFFUSERS = LAYOUTS["diffusers"].prefix
+_PEFT = LAYOUTS["peft"].prefix
+_COMFY = frozenset(p for p, naming in PREFIXES.items() if naming == "comfy")
 _SPLIT_STEM = re.compile(r"to[._](q|k|v|out)")
 # musubi-tuner's convert_lora.py --target other turns kohya names back into dotted ones by replacing
 # every '_' with '.': 'attention.to.q', 'feed.forward.w1', 'adaLN.modulation.0'.
@@ -31,7 +37,17 @@ _MUSUBI_DOTTED = re.compile(r"\.to\.(q|k|v|out)(\.|$)|feed\.forward\.|adaLN\.mod
 
 
 def is_fused(stem: str) -> bool:
-    return stem.endswith(_FUSED_STEM)
+    return stem.endswith(_fused_stems())
+
+
+@cache
+def _fused_stems() -> tuple[str, ...]:
+    """Module names only native (ComfyUI / original) trees have: the fused qkv, and to_out.0 as 'out'.
+    Imported on first use: `keys` imports this package, so a top-level import would be a cycle."""
+    from ..keys.aliases import FUSED_QKV, native_name
+
+    out = native_name("attention.to_out.0")
+    return FUSED_QKV.rpartition(".")[2], out, out.replace(".", "_")
 
 
 def is_onetrainer(meta: dict[str, str]) -> bool:
@@ -69,20 +85,20 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
     alphas = any(g.alpha is not None for g in groups)
     if fused and split:
         return "mixed (split and fused qkv)"
-    if "lycoris_" in prefixes:
+    if _LYCORIS in prefixes:
         return "lycoris"
     if prefixes & set(KOHYA_PREFIXES):
         return _kohya_label(prefixes, fused, meta, tensor_keys, algos)
-    if any(p.startswith("base_model.model.") for p in prefixes):
+    if any(p.startswith(_PEFT) for p in prefixes):
         return "peft"
     if _musubi_converted(groups, meta, roles, alphas):
         return "musubi-tuner convert_lora.py --target other (alpha in the weights)"
-    if "diffusion_model." in prefixes or "model.diffusion_model." in prefixes:
+    if prefixes & _COMFY:
         return _comfy_prefix_label(fused, meta, roles, alphas, algos)
-    if "transformer." in prefixes:
+    if _DIFFUSERS in prefixes:
         if is_onetrainer(meta):
-            return "onetrainer (legacy)" if "lora_down" in roles else "onetrainer (diffusers)"
-        if "lora_down" in roles:
+            return "onetrainer (legacy)" if _KOHYA_DOWN in roles else "onetrainer (diffusers)"
+        if _KOHYA_DOWN in roles:
             return "onetrainer (legacy)"
         return "diffusers"
     if any(".default." in k or k.endswith(".default") for k in tensor_keys):
@@ -97,7 +113,7 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
 
 
 def _kohya_label(prefixes, fused, meta, tensor_keys, algos) -> str:
-    if "lora_unet__" in prefixes:
+    if _VIDEOX in prefixes:
         # VideoX-Fun lora_utils.LoRANetwork: "lora_unet" + "." + "" + "." + module, dots -> '_'.
         return "videox-fun (kohya keys, lora_unet__)"
     if is_onetrainer(meta):
@@ -116,10 +132,14 @@ def _role(key: str) -> str:
     return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
 
 
+_KOHYA_DOWN = _role(KOHYA_LORA["down"])  # 'lora_down'
+_PEFT_DOWN = _role(PEFT_LORA["down"])  # 'lora_A'
+
+
 def _musubi_converted(groups, meta, roles, alphas) -> bool:
     # convert_lora.py --target other: lora_A/lora_B without any alpha, and either the kohya metadata
     # it copies from its source or its '_' -> '.' module names.
-    if alphas or "lora_A" not in roles or is_onetrainer(meta) or is_mflux(meta):
+    if alphas or _PEFT_DOWN not in roles or is_onetrainer(meta) or is_mflux(meta):
         return False
     return has_kohya_metadata(meta) or any(_MUSUBI_DOTTED.search(g.stem) for g in groups)
 
@@ -133,7 +153,7 @@ def _comfy_prefix_label(fused, meta, roles, alphas, algos) -> str:
         return "ai-toolkit (lycoris)"
     if fused:
         return "comfyui-native (fused qkv: ComfyUI training/extract nodes, Civitai)"
-    if "lora_down" in roles or alphas:
+    if _KOHYA_DOWN in roles or alphas:
         return "comfyui"
     # ai-toolkit (and mflux without its metadata) write diffusion_model. + lora_A/lora_B, no alpha.
     return "ai-toolkit"

@@ -13,6 +13,7 @@ from ..adapter import Adapter, Dora, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group
 from ..numerics import require_finite
+from ..placement import Placement
 from .index import ModuleIndex, Site
 from .scales import Scale, scale_for, scale_notes
 
@@ -232,10 +233,10 @@ def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleInde
             return None
         y = algorithms.bypass(t.algorithm, x[None], {k: v.float() for k, v in t.tensors.items()})[0] * t.scale
         placement = t.placement(index.shapes[module].shape[0])
-        parts.append((placement.rows, placement.take(y)))
-    (la, ya), (lb, yb) = parts
-    lo, hi = max(la[0], lb[0]), min(la[1], lb[1])
-    ya, yb = ya[lo - la[0]:hi - la[0]], yb[lo - lb[0]:hi - lb[0]]
+        parts.append((placement, placement.take(y)))
+    (pa, ya), (pb, yb) = parts
+    lo, hi, _d0, _d1 = pa.clip(*pb.rows)  # the caller passes overlapping pairs
+    ya, yb = pa.local(ya, lo, hi), pb.local(yb, lo, hi)
     return bool(torch.allclose(ya, yb, rtol=1e-3, atol=1e-5 * float(ya.abs().max().clamp_min(1e-30))))
 
 
@@ -288,11 +289,12 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         split = algorithms.get(g.algorithm).split_rows(own, *rows)
         part = dict(own) if split is None else split
         delta_rows = rows if split is None else None
+        block = Placement.of(None, rows, n)  # this module's rows of the fused delta
         if "diff_b" in part and delta_rows is None:
-            part["diff_b"] = own["diff_b"][rows[0]:rows[1]]
+            part["diff_b"] = block.take(own["diff_b"])
         part_dora = None
         if dora is not None:
-            part_dora = Dora(dora.magnitude[rows[0]:rows[1]] if dora.on_out else dora.magnitude, dora.on_out)
+            part_dora = Dora(block.take(dora.magnitude) if dora.on_out else dora.magnitude, dora.on_out)
         out.append(Target(module=module, tensors=part, delta_rows=delta_rows, dora=part_dora, **common))
         start += n
     return out

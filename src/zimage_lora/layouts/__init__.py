@@ -18,8 +18,10 @@ the demo's example files (`zimage_lora.examples`) both write through it.
 
 To add a layout: add a `Layout` row to `LAYOUTS` (reuse a suffix set such as `KOHYA` or `PEFT`, or
 build one from `KOHYA_LORA` / `PEFT_LORA` / `LYCORIS_ALGOS`); if its prefix is new, add it to
-`PREFIXES` with the naming it marks. If inspect should name the trainer, add its evidence to
-`formats/writers.py`. The reader then reads it, and `write.save(items, "<name>", path)` writes it.
+`PREFIXES` with the naming it marks. The reader then reads it, and `write.save(items, "<name>",
+path)` writes it. The label `inspect` shows comes from `formats/writers.py`, whose rules weigh
+evidence the rows do not hold (metadata marks, which role spelling comes with which prefix); a layout
+that should get a label of its own needs a rule there (it reads prefixes and role names from here).
 
 To add an algorithm's rows (once its module exists in `algorithms/`): add its family to
 `LYCORIS_ALGOS` with the role -> suffix of each tensor as LyCORIS saves it, e.g. GLoRA

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter import Dora
-from ..keys.aliases import FUSED_QKV, SPLIT_QKV
+from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
 from .item import Item
 
 
@@ -23,11 +23,11 @@ def fuse_qkv_items(items: list[Item]) -> list[Item]:
     for item in items:
         if item.name in done:
             continue
-        block = _qkv_block(item.name)
+        block = qkv_block(item.name)
         if block is None:
             out.append(item)
             continue
-        parts = [by_name.get(block + p) for p in SPLIT_QKV]
+        parts = [by_name.get(n) for n in qkv_names(block)]
         fused = _fuse_qkv(block, parts)
         if fused is None:
             out.append(item)
@@ -35,13 +35,6 @@ def fuse_qkv_items(items: list[Item]) -> list[Item]:
         out.append(fused)
         done.update(p.name for p in parts if p is not None)
     return out
-
-
-def _qkv_block(name: str) -> str | None:
-    for p in SPLIT_QKV:
-        if name.endswith(p):
-            return name[: -len(p)]
-    return None
 
 
 def _fuse_qkv(block: str, parts: list[Item | None]) -> Item | None:

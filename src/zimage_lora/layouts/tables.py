@@ -93,9 +93,11 @@ TRAINER_DATA: dict[str, str] = {
     "lokr_factor": "musubi-tuner LoKr factor (networks/lokr.py network buffer)",
 }
 
-# Prefixes of text-encoder keys: reported, never applied to the transformer.
+# Prefixes of text-encoder keys: reported, never applied to the transformer. kohya's (sd-scripts,
+# musubi-tuner) and LyCORIS's name the writer in inspect (formats/text_encoder.py).
+KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_")
 TEXT_ENCODER_PREFIXES = (
-    "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_te_", "text_encoder.", "text_encoder_2.",
+    *KOHYA_TEXT_ENCODER_PREFIXES, "text_encoder.", "text_encoder_2.",
     "text_encoders.", "te.", "te1.", "te2.", "cond_stage_model.", "conditioner.", "text_model.",
     "base_model.model.text_model.", "qwen3.", "lora_qwen",
 )

@@ -25,7 +25,7 @@ from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError, Un
 from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..formats.safetensors_writer import StreamingWriter
 from ..loading import load_adapter
-from ..numerics import require_finite
+from ..numerics import check_landed
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
 from .output import check_out, check_space, clean_leftovers, move_into_place, output_error, remove, temp_path
@@ -282,10 +282,10 @@ def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar
                     kind, targets = plan
                     merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
                     merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
-                    require_finite({info.key: merged}, lambda key, _n: (
+                    merged = merged.to(dtype)  # checked as written: fp32 may be finite where fp16/bf16 is not
+                    check_landed(info.key, merged, message=lambda key, _n: (
                         f"{ckpt.root}: merging into '{key}' gives non-finite values (base weight or adapter "
                         "overflow); nothing was written. Lower the scale or check the adapter."))
-                    merged = merged.to(dtype)
                     # Counted only when the written bytes differ: a delta below the dtype's rounding is no change.
                     report.merged_tensors += not torch.equal(merged, result)
                     result = merged

@@ -16,7 +16,7 @@ import torch
 from ..adapter import Adapter, Dora, Target
 from ..algorithms._shapes import as_matrix
 from ..errors import LoRAError, UnsupportedError
-from ..keys.aliases import FUSED_QKV, SPLIT_QKV
+from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
 from ..layouts import Item, write
 from ..sources import LoRAConfiguration
 from .output import clean_leftovers, move_into_place, output_error, remove, temp_path
@@ -117,8 +117,8 @@ def _item(t: Target) -> Item:
 
 
 def _fused_item(adapter: Adapter, parts: list[Target]) -> Item:
-    block = parts[0].module[: -len(SPLIT_QKV[0])] if parts[0].module.endswith(SPLIT_QKV[0]) else None
-    expected = [block + p for p in SPLIT_QKV] if block is not None else []
+    block = qkv_block(parts[0].module)
+    expected = list(qkv_names(block)) if block is not None else []
     if [p.module for p in parts] != expected or parts[0].delta_rows[0] != 0:
         raise UnsupportedError(
             f"{adapter.source}: a fused delta ({parts[0].source_keys[0]}) lands on {[p.label for p in parts]}; "

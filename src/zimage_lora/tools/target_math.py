@@ -34,13 +34,12 @@ def merge_weight(weight: torch.Tensor, targets: list[tuple[Target, float]]) -> t
 
 
 def merge_bias(bias: torch.Tensor, targets: list[tuple[Target, float]]) -> torch.Tensor:
-    """`bias` (fp32, in place) plus strength * diff_b of each target (bias diffs carry no alpha scale)."""
+    """`bias` (fp32, in place) plus strength * diff_b of each target (bias diffs carry no alpha scale).
+    That each diff fits was checked before anything was written (`shapes.check_bias`)."""
     for p, s in _prepared(targets, bias.shape[0], bias.device):
         placed = p.bias_delta()
         if placed is None:
             continue
         lo, hi, diff_b = placed
-        if hi > bias.shape[0] or diff_b.shape[0] != hi - lo:
-            raise ValueError(f"{p.target.label}: bias diff {list(diff_b.shape)} does not fit bias {list(bias.shape)}")
         bias[lo:hi].add_(diff_b, alpha=s)
     return bias
