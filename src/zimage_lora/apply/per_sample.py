@@ -82,7 +82,6 @@ class Routing:
 
     def __init__(
         self, ctx: _Context, where: str, flat: str | None, slots: list[tuple[Slot, list[float | None]]],
-        out_features: int,
     ) -> None:
         self.ctx = ctx
         self.where = where
@@ -216,5 +215,5 @@ def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Rout
     for module_name, slots in slots_of.items():
         flat = next((kind for prefix, kind in FLAT_INPUTS.items() if module_name.startswith(prefix)), None)
         wrapper = model.get_submodule(module_name)
-        out.append((wrapper, Routing(ctx, module_name, flat, slots, wrapper.out_features)))
+        out.append((wrapper, Routing(ctx, module_name, flat, slots)))
     return out
