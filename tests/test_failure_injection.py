@@ -248,14 +248,16 @@ def test_failure_removing_the_only_adapter_on_some_layers(after, files, model, m
     assert torch.equal(_output(model), out_before)
 
 
+@pytest.mark.parametrize("layout", ["kohya", "lycoris-dora", "lycoris-lokr"])
 @pytest.mark.parametrize("exc", [Injected, KeyboardInterrupt])
-def test_failure_during_a_hot_swap(exc, files, model, monkeypatch):
+def test_failure_during_a_hot_swap(exc, layout, files, model, monkeypatch):
     """A same-shaped adapter copied into the slots of the attached one fails after some layers were
-    copied: every slot holds its old values again, and the old adapter is the one listed."""
+    copied: every slot holds its old values again, and the old adapter is the one listed. (DoRA and
+    LoKr too: the undo prepares the old values again from the old adapter.)"""
     from zimage_lora.apply.layer import Slot
 
-    again = examples.make_adapter("kohya", files["kohya"].with_name("again.safetensors"), model, seed=7)
-    apply_adapter(model, files["kohya"], mode="dynamic", name="x", scale=0.5)
+    again = examples.make_adapter(layout, files[layout].with_name(f"again-{layout}.safetensors"), model, seed=7)
+    apply_adapter(model, files[layout], mode="dynamic", name="x", scale=0.5)
     before, names_before, out_before = state_bits(model), _names(model), _output(model)
     calls = _inject(monkeypatch, Slot, "load_", after=3, exc=exc)
     with pytest.raises(exc):
@@ -264,6 +266,6 @@ def test_failure_during_a_hot_swap(exc, files, model, monkeypatch):
     monkeypatch.undo()
     assert_untouched(model, before)
     assert _names(model) == names_before
-    assert list_adapters(model)[0].source == str(files["kohya"])
+    assert list_adapters(model)[0].source == str(files[layout])
     assert torch.equal(_output(model), out_before)
     assert apply_adapter(model, again, name="x").hotswapped  # and the swap works afterwards

@@ -17,7 +17,7 @@ from ..adapter import Target
 from ..backends import backend_for
 from ..placement import Placement
 from . import merge
-from .layer import AdapterLinear, Slot, refresh_dora
+from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
 from .validate import Planned, base_of, slot_dtype
@@ -56,7 +56,7 @@ class Transaction:
         self.wrappers: dict[str, tuple[AdapterLinear, dict[str, Slot], list[str], bool]] = {}
         self.new_snapshots: list[str] = []
         self.touched: dict[str, None] = {}  # merged modules rebuilt, in order
-        self.swapped: list[tuple[Slot, Target, str, dict[str, torch.Tensor]]] = []  # hot swaps: slot, before
+        self.swapped: list[tuple[Slot, Target, str]] = []  # hot swaps: slot, its target and adapter before
         self.switched = False  # active tuples re-published through the switching tables
 
     def __enter__(self) -> Transaction:
@@ -123,10 +123,13 @@ class Transaction:
 
     def swap(self, slot: Slot, target: Target, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Hot swap: copy same-shaped values into `slot`'s own buffers (compiled graphs stay valid)."""
-        self.swapped.append((slot, slot.target, slot.adapter_name, {k: getattr(slot, k).clone() for k in slot.names}))
+        # No copy of the old values is kept: the undo prepares them again from the old target (the base
+        # weight under the slot does not change during a swap), so a swap that succeeds costs no clone.
+        self.swapped.append((slot, slot.target, slot.adapter_name))
         slot.load_(tensors)
-        slot.target = target
-        slot.adapter_name = adapter_name
+        # Plain attributes (no tensor, no module): set without nn.Module.__setattr__'s lookups, which
+        # cost more than the copy itself on a 276-layer swap.
+        vars(slot).update(target=target, adapter_name=adapter_name)
 
     def publish_all(self) -> None:
         """Active set of every touched wrapper = its slots in adapter order, one assignment each."""
@@ -186,8 +189,9 @@ class Transaction:
         for record, active, value, adapter, headroom in self.fields:
             record.active, record.adapter, record.headroom = active, adapter, headroom
             record.strength.set(value)
-        for slot, target, adapter_name, values in reversed(self.swapped):
-            slot.load_(values)
+        for slot, target, adapter_name in reversed(self.swapped):
+            base = base_of(self.model.get_submodule(target.module))
+            slot.load_(prepare(target, base, backend_for(base), slot.placement.out_features)[1])
             slot.target, slot.adapter_name = target, adapter_name
         state.invalidate()
         # Wrappers: put back their slots and active sets; unwrap the ones created here.
