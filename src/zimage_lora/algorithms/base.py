@@ -36,7 +36,10 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `delta_shape` cannot (a side that is the weight's own, a flag's value); `alpha_role` takes a file's
    alpha as a tensor of the algorithm, not a scale; `value_roles` may be integer flags. A role that
    counts only beside another (a bare `.weight`) is a layout rule: `layouts.tables.COMPANIONS`.
-7. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
+7. Writing (convert, examples): `canonical` gives what a written file holds (LoRA: a LoCon mid folded
+   into down, the rank of down; LoKr: a full-factor scale other than 1 folded into w2); `fold_scale`
+   folds a scale into the factors for layouts that keep no alpha (LoRA only; others refuse).
+8. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
    a dense reference: the pattern to copy for a new algorithm's test.
 
 Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
@@ -50,7 +53,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedError
 from ..placement import Placement
+from ._shapes import as_matrix
 
 Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -66,6 +71,21 @@ def _no_split(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor] | N
 
 def _one_row(parts: Tensors) -> int:
     return 1
+
+
+def matrices(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[str, torch.Tensor], float, int | None]:
+    """The default `canonical`: every factor as a matrix (conv-style 1x1 saves reshaped), scale and rank kept."""
+    return {role: as_matrix(v) for role, v in tensors.items()}, scale, rank
+
+
+def _no_fold(tensors: Tensors, scale: float, spread: bool) -> dict[str, torch.Tensor]:
+    # Unreachable through the layouts (those without an alpha spell LoRA only); a new layout must say how.
+    raise UnsupportedError(f"a layout without an alpha cannot hold a scale of {scale:g} for these tensors "
+                           f"({sorted(tensors)}); convert to a layout that keeps an alpha.")
+
+
+def _no_fuse(parts: list) -> None:
+    return None
 
 
 def add_block_(
@@ -128,6 +148,15 @@ class Algorithm:
     # Rows [lo, hi) of a fused delta as tensors of their own (LoRA: rows of `up`), or None: keep the
     # factors and take the rows of the built delta (Target.delta_rows).
     split_rows: Callable[[Tensors, int, int], dict[str, torch.Tensor] | None] = _no_split
+    # fuse_rows(parts) -> (tensors, scale, rank) of the fused rows, exactly, or None (the writer keeps
+    # them apart); parts: (tensors, scale, rank) per row block (q, k, v), None for a block without a
+    # delta. The inverse of split_rows, for layouts that spell a fused q/k/v.
+    fuse_rows: Callable[[list], tuple[dict[str, torch.Tensor], float, int | None] | None] = _no_fuse
+    # canonical(tensors, scale, rank) -> (tensors, scale, rank) as a written file holds them.
+    canonical: Callable[..., tuple[dict[str, torch.Tensor], float, int | None]] = matrices
+    # fold_scale(tensors, scale, spread) -> tensors meaning `scale` at scale 1, for layouts keeping no
+    # alpha; spread: sqrt(scale) into every factor (musubi-tuner's "other"), else all in one factor.
+    fold_scale: Callable[[Tensors, float, bool], dict[str, torch.Tensor]] = _no_fold
     # row_align(parts) (of `row_parts`): row blocks given to delta_block start and end on multiples of
     # this (OFT's block size; the whole height: all rows at once); default 1.
     row_align: Callable[[Tensors], int] = _one_row

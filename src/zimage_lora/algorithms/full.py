@@ -51,9 +51,18 @@ def describe(shapes) -> str:
     return "x".join(map(str, shapes["diff"])) if "diff" in shapes else "bias only"
 
 
+def fuse_rows(parts: list) -> tuple[dict, float, None] | None:
+    """q, k, v diffs stacked on the fused rows (zeros for a missing block); None if one has no diff."""
+    present = [p for p in parts if p is not None]
+    if any("diff" not in t for t, _, _ in present):
+        return None
+    ref = present[0][0]["diff"]
+    return {"diff": torch.cat([p[0]["diff"] if p is not None else torch.zeros_like(ref) for p in parts], 0)}, 1.0, None
+
+
 ALGORITHM = Algorithm(
     name="full", title="full diffs", family="full", priority=90, delta_shape=delta_shape, rank=rank,
     delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
-    has_weight=lambda tensors: "diff" in tensors,
+    has_weight=lambda tensors: "diff" in tensors, fuse_rows=fuse_rows,
 )

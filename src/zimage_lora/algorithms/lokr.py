@@ -12,7 +12,7 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix, product, product_shape
-from .base import Algorithm, Alpha, Kernel, Tensors, amax
+from .base import Algorithm, Alpha, Kernel, Tensors, amax, matrices
 
 
 def _factor_shape(shapes, i: int) -> tuple[int, int]:
@@ -126,9 +126,19 @@ KERNEL = Kernel(
     bound=lambda t: amax(t["w1"]) * amax(t["w2"]),  # kron's values are exactly the products: exact
 )
 
+def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict, float, int | None]:
+    """Written layouts give full LoKr factors scale 1 (LyCORIS rule); a trainer rule with another scale
+    (musubi-tuner: alpha / max(w2 shape)) is folded into w2, exactly, in fp32."""
+    tensors, scale, rank = matrices(tensors, scale, rank)
+    if "w1" in tensors and "w2" in tensors and scale != 1.0:
+        return {**tensors, "w2": tensors["w2"].float() * scale}, 1.0, None
+    return tensors, scale, rank
+
+
 ALGORITHM = Algorithm(
     name="lokr", title="LoKr", family="lokr", priority=10, delta_shape=delta_shape, rank=rank,
     delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, dynamic_numel=dynamic_numel, describe=describe,
     prepare=prepare, kernels=(KERNEL,), unit_scale="both LoKr factors full",
+    canonical=canonical,
 )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm, Alpha, Kernel, Tensors, amax, row_blocks
+from .base import Algorithm, Alpha, Kernel, Tensors, amax, matrices, row_blocks
 
 
 def delta_shape(shapes) -> tuple[int, int]:
@@ -120,9 +122,59 @@ KERNEL = Kernel(
     scale_rows=lambda t, f: {**t, "up": t["up"] * f},
 )
 
+def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict, float, int | None]:
+    """What a written file holds: a LoCon mid folded into down (exact in fp32), the rank of down."""
+    tensors = dict(tensors)
+    if "mid" in tensors:
+        mid = tensors.pop("mid")
+        tensors["down"] = as_matrix(mid).float() @ as_matrix(tensors["down"]).float()
+    tensors, scale, rank = matrices(tensors, scale, rank)
+    return tensors, scale, rank if rank is not None else tensors["down"].shape[0]
+
+
+def fold_scale(tensors: Tensors, scale: float, spread: bool) -> dict[str, torch.Tensor]:
+    """spread: sqrt(scale) in each factor, in their dtype (musubi-tuner convert_lora.py --target other);
+    else the scale into up, in fp32 (as OneTrainer's convert_to_diffusers does)."""
+    if spread:
+        k = math.sqrt(scale)
+        return {r: v * k for r, v in tensors.items()}
+    return {**tensors, "up": tensors["up"].float() * scale}
+
+
+def fuse_rows(parts: list) -> tuple[dict, float, int | None]:
+    """q, k, v LoRAs as one on the fused rows, exactly: one shared down when they have the same down
+    and scale (rank r); otherwise the downs stacked and each up in its own row and column block
+    (block-diagonal, rank = the sum of the ranks), different scales folded into the ups in fp32."""
+    present = [p for p in parts if p is not None]
+    ref, ref_scale, ref_rank = present[0]
+    d = ref["up"].shape[0]
+    same_down = all(t["down"].shape == ref["down"].shape and torch.equal(t["down"], ref["down"]) for t, _, _ in present)
+    same_scale = all(s == ref_scale for _, s, _ in present)
+    if same_down and same_scale:  # one shared down: the natural fused form, rank r
+        r = ref["down"].shape[0]
+        ups = [p[0]["up"] if p is not None else ref["up"].new_zeros(d, r) for p in parts]
+        return {"down": ref["down"], "up": torch.cat(ups, 0)}, ref_scale, ref_rank
+    total = sum(t["down"].shape[0] for t, _, _ in present)
+    fold = not same_scale
+    dtype = torch.float32 if fold else torch.promote_types(ref["up"].dtype, ref["down"].dtype)
+    down = torch.cat([t["down"].to(dtype) for t, _, _ in present], 0)
+    up = torch.zeros(3 * d, total, dtype=dtype)
+    col = 0
+    for i, p in enumerate(parts):
+        if p is None:
+            continue
+        t, s, _ = p
+        r = t["down"].shape[0]
+        block = t["up"].to(dtype)
+        up[i * d:(i + 1) * d, col:col + r] = block * s if fold else block
+        col += r
+    return {"down": down, "up": up}, 1.0 if fold else ref_scale, total
+
+
 ALGORITHM = Algorithm(
     name="lora", title="LoRA", family="lora", priority=30, delta_shape=delta_shape, rank=rank,
     delta=delta, bypass=bypass,
     row_parts=row_parts, delta_block=delta_block, add_rows_=add_rows_, split_rows=split_rows,
     dynamic_numel=dynamic_numel, describe=describe, prepare=prepare, kernels=(KERNEL,),
+    canonical=canonical, fold_scale=fold_scale, fuse_rows=fuse_rows,
 )

@@ -7,7 +7,6 @@ Used by `convert` (an adapter read from any file) and by `examples` (the demo's 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -117,12 +116,11 @@ def state_dict(items: list[Item], name: str, where: str = "adapter") -> tuple[di
 def _put(sd: dict, lay: Layout, item: Item) -> None:
     stem = module_stem(lay, item.name)
     tensors = dict(item.tensors)
+    # A layout without an alpha means scale 1: the algorithm folds the scale into its factors.
     if lay.alpha == "folded" and item.alpha is not None:  # musubi-tuner: sqrt(alpha / rank) in each factor
-        k = math.sqrt(item.alpha / item.rank)
-        tensors = {r: v * k for r, v in tensors.items()}
-    elif lay.alpha == "none" and item.scale != 1.0 and "up" in tensors:
-        # The file means scale 1: the scale goes into up, in fp32 (as OneTrainer's convert_to_diffusers does).
-        tensors["up"] = tensors["up"].float() * item.scale
+        tensors = algorithms.get(item.algorithm).fold_scale(tensors, item.alpha / item.rank, True)
+    elif lay.alpha == "none" and item.scale != 1.0:
+        tensors = algorithms.get(item.algorithm).fold_scale(tensors, item.scale, False)
     for role, v in tensors.items():
         sd[stem + suffix(lay, *_spelled(lay, item.algorithm, role))] = v.contiguous()
     if lay.alpha == "key" and item.alpha is not None:

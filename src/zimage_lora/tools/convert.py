@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .. import algorithms
 from ..adapter import Adapter, Dora, Target
-from ..algorithms._shapes import as_matrix
 from ..errors import LoRAError, UnsupportedError
 from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
 from ..layouts import Item, write
@@ -99,21 +99,9 @@ def canonical_items(adapter: Adapter) -> list[Item]:
 
 
 def _item(t: Target) -> Item:
-    tensors = dict(t.tensors)
-    if t.algorithm == "lora" and "mid" in tensors:  # fold a LoCon mid into down: exact in fp32
-        mid = tensors.pop("mid")
-        down = tensors["down"]
-        tensors["down"] = as_matrix(mid).float() @ as_matrix(down).float()
-    tensors = {role: as_matrix(v) for role, v in tensors.items()}
-    if t.algorithm == "lokr" and "w1" in tensors and "w2" in tensors and t.scale != 1.0:
-        # Written layouts give full LoKr factors scale 1 (LyCORIS rule); a trainer rule with another
-        # scale (musubi-tuner: alpha / max(w2 shape)) is folded into w2, exactly, in fp32.
-        tensors["w2"] = tensors["w2"].float() * t.scale
-        return Item(t.module, t.algorithm, tensors, 1.0, None, t.dora, t.source_keys)
-    rank = t.rank
-    if rank is None and t.algorithm == "lora":
-        rank = tensors["down"].shape[0]
-    return Item(t.module, t.algorithm, tensors, t.scale, rank, t.dora, t.source_keys)
+    # What a written file holds is the algorithm's (Algorithm.canonical: LoCon mid folded, LoKr scale).
+    tensors, scale, rank = algorithms.get(t.algorithm).canonical(dict(t.tensors), t.scale, t.rank)
+    return Item(t.module, t.algorithm, tensors, scale, rank, t.dora, t.source_keys)
 
 
 def _fused_item(adapter: Adapter, parts: list[Target]) -> Item:
