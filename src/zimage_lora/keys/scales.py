@@ -172,9 +172,12 @@ def scale_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> list[st
             f"'{ignored[0][0].source_keys[0]}'): they are not PEFT-named lora_A/lora_B keys, so it does not "
             "describe them"
         )
-    if by_source.get("unused"):
-        notes.append(f"the alpha of {by_source['unused']} LoKr module(s) is unused: both factors are full, "
-                     "so the scale is 1 (LyCORIS rule)")
+    # An alpha the algorithm's scale rule never reads (full LoKr factors, IA3): its `unit_scale` says why.
+    unused = Counter(g.algorithm for g, s in scales if s.source == "unused")
+    for name, n in sorted(unused.items()):
+        algo = algorithms.get(name)
+        notes.append(f"the alpha of {n} {algo.title or algo.name} module(s) is unused: {algo.unit_scale}, "
+                     "so the scale is 1")
     musubi = [s for _g, s in scales if s.source == "musubi-lokr"]
     if musubi:
         shown = ", ".join(f"{v:g}" for v in sorted({s.scale for s in musubi})[:5])
