@@ -28,7 +28,7 @@ from ..loading import load_adapter
 from ..numerics import check_landed
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
-from .output import check_out, check_space, clean_leftovers, move_into_place, output_error, remove, temp_path
+from .output import check_out, check_space, clean_leftovers, output_error, written_aside
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
 
@@ -111,22 +111,17 @@ def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: Merg
     removed, kept = clean_leftovers(out)
     report.notes += [f"removed {p.name}, left by an interrupted merge" for p in removed]
     report.notes += [f"{p.name} belongs to a merge still running; left alone" for p in kept]
-    tmp = temp_path(out)
     needed = _output_bytes(ckpt, out_dtype)
     try:
         check_space(out, needed)
-        _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
-        move_into_place(tmp, out)
+        with written_aside(out) as tmp:
+            _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
     except OSError as exc:
-        remove(tmp)
         if isinstance(exc, LoRAError):
             raise
         if exc.filename is not None and Path(exc.filename) in ckpt.files:  # the input, not the output
             raise InvalidFormatError(f"{exc.filename}: cannot read the checkpoint ({exc.strerror}).") from None
         raise output_error(exc, out, needed=needed) from None
-    except BaseException:
-        remove(tmp)
-        raise
 
 
 def _output_bytes(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> int:

@@ -19,7 +19,7 @@ from ..errors import LoRAError, UnsupportedError
 from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
 from ..layouts import Item, write
 from ..sources import LoRAConfiguration
-from .output import clean_leftovers, move_into_place, output_error, remove, temp_path
+from .output import clean_leftovers, output_error, written_aside
 
 #: The `--to` layouts: rows of `layouts.LAYOUTS`.
 FORMATS = ("diffusers", "kohya", "comfy", "peft")
@@ -49,19 +49,11 @@ def convert_adapter(
     # and an existing `out` stays as it was until the new one is complete.
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        with written_aside(out) as tmp:
+            write.save_state_dict(sd, metadata, config, layout, tmp)
     except OSError as exc:
         raise output_error(exc, out) from None
-    clean_leftovers(out)
-    tmp = temp_path(out)
-    try:
-        write.save_state_dict(sd, metadata, config, layout, tmp)
-        move_into_place(tmp, out)
-    except OSError as exc:
-        remove(tmp)
-        raise output_error(exc, out) from None
-    except BaseException:
-        remove(tmp)
-        raise
     return out
 
 

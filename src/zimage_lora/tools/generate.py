@@ -16,7 +16,7 @@ from ..apply.pipeline import PIPELINE_CLASSES
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
-from .output import move_into_place, output_error, remove, temp_path
+from .output import output_error, written_aside
 from .specs import parse_lora_spec
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -205,16 +205,11 @@ def _save(image, out: Path) -> None:
     """Written aside and moved into place: an existing image is replaced whole or not at all."""
     from PIL import Image
 
-    tmp = temp_path(out)
     try:
-        image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
-        move_into_place(tmp, out)
+        with written_aside(out) as tmp:
+            image.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
     except OSError as exc:
-        remove(tmp)
         raise output_error(exc, out) from None
-    except BaseException:
-        remove(tmp)
-        raise
 
 
 def _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress: bool):

@@ -13,6 +13,8 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LoRAError
@@ -128,6 +130,20 @@ def _running(pid: int) -> bool:
     except (PermissionError, OverflowError, OSError):
         return True  # exists but not ours (or cannot tell): leave its files alone
     return True
+
+
+@contextmanager
+def written_aside(out: Path) -> Iterator[Path]:
+    """`with written_aside(out) as tmp:` write the new output at `tmp`; it is moved into place when
+    the block succeeds and removed when it raises (anything, Ctrl-C included). File-system errors
+    pass through unchanged: each caller words them (`output_error`)."""
+    tmp = temp_path(out)
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
