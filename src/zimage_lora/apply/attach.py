@@ -16,7 +16,7 @@ from ..loading import load_adapter
 from ..sources import LoRAConfiguration
 from . import checkpoint
 from .access import _locked, _model_of, _pipeline
-from .layer import Slot, prepare
+from .layer import Slot, prepare, weight_rows
 from .report import ApplyReport
 from .state import EngineState, Record, Strength
 from .transaction import Transaction, change
@@ -138,7 +138,8 @@ def attach(
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"
         dtype = slot_dtype(p.module, compute_dtype)
-        headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype, _weight_rows(p)))
+        rows = weight_rows(p.module, p.backend, p.target.placement(p.out_features))
+        headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype, rows))
     old = state.records.get(name)
     if old is not None:
         notes.append(f"replaced the attached adapter '{name}' (from {old.adapter.source or 'an Adapter object'}).")
@@ -209,9 +210,3 @@ def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str
 
 def _rows(p: Planned) -> tuple[int, int]:
     return p.target.placement(p.out_features).rows
-
-
-def _weight_rows(p: Planned):
-    """The fp32 base weight rows a planned slot lands on, read only if an exact check needs them."""
-    lo, hi = p.target.placement(p.out_features).rows
-    return lambda: p.backend.get_base_weight(p.module).float()[lo:hi]

@@ -13,6 +13,7 @@ from torch import nn
 from ..backends import backend_for
 from .access import _locked, _model_of, _not_attached, _pipeline, attached
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
+from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
 from .state import Record, get_state
 from .transaction import Transaction, change
@@ -93,13 +94,9 @@ def _check_strength(model: nn.Module, record: Record, value: float) -> None:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
             dtype = next(iter(tensors.values())).dtype
+            base = wrapper.base_layer
             check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype,
-                          _weight_rows(wrapper, slot))
-
-
-def _weight_rows(wrapper, slot):
-    """The fp32 base weight rows of a slot, read only if an exact check needs them."""
-    return lambda: backend_for(wrapper.base_layer).get_base_weight(wrapper.base_layer).float()[slot.lo:slot.hi]
+                          weight_rows(base, backend_for(base), slot.placement))
 
 
 def set_active_adapters(

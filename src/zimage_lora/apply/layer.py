@@ -12,6 +12,7 @@ base checkpoint loads into it with the adapters kept on top.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,13 +27,18 @@ from . import kernels
 from .state import Strength
 
 
+def weight_rows(base: nn.Module, backend: Any, placement: Placement) -> Callable[[], torch.Tensor]:
+    """The fp32 base weight rows a placement lands on, read (dequantized) only when called: only
+    weight-reading algorithms, DoRA and exact overflow checks need them."""
+    lo, hi = placement.rows
+    return lambda: backend.get_base_weight(base).float()[lo:hi]
+
+
 def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) -> tuple[str, dict[str, torch.Tensor]]:
     """(kernel name, fp32 tensors) for one target: what `algorithms.prepare` makes of it on this layer."""
     placement = target.placement(out_features)
-    lo, hi = placement.rows
     return algorithms.prepare(
-        target.algorithm, target.tensors, target.scale, placement,
-        lambda: backend.get_base_weight(base).float()[lo:hi], target.dora,
+        target.algorithm, target.tensors, target.scale, placement, weight_rows(base, backend, placement), target.dora,
     )
 
 
