@@ -9,7 +9,7 @@ image equals the image of request i run alone with only its adapters active.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,28 +37,77 @@ class Request:
         return (self.steps, self.width, self.height, float(self.guidance))
 
 
-def check_request(r: Any) -> Request:
-    """The request, validated: every problem a caller can cause is an `InvalidFormatError`."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: the one set of limits of `generate_batch` and of the server."""
+
+    max_steps: int = 100
+    max_side: int = 2048
+    side_multiple: int = 16  # the VAE's 8x downsampling times the transformer's 2x2 patches
+    max_prompt: int = 4000  # characters, for the prompt and the negative prompt
+    max_strength: float = 1000.0  # |strength| of one adapter in one request
+    max_adapters: int = 8  # adapters per request
+
+
+LIMITS = Limits()
+
+
+def _plain(name: str) -> str:
+    return name
+
+
+def check_strength(value: Any, where: str, limits: Limits = LIMITS) -> float:
+    """A per-request adapter strength: a finite number within +-max_strength (so it cannot overflow
+    any float dtype the model runs in on its own; the engine refuses products that do)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidFormatError(f"{where} must be a finite number, got {value!r}")
+    if abs(value) > limits.max_strength:
+        raise InvalidFormatError(f"{where} must be within +-{limits.max_strength:g}, got {value:g}")
+    return float(value)
+
+
+def _check_text(value: Any, name: str, limits: Limits, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or (required and not value.strip()) or len(value) > limits.max_prompt:
+        shown = value if not isinstance(value, str) else value[:60]
+        raise InvalidFormatError(
+            f"{name} must be a {'non-empty ' if required else ''}string of at most {limits.max_prompt} characters,"
+            f" got {shown!r}"
+        )
+    try:
+        value.encode("utf-8")  # a lone surrogate cannot reach the tokenizer
+    except UnicodeEncodeError as exc:
+        raise InvalidFormatError(f"{name} is not valid Unicode text (a lone surrogate at {exc.start})") from None
+
+
+def check_request(r: Any, limits: Limits = LIMITS, quote: Callable[[str], str] = _plain) -> Request:
+    """The request, validated against `limits`: every problem a caller can cause is an
+    `InvalidFormatError` naming the field (`quote` spells field names, e.g. as JSON keys)."""
     if not isinstance(r, Request):
         raise InvalidFormatError(f"expected a zimage_lora.Request, got {type(r).__name__}")
-    if not isinstance(r.prompt, str) or not r.prompt.strip():
-        raise InvalidFormatError(f"prompt must be a non-empty string, got {r.prompt!r}")
-    for name in ("seed", "steps", "width", "height"):
+    _check_text(r.prompt, quote("prompt"), limits, required=True)
+    _check_text(r.negative_prompt, quote("negative_prompt"), limits, required=False)
+    for name, lo, hi in (("seed", 0, 2**63 - 1), ("steps", 1, limits.max_steps), ("width", 16, limits.max_side),
+                         ("height", 16, limits.max_side)):
         value = getattr(r, name)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidFormatError(f"{name} must be an integer, got {value!r}")
-    if not 0 <= r.seed < 2**63:
-        raise InvalidFormatError(f"seed must be in [0, 2**63), got {r.seed}")
-    if not 1 <= r.steps <= 1000:
-        raise InvalidFormatError(f"steps must be in [1, 1000], got {r.steps}")
-    if not (16 <= r.width <= 4096 and 16 <= r.height <= 4096):
-        raise InvalidFormatError(f"width and height must be in [16, 4096], got {r.width}x{r.height}")
+            raise InvalidFormatError(f"{quote(name)} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not lo <= value <= hi:
+            raise InvalidFormatError(f"{quote(name)} must be in [{lo}, {hi}], got {value}")
+    for name in ("width", "height"):
+        if getattr(r, name) % limits.side_multiple:
+            raise InvalidFormatError(
+                f"{quote(name)} must be a multiple of {limits.side_multiple}, got {getattr(r, name)}"
+            )
     if isinstance(r.guidance, bool) or not isinstance(r.guidance, int | float) or not math.isfinite(r.guidance):
-        raise InvalidFormatError(f"guidance must be a finite number, got {r.guidance!r}")
+        raise InvalidFormatError(f"{quote('guidance')} must be a finite number, got {r.guidance!r}")
     if not isinstance(r.adapters, Mapping):
         raise InvalidFormatError(f"adapters must map attached adapter names to strengths, got {r.adapters!r}")
-    if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
-        raise InvalidFormatError(f"negative_prompt must be a string, got {r.negative_prompt!r}")
+    if len(r.adapters) > limits.max_adapters:
+        raise InvalidFormatError(f"at most {limits.max_adapters} adapters per request, got {len(r.adapters)}")
+    for name, strength in r.adapters.items():
+        check_strength(strength, f"the strength of {name!r}", limits)
     return r
 
 

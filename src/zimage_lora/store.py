@@ -162,14 +162,18 @@ class AdapterStore:
     def lease(self, sources: Iterable[str | Path]) -> Lease:
         """Pin and load `sources` (duplicates once); failures are kept per source in `lease.errors`."""
         lease = Lease(self)
-        for source in dict.fromkeys(str(s) for s in sources):
-            try:
-                entry = self._acquire(source)
-            except LoRAError as exc:
-                lease.errors[source] = exc
-                continue
-            lease.entries[source] = entry
-            self._stage(entry)
+        try:
+            for source in dict.fromkeys(str(s) for s in sources):
+                try:
+                    entry = self._acquire(source)
+                except LoRAError as exc:
+                    lease.errors[source] = exc
+                    continue
+                lease.entries[source] = entry
+                self._stage(entry)
+        except BaseException:  # an unexpected failure: unpin what this lease took, or the pins would leak
+            lease.close()
+            raise
         return lease
 
     def _stage(self, entry: _Entry) -> None:

@@ -2,25 +2,28 @@
 
 A batch may mix any adapter sets: the store leases every source the batch names, requests whose
 adapters failed to load get their own error, and the rest run through `generate_batch` (per-sample
-adapters; one pipeline call per distinct steps/size/guidance).
+adapters; one pipeline call per distinct steps/size/guidance). Requests are validated before they
+join a batch (`parse`); if the batch still fails, each request is rerun alone, so only the requests
+that cause a failure get it.
 """
 
 from __future__ import annotations
 
 import io
-import math
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..batch import Request, generate_batch
-from ..errors import AdapterNotFoundError, InvalidFormatError, LoRAError, UnsafeFileError
+from ..errors import AdapterNotFoundError, AmbiguousSourceError, InvalidFormatError, LoRAError, UnsafeFileError
 from ..store import AdapterStore
+from ..store_loader import OutsideRootsError, UnsafeFileTypeError
+from .parse import BodyTooLargeError, Job, parse_job
 
-MAX_STEPS = 100
-MAX_SIDE = 2048
-MAX_LORAS = 8
-MAX_PROMPT = 4000
+__all__ = ["Engine", "InternalError", "Job", "ServeOptions", "http_status", "parse_job", "png_bytes"]
+
+log = logging.getLogger("zimage_lora.serving")
 
 
 @dataclass
@@ -37,6 +40,9 @@ class ServeOptions:
     device_budget_bytes: int | None = 4 << 30
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05
+    max_queue: int = 64  # requests a replica holds (queued + running); more answer 503 with Retry-After
+    api_key_hashes: list[str] = field(default_factory=list)  # SHA-256 hex of accepted keys (no keys: open)
+    api_key_file: str | None = None  # more keys, one a line, read by each replica on its node
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeOptions:
@@ -47,62 +53,31 @@ class ServeOptions:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class Job:
-    """One parsed `/generate` body: the request settings and its (source, strength) adapters."""
+class InternalError(Exception):
+    """An unexpected failure of one request (a bug, not the caller's doing): HTTP 500 with the
+    request id; the traceback goes to the server's log."""
 
-    request: Request
-    loras: tuple[tuple[str, float], ...]
+    def __init__(self, request_id: str, exc: BaseException) -> None:
+        super().__init__(f"internal error ({type(exc).__name__}); request id {request_id}")
+        self.request_id = request_id
+        self.exc = exc
 
 
-def http_status(exc: LoRAError) -> int:
+def http_status(exc: BaseException) -> int:
+    """The one status table (README "Status codes")."""
+    if isinstance(exc, InternalError) or not isinstance(exc, LoRAError):
+        return 500
+    if isinstance(exc, BodyTooLargeError):
+        return 413
+    if isinstance(exc, OutsideRootsError):
+        return 403
+    if isinstance(exc, UnsafeFileTypeError):
+        return 415
     if isinstance(exc, UnsafeFileError):
         return 403
     if isinstance(exc, AdapterNotFoundError):
         return 404
-    return 422 if not isinstance(exc, InvalidFormatError) else 400
-
-
-def parse_job(body: Any) -> Job:
-    """A `/generate` JSON body -> Job; every problem is an `InvalidFormatError` naming the field."""
-    if not isinstance(body, dict):
-        raise InvalidFormatError("the body must be a JSON object")
-    known = {"prompt", "seed", "steps", "width", "height", "guidance", "loras", "negative_prompt"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise InvalidFormatError(f"unknown fields {unknown}; known: {sorted(known)}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
-        raise InvalidFormatError(f"'prompt' must be a non-empty string of at most {MAX_PROMPT} characters")
-    ints = {}
-    for name, default, lo, hi in (("seed", 0, 0, 2**63 - 1), ("steps", 9, 1, MAX_STEPS),
-                                  ("width", 1024, 16, MAX_SIDE), ("height", 1024, 16, MAX_SIDE)):
-        value = body.get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise InvalidFormatError(f"'{name}' must be an integer in [{lo}, {hi}], got {value!r}")
-        ints[name] = value
-    for name in ("width", "height"):
-        if ints[name] % 16:
-            raise InvalidFormatError(f"'{name}' must be a multiple of 16, got {ints[name]}")
-    guidance = body.get("guidance", 0.0)
-    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
-        raise InvalidFormatError(f"'guidance' must be a finite number, got {guidance!r}")
-    negative = body.get("negative_prompt")
-    if negative is not None and (not isinstance(negative, str) or len(negative) > MAX_PROMPT):
-        raise InvalidFormatError("'negative_prompt' must be a string")
-    loras = body.get("loras", [])
-    if not isinstance(loras, list) or len(loras) > MAX_LORAS:
-        raise InvalidFormatError(f"'loras' must be a list of at most {MAX_LORAS} {{source, strength}} objects")
-    pairs = []
-    for i, item in enumerate(loras):
-        if not isinstance(item, dict) or set(item) - {"source", "strength"} or not isinstance(item.get("source"), str):
-            raise InvalidFormatError(f"loras[{i}] must be {{\"source\": str, \"strength\": number}}, got {item!r}")
-        strength = item.get("strength", 1.0)
-        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
-            raise InvalidFormatError(f"loras[{i}].strength must be a finite number, got {strength!r}")
-        pairs.append((item["source"], float(strength)))
-    request = Request(prompt, guidance=float(guidance), negative_prompt=negative, **ints)
-    return Job(request, tuple(pairs))
+    return 400 if isinstance(exc, InvalidFormatError | AmbiguousSourceError) else 422
 
 
 class Engine:
@@ -118,7 +93,7 @@ class Engine:
         if pipeline is None:
             if options.dtype not in DTYPES:
                 raise InvalidFormatError(f"dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}")
-            pipeline = load_pipeline(options.model, DTYPES[options.dtype])
+            pipeline = load_pipeline(options.model, DTYPES[options.dtype], progress=False)
         self.pipe = pipeline.to(device)
         if options.quantize:
             quantize_transformer(self.pipe.transformer, options.quantize)
@@ -128,14 +103,15 @@ class Engine:
                 raise AdapterNotFoundError(f"{root}: adapter root is not a folder.")
         self.batches = 0  # batches run, and the largest seen: what GET /stats reports beside the store
         self.largest_batch = 0
+        self.retried_batches = 0  # batches that failed as a whole and were rerun one request at a time
         self.store = AdapterStore(
             self.pipe, host_budget_bytes=options.host_budget_bytes, device_budget_bytes=options.device_budget_bytes,
             roots=roots, allow_hub=options.allow_hub,
         )
 
-    def run(self, jobs: list[Job]) -> list[bytes | LoRAError]:
-        """PNG bytes per job, or the job's own error; one failing adapter fails only its requests."""
-        results: list[bytes | LoRAError | None] = [None] * len(jobs)
+    def run(self, jobs: list[Job]) -> list[bytes | LoRAError | InternalError]:
+        """PNG bytes per job, or the job's own error; a failure fails only the requests that cause it."""
+        results: list[bytes | LoRAError | InternalError | None] = [None] * len(jobs)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(jobs))
         lease = self.store.lease(source for job in jobs for source, _ in job.loras)
@@ -151,14 +127,28 @@ class Engine:
                 r = job.request
                 requests.append(Request(r.prompt, r.seed, r.steps, r.width, r.height, r.guidance,
                                         lease.spec(job.loras), r.negative_prompt))
-            images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
-        for i, image in zip(todo, images, strict=True):
-            results[i] = png_bytes(image)
+            try:
+                images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
+                outcomes: list[Any] = [png_bytes(image) for image in images]
+            except Exception:  # noqa: BLE001 - someone in the batch caused it: run each request alone to find out who
+                self.retried_batches += 1
+                outcomes = [self._alone(jobs[i].request_id, request) for i, request in zip(todo, requests, strict=True)]
+        for i, outcome in zip(todo, outcomes, strict=True):
+            results[i] = outcome
         return results  # type: ignore[return-value]
 
+    def _alone(self, request_id: str, request: Request) -> bytes | LoRAError | InternalError:
+        try:
+            return png_bytes(generate_batch(self.pipe, [request])[0])
+        except LoRAError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - not the caller's doing: a 500 of this request only
+            log.error("request %s failed", request_id, exc_info=exc)
+            return InternalError(request_id, exc)
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "store": asdict(self.store.stats())}
+        return {"batches": self.batches, "largest_batch": self.largest_batch, "retried_batches": self.retried_batches,
+                "store": asdict(self.store.stats())}
 
 
 def png_bytes(image: Any) -> bytes:
