@@ -86,6 +86,7 @@ def _init_local(ray: Any, num_cpus: int | None, dashboard: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
+        address="local",  # always a new instance: never attach to whatever cluster this machine runs
         num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=dashboard, dashboard_host=LOOPBACK,
         log_to_driver=True,  # the replicas' own error lines (with request ids) reach this process's stderr
         logging_level="WARNING", configure_logging=True,
