@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .gate import touched
 from .layer import AdapterLinear
 from .state import EngineState
 
@@ -28,6 +29,7 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
         if len(state.switch_cache) > _MAX_SETS:
             state.switch_cache.clear()
         state.switch_cache[names] = table
+    touched()
     for wrapper, active in table:
         wrapper.__dict__["_active"] = active  # a plain dict store: nn.Module.__setattr__ costs ~10x more
 
