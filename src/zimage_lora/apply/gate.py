@@ -69,13 +69,15 @@ class Forward:
 _FORWARD: ContextVar[Forward | None] = ContextVar("zimage_lora_forward", default=None)
 # Per-sample blocks open in this context: gate -> block (apply.per_sample_block). Replaced, never mutated.
 BLOCKS: ContextVar[dict[Any, Any]] = ContextVar("zimage_lora_blocks", default={})  # noqa: B039 - never mutated
-_changing = threading.local()  # .gates: the gates whose change lock this thread took; .touches: see `touched`
+_changing = threading.local()  # .gates: the gates whose change lock this thread took; .last: see `touched`
 
 
-def touched() -> None:
+def touched() -> int:
     """A wrapper's active set, or the set of wrappers, changed in this thread: the next view this thread
-    publishes rebuilds the layer table (otherwise only the strengths are read again)."""
-    _changing.touches = getattr(_changing, "touches", 0) + 1
+    publishes rebuilds the layer table (otherwise only the strengths are read again). Returns the
+    touch's number (unique over all threads), also kept as this thread's last."""
+    n = _changing.last = next(SERIAL)
+    return n
 
 
 def current() -> Forward | None:
@@ -206,7 +208,7 @@ class ForwardGate:
         if gates is None:
             gates = _changing.gates = weakref.WeakSet()
         gates.add(self)
-        self._mark = getattr(_changing, "touches", 0)
+        self._mark = getattr(_changing, "last", 0)
         self.dirty = True
 
     def publish(self, layers: bool = True) -> None:
@@ -244,7 +246,7 @@ def end_change(lock: ChangeLock) -> None:
     """The outermost change on this lock ends (still held): publish its result and end any exclusion."""
     if lock._recursion_count() == 1:
         gate = lock.gate
-        gate._settle(layers=getattr(_changing, "touches", 0) != gate._mark)
+        gate._settle(layers=getattr(_changing, "last", 0) != gate._mark)
 
 
 def exclude_changing() -> None:
@@ -272,5 +274,9 @@ def build_view(model: torch.nn.Module, layers: dict[Any, tuple] | None = None) -
     if state is None:
         return View({}, {})
     if layers is None:
-        layers = {w: w._active for w in state.wrappers(model)}
+        ready = state.view_layers  # the switching tables' (apply.switching), if no other touch since
+        if ready is not None and ready[0] == getattr(_changing, "last", 0):
+            layers = ready[1]
+        else:
+            layers = {w: w._active for w in state.wrappers(model)}
     return View(layers, {r.strength: r.strength.value for r in state.records.values()})

@@ -87,7 +87,8 @@ class EngineState:
         # Switching: per wrapped layer, each adapter's slots; and the active tuples of every set seen so
         # far, so switching back to a known set is one attribute assignment per layer.
         self.plan: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
-        self.switch_cache: dict[tuple[str, ...], list[tuple[Any, tuple[Any, bool]]]] = {}
+        self.switch_cache: dict[tuple[str, ...], tuple[list[tuple[Any, tuple]], dict[Any, tuple]]] = {}
+        self.view_layers: tuple[int, dict[Any, tuple]] | None = None  # see apply.switching.publish_fast
         self._wrappers: list[nn.Module] | None = None  # every wrapped layer, for the published view
 
     @property
@@ -99,6 +100,7 @@ class EngineState:
         self.plan = None
         self.switch_cache = {}
         self._wrappers = None
+        self.view_layers = None
         touched()
 
     def wrappers(self, model: nn.Module) -> list[nn.Module]:
@@ -117,7 +119,7 @@ class EngineState:
         return new
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "plan": None, "switch_cache": {}, "_wrappers": None}
+        return {**self.__dict__, "plan": None, "switch_cache": {}, "_wrappers": None, "view_layers": None}
 
 
 def get_state(model: torch.nn.Module, create: bool = False) -> EngineState | None:
