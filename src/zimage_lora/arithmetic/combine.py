@@ -105,6 +105,7 @@ def combine_report(inputs, *, method="concat", rank=None, energy=None, density=N
         rule = ranks.rule(rank=_default_rank(loaded))
         report.rule = rule.as_dict()
     adapter = build(loaded, index, method, rule, density or 1.0, seed, dtype, name, report, show_progress)
+    report.bytes_after = adapter.nbytes()
     report.seconds = time.perf_counter() - started
     adapter.metadata = report.metadata()
     return adapter, report
