@@ -118,6 +118,30 @@ def test_fused_single_files_give_split_diffusers_targets_and_diffs(pair, tmp_pat
     assert any("q_norm.weight' differs but is not a Linear weight (see --diffs)" in n for n in without.notes)
 
 
+def test_streams_one_tensor_pair_at_a_time(pair, monkeypatch):
+    """Memory: every tensor read is gone before the next pair is read (at most the base tensor of the
+    current pair is alive when its tuned partner is read)."""
+    import importlib
+    import weakref
+
+    module = importlib.import_module("zimage_lora.arithmetic.extract")  # the package exports the function
+
+    _base, _tuned, b, t = pair
+    alive: list[weakref.ref] = []
+    most = []
+    read = module._read
+
+    def counting(*args):
+        most.append(sum(r() is not None for r in alive))
+        tensor = read(*args)
+        alive.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(module, "_read", counting)
+    extract(b, t, rank=3)
+    assert len(most) > 100 and max(most) <= 1
+
+
 def test_refusals_name_the_key(pair, tmp_path):
     base, _tuned, b, t = pair
     other = tiny_model(seed=1, n_layers=3)

@@ -61,6 +61,7 @@ def extract_report(base, tuned, *, rank=None, energy=None, diffs=False, dtype=No
                 del t0
                 _one(key[len(c0.prefix):], diff, rule, diffs, targets, report, dt, oversample, niter, seed,
                      src_dtype)
+                del diff  # nothing of this pair outlives it but its factors
                 step(i0.nbytes)
     finally:
         for fh in handles.values():

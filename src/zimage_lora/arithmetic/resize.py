@@ -16,6 +16,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import InvalidArgumentError
 from ..keys import ModuleIndex
+from ..numerics import one_thread
 from . import ranks
 from .combine import ArithmeticReport, build
 from .common import Source, module_index, read_input
@@ -45,7 +46,8 @@ def resize_report(source, *, rank=None, energy=None, fro=None, ratio=None, cumul
     if not rule.given:
         raise InvalidArgumentError("resize needs a rule: --rank R, --energy E, --fro F, --ratio R or --cumulative C.")
     index = module_index(model)
-    inp = read_input(source, index)
+    with one_thread():  # many small tensors: one thread beats two contending ones (see numerics.one_thread)
+        inp = read_input(source, index)
     report = ArithmeticReport("resize", [inp.record()], "svd", rule.as_dict())
     report.bytes_before = inp.adapter.nbytes()
     adapter = build([inp], index, "concat", rule, 1.0, 0, dtype, inp.adapter.name + "_resized", report,
