@@ -13,6 +13,7 @@
    one adapter set per batch (up to B queued requests that share the head request's set), and batch
    size 1 with switching (`set_active_adapters` per request). Requests/s and p50/p95 latency.
 The transformer alone is timed (text encoder and VAE are the same for every scheduler).
+Routing a large adapter catalogue over replicas (random vs affinity): bench/serve_routing.py.
 """
 
 from __future__ import annotations

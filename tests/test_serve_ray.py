@@ -250,3 +250,16 @@ def test_openai_client_gets_images(server):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key-0123456789", max_retries=0).images.generate(prompt="x")
     with pytest.raises(openai.BadRequestError, match="b64_json"):
         client.images.generate(prompt="x", response_format="url", size="32x32")
+
+
+def test_metrics(server):
+    url, _, _ = server
+    post(url, {"prompt": "counted", "steps": 1, "width": 32, "height": 32,
+               "loras": [{"source": "style.safetensors", "strength": 0.3}]})
+    text = get(url, "/metrics").decode()
+    for name in ('zimage_requests_total{route="/generate",status="200"}', "zimage_request_seconds_bucket",
+                 "zimage_batch_size_count", "zimage_queue_depth", 'zimage_store{stat="host_misses"}'):
+        assert name in text, name
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get(url, "/metrics", key=None)
+    assert info.value.code == 401

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+DRAIN_TIMEOUT_S = 60.0  # SIGINT/SIGTERM: how long requests in flight may take to finish
 SUMMARY = "serve generation with per-request adapters (Ray Serve)"
 
 HELP = """Serve text-to-image with per-request adapters over HTTP (Ray Serve: the [serve] extra).
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print("stopping: finishing the requests in flight", file=sys.stderr, flush=True)
     finally:
         with quiet_stderr():
-            stop()
+            stop(drain_timeout_s=DRAIN_TIMEOUT_S)
     return 0
 
 

@@ -43,6 +43,7 @@ class ServeOptions:
     max_queue: int = 64  # requests a replica holds (queued + running); more answer 503 with Retry-After
     api_key_hashes: list[str] = field(default_factory=list)  # SHA-256 hex of accepted keys (no keys: open)
     api_key_file: str | None = None  # more keys, one a line, read by each replica on its node
+    affinity: bool = True  # route requests for one adapter set to the replicas that hold it
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeOptions:

@@ -141,10 +141,42 @@ def start(
     raise LoRAError(f"the server at {url} did not answer /health within {ready_timeout_s:.0f} s.")
 
 
-def stop() -> None:
-    """Drain (Ray Serve lets each replica finish its requests, up to the deployment's graceful
-    shutdown timeout) and shut down the local Ray instance."""
+def _busy(serve: Any, deployment: str, timeout_s: float) -> bool:
+    """Whether any replica of `deployment` still holds a request (a call reaches one replica at
+    random, so ask until every replica has answered idle, or `timeout_s` passes)."""
+    handle = serve.get_deployment_handle(deployment, APP_NAME)
+    replicas = max(1, sum(serve.status().applications[APP_NAME].deployments[deployment].replica_states.values()))
+    idle: dict[str, bool] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replica, held = handle.busy.remote().result(timeout_s=timeout_s)
+        idle[replica] = held == 0
+        if len(idle) >= replicas and all(idle.values()):
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def drain(timeout_s: float = 60.0) -> None:
+    """Wait (at most `timeout_s`) until no replica holds a request: requests in flight finish
+    before the proxy and the replicas go away."""
+    ray, serve = _ray()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            left = deadline - time.monotonic()
+            if not _busy(serve, "ZImageIngress", left) and not _busy(serve, "ZImageServer", left):
+                return
+    except Exception:  # noqa: BLE001 - no app (it never started) or a replica gone: nothing to wait for
+        return
+
+
+def stop(drain_timeout_s: float = 0.0) -> None:
+    """Let the requests in flight finish (up to `drain_timeout_s`), then shut down Serve and the
+    local Ray instance."""
     ray, serve = _ray()
     if ray.is_initialized():
+        if drain_timeout_s > 0:
+            drain(drain_timeout_s)
         serve.shutdown()
         ray.shutdown()
