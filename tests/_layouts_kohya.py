@@ -161,6 +161,22 @@ def _musubi_lokr_full(ix, probe):
     return b
 
 
+# musubi-tuner networks/lokr.py at commit 0b2d692 (#900, the release networks/lokr.py): lora_dim 64 >=
+# max(out_k, in_n) / 2 takes the full lokr_w2 path, whose __init__ forces alpha = lora_dim (saved in
+# the 'alpha' buffer, 64) and merge_weights_to_tensor uses scale 1.0 ("full matrix mode"). No
+# 'lokr_factor' buffer and no 'ss_lokr_factor' metadata (both came with the later rewrite).
+@builder("musubi-lokr-full-0b2d692")
+def _musubi_lokr_full_first(ix, probe):
+    b = Built(metadata={"ss_network_module": "networks.lokr", "ss_network_dim": "64", "ss_network_alpha": "64"})
+    for m in (K, V):
+        stem = "lora_unet_" + _flat(m)
+        w1, w2 = _rand(64, 64, scale=0.1), _rand(60, 60, scale=0.1)
+        b.tensors |= {stem + ".lokr_w1": w1, stem + ".lokr_w2": w2, stem + ".alpha": torch.tensor(64.0)}
+        b.scales[m] = 1.0
+        b.effects[m] = _kron_effect(w1, w2, 1.0, probe)
+    return b
+
+
 # networks/lokr.py with lora_dim 4 < 60: w2 = w2_a @ w2_b, dim = w2_a.shape[1]; saved in bf16, so
 # the 'lokr_factor' buffer is bf16 too.
 @builder("musubi-lokr-lowrank-bf16-factor")

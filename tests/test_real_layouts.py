@@ -51,6 +51,8 @@ ROWS = [
     Row("musubi-comfy-export-loha", "musubi-tuner comfyui export (fused qkv)"),
     Row("musubi-lokr-full", "musubi-tuner lokr", ignored=("lokr_factor",),
         notes=("musubi-tuner's rule", "ComfyUI and diffusers use scale 1")),
+    Row("musubi-lokr-full-0b2d692", "musubi-tuner lokr", notes=("musubi-tuner's rule (networks/lokr.py, commit 0b2d692",
+                                                                "would apply alpha / max(lokr_w2 shape) = 1.06667")),
     Row("musubi-lokr-lowrank-bf16-factor", "musubi-tuner lokr", ignored=("lokr_factor",)),
     Row("videox-fun", "videox-fun"),
     Row("videox-fun-peft-export", "videox-fun"),

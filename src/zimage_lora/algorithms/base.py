@@ -175,6 +175,9 @@ class Algorithm:
     check_weight: Callable[[Shapes, tuple[int, int], Tensors | None], None] | None = None
     # The file's alpha is this tensor role of the algorithm (a constraint, not a scale; the scale is 1).
     alpha_role: str | None = None
+    # The role that alpha takes instead where its writer means an absolute bound (ComfyUI's OFT/BOFT:
+    # `formats.trainer_meta.OFTConstraint`); the algorithm reads either.
+    absolute_alpha_role: str | None = None
     # Roles holding flags, not weights: any dtype (a trainer may save them as integers), never scaled.
     value_roles: tuple[str, ...] = ()
     # Why the scale is 1 when `rank` is None (inspect's scale rule), e.g. "both LoKr factors full".

@@ -3,7 +3,6 @@ tensor data not yet read (only the tiny alpha scalars are)."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from ..errors import InvalidFormatError
 from . import grammar, writers
 from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, gc_paused, load_tensors, read_header
-from .untrusted import compile_pattern, parse_json
+from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
+from .untrusted import compile_pattern
 
 
 @dataclass
@@ -56,7 +56,7 @@ class AdapterFile:
     groups: list[Group]
     unmatched: list[Unmatched]
     format: str
-    config: dict | None  # PEFT adapter_config.json or diffusers lora_adapter_metadata
+    meta: TrainerMeta  # what the writer decided that changes numbers (config alpha, LoKr rule, OFT bound)
     ignored: list[Unmatched] = field(default_factory=list)  # trainer data that is not adapter weights
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -81,8 +81,6 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
     header = read_header(path)
     path = header.path
     text_encoder = component == "text_encoder"
-    if config is None:
-        config = _metadata_config(header, component)
     unmatched: list[Unmatched] = []
     ignored: list[Unmatched] = []
     raw: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
@@ -110,11 +108,13 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
 
     for roles in raw.values():
         _drop_lonely(roles, unmatched)
+    comfy_native = bool(raw) and all(grammar.TRANSFORMER_PREFIXES.get(p) == "comfy" for p, _stem in raw)
+    meta = trainer_meta(header, config, component, comfy_native)
     groups: list[Group] = []
     alpha_tensors = [roles["scale:alpha"][1] for roles in raw.values() if "scale:alpha" in roles]
     alphas = _read_alphas(header, alpha_tensors)
     for (prefix, stem), roles in raw.items():
-        group = _make_group(header, prefix, stem, roles, alphas, unmatched)
+        group = _make_group(header, prefix, stem, roles, alphas, unmatched, meta)
         if group is not None:
             groups.append(group)
     if not groups and not header.tensors:
@@ -133,15 +133,15 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
         groups=groups,
         unmatched=unmatched,
         format=writers.label(groups, header.metadata, header.tensors.keys()),
-        config=config,
+        meta=meta,
         ignored=ignored,
     )
 
 
 def _no_suffix(key: str) -> str:
-    algo = grammar.unsupported_algorithm(key)
-    if algo:
-        return f"unsupported algorithm {algo}: supported are {', '.join(algorithms.titles())}"
+    form = grammar.unsupported_form(key)
+    if form:
+        return f"unsupported adapter form: {form}; convert it to LoRA with its trainer, or apply it there"
     return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
 
 
@@ -177,6 +177,7 @@ def _make_group(
     roles: dict[str, tuple[str, str]],
     alphas: dict[str, float],
     unmatched: list[Unmatched],
+    meta: TrainerMeta,
 ) -> Group | None:
     # A family's roles decide the algorithm, in the registry's priority (factors win over a lone bias diff).
     chosen = _choose(header, roles)
@@ -186,11 +187,15 @@ def _make_group(
         return None
     group = Group(prefix=prefix, stem=stem, algorithm=chosen.name)
     algo = chosen.family
+    # A file alpha that is a tensor of the algorithm: ComfyUI's OFT/BOFT read it as an absolute bound.
+    alpha_role = chosen.alpha_role
+    if meta.oft_constraint is OFTConstraint.COMFYUI and chosen.absolute_alpha_role is not None:
+        alpha_role = chosen.absolute_alpha_role
     for slot, (role, key) in roles.items():
         family = slot.split(":")[0]
         info = header.tensors[key]
-        if family == "scale" and chosen.alpha_role is not None:  # a tensor of the algorithm, not a scale
-            family, role = algo, chosen.alpha_role
+        if family == "scale" and alpha_role is not None:  # a tensor of the algorithm, not a scale
+            family, role = algo, alpha_role
         if family == algo or (family == "full" and role == "diff_b"):
             if info.dtype not in FLOAT_DTYPES and role not in chosen.value_roles:
                 raise InvalidFormatError(
@@ -224,32 +229,6 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
     # Not checked for NaN/Inf here: an alpha is validated where it enters the math (resolve), since
     # some files carry one that is never used (ai-toolkit's full-factor LoKr saves 9999999999, inf in fp16).
     return {key: float(t.float().reshape(-1)[0]) for key, t in load_tensors(header, keys).items()}
-
-
-def _metadata_config(header: Header, component: str = "transformer") -> dict | None:
-    """diffusers' `lora_adapter_metadata` (PEFT-config JSON) or kohya's `ss_network_*` fields."""
-    meta = header.metadata
-    text = meta.get("lora_adapter_metadata")
-    if text:
-        doc = parse_json(text, header.path, what="metadata 'lora_adapter_metadata'", fix="Re-save the adapter.")
-        # diffusers may nest per component: {"transformer": {...}} or prefix keys "transformer.r"
-        if isinstance(doc, dict) and isinstance(doc.get(component), dict):
-            doc = doc[component]
-        if isinstance(doc, dict):
-            doc = {k.removeprefix(component + "."): v for k, v in doc.items()}
-            return doc
-    if "ss_network_alpha" in meta:
-        try:
-            alpha = float(meta["ss_network_alpha"])
-        except ValueError:
-            return None
-        if not math.isfinite(alpha):
-            raise InvalidFormatError(
-                f"{header.path}: metadata 'ss_network_alpha' is {meta['ss_network_alpha']!r}; expected a finite "
-                "number. Fix the metadata or add per-module '.alpha' tensors."
-            )
-        return {"kohya_alpha": alpha, "kohya_dim": meta.get("ss_network_dim")}
-    return None
 
 
 _LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -1,5 +1,5 @@
-"""Which program wrote a file, from its keys and metadata: the `format` label `inspect` shows, and
-the few facts the scale rules depend on (a metadata alpha, musubi-tuner's LoKr rule).
+"""Which program wrote a file, from its keys and metadata: the `format` label `inspect` shows (the
+facts that change numbers are typed in `formats/trainer_meta.py`).
 
 Each rule names the evidence it uses; where the keys alone cannot tell two writers apart the label
 says what the keys are (e.g. "kohya") instead of guessing a program.
@@ -62,12 +62,6 @@ def is_musubi(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
     """musubi-tuner: its network module in ss_network_module, or LoKr's top-level 'lokr_factor' buffer."""
     module = meta.get("ss_network_module", "")
     return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(MUSUBI_MODULES)
-
-
-def musubi_lokr(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
-    """A file of musubi-tuner's own networks/lokr.py (not LyCORIS), whose forward scales differently."""
-    module = meta.get("ss_network_module", "")
-    return "lokr_factor" in tensor_keys or (module.endswith(".lokr") and "lycoris" not in module)
 
 
 def has_kohya_metadata(meta: dict[str, str]) -> bool:

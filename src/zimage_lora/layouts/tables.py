@@ -56,6 +56,9 @@ READ_ONLY_SUFFIXES: Spelling = {
     },
     "scale": {"alpha": (".lora_alpha",)},
     "dora": {"magnitude": (".lora_magnitude_vector.weight",)},
+    # PEFT OFT v2 (OFTConfig save_pretrained) and OneTrainer OFT_2 (its scaled-OFT marker buffer):
+    # algorithms/oft_input.py. Read only: no layout row writes them (convert refuses with the reason).
+    "oft_r": {"oft_R": (".oft_R.weight",), "scaled": (".oft_R.scaled_oft",)},
 }
 
 # "family:role" -> a role of the same family it needs beside it: a suffix as short as '.weight' would
@@ -66,12 +69,22 @@ COMPANIONS: dict[str, str] = {"ia3:weight": "on_input"}  # LyCORIS IA3: `.weight
 # PEFT puts the adapter's name in the key ('.lora_A.default.weight'); the reader strips these names.
 PEFT_ADAPTER_NAMES = ("default", "default_0")
 
-# Algorithms other trainers write that this library does not apply yet (reported with this name).
-# Adding one moves its suffixes from here into a family of LYCORIS_ALGOS (see the package docstring).
-UNSUPPORTED_SUFFIXES = {
-    ".oft_diag": "OFT", ".oft_R": "OFT", ".boft_R": "BOFT", ".boft_s": "BOFT", ".weight_ia3": "IA3",
-    ".lora_E": "AdaLoRA", ".vera_lambda_b": "VeRA", ".vera_lambda_d": "VeRA",
+# Forms other trainers write that this library does not apply yet: suffix -> (algorithm, the form and
+# its writer). A key is reported with the form, never with a list of supported algorithms that
+# contains the name. Adding one moves its suffixes from here into a family of the spellings above.
+_PEFT_OFT_V1 = "OFT v1 of PEFT before 0.14 ('oft_r' full blocks with 'oft_s')"
+_PEFT_BOFT = "BOFT in PEFT's form (BOFTConfig: 'boft_R' butterfly blocks rotating the input, 'boft_s')"
+_PEFT_IA3 = "IA3 in PEFT's form (IA3Config 'ia3_l'; LyCORIS's '.weight' + '.on_input' is supported)"
+_VERA = "VeRA (PEFT VeraConfig: its shared random projections are not in the file)"
+UNSUPPORTED_FORMS: dict[str, tuple[str, str]] = {
+    ".oft_diag": ("OFT", "OFT in the 'oft_diag' form (a spelling of no trainer this library knows)"),
+    ".oft_r": ("OFT", _PEFT_OFT_V1), ".oft_s": ("OFT", _PEFT_OFT_V1),
+    ".boft_R": ("BOFT", _PEFT_BOFT), ".boft_s": ("BOFT", _PEFT_BOFT),
+    ".weight_ia3": ("IA3", _PEFT_IA3), ".ia3_l": ("IA3", _PEFT_IA3),
+    ".lora_E": ("AdaLoRA", "AdaLoRA (PEFT AdaLoraConfig: 'lora_E' singular values)"),
+    ".vera_lambda_b": ("VeRA", _VERA), ".vera_lambda_d": ("VeRA", _VERA),
 }
+UNSUPPORTED_SUFFIXES = {suffix: name for suffix, (name, _form) in UNSUPPORTED_FORMS.items()}
 
 # -- prefixes: each one says whose naming the rest of the key is in -----------------------------------
 # The reader strips the first that matches: a prefix comes before any shorter one it starts with.
