@@ -165,12 +165,16 @@ LAYOUTS: dict[str, Layout] = _rows(
            "diffusion_model.", COMFY, native=True, fused_qkv=True),
     Layout("ai-toolkit", "ostris/ai-toolkit ToolkitNetworkMixin.save_weights (LoRA: no alpha)",
            "diffusion_model.", {"lora": PEFT_LORA}, alpha="none"),
+    # The metadata each trainer writes is the evidence `inspect` names it by (formats/writers.py):
+    # ai-toolkit's 'software' (ToolkitNetworkMixin.save_weights), the 'ss_network_module' musubi-tuner's
+    # converter copies from its source (a musubi LoRA).
     Layout("ai-toolkit-lycoris", "ai-toolkit toolkit/models/lokr.py (LyCORIS port: alpha kept)",
-           "diffusion_model.", {**LYCORIS_ALGOS, "scale": ALPHA}),
+           "diffusion_model.", {**LYCORIS_ALGOS, "scale": ALPHA}, metadata={"software": '{"name": "ai-toolkit"}'}),
     # The tool also turns every '_' of the module name into '.' ('attention.to.q'); the row writes the
     # diffusers names, which read the same.
     Layout("musubi-other", "musubi-tuner convert_lora.py --target other (sqrt(alpha / rank) in each factor)",
-           "diffusion_model.", {"lora": PEFT_LORA}, alpha="folded"),
+           "diffusion_model.", {"lora": PEFT_LORA}, alpha="folded",
+           metadata={"ss_network_module": "networks.lora_zimage"}),
     Layout("diffsynth", "DiffSynth-Studio (PEFT state dict without the pipeline prefix)",
            "", {"lora": PEFT_LORA}, alpha="none", adapter_name="default"),
     Layout("onetrainer-legacy", "OneTrainer ZImageLoRASaver._convert_legacy",
