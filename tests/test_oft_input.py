@@ -10,6 +10,7 @@ rebuilt from its saving code (modules/module/oft_utils.py OFTRotationModule, LoR
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -18,7 +19,8 @@ from _apply_util import Pristine, output, rel_err
 from peft import OFTConfig, get_peft_model
 from safetensors.torch import save_file
 
-from zimage_lora import apply_adapter, load_adapter, remove_adapter
+from zimage_lora import LoRAError, apply_adapter, load_adapter, remove_adapter
+from zimage_lora.formats.reader import read_adapter_file
 from zimage_lora.keys import ModuleIndex
 from zimage_lora.summary import summarize
 
@@ -124,3 +126,22 @@ def test_strength_is_linear_in_both_modes(tiny, tmp_path):
         apply_adapter(m, folder, mode=mode, scale=0.5, name="oft")
         outs[mode] = output(m)
     torch.testing.assert_close(outs["merged"], outs["dynamic"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"use_cayley_neumann": False}, "use_cayley_neumann=false"),
+    ({"num_cayley_neumann_terms": 3}, "num_cayley_neumann_terms=3"),
+    ({"coft": True}, "coft=true"),
+])
+def test_peft_oft_forms_that_build_r_otherwise_are_reported_with_the_form(tiny, tmp_path, options, named):
+    folder, _ = _peft_folder(tiny, tmp_path, block=8)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(options)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LoRAError):  # every key is of that form: nothing to apply
+        load_adapter(folder, tiny)
+    file = read_adapter_file(folder / "adapter_model.safetensors", cfg)
+    assert not file.groups and file.unmatched
+    for u in file.unmatched:  # what inspect lists for each key
+        assert named in u.reason and "PEFT OFTConfig" in u.reason and "supported are" not in u.reason

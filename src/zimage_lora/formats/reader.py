@@ -185,6 +185,12 @@ def _make_group(
         for _role, key in roles.values():
             unmatched.append(Unmatched(key, "alpha or DoRA magnitude without any adapter weights for this module"))
         return None
+    form = meta.peft.unsupported_oft_form() if meta.peft is not None and chosen.family == "oft_r" else None
+    if form is not None:  # PEFT options that change how R is built: reported, never applied another way
+        for _role, key in roles.values():
+            unmatched.append(Unmatched(key, f"unsupported adapter form: {form}; re-save with the defaults "
+                                            "(use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"))
+        return None
     group = Group(prefix=prefix, stem=stem, algorithm=chosen.name)
     algo = chosen.family
     # A file alpha that is a tensor of the algorithm: ComfyUI's OFT/BOFT read it as an absolute bound.

@@ -62,6 +62,22 @@ class PeftConfig:
     def get(self, key: str, default: object = None) -> object:
         return self.values.get(key, default)
 
+    def unsupported_oft_form(self) -> str | None:
+        """The PEFT OFTConfig options this library does not apply (algorithms/oft_input.py builds R by
+        the 5-term Cayley-Neumann series, PEFT's and OneTrainer's default), named for the message."""
+        if str(self.get("peft_type", "")).upper() != "OFT":
+            return None
+        odd = []
+        if self.get("use_cayley_neumann", True) is False:
+            odd.append("use_cayley_neumann=false (exact Cayley transform)")
+        elif self.get("num_cayley_neumann_terms", 5) != 5:
+            odd.append(f"num_cayley_neumann_terms={self.get('num_cayley_neumann_terms')!r} (5 is supported)")
+        if self.get("coft", False):
+            odd.append("coft=true (constrained OFT projects the rotations on every forward)")
+        if not odd:
+            return None
+        return f"PEFT OFTConfig with {', '.join(odd)}, from {self.source.value}"
+
 
 @dataclass(frozen=True)
 class TrainerMeta:
