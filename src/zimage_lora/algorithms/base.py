@@ -42,20 +42,37 @@ How to add an algorithm (one module plus its layout rows, nothing else):
 8. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
    a dense reference: the pattern to copy for a new algorithm's test.
 
-Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
-strength-scaled), "fm1" (DoRA's f - 1 per row, see `dora.py`).
+Reserved prepared-tensor names, handled by the dispatcher for every kernel: `Reserved.BIAS` (the bias
+diff, strength-scaled), `Reserved.DORA_FM1` (DoRA's f - 1 per row, see `dora.py`). A kernel's own
+prepared tensors never use them (`check_prepared`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 from ..errors import UnsupportedError
 from ..placement import Placement
 from ._shapes import as_matrix
+
+
+class Reserved(StrEnum):
+    """Prepared-tensor names the dynamic dispatcher handles for every kernel (equal to their strings)."""
+
+    BIAS = "bias"  # the bias diff's kept rows, added times the strength
+    DORA_FM1 = "fm1"  # DoRA per output row: f - 1, added as alpha * (f - 1) * W x
+
+
+def check_prepared(kind: str, tensors: Mapping[str, object]) -> None:
+    """A kernel's prepare must not produce a reserved name: the dispatcher would treat it as its own."""
+    clash = sorted(set(tensors) & set(Reserved))
+    if clash:
+        raise ValueError(f"kernel '{kind}' prepared tensors named {clash}: these names are reserved (Reserved)")
+
 
 Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -250,4 +267,4 @@ DENSE = Kernel(
     bound=lambda t: amax(t["delta"]),
     dense=lambda t: t["delta"],
 )
-BIAS = Kernel(name="bias", add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)
+BIAS = Kernel(name=Reserved.BIAS, add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)

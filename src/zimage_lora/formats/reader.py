@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +18,16 @@ from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, gc_paused, load_tensors, read_header
 from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
 from .untrusted import compile_pattern
+
+
+class Slot(NamedTuple):
+    """Where a key sits in its module's group: the key-table family and the role within it."""
+
+    family: str
+    role: str
+
+
+Roles = dict[Slot, str]  # slot -> file key, for one module stem
 
 
 @dataclass
@@ -83,7 +94,7 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
     text_encoder = component == "text_encoder"
     unmatched: list[Unmatched] = []
     ignored: list[Unmatched] = []
-    raw: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    raw: dict[tuple[str, str], Roles] = {}
     for key in header.tensors:
         what = grammar.trainer_data(key)
         if what is not None:
@@ -100,18 +111,18 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
             continue
         stem, family, role = split
         roles = raw.setdefault((te_keys if text_encoder else grammar).strip_prefix(stem), {})
-        slot = f"{family}:{role}"
+        slot = Slot(family, role)
         if slot in roles:
-            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot][1]}' (same module and role); ignored"))
+            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot]}' (same module and role); ignored"))
             continue
-        roles[slot] = (role, key)
+        roles[slot] = key
 
     for roles in raw.values():
         _drop_lonely(roles, unmatched)
     comfy_native = bool(raw) and all(grammar.TRANSFORMER_PREFIXES.get(p) == "comfy" for p, _stem in raw)
     meta = trainer_meta(header, config, component, comfy_native)
     groups: list[Group] = []
-    alpha_tensors = [roles["scale:alpha"][1] for roles in raw.values() if "scale:alpha" in roles]
+    alpha_tensors = [roles[_ALPHA] for roles in raw.values() if _ALPHA in roles]
     alphas = _read_alphas(header, alpha_tensors)
     for (prefix, stem), roles in raw.items():
         group = _make_group(header, prefix, stem, roles, alphas, unmatched, meta)
@@ -145,20 +156,22 @@ def _no_suffix(key: str) -> str:
     return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
 
 
-def _drop_lonely(roles: dict[str, tuple[str, str]], unmatched: list[Unmatched]) -> None:
+_ALPHA = Slot("scale", "alpha")
+
+
+def _drop_lonely(roles: Roles, unmatched: list[Unmatched]) -> None:
     """A role that counts only beside its companion (`tables.COMPANIONS`: a bare `.weight`) is no
     adapter key without it: reported as any key without a known suffix."""
     for slot in [s for s in roles if s in grammar.COMPANIONS]:
-        family = slot.split(":")[0]
-        if f"{family}:{grammar.COMPANIONS[slot]}" not in roles:
-            key = roles.pop(slot)[1]
+        if Slot(slot.family, grammar.COMPANIONS[slot]) not in roles:
+            key = roles.pop(slot)
             unmatched.append(Unmatched(key, _no_suffix(key)))
 
 
-def _choose(header: Header, roles: dict[str, tuple[str, str]]) -> algorithms.Algorithm | None:
+def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     """The family of the first algorithm (by priority) the roles hold; of the algorithms sharing it,
     the first that claims its shapes, else the first (its shape check then says what is wrong)."""
-    families = {slot.split(":")[0] for slot in roles}
+    families = {slot.family for slot in roles}
     present = [a for a in algorithms.by_priority() if a.family in families]
     if not present:
         return None
@@ -166,7 +179,7 @@ def _choose(header: Header, roles: dict[str, tuple[str, str]]) -> algorithms.Alg
     same = [a for a in present if a.family == family]
     if len(same) == 1:
         return same[0]
-    shapes = {role: header.tensors[key].shape for slot, (role, key) in roles.items() if slot.startswith(family + ":")}
+    shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == family}
     return next((a for a in same if a.claims is None or a.claims(shapes)), same[0])
 
 
@@ -174,7 +187,7 @@ def _make_group(
     header: Header,
     prefix: str,
     stem: str,
-    roles: dict[str, tuple[str, str]],
+    roles: Roles,
     alphas: dict[str, float],
     unmatched: list[Unmatched],
     meta: TrainerMeta,
@@ -182,12 +195,12 @@ def _make_group(
     # A family's roles decide the algorithm, in the registry's priority (factors win over a lone bias diff).
     chosen = _choose(header, roles)
     if chosen is None:
-        for _role, key in roles.values():
+        for key in roles.values():
             unmatched.append(Unmatched(key, "alpha or DoRA magnitude without any adapter weights for this module"))
         return None
     form = meta.peft.unsupported_oft_form() if meta.peft is not None and chosen.family == "oft_r" else None
     if form is not None:  # PEFT options that change how R is built: reported, never applied another way
-        for _role, key in roles.values():
+        for key in roles.values():
             unmatched.append(Unmatched(key, f"unsupported adapter form: {form}; re-save with the defaults "
                                             "(use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"))
         return None
@@ -197,8 +210,7 @@ def _make_group(
     alpha_role = chosen.alpha_role
     if meta.oft_constraint is OFTConstraint.COMFYUI and chosen.absolute_alpha_role is not None:
         alpha_role = chosen.absolute_alpha_role
-    for slot, (role, key) in roles.items():
-        family = slot.split(":")[0]
+    for (family, role), key in roles.items():
         info = header.tensors[key]
         if family == "scale" and alpha_role is not None:  # a tensor of the algorithm, not a scale
             family, role = algo, alpha_role
@@ -287,4 +299,4 @@ def _looks_like_model(header: Header) -> bool:
 
 def _bare(split: tuple[str, str, str] | None) -> bool:
     """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
-    return split is None or f"{split[1]}:{split[2]}" in grammar.COMPANIONS
+    return split is None or Slot(split[1], split[2]) in grammar.COMPANIONS

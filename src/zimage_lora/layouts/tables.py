@@ -61,10 +61,10 @@ READ_ONLY_SUFFIXES: Spelling = {
     "oft_r": {"oft_R": (".oft_R.weight",), "scaled": (".oft_R.scaled_oft",)},
 }
 
-# "family:role" -> a role of the same family it needs beside it: a suffix as short as '.weight' would
+# (family, role) -> a role of the same family it needs beside it: a suffix as short as '.weight' would
 # match any module weight, so it counts only where its companion sits on the same module; alone it is
 # reported as a key without an adapter suffix (formats/reader.py).
-COMPANIONS: dict[str, str] = {"ia3:weight": "on_input"}  # LyCORIS IA3: `.weight` beside `.on_input`
+COMPANIONS: dict[tuple[str, str], str] = {("ia3", "weight"): "on_input"}  # LyCORIS IA3: `.weight` + `.on_input`
 
 # PEFT puts the adapter's name in the key ('.lora_A.default.weight'); the reader strips these names.
 PEFT_ADAPTER_NAMES = ("default", "default_0")
