@@ -197,6 +197,9 @@ class Algorithm:
     absolute_alpha_role: str | None = None
     # Roles holding flags, not weights: any dtype (a trainer may save them as integers), never scaled.
     value_roles: tuple[str, ...] = ()
+    # A form of the algorithm's keys this library does not apply, by shape (a message naming the form and
+    # its writer; the reader reports the module's keys with it), or None.
+    unsupported: Callable[[Shapes], str | None] | None = None
     # Why the scale is 1 when `rank` is None (inspect's scale rule), e.g. "both LoKr factors full".
     unit_scale: str = "no rank"
 

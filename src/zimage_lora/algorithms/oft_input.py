@@ -119,10 +119,10 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     if not placement.whole:
         return None
     rot = (rotation(tensors) * scale).float()
-    return "oft_in", {"rot_in": rot.contiguous(), **_weight_facts(weight, rot.shape[-1])}
+    return "oft_in", {"rot_in": rot.contiguous(), **weight_facts(weight, rot.shape[-1])}
 
 
-def _weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
+def weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
     """max over rows and input blocks of ||W[i, block]||, fp64, for `bound`."""
     if weight is None or not weight.numel():
         return {"w_blockmax": torch.zeros((), dtype=torch.float64)}

@@ -200,9 +200,13 @@ def _make_group(
         return None
     form = meta.peft.unsupported_oft_form() if meta.peft is not None and chosen.family == "oft_r" else None
     if form is not None:  # PEFT options that change how R is built: reported, never applied another way
+        form += "; re-save with the defaults (use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"
+    elif chosen.unsupported is not None:
+        shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == chosen.family}
+        form = chosen.unsupported(shapes)
+    if form is not None:
         for key in roles.values():
-            unmatched.append(Unmatched(key, f"unsupported adapter form: {form}; re-save with the defaults "
-                                            "(use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"))
+            unmatched.append(Unmatched(key, f"unsupported adapter form: {form}"))
         return None
     group = Group(prefix=prefix, stem=stem, algorithm=chosen.name)
     algo = chosen.family

@@ -59,6 +59,7 @@ READ_ONLY_SUFFIXES: Spelling = {
     # PEFT OFT v2 (OFTConfig save_pretrained) and OneTrainer OFT_2 (its scaled-OFT marker buffer):
     # algorithms/oft_input.py. Read only: no layout row writes them (convert refuses with the reason).
     "oft_r": {"oft_R": (".oft_R.weight",), "scaled": (".oft_R.scaled_oft",)},
+    "boft_r": {"boft_R": (".boft_R",), "boft_s": (".boft_s",)},  # PEFT BOFTConfig: algorithms/boft_input.py
 }
 
 # (family, role) -> a role of the same family it needs beside it: a suffix as short as '.weight' would
@@ -73,13 +74,11 @@ PEFT_ADAPTER_NAMES = ("default", "default_0")
 # its writer). A key is reported with the form, never with a list of supported algorithms that
 # contains the name. Adding one moves its suffixes from here into a family of the spellings above.
 _PEFT_OFT_V1 = "OFT v1 of PEFT before 0.14 ('oft_r' full blocks with 'oft_s')"
-_PEFT_BOFT = "BOFT in PEFT's form (BOFTConfig: 'boft_R' butterfly blocks rotating the input, 'boft_s')"
 _PEFT_IA3 = "IA3 in PEFT's form (IA3Config 'ia3_l'; LyCORIS's '.weight' + '.on_input' is supported)"
 _VERA = "VeRA (PEFT VeraConfig: its shared random projections are not in the file)"
 UNSUPPORTED_FORMS: dict[str, tuple[str, str]] = {
     ".oft_diag": ("OFT", "OFT in the 'oft_diag' form (a spelling of no trainer this library knows)"),
     ".oft_r": ("OFT", _PEFT_OFT_V1), ".oft_s": ("OFT", _PEFT_OFT_V1),
-    ".boft_R": ("BOFT", _PEFT_BOFT), ".boft_s": ("BOFT", _PEFT_BOFT),
     ".weight_ia3": ("IA3", _PEFT_IA3), ".ia3_l": ("IA3", _PEFT_IA3),
     ".lora_E": ("AdaLoRA", "AdaLoRA (PEFT AdaLoraConfig: 'lora_E' singular values)"),
     ".vera_lambda_b": ("VeRA", _VERA), ".vera_lambda_d": ("VeRA", _VERA),
