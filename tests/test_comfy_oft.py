@@ -77,3 +77,18 @@ def test_lycoris_metadata_keeps_lycoris_rule(tiny, tmp_path):
     adapter = load_adapter(path, tiny)
     assert all("alpha" in t.tensors and "constraint" not in t.tensors for t in adapter.targets)
     assert not any("ComfyUI's constraint" in n for n in adapter.notes)
+
+
+def test_convert_keeps_comfyuis_bound_as_lycoris_alpha(tiny, tmp_path):
+    """The written layouts spell OFT as LyCORIS does: the bound becomes alpha = bound / out, the same rotation."""
+    from zimage_lora.tools.convert import convert_adapter
+
+    path, _ = _file(tiny, tmp_path)
+    out = convert_adapter(load_adapter(path, tiny), "kohya", tmp_path / "k.safetensors")
+    merged = {}
+    for name, src in (("comfy", path), ("kohya", out)):
+        m = copy.deepcopy(tiny)
+        apply_adapter(m, src, mode="merged", name=name)
+        merged[name] = output(m)
+    assert not any("ComfyUI's constraint" in n for n in load_adapter(out, tiny).notes)
+    torch.testing.assert_close(merged["kohya"], merged["comfy"], rtol=1e-5, atol=1e-5)
