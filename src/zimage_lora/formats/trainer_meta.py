@@ -121,7 +121,9 @@ def musubi_lokr(meta: Mapping[str, str], tensor_keys: Iterable[str]) -> MusubiLo
 
 
 def _lycoris_metadata(meta: Mapping[str, str]) -> bool:
-    return "lycoris" in meta.get("ss_network_module", "")
+    """A LyCORIS-based trainer named in the metadata (LyCORIS's own network module, or ai-toolkit,
+    whose toolkit/models are LyCORIS ports): its OFT bound is LyCORIS's, whatever the key prefix."""
+    return "lycoris" in meta.get("ss_network_module", "") or '"ai-toolkit"' in meta.get("software", "")
 
 
 def _diffusers_metadata(header: Header, component: str) -> PeftConfig | None:
