@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             allow_empty=True,
         )
     info = summarize(adapter, index)
+    info["notes"] += _comfyui_notes(adapter)
     empty = not adapter.targets
     if args.json:
         from .output import emit_json
@@ -69,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _comfyui_notes(adapter) -> list[str]:
+    """Where ComfyUI would apply this file differently from its trainer (tools/targets.py says how)."""
+    from ..tools.targets import comfyui_differences
+
+    return [f"in ComfyUI, {line}" for line in
+            comfyui_differences((t.module, t.algorithm, t.dora) for t in adapter.targets)]
 
 
 def _print_tables(info: dict, show_all: bool = False) -> None:
