@@ -13,8 +13,9 @@ a hub id already in the Hugging Face cache, or one .safetensors file (ComfyUI-st
 Output: the same layout as the input in the --out folder, or one file when --out ends in .safetensors.
 Tensors are streamed one at a time (memory stays far below the model size) and written to a
 temporary path that is renamed into place at the end, so an interrupted merge leaves nothing at --out.
-With --overwrite the old output is moved aside first and deleted only once the new one is in place;
-leftovers of a killed merge (.NAME.partial-PID) are removed by the next merge to the same place.
+With --overwrite a file is replaced in one rename and a folder swapped with the old one in one atomic
+exchange (Linux), so a kill leaves the old or the new output at --out; leftovers of a killed merge
+(.NAME.partial-PID) are removed by the next merge to the same place.
 
 examples:
   zimage-lora merge --model ./Z-Image-Turbo/transformer --lora style.safetensors:0.8 --out merged/
