@@ -243,3 +243,15 @@ def test_comfyui_differences_are_warned_on_convert_and_noted_by_inspect(model, t
     lines = comfyui_differences([("a", "oft", None), ("b", "boft", None),
                                  ("c", "lora", Dora(torch.ones(1, 4), on_out=False))])
     assert len(lines) == 2 and "s^2" in lines[0] and "BOFT" in lines[1]
+
+
+@pytest.mark.parametrize("to", ["comfyui", "musubi", "ai-toolkit"])
+def test_arithmetic_outputs_take_the_same_targets(model, tmp_path, to):
+    """`combine`/`resize`/`extract` write through convert's targets: application names work there too."""
+    from zimage_lora.arithmetic.common import save
+
+    adapter = load_adapter(make_adapter("kohya", tmp_path / "k.safetensors", model), model)
+    keys = set(load_file(str(save(adapter, tmp_path / "o.safetensors", to=to))))
+    if to == "comfyui":
+        assert keys - comfyui_load(keys, comfyui_key_map(model))[0] == set()
+    assert sorted(load_adapter(tmp_path / "o.safetensors", model).modules) == sorted(adapter.modules)

@@ -20,7 +20,7 @@ from .. import algorithms
 from ..adapter import Adapter, Dora, Target
 from ..errors import LoRAError, UnsupportedError
 from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
-from ..layouts import Item, write
+from ..layouts import Item, Layout, write
 from ..sources import LoRAConfiguration
 from . import loaders, targets
 from .output import clean_leftovers, output_error, written_aside
@@ -43,25 +43,15 @@ def convert_adapter(
 ) -> Path:
     """Read `source`, write it for the application target `to` at `out` (a .safetensors file; a folder
     for "peft"). Where ComfyUI computes part of it differently, a `ComfyUIDifferenceWarning` says how."""
-    target = targets.get(to)
+    targets.get(to)  # an unknown target is refused before anything is read
     out = Path(out)
     if out.exists() and not overwrite:
         raise LoRAError(f"{out} already exists; choose another --out or pass --overwrite.")
     inventory = _inventory(model)
     adapter = source if isinstance(source, Adapter) else _load(source, inventory)
     items = canonical_items(adapter)
-    name = targets.layout_for(target, items)
-    comfyui = target.loader == "comfyui"
-    sd, metadata, config = write.state_dict(
-        items, name, adapter.source, shown=to, families=target.families,
-        reasons=targets.COMFYUI_REFUSED if comfyui else None,
-    )
-    modules = {n: m for n, m in inventory.named_modules() if n}
-    loaders.require_loadable(loaders.LOADERS[target.loader], sd, modules, adapter.source, to, target.fix)
-    if comfyui:
-        for line in targets.comfyui_differences([(i.name, i.algorithm, i.dora) for i in items]):
-            warnings.warn(f"{adapter.source}: in ComfyUI, {line}", ComfyUIDifferenceWarning, stacklevel=2)
-    layout = write.layout(name)
+    sd, metadata, config = build_state_dict(items, to, adapter.source, inventory, stacklevel=3)
+    layout = target_layout(to, items)
     if not layout.folder and out.suffix != ".safetensors":
         raise LoRAError(f"{out}: the output of --to {to} is one file; give a name ending in .safetensors.")
     metadata["zimage_lora_converted_from"] = adapter.format
@@ -137,9 +127,30 @@ def _fused_item(adapter: Adapter, parts: list[Target]) -> Item:
     return Item(block + FUSED_QKV, first.algorithm, first.tensors, first.scale, first.rank, dora, first.source_keys)
 
 
-def build_state_dict(items: list[Item], to: str, where: str = "adapter") -> tuple[dict, dict, dict | None]:
-    """(tensors, safetensors metadata, PEFT config or None) of `items` in layout `to`."""
-    return write.state_dict(items, to, where)
+def target_layout(to: str, items: list[Item]) -> Layout:
+    """The layout row the `convert --to` target `to` writes `items` with."""
+    return write.layout(targets.layout_for(targets.get(to), items))
 
 
-__all__ = ["FORMATS", "ComfyUIDifferenceWarning", "Item", "convert_adapter", "canonical_items", "build_state_dict"]
+def build_state_dict(items: list[Item], to: str, where: str = "adapter",
+                     model: torch.nn.Module | None = None, *, stacklevel: int = 2) -> tuple[dict, dict, dict | None]:
+    """(tensors, safetensors metadata, PEFT config or None) of `items` for the `convert --to` target `to`,
+    checked against the key rules of the application it names on `model`'s modules (default: the
+    Z-Image-Turbo inventory). Where ComfyUI computes part of it differently, a
+    `ComfyUIDifferenceWarning` says how."""
+    target = targets.get(to)
+    comfyui = target.loader == "comfyui"
+    sd, metadata, config = write.state_dict(
+        items, targets.layout_for(target, items), where, shown=to, families=target.families,
+        reasons=targets.COMFYUI_REFUSED if comfyui else None,
+    )
+    modules = {n: m for n, m in _inventory(model).named_modules() if n}
+    loaders.require_loadable(loaders.LOADERS[target.loader], sd, modules, where, to, target.fix)
+    if comfyui:
+        for line in targets.comfyui_differences([(i.name, i.algorithm, i.dora) for i in items]):
+            warnings.warn(f"{where}: in ComfyUI, {line}", ComfyUIDifferenceWarning, stacklevel=stacklevel)
+    return sd, metadata, config
+
+
+__all__ = ["FORMATS", "ComfyUIDifferenceWarning", "Item", "build_state_dict", "canonical_items", "convert_adapter",
+           "target_layout"]
