@@ -23,6 +23,7 @@ import threading
 import torch
 from torch import nn
 
+from ..blocks import value_at
 from ..errors import LoRAError
 from .layer import AdapterLinear, Slot
 from .per_sample_block import ATTR, Spec, _batch_error, check_specs, per_sample_adapters
@@ -206,7 +207,7 @@ def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Rout
             if name not in ctx.records:
                 continue
             wrapper = model.get_submodule(module_name)
-            strengths = [spec.get(name) for spec in ctx.specs]
+            strengths = [None if name not in spec else value_at(spec[name], module_name) for spec in ctx.specs]
             per_layer.extend((wrapper.slots[k], strengths) for k in keys)
             if any(wrapper.slots[k].transforms_input for k in keys):  # its share lands before the base call
                 raise LoRAError(f"per_sample_adapters: adapter '{name}' transforms the input of '{module_name}'; "

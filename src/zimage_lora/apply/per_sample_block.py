@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .per_sample import _Context
 
 ATTR = "_zimage_lora_per_sample"
-Spec = Mapping[str, float]
+Spec = Mapping[str, Any]  # adapter name -> strength (a number or a {pattern: number} mapping)
 
 
 def _batch_error(n: int, total: int) -> LoRAError:
@@ -33,9 +33,9 @@ def _batch_error(n: int, total: int) -> LoRAError:
     )
 
 
-def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, float]], dict[str, Record]]:
+def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], dict[str, Record]]:
     """Validated copies of `specs` and the records they name (each attached, dynamic, Linear-only)."""
-    from .validate import check_scale
+    from .blockwise import resolve_for
 
     if isinstance(specs, Mapping | str) or not isinstance(specs, Sequence) or not specs:
         raise InvalidFormatError(
@@ -49,7 +49,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
     for i, spec in enumerate(specs):
         if not isinstance(spec, Mapping):
             raise InvalidFormatError(f"per_sample_adapters: spec {i} must map adapter names to strengths, got {spec!r}")
-        clean: dict[str, float] = {}
+        clean: dict[str, Any] = {}
         for name, strength in spec.items():
             record = attached.get(name)
             if record is None:
@@ -63,7 +63,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
                     f"per_sample_adapters: adapter '{name}' {what}, so it acts on every sample of a batch and cannot "
                     "differ per sample. Apply it with mode='dynamic' (Linear targets only) to use it per sample."
                 )
-            clean[name] = check_scale(strength)
+            clean[name] = resolve_for(model, record.adapter, strength, f"per_sample_adapters: spec {i}, '{name}'")
             records[name] = record
         out.append(clean)
     return out, records

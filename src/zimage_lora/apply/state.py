@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..adapter import Adapter, Target
+from ..blocks import Blocks
 
 ATTR = "_zimage_lora_state"
 
@@ -29,21 +30,44 @@ class Strength:
     """One adapter's user scale, shared by every layer it touches: changing it is O(1) for the model.
 
     `value` is read by eager forwards; `tensor` (0-d fp32) by compiled ones, updated in place so a
-    compiled graph sees the new value without recompiling.
+    compiled graph sees the new value without recompiling. A per-block strength (`blocks.Blocks`)
+    gives the modules whose number differs from the default a child `Strength` of their own (`at`),
+    kept from then on so that later changes stay in-place fills (see `apply.blockwise`).
     """
 
-    __slots__ = ("value", "tensor")
+    __slots__ = ("value", "tensor", "blocks", "children")
 
-    def __init__(self, value: float) -> None:
-        self.value = float(value)
-        self.tensor = torch.tensor(self.value, dtype=torch.float32)
+    def __init__(self, value: float | Blocks) -> None:
+        self.tensor = torch.tensor(0.0, dtype=torch.float32)
+        self.children: dict[str, Strength] = {}
+        self.set(value)
 
-    def set(self, value: float) -> None:
-        self.value = float(value)
+    def set(self, value: float | Blocks) -> None:
+        blocks = value if isinstance(value, Blocks) else None
+        self.blocks = blocks
+        self.value = blocks.default if blocks is not None else float(value)
         self.tensor.fill_(self.value)
+        for module, child in self.children.items():
+            child.set(blocks.at(module) if blocks is not None else self.value)
+        if blocks is not None:
+            for module, v in blocks.values.items():
+                if v != self.value and module not in self.children:
+                    self.children[module] = Strength(v)
+
+    def get(self) -> float | Blocks:
+        """What `set` was given last (a number or a per-block strength)."""
+        return self.blocks if self.blocks is not None else self.value
+
+    def at(self, module: str) -> Strength:
+        """The Strength a slot on `module` reads."""
+        return self.children.get(module, self)
 
     def __deepcopy__(self, memo: dict) -> Strength:
-        return Strength(self.value)
+        new = Strength(self.value)
+        memo[id(self)] = new
+        new.blocks = self.blocks
+        new.children = {m: copy.deepcopy(c, memo) for m, c in self.children.items()}
+        return new
 
 
 @dataclass

@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--all", action="store_true", help=f"list every unmatched key (default: the first {UNMATCHED_SHOWN})"
     )
     p.add_argument("--strict", action="store_true", help="fail when any key does not match")
+    p.add_argument("--blocks", action="store_true", help="print the norm of the scaled delta per block")
     p.set_defaults(run=run)
 
 
@@ -54,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             allow_empty=True,
         )
     info = summarize(adapter, index)
+    if args.blocks:
+        from ..block_norms import block_norms
+
+        info["block_norms"] = block_norms(adapter)
     empty = not adapter.targets
     if args.json:
         from .output import emit_json
@@ -103,6 +108,8 @@ def _print_tables(info: dict, show_all: bool = False) -> None:
     for k, v in info["coverage"]["by_kind"].items():
         cov.add_row(f"({k})", v)
     console.print(cov)
+    if "block_norms" in info:
+        console.print(_norm_table(info["block_norms"]))
     for note in info["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False)
     for u in info["ignored"]:
@@ -118,6 +125,20 @@ def _print_tables(info: dict, show_all: bool = False) -> None:
         if len(shown) < len(info["unmatched"]):
             more = len(info["unmatched"]) - len(shown)
             console.print(f"... {more} more unmatched keys: --all lists every one, --json gives them all too")
+
+
+def _norm_table(norms: dict[str, float | None]):
+    """Per block, the delta's norm with a bar scaled to the largest (n/a: the delta needs the weight)."""
+    from rich.table import Table
+
+    top = max((v for v in norms.values() if v is not None), default=0.0) or 1.0
+    table = Table(title="delta norm per block")
+    table.add_column("block")
+    table.add_column("norm", justify="right")
+    table.add_column("")
+    for block, v in norms.items():
+        table.add_row(block, "n/a" if v is None else f"{v:.4g}", "" if v is None else "#" * round(20 * v / top))
+    return table
 
 
 def _mb(n: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ..apply.pipeline import PIPELINE_CLASSES
+from ..blocks import check_patterns
+from ..blocks import parse as parse_blocks
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
@@ -161,12 +163,15 @@ def generate(
     overwrite: bool = False,
     filename: str | None = None,
     revision: str | None = None,
+    blocks: Mapping[str, float] | str | None = None,
 ) -> GenerateResult:
     """Generate one image and save it at `out` (an existing file only with `overwrite`).
 
     `pipeline`: reuse an already loaded Z-Image pipeline of any class (adapters are applied to its
     transformer and text encoder and removed again afterwards). `filename` / `revision`: pick the file
-    and hub revision of the one adapter given. Everything that can be checked without the pipeline
+    and hub revision of the one adapter given. `blocks`: per-block strengths ({pattern: number}, or the
+    command line's "layers.0-9=0.4,noise_refiner=0" or a JSON file) multiplying each adapter's scale
+    (see `zimage_lora.blocks`). Everything that can be checked without the pipeline
     (output, adapters, device, size, model) is checked before it is loaded.
     """
     from ..apply import apply_adapter, remove_adapter
@@ -174,6 +179,7 @@ def generate(
     started = time.perf_counter()
     out = Path(out)
     specs = _specs(loras, filename, revision)
+    per_block = parse_blocks(blocks) if isinstance(blocks, str) else dict(check_patterns(blocks)) if blocks else None
     checks.check_image_out(out, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checks.check_device(device)
@@ -191,7 +197,7 @@ def generate(
     result = GenerateResult(out=out, seconds=0.0)
     try:
         for spec, name in zip(specs, _names(specs), strict=True):
-            result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name))
+            result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name, scale=per_block or 1.0))
         image = _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress)
     finally:
         if pipeline is not None and result.adapters:
