@@ -23,6 +23,7 @@ _EXPORTS = {
     "list_adapters": ".apply",
     "set_active_adapters": ".apply",
     "per_sample_adapters": ".apply",
+    "schedule": ".scheduling",
     "Request": ".batch",
     "generate_batch": ".batch",
     "AdapterStore": ".store",

@@ -16,6 +16,7 @@ examples:
   zimage-lora generate --prompt "a red fox" --lora style.safetensors --quantize int8 --out fox.png
   zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --blocks "layers.0-9=0.4,noise_refiner=0" \
       --out fox.png
+  zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --schedule "0:1.0,0.6:0.3" --out fox.png
 """
 
 
@@ -32,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", metavar="PATTERN=N,...|FILE.json",
                    help="per-block strengths multiplying each --lora's scale, e.g. 'layers.0-9=0.4,noise_refiner=0' "
                         "(module names or prefixes, block ranges, attention/feed_forward/adaLN, early/middle/late)")
+    p.add_argument("--schedule", metavar="FRACTION:FACTOR,...",
+                   help="per-step factor on each --lora's scale over the denoising run, linear between points, "
+                        "e.g. '0:1.0,0.6:0.3' (full strength first, 0.3 from 60%% of the steps on)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--mode", choices=["dynamic", "merged"], default="dynamic")
     p.add_argument("--quantize", choices=QUANTIZE, help="torchao weight-only quantization of the transformer")
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,
         negative_prompt=args.negative_prompt, dtype=args.dtype, device=args.device, progress=not args.quiet,
         overwrite=args.overwrite, filename=args.filename, revision=args.revision, blocks=args.blocks,
+        schedule=args.schedule,
     )
     for r in result.adapters:
         console.print(f"{r.name}: {len(r.applied)} modules ({r.mode}, x{r.scale:g}), {len(r.unmatched)} unmatched")
