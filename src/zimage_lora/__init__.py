@@ -24,6 +24,7 @@ _EXPORTS = {
     "set_active_adapters": ".apply",
     "per_sample_adapters": ".apply",
     "schedule": ".scheduling",
+    "regional_adapters": ".apply.regional",
     "Request": ".batch",
     "generate_batch": ".batch",
     "AdapterStore": ".store",
