@@ -150,3 +150,28 @@ def test_generate_schedule(pipe_and_file, tmp_path):
     a, b, c = (np.asarray(Image.open(r.out)).astype(np.int16) for r in (base, off, late))
     assert np.array_equal(a, b)  # factor 0 at every step: exactly the base
     assert np.abs(a - c).mean() > 0.5
+
+
+def test_per_sample_schedules(pipe_and_file):
+    pipe, f = pipe_and_file
+    zl.apply_adapter(pipe, f, scale=1.0, name="style")
+    prompts = ["a red cat", "a blue dog"]
+
+    def call(idx, **kw):
+        g = [torch.Generator().manual_seed(3 + i) for i in idx]
+        return pipe([prompts[i] for i in idx], height=32, width=32, num_inference_steps=4, guidance_scale=0.0,
+                    generator=g, output_type="latent", **kw).images
+
+    ramp = [(0.0, 1.0), (0.5, 0.0)]
+    with zl.schedule(pipe, [{"style": ramp}, {}], specs=[{"style": 0.8}, {"style": 0.6}], interpolation="step"):
+        both = call([0, 1])
+    zl.set_adapter_scale(pipe.transformer, "style", 0.8)
+    with zl.schedule(pipe, {"style": ramp}, interpolation="step"):
+        first = call([0])
+    zl.set_adapter_scale(pipe.transformer, "style", 0.6)
+    second = call([1])
+    torch.testing.assert_close(both[0], first[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1], second[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(zl.LoRAError, match="its spec does not"):
+        with zl.schedule(pipe, [{"style": ramp}], specs=[{}]):
+            pass

@@ -108,7 +108,51 @@ class _Run:
                 set_adapter_scale(self.model, name, base)
 
 
-def _wrapped_call(run: _Run, call: Any) -> Any:
+def _scaled(strength: Any, factor: float) -> Any:
+    if isinstance(strength, Mapping):
+        return {p: v * factor for p, v in strength.items()}
+    return strength.scaled(factor) if hasattr(strength, "scaled") else strength * factor
+
+
+class _PerSampleRun:
+    """A per-sample batch with a schedule per sample: each step's specs, as a per-sample block
+    (`per_sample_adapters`) opened for the step's strengths (reopened only when a factor changed)."""
+
+    def __init__(self, model: Any, schedules: list[dict[str, Points]], specs: Sequence[Mapping[str, Any]],
+                 interpolation: str) -> None:
+        if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) or len(specs) != len(schedules):
+            raise InvalidArgumentError(f"schedule: {len(schedules)} per-sample schedules need specs=[...] with one "
+                                       f"{{adapter: strength}} per sample, got {specs!r}")
+        for i, (sched, spec) in enumerate(zip(schedules, specs, strict=True)):
+            missing = [n for n in sched if n not in spec]
+            if missing:
+                raise LoRAError(f"schedule: sample {i}'s schedule names {missing}, which its spec does not "
+                                f"({sorted(spec)}); the schedule multiplies the spec's strength.")
+        self.model, self.schedules, self.specs, self.interpolation = model, schedules, list(specs), interpolation
+        self.block: Any = None
+        self.last: tuple | None = None
+
+    def at(self, fraction: float) -> None:
+        from .apply.per_sample import per_sample_adapters
+
+        factors = tuple(tuple(factor_at(p, fraction, self.interpolation) for p in s.values()) for s in self.schedules)
+        if factors == self.last and self.block is not None:
+            return
+        at = self.interpolation
+        specs = [{n: _scaled(v, factor_at(s[n], fraction, at)) if n in s else v for n, v in spec.items()}
+                 for spec, s in zip(self.specs, self.schedules, strict=True)]
+        block = per_sample_adapters(self.model, specs)
+        self.restore()
+        block.__enter__()
+        self.block, self.last = block, factors
+
+    def restore(self) -> None:
+        if self.block is not None:
+            block, self.block = self.block, None
+            block.__exit__(None, None, None)
+
+
+def _wrapped_call(run: _Run | _PerSampleRun, call: Any) -> Any:
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807 - it is the pipeline's __call__
         user = kwargs.get("callback_on_step_end")
         if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
@@ -122,25 +166,45 @@ def _wrapped_call(run: _Run, call: Any) -> Any:
 
         kwargs["callback_on_step_end"] = on_step
         run.at(0.0)
-        return call(self, *args, **kwargs)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            if isinstance(run, _PerSampleRun):
+                run.restore()  # a per-sample block lasts one call
 
     return __call__
 
 
 @contextmanager
-def schedule(pipe: Any, schedules: Mapping[str, Any], *, interpolation: str = "linear") -> Iterator[None]:
+def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, interpolation: str = "linear",
+             specs: Sequence[Mapping[str, Any]] | None = None) -> Iterator[None]:
     """Inside the block, each named adapter's strength follows its schedule over every denoising run
-    of `pipe` (see the module doc). `schedules`: {adapter name: [(fraction, factor), ...]}."""
+    of `pipe` (see the module doc). `schedules`: {adapter name: [(fraction, factor), ...]}.
+
+    Per-sample batches: `schedules` is a list with one such mapping per sample and `specs` the
+    per-sample adapters (as for `per_sample_adapters`, which this opens for each call): sample i's
+    strengths are `specs[i]`'s times its own schedule's factors.
+    """
     from .apply.access import _model_of
 
     if interpolation not in INTERPOLATIONS:
         raise InvalidArgumentError(f"schedule: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if not isinstance(schedules, Mapping) or not schedules:
-        raise InvalidArgumentError(f"schedule: expected {{adapter name: [(fraction, factor), ...]}}, got {schedules!r}")
-    checked = {name: check_points(points, f"schedule of '{name}'") for name, points in schedules.items()}
+    per_sample = isinstance(schedules, Sequence) and not isinstance(schedules, str)
+    if not all(isinstance(s, Mapping) for s in (schedules if per_sample else [schedules])) or not schedules:
+        raise InvalidArgumentError(f"schedule: expected {{adapter name: [(fraction, factor), ...]}} (or a list of "
+                                   f"them, one per sample, with specs=...), got {schedules!r}")
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise InvalidArgumentError(f"schedule: expected a Z-Image pipeline (with a transformer), got {type(pipe)}")
-    run = _Run(_model_of(pipe), checked, interpolation)
+    run: _Run | _PerSampleRun
+    if per_sample:
+        checked_each = [{n: check_points(p, f"schedule of sample {i}, '{n}'") for n, p in s.items()}
+                        for i, s in enumerate(schedules)]
+        run = _PerSampleRun(_model_of(pipe), checked_each, specs, interpolation)
+    else:
+        if specs is not None:
+            raise InvalidArgumentError("schedule: specs=... goes with a list of per-sample schedules.")
+        checked = {name: check_points(points, f"schedule of '{name}'") for name, points in schedules.items()}
+        run = _Run(_model_of(pipe), checked, interpolation)
     cls = type(pipe)
     # The pipeline's __call__ is looked up on its class: a subclass for this one object wraps it.
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": _wrapped_call(run, cls.__call__),
