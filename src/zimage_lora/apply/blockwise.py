@@ -57,19 +57,20 @@ def resolve_for(model: nn.Module, adapter: Adapter, value: Any, what: str = "sca
     if not is_blocks(value):
         return check_scale(value, what)
     patterns = check_patterns(value, what)
-    modules = tuple(dict.fromkeys(t.module for t in adapter.targets))
-    if isinstance(value, Blocks) and all(m in value.values for m in modules):
+    if isinstance(value, Blocks) and all(t.module in value.values for t in adapter.targets):
         return value
     names = names_of(model)
     cache = _CACHE[model][1]
-    key = (patterns, modules)
+    # Per adapter (its targets list, kept alive by the entry so that its id stays its own) and patterns.
+    key = (patterns, id(adapter.targets), len(adapter.targets))
     hit = cache.get(key)
-    if hit is None:
-        hit = resolve(dict(patterns), names, modules, what)
+    if hit is None or hit[0] is not adapter.targets:
+        modules = list(dict.fromkeys(t.module for t in adapter.targets))
+        hit = (adapter.targets, resolve(dict(patterns), names, modules, what))
         if len(cache) >= _MAX_RESOLVED:
             cache.clear()
         cache[key] = hit
-    return hit
+    return hit[1]
 
 
 def largest(value: Strengthish) -> float:

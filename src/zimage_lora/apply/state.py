@@ -35,11 +35,12 @@ class Strength:
     kept from then on so that later changes stay in-place fills (see `apply.blockwise`).
     """
 
-    __slots__ = ("value", "tensor", "blocks", "children")
+    __slots__ = ("value", "tensor", "blocks", "children", "values")
 
     def __init__(self, value: float | Blocks) -> None:
         self.tensor = torch.tensor(0.0, dtype=torch.float32)
         self.children: dict[str, Strength] = {}
+        self.values: torch.Tensor | None = None  # the children's numbers; each child's `tensor` is a view
         self.set(value)
 
     def set(self, value: float | Blocks) -> None:
@@ -47,12 +48,27 @@ class Strength:
         self.blocks = blocks
         self.value = blocks.default if blocks is not None else float(value)
         self.tensor.fill_(self.value)
-        for module, child in self.children.items():
-            child.set(blocks.at(module) if blocks is not None else self.value)
+        grown = False
         if blocks is not None:
             for module, v in blocks.values.items():
                 if v != self.value and module not in self.children:
                     self.children[module] = Strength(v)
+                    grown = True
+        if not self.children:
+            return
+        get = blocks.values.get if blocks is not None else {}.get
+        numbers = [get(m, self.value) for m in self.children]
+        for child, v in zip(self.children.values(), numbers, strict=True):
+            child.value = v
+        if grown or self.values is None:
+            self._views(torch.tensor(numbers, dtype=torch.float32))
+        else:
+            self.values.copy_(torch.tensor(numbers, dtype=torch.float32))  # one write for every module
+
+    def _views(self, values: torch.Tensor) -> None:
+        self.values = values
+        for i, child in enumerate(self.children.values()):
+            child.tensor = values[i]
 
     def get(self) -> float | Blocks:
         """What `set` was given last (a number or a per-block strength)."""
@@ -67,6 +83,8 @@ class Strength:
         memo[id(self)] = new
         new.blocks = self.blocks
         new.children = {m: copy.deepcopy(c, memo) for m, c in self.children.items()}
+        if new.children:
+            new._views(torch.tensor([c.value for c in new.children.values()], dtype=torch.float32))
         return new
 
 
