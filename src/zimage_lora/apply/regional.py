@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
-from torch import nn
 
 from ..errors import InvalidArgumentError, LoRAError
+from .gate import BLOCKS, gate_of
 from .layer import AdapterLinear, Slot
-from .state import get_state
 
 SEQ_MULTI_OF = 32  # diffusers' Z-Image pads each sample's image and caption tokens to a multiple of this
-ATTR = "_zimage_lora_regional"
 
 
 def _padded(n: int) -> int:
@@ -179,16 +177,19 @@ def _kind(module_name: str) -> str:
 
 
 class RegionRouting:
-    """One wrapped layer inside the block: named adapters per row, the others as usual."""
+    """One wrapped layer inside the block: named adapters per row, the others as usual (both from the
+    forward's published view, `apply.gate`)."""
 
     def __init__(self, regions: _Regions, kind: str) -> None:
         self.regions = regions
         self.kind = kind
 
-    def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        slots, needs_wx, _transforms = layer._active
+    def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor, fwd: Any) -> torch.Tensor:
+        state = fwd.view.layers.get(layer)
+        slots, needs_wx, _transforms = state if state is not None else layer._active
         if not slots:
             return out
+        values = fwd.view.values
         if not out.is_contiguous():
             out = out.contiguous()
         out2 = out.view(-1, out.shape[-1])
@@ -198,11 +199,12 @@ class RegionRouting:
             bias = layer.bias
             wx = out2 - bias if bias is not None else out2.clone()
         for slot in slots:
+            strength = values.get(slot.strength, slot.strength.value)
             if slot.adapter_name not in self.regions.masks:
-                slot.add_(out2, x2, wx, slot.strength.value)
+                slot.add_(out2, x2, wx, strength)
                 continue
             w = self.regions.rows(slot.adapter_name, self.kind, x).to(out2.dtype)
-            _add_rows(slot, out2, x2, wx, w, slot.strength.value)
+            _add_rows(slot, out2, x2, wx, w, strength)
         return out
 
 
@@ -222,10 +224,31 @@ def _add_rows(slot: Slot, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor |
     rows.addcmul_(share, w.unsqueeze(1))
 
 
+class _Block:
+    """What the model's gate finds for a forward started inside the block (`apply.gate.BLOCKS`)."""
+
+    def __init__(self, regions: _Regions, routes: dict[AdapterLinear, RegionRouting]) -> None:
+        self.regions = regions
+        self.routes = routes
+
+    def begin(self, fwd: Any, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        caps = args[2] if len(args) > 2 else kwargs.get("cap_feats")
+        p, fp = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+        if not isinstance(x, list | tuple) or not isinstance(caps, list | tuple) or (x and not torch.is_tensor(x[0])):
+            raise LoRAError("regional_adapters: supports Z-Image's text-to-image forward (lists of latents, captions).")
+        if any(t.shape[1] // fp != 1 for t in x):
+            raise LoRAError("regional_adapters: one frame per latent expected.")
+        grids = [(t.shape[-2] // p, t.shape[-1] // p) for t in x]
+        self.regions.local.geometry = _Geometry(grids, [len(c) for c in caps])
+        fwd.routes = self.routes
+
+
 @contextmanager
 def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "mean") -> Iterator[None]:
     """Inside the block, each named (dynamic, attached) adapter acts only where its mask says (see the
-    module doc). `caption`: the weight of caption tokens, a number, {name: number}, or "mean"."""
+    module doc). `caption`: the weight of caption tokens, a number, {name: number}, or "mean". Forwards
+    of the model started in this context (thread, task) inside the block run regionally; eager mode."""
     from .access import _model_of, attached
 
     model = _model_of(pipe)
@@ -239,38 +262,18 @@ def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "me
             raise LoRAError(f"regional_adapters: '{name}' must be attached in dynamic mode with Linear targets only "
                             f"(apply_adapter(pipe, source, name='{name}', mode='dynamic')); it is "
                             f"{'not attached' if record is None else 'merged or patches norm layers'}.")
-    regions = _Regions(checked, caption)
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
-    if any(m.__dict__.get("_routing") is not None for _, m in wrappers) or ATTR in model.__dict__:
-        raise LoRAError("regional_adapters: a per-sample or regional block is already open on this model.")
     if any(s.transforms_input for _, m in wrappers for s in m._active[0]):
         raise LoRAError("regional_adapters: an active adapter transforms a layer's input (OFT-like); routing adds "
                         "after the base call. Apply it with mode='merged'.")
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("x")
-        caps = args[2] if len(args) > 2 else kwargs.get("cap_feats")
-        p, fp = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
-        if not isinstance(x, list | tuple) or not isinstance(caps, list | tuple) or (x and not torch.is_tensor(x[0])):
-            raise LoRAError("regional_adapters: supports Z-Image's text-to-image forward (lists of latents, captions).")
-        grids = [(t.shape[-2] // p, t.shape[-1] // p) for t in x]
-        if any(t.shape[1] // fp != 1 for t in x):
-            raise LoRAError("regional_adapters: one frame per latent expected.")
-        regions.local.geometry = _Geometry(grids, [len(c) for c in caps])
-
-    state = get_state(model)
-    lock = state.lock if state is not None else nullcontext()
-    with lock:  # forwards see every layer's routing or none
-        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-        model.__dict__[ATTR] = regions
-        for name, m in wrappers:
-            m.__dict__["_routing"] = RegionRouting(regions, _kind(name))
+    gate = gate_of(model)
+    opened = BLOCKS.get()
+    if gate in opened:
+        raise LoRAError("regional_adapters: a per-sample or regional block is already open on this model.")
+    regions = _Regions(checked, caption)
+    block = _Block(regions, {m: RegionRouting(regions, _kind(n)) for n, m in wrappers})
+    token = BLOCKS.set({**opened, gate: block})
     try:
         yield
     finally:
-        with lock:
-            for _, m in wrappers:
-                m.__dict__.pop("_routing", None)
-            handle.remove()
-            model.__dict__.pop(ATTR, None)
-
+        BLOCKS.reset(token)
