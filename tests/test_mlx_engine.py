@@ -123,3 +123,18 @@ def test_lokr_dynamic_keeps_factors(tmp_path):
     out_f, in_f = layer.weight.shape
     assert sum(math.prod(v.shape) for v in slot.t.values()) < out_f * in_f / 10
     assert get_path(twin, "layers.0.feed_forward.w1") is layer
+
+
+def test_pipeline_object_means_its_transformer(tmp_path):
+    """mflux's `ZImage` holds text encoder, VAE and transformer: the API works on its transformer."""
+    model = tiny_model(0)
+
+    class Pipe(_mlx._Node):
+        pass
+
+    pipe = Pipe()
+    pipe.transformer = _mlx.mirror(model)
+    report = zl.apply_adapter(pipe, make_adapter("diffusers", tmp_path / "a.safetensors", model), name="a")
+    assert report.applied and [i.name for i in zl.Adapters(pipe).list()] == ["a"]
+    assert zl.list_adapters(pipe.transformer) == zl.list_adapters(pipe)
+    assert zl.remove_adapter(pipe) == ["a"]

@@ -33,6 +33,12 @@ __all__ = ["apply", "remove", "set_scale", "set_active", "switch_mode", "list_al
 _DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
 
+def _transformer(model: Any) -> nn.Module:
+    """mflux's `ZImage` (text encoder, VAE and transformer in one module) stands for its transformer."""
+    inner = getattr(model, "transformer", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _dtype(value: Any) -> mx.Dtype | None:
     if value is None or isinstance(value, mx.Dtype) and value in (mx.float32, mx.float16, mx.bfloat16):
         return value
@@ -44,6 +50,7 @@ def _dtype(value: Any) -> mx.Dtype | None:
 def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *, scale: float = 1.0,
           mode: str = "dynamic", name: str | None = None, filename: str | None = None, strict: bool = False,
           compute_dtype: Any = None) -> ApplyReport:
+    model = _transformer(model)
     mode = check_mode(mode)
     strength = check_scale(scale)
     dtype = _dtype(compute_dtype)
@@ -160,6 +167,7 @@ def _records(model: nn.Module, names: list[str] | None) -> tuple[State | None, l
 
 
 def remove(model: nn.Module, name: str | None = None) -> list[str]:
+    model = _transformer(model)
     if name is not None:
         check_name(name)
     state, names = _records(model, None if name is None else [name])
@@ -172,6 +180,7 @@ def remove(model: nn.Module, name: str | None = None) -> list[str]:
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:
+    model = _transformer(model)
     check_name(name)
     value = check_scale(scale)
     state, _ = _records(model, [name])
@@ -190,6 +199,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
 
 
 def set_active(model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None) -> None:
+    model = _transformer(model)
     asked = None if names is None else check_names(names)
     state, wanted = _records(model, asked)
     values = check_weights(weights, wanted)
@@ -213,6 +223,7 @@ def set_active(model: nn.Module, names: str | list[str] | None, weights: list[fl
 
 
 def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> None:
+    model = _transformer(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
     state, wanted = _records(model, asked)
@@ -238,6 +249,7 @@ def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> N
 
 
 def list_all(model: nn.Module) -> list[AdapterInfo]:
+    model = _transformer(model)
     state = get_state(model)
     if state is None:
         return []
