@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import LoRAError, _LegacyArgumentError
 from ..mlx import dispatcher, is_mlx
+from .gate import end_change
 from .state import EngineState, Record, get_state
 
 
@@ -50,7 +51,10 @@ def _locked(model: nn.Module, create: bool = False) -> Iterator[EngineState | No
             return
         with state.lock:
             if get_state(model) is state:
-                yield state
+                try:
+                    yield state
+                finally:
+                    end_change(state.lock)  # publish the result to the forwards that start from now
                 return
 
 
