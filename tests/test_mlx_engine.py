@@ -138,3 +138,17 @@ def test_pipeline_object_means_its_transformer(tmp_path):
     assert report.applied and [i.name for i in zl.Adapters(pipe).list()] == ["a"]
     assert zl.list_adapters(pipe.transformer) == zl.list_adapters(pipe)
     assert zl.remove_adapter(pipe) == ["a"]
+
+
+def test_merged_adapter_off_and_on(tmp_path):
+    model, base = tiny_model(0), tiny_model(0)
+    twin = _mlx.mirror(model)
+    before = arrays(twin)
+    path = make_adapter("lycoris-loha", tmp_path / "h.safetensors", model)
+    for m in (model, twin):
+        zl.apply_adapter(m, path, name="h", mode="merged", scale=0.6)
+        zl.set_active_adapters(m, [])
+    assert arrays(twin) == before
+    for m in (model, twin):
+        zl.set_active_adapters(m, ["h"], [0.9])
+    assert layer_gap(model, twin, base) < 1e-4

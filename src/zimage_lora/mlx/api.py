@@ -120,7 +120,7 @@ def _check(tree: Tree, adapter: Adapter, scan: bool) -> None:
                            "value(s); the adapter is broken and was not applied.")
 
 
-def _change(state: State, tree: Tree, touched: list[str], put: Record | None = None,
+def _change(state: State, tree: Tree | None, touched: list[str], put: Record | None = None,
             drop: tuple[str, ...] = (), dynamic: tuple[Record, ...] = ()) -> dict[str, float]:
     """Plan every touched layer with `put` attached, `drop` detached and `dynamic` records given fresh
     slots, then commit; on any error nothing (records, layers, tree) has changed."""
@@ -151,7 +151,7 @@ def _change(state: State, tree: Tree, touched: list[str], put: Record | None = N
             if n in state.layers:
                 state.layers[n].slots = slots
         raise
-    return build.commit(state, tree, changes)
+    return build.commit(state, changes)
 
 
 def _records(model: nn.Module, names: list[str] | None) -> tuple[State | None, list[str]]:
@@ -175,7 +175,7 @@ def remove(model: nn.Module, name: str | None = None) -> list[str]:
         return []
     with state.lock:
         touched = [t.module for n in names for t in state.records[n].adapter.targets]
-        _change(state, Tree(model), touched, drop=tuple(names))
+        _change(state, None, touched, drop=tuple(names))
     return names
 
 
@@ -192,7 +192,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
         if record.mode == "merged" or any(state.layers.get(t.module) and state.layers[t.module].is_norm
                                           for t in record.adapter.targets):
             try:
-                _change(state, Tree(model), [t.module for t in record.adapter.targets])
+                _change(state, None, [t.module for t in record.adapter.targets])
             except BaseException:
                 record.strength.value = old
                 raise
@@ -215,7 +215,7 @@ def set_active(model: nn.Module, names: str | list[str] | None, weights: list[fl
             if (r.active, r.strength.value) != before[n]:
                 touched += [t.module for t in r.adapter.targets]
         try:
-            _change(state, Tree(model), touched)
+            _change(state, None, touched)
         except BaseException:
             for n, (active, value) in before.items():
                 state.records[n].active, state.records[n].strength.value = active, value
@@ -234,7 +234,7 @@ def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> N
         for r in moved:
             r.mode = mode
         try:
-            _change(state, Tree(model), [t.module for r in moved for t in r.adapter.targets],
+            _change(state, None, [t.module for r in moved for t in r.adapter.targets],
                     dynamic=tuple(r for r in moved if mode == "dynamic"))
         except BaseException:
             for r in moved:

@@ -16,7 +16,7 @@ from ..errors import IncompatibleWeightsError
 from . import quant
 from .layer import Slot, prepare, set_slots, wrap
 from .state import Layer, Record, State
-from .tree import Tree, to_mx, to_torch
+from .tree import set_path, to_mx, to_torch
 
 
 @dataclass
@@ -102,9 +102,11 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
 def plan(state: State, names: list[str]) -> list[Change]:
     """The new contents of each named layer under the attached adapters; changes nothing."""
     changes = []
+    merged_on = state.contributions()
+    dynamic = [r for r in state.records.values() if r.active and r.mode == "dynamic"]
     for name in dict.fromkeys(names):
         layer = state.layers[name]
-        contribs = state.contributions(name)
+        contribs = merged_on.get(name, [])
         key = tuple((r.name, id(t), r.strength.value) for r, t in contribs)
         merged, loss = (layer.merged, layer.loss) if key == layer.merged_key else merged_arrays(layer, contribs)
         refreshed: dict[str, list[Slot]] = {}
@@ -116,9 +118,8 @@ def plan(state: State, names: list[str]) -> list[Change]:
                         weight = _decoded(layer, merged)
                     refreshed[rec_name] = make_slots(layer, state.records[rec_name], weight)
         slots: list[Slot] = []
-        for r in state.records.values():
-            if r.active and r.mode == "dynamic":
-                slots += refreshed.get(r.name, layer.slots.get(r.name, []))
+        for r in dynamic:
+            slots += refreshed.get(r.name, layer.slots.get(r.name, []))
         changes.append(Change(layer, key, merged, loss, tuple(slots), refreshed))
     return changes
 
@@ -130,7 +131,7 @@ def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
     return to_torch(a["weight"])
 
 
-def commit(state: State, tree: Tree, changes: list[Change]) -> dict[str, float]:
+def commit(state: State, changes: list[Change]) -> dict[str, float]:
     """Swap the planned contents in (nothing here can fail on valid arrays). Returns the losses."""
     losses = {}
     for c in changes:
@@ -146,10 +147,10 @@ def commit(state: State, tree: Tree, changes: list[Change]) -> dict[str, float]:
                 for k, v in layer.arrays().items():
                     layer.wrapper[k] = v
                 set_slots(layer.wrapper, c.slots)
-            tree.set(layer.name, layer.wrapper)
+            set_path(state.model, layer.path, layer.wrapper)
         else:
             layer.wrapper = None
-            tree.set(layer.name, layer.original)
+            set_path(state.model, layer.path, layer.original)
         if c.loss is not None and c.merged is not None:
             losses[layer.name] = c.loss
         if c.merged is None and not any(layer.slots.values()):

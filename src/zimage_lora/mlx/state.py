@@ -36,6 +36,7 @@ class Layer:
     MLX arrays are immutable, so keeping the references is an exact copy at no cost."""
 
     name: str  # diffusers name
+    path: str  # where it sits in the MLX tree
     original: nn.Module
     kept: dict[str, mx.array]
     merged_key: tuple = ()
@@ -94,23 +95,25 @@ class State:
     def tree(self) -> Tree:
         return Tree(self.model)
 
-    def layer(self, tree: Tree, name: str) -> Layer:
+    def layer(self, tree: Tree | None, name: str) -> Layer:
         """The layer state of `name`, created (original object and arrays kept) on first touch."""
         if name not in self.layers:
+            tree = tree if tree is not None else Tree(self.model)  # a layer dropped while its adapter was off
             module = tree.get(name)
-            self.layers[name] = Layer(name, module, kept_arrays(module))
+            self.layers[name] = Layer(name, tree.path[name], module, kept_arrays(module))
         return self.layers[name]
 
-    def contributions(self, name: str) -> list[tuple[Record, Target]]:
-        """Active merged targets on `name`, in the order their adapters were applied (norm-weight diffs
-        are always merged: a 1-D weight has no layer to wrap)."""
-        out = []
+    def contributions(self) -> dict[str, list[tuple[Record, Target]]]:
+        """Per layer, the active merged targets on it, in the order their adapters were applied
+        (norm-weight diffs are always merged: a 1-D weight has no layer to wrap)."""
+        out: dict[str, list[tuple[Record, Target]]] = {}
         for r in self.records.values():
             if not r.active:
                 continue
             for t in r.adapter.targets:
-                if t.module == name and (r.mode == "merged" or self.layers[name].is_norm):
-                    out.append((r, t))
+                layer = self.layers.get(t.module)
+                if layer is not None and (r.mode == "merged" or layer.is_norm):
+                    out.setdefault(t.module, []).append((r, t))
         return out
 
 
