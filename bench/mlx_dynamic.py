@@ -65,12 +65,14 @@ def _mflux_lora(base: nn.Module, dtype: mx.Dtype, seed: int):
     return lora
 
 
-def layer_overhead(tokens: int, rounds: int, dtype: mx.Dtype) -> list[list[object]]:
+def layer_overhead(tokens: int, rounds: int, dtype: mx.Dtype, only: str = "") -> list[list[object]]:
     from mflux.models.common.lora.layer.fused_linear_lora_layer import FusedLoRALinear
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, (path, out_f, in_f) in SHAPES.items():
+            if only not in label:
+                continue
             files = [_adapter(Path(tmp), k, path, out_f, in_f, i) for i, k in enumerate("ab")]
             for kind in ("Linear", "QuantizedLinear 4-bit g64"):
                 lin = nn.Linear(in_f, out_f, bias=False)
@@ -93,6 +95,7 @@ def layer_overhead(tokens: int, rounds: int, dtype: mx.Dtype) -> list[list[objec
                 rows.append([label, kind, median(b) * 1e3,
                              median_ratio(t["ours"], b) - 1, median_ratio(t["mflux"], b) - 1,
                              median_ratio(t["ours x2"], b) - 1, median_ratio(t["mflux x2"], b) - 1])
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -123,10 +126,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--only", default="", help="shapes whose label contains this (e.g. attention)")
     args = ap.parse_args()
     dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[args.dtype]
     mx.set_default_device(mx.cpu)
-    rows = layer_overhead(args.tokens, args.rounds, dtype)
+    rows = layer_overhead(args.tokens, args.rounds, dtype, args.only)
     table = md_table(["layer", "base", "base ms", "ours +", "mflux LoRALinear +", "ours, 2 LoRAs +",
                       "mflux Fused, 2 LoRAs +"], rows)
     sw = switching()
