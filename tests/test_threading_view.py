@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -198,31 +197,29 @@ def test_a_per_sample_strength_that_overflows_is_refused_before_the_forward(file
 
 # --- the store attaches inactive, in one change -------------------------------------------------------
 def test_the_store_never_publishes_a_leased_adapter_active(files, monkeypatch):
-    """After every change the store makes (the moments a forward on another thread could run), no
-    store adapter is active: they act only through per-sample blocks."""
-    from zimage_lora import store as store_module
-    from zimage_lora.apply import access, attach, engine
+    """Between the changes the store makes (the moments a forward on another thread could start), no
+    store adapter is active: they act only through per-sample blocks. Seen at the start of each change,
+    which finds the previous one's result (before: attached active, then deactivated by a second change)."""
+    from zimage_lora.apply.gate import ForwardGate
 
-    real = access._locked
-    after: list[list[str]] = []
-
-    @contextmanager
-    def watched(model, create=False):
-        with real(model, create) as state:
-            yield state
-        now = get_state(model)
-        after.append([r.name for r in now.records.values() if r.active] if now is not None else [])
-
-    for module in (attach, engine, store_module):
-        monkeypatch.setattr(module, "_locked", watched, raising=False)
     model = examples.tiny_model(seed=0)
     zl.apply_adapter(model, files["z"], name="mine")
+    seen: list[list[str]] = []
+    real = ForwardGate.begin
+
+    def begin(gate):
+        state = get_state(gate.model)
+        seen.append([r.name for r in state.records.values() if r.active] if state is not None else [])
+        real(gate)
+
+    monkeypatch.setattr(ForwardGate, "begin", begin)
     store = zl.AdapterStore(model, roots=[files["a"].parent])
     with store.lease([files["a"]]) as lease:
         spec = lease.spec([(files["a"], 1.0)])
         assert list(spec) and all(n.startswith("store") for n in spec)
-    assert after, "the store made no change through the engine's lock"
-    assert all(active == ["mine"] for active in after), after
+    zl.set_adapter_scale(model, "mine", 1.0)  # one more change: it sees what the lease left
+    assert len(seen) >= 2
+    assert all(active == ["mine"] for active in seen), seen
 
 
 # --- interrupts in the lock's own code ----------------------------------------------------------------
