@@ -10,13 +10,14 @@ from typing import Any
 from torch import nn
 
 from ..errors import LoRAError, _LegacyArgumentError
+from ..mlx import dispatcher, is_mlx
 from .gate import end_change
 from .state import EngineState, Record, get_state
 
 
 def _model_of(model: Any) -> nn.Module:
     """Accept a pipeline (anything with a `.transformer` module) as well as the transformer itself."""
-    if isinstance(model, nn.Module):
+    if isinstance(model, nn.Module) or is_mlx(model):
         return model
     inner = getattr(model, "transformer", None)
     if isinstance(inner, nn.Module):
@@ -27,7 +28,10 @@ def _model_of(model: Any) -> nn.Module:
 
 
 def _pipeline(model: Any):
-    """The pipeline dispatcher when `model` is a pipeline with a text encoder (see apply.pipeline)."""
+    """The pipeline dispatcher when `model` is a pipeline with a text encoder (see apply.pipeline), or
+    the MLX engine when it is an MLX model (see zimage_lora.mlx)."""
+    if (mlx_engine := dispatcher(model)) is not None:
+        return mlx_engine
     from . import pipeline
 
     return pipeline if pipeline.components(model) is not None else None

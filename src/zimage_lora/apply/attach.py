@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..adapter import Adapter
+from ..blocks import Blocks
 from ..errors import IncompatibleWeightsError
 from ..loading import load_adapter
 from ..sources import LoRAConfiguration
-from . import checkpoint
+from . import blockwise, checkpoint
 from .access import _locked, _model_of, _pipeline
 from .layer import Slot, prepare, weight_rows
 from .report import ApplyReport
 from .state import EngineState, Record, Strength
 from .transaction import Transaction, change
-from .validate import Planned, check_compute_dtype, check_dynamic, check_mode, check_name, check_scale, plan, slot_dtype
+from .validate import Planned, check_compute_dtype, check_dynamic, check_mode, check_name, plan, slot_dtype
 
 #: Above this requantization loss a merged adapter warns and suggests dynamic mode.
 REQUANT_WARN = 0.1
@@ -30,7 +32,7 @@ def apply_adapter(
     model: nn.Module,
     source: str | Path | LoRAConfiguration | Adapter,
     *,
-    scale: float = 1.0,
+    scale: float | Mapping[str, float] = 1.0,
     mode: str = "dynamic",
     name: str | None = None,
     filename: str | None = None,
@@ -47,17 +49,18 @@ def apply_adapter(
     report says so (`renamed_from`). `compute_dtype`: dynamic mode's compute dtype (default: the
     input's; `torch.float32` for extra precision on bf16 models). On any error the model is left
     exactly as it was. A pipeline with a text encoder gets the file's transformer part on
-    `pipe.transformer` and its text-encoder part on `pipe.text_encoder`.
+    `pipe.transformer` and its text-encoder part on `pipe.text_encoder`. `scale` may be per block:
+    a {pattern: number} mapping (see `zimage_lora.blocks`; the text encoder takes its '*' value).
     """
     if (p := _pipeline(model)) is not None:
         return p.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
                        compute_dtype=compute_dtype)
     model = _model_of(model)
     mode = check_mode(mode)
-    strength = check_scale(scale)
+    strength = blockwise.check_strength(scale)
     compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength = check_scale(strength * source.scale)
+        strength = blockwise.scaled(strength, source.scale)
         name = name if name is not None else source.name
     explicit = name is not None
     if explicit:
@@ -70,6 +73,7 @@ def apply_adapter(
     else:
         adapter = load_adapter(source, model, name=name, filename=filename, strict=strict)
     name = name if explicit else check_name(adapter.name)
+    strength = blockwise.resolve_for(model, adapter, strength)
     # The loader scanned what it read for NaN/Inf; an Adapter object is scanned here, before any change.
     report = apply_resolved(model, adapter, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
                             explicit=explicit, scanned=not isinstance(source, Adapter))
@@ -78,7 +82,7 @@ def apply_adapter(
 
 
 def apply_resolved(
-    model: nn.Module, adapter: Adapter, *, name: str, mode: str, strength: float,
+    model: nn.Module, adapter: Adapter, *, name: str, mode: str, strength: float | Blocks,
     compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False,
 ) -> ApplyReport:
     """`apply_adapter` past its argument checks, for an adapter resolved against `model`. `scanned`:
@@ -113,7 +117,7 @@ def attach(
     planned: list[Planned],
     name: str,
     mode: str,
-    strength: float,
+    strength: float | Blocks,
     compute_dtype: torch.dtype | None,
     explicit: bool = True,
     active: bool = True,
@@ -139,14 +143,15 @@ def attach(
         where = f"adapter '{name}', module '{p.target.label}'"
         dtype = slot_dtype(p.module, compute_dtype)
         rows = weight_rows(p.module, p.backend, p.target.placement(p.out_features))
-        headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype, rows))
+        at = strength.at(p.target.module) if isinstance(strength, Blocks) else strength
+        headroom = min(headroom, check_dynamic(where, kind, tensors, at, dtype, rows))
     old = state.records.get(name)
     if old is not None:
         notes.append(f"replaced the attached adapter '{name}' (from {old.adapter.source or 'an Adapter object'}).")
     report = ApplyReport(
         name=name,
         mode=mode,
-        scale=strength,
+        scale=strength.default if isinstance(strength, Blocks) else strength,
         source=adapter.source,
         format=adapter.format,
         applied=[p.target.label for p in planned],
@@ -161,7 +166,7 @@ def attach(
             for slot, (p, _kind, tensors) in zip(slots, prepared, strict=True):
                 txn.swap(slot, p.target, old.name, tensors)
             old.adapter = adapter
-            old.strength.set(strength)
+            blockwise.set_strength(model, old, strength)
             old.headroom = headroom
             report.hotswapped = True
             return report

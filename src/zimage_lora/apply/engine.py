@@ -8,9 +8,13 @@ lives in `apply.attach`, the fast-switching tables in `apply.switching`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from ..backends import backend_for
+from ..blocks import Blocks
+from . import blockwise
 from .access import _locked, _model_of, _not_attached, _pipeline, attached
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
 from .layer import weight_rows
@@ -23,7 +27,6 @@ from .validate import (
     check_mode,
     check_name,
     check_names,
-    check_scale,
     check_weights,
     plan,
 )
@@ -63,30 +66,34 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
     return names
 
 
-def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
+def set_adapter_scale(model: nn.Module, name: str, scale: float | Mapping[str, float]) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
-    original of every module it touches. A scale whose delta overflows is refused in both modes."""
+    original of every module whose strength changed. A scale whose delta overflows is refused in both
+    modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
     if (p := _pipeline(model)) is not None:
         return p.set_scale(model, name, scale)
     model = _model_of(model)
     check_name(name)
-    value = check_scale(scale)
+    asked = blockwise.check_strength(scale)
     with _locked(model) as state:
         if state is None or name not in state.records:
             raise _not_attached([name], state)
         record = state.records[name]
+        value = blockwise.resolve_for(model, record.adapter, asked)
         _check_strength(model, record, value)
+        before = record.strength.get()
         if not (record.patches and record.active):
-            record.strength.set(value)  # dynamic (or off): one shared value, a change with nothing to undo
+            # dynamic (or off): one shared value (and per-module values), a change with nothing to undo
+            blockwise.set_strength(model, record, value)
             return
         with change(model, state) as txn:
-            record.strength.set(value)
-            txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
+            blockwise.set_strength(model, record, value)
+            txn.rebuild(blockwise.changed(record.patches, before, value))
 
 
-def _check_strength(model: nn.Module, record: Record, value: float) -> None:
+def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:
     """Dynamic mode's overflow rule for a new strength: free within the headroom found at apply time."""
-    if not record.wrapped or abs(value) <= record.headroom:
+    if not record.wrapped or blockwise.largest(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
         wrapper = model.get_submodule(module_name)
@@ -95,12 +102,13 @@ def _check_strength(model: nn.Module, record: Record, value: float) -> None:
             tensors = {n: getattr(slot, n) for n in slot.names}
             dtype = next(iter(tensors.values())).dtype
             base = wrapper.base_layer
-            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype,
+            at = value.at(module_name) if isinstance(value, Blocks) else value
+            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, at, dtype,
                           weight_rows(base, backend_for(base), slot.placement))
 
 
 def set_active_adapters(
-    model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None
+    model: nn.Module, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
 ) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
@@ -122,17 +130,21 @@ def set_active_adapters(
         if state is None:
             return
         if values is not None:
+            records = [state.records[n] for n in wanted]
+            values = [blockwise.resolve_for(model, r.adapter, v) for r, v in zip(records, values, strict=True)]
             for name, value in zip(wanted, values, strict=True):
                 _check_strength(model, state.records[name], value)
         with change(model, state) as txn:
             touched_merged: list[str] = []
             for name, record in state.records.items():
-                before = (record.active, record.strength.value)
+                was_active, before = record.active, record.strength.get()
                 record.active = name in wanted
                 if values is not None and record.active:
-                    record.strength.set(values[wanted.index(name)])
-                if record.patches and (record.active, record.strength.value) != before:
+                    blockwise.set_strength(model, record, values[wanted.index(name)])
+                if record.patches and record.active != was_active:
                     touched_merged.extend(t.module for t in record.patches)
+                elif record.patches and record.active:  # only the modules whose strength changed
+                    touched_merged.extend(blockwise.changed(record.patches, before, record.strength.get()))
             txn.publish_fast()
             txn.rebuild(list(dict.fromkeys(touched_merged)))
 
@@ -167,7 +179,7 @@ def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> N
 def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
     """`record`'s adapter attached again in `mode`, with its scale, compute dtype and active state."""
     planned = plan(txn.model, record.adapter, mode, scan=False)  # its tensors were checked when it was applied
-    return attach(txn, record.adapter, planned, record.name, mode, record.strength.value, record.compute_dtype,
+    return attach(txn, record.adapter, planned, record.name, mode, record.strength.get(), record.compute_dtype,
                   active=record.active)
 
 

@@ -20,17 +20,18 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, Unmatched
+from ..blocks import default_of
 from ..errors import IncompatibleWeightsError, LoRAError
 from ..formats import text_encoder as te_keys
 from ..formats.reader import read_adapter_file
 from ..keys import ModuleIndex, resolve
 from ..keys.text_encoder import TextEncoderIndex
 from ..sources import LoRAConfiguration, resolve_source
-from . import engine
+from . import blockwise, engine
 from .access import _locked
 from .report import AdapterInfo, ApplyReport
 from .transaction import change
-from .validate import check_compute_dtype, check_mode, check_name, check_names, check_scale, check_weights, plan
+from .validate import check_compute_dtype, check_mode, check_name, check_names, check_weights, plan
 
 #: diffusers' Z-Image pipelines (0.42.1): each has `transformer` and `text_encoder`.
 PIPELINE_CLASSES = (
@@ -132,10 +133,10 @@ def apply(
             parts[TRANSFORMER], source, scale=scale, mode=mode, name=name, strict=strict, compute_dtype=compute_dtype
         )
     mode = check_mode(mode)
-    strength = check_scale(scale)
+    strength = blockwise.check_strength(scale)
     compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength = check_scale(strength * source.scale)
+        strength = blockwise.scaled(strength, source.scale)
     if name is not None:
         check_name(name)
     adapters, left, name = load_parts(parts, source, name=name, filename=filename, strict=strict)
@@ -153,13 +154,21 @@ def apply(
                 state = stack.enter_context(_locked(parts[part], create=True))
                 txns[part] = stack.enter_context(change(parts[part], state))
         for part, txn in txns.items():
-            reports[part] = engine.attach(txn, adapters[part], planned[part], name, mode, strength, compute_dtype)
+            reports[part] = engine.attach(txn, adapters[part], planned[part], name, mode, _part(strength, part,
+                                          parts[part], adapters[part]), compute_dtype)
     for part, module in parts.items():  # the name now means this file: an older part elsewhere goes
         if part not in adapters and held[part]:
             engine.remove_adapter(module, name)
     for report in reports.values():
         engine.warn_requant(report, stacklevel=4)  # the caller of apply_adapter
-    return _merge_reports(reports, left, name, mode, strength)
+    return _merge_reports(reports, left, name, mode, default_of(strength))
+
+
+def _part(strength: Any, part: str, module: nn.Module, adapter: Adapter) -> Any:
+    """A per-block strength's patterns name transformer modules: the text encoder takes its default."""
+    if part == TRANSFORMER:
+        return blockwise.resolve_for(module, adapter, strength)
+    return default_of(strength)
 
 
 def _merge_reports(
@@ -214,12 +223,12 @@ def remove(pipe: Any, name: str | None) -> list[str]:
 def set_scale(pipe: Any, name: str, scale: float) -> None:
     parts = components(pipe)
     check_name(name)
-    check_scale(scale)
+    blockwise.check_strength(scale)
     holders = _holders(parts, name)
     if not holders:
         raise _no_such(name, parts)
-    for module in holders.values():
-        engine.set_adapter_scale(module, name, scale)
+    for part, module in holders.items():
+        engine.set_adapter_scale(module, name, scale if part == TRANSFORMER else default_of(scale))
 
 
 def set_active(pipe: Any, names: list[str] | None, weights: list[float] | None) -> None:
@@ -233,9 +242,8 @@ def set_active(pipe: Any, names: list[str] | None, weights: list[float] | None) 
     for module in parts.values():
         here = {a.name for a in engine.list_adapters(module)}
         keep = [i for i, n in enumerate(wanted) if n in here]
-        engine.set_active_adapters(
-            module, [wanted[i] for i in keep], [values[i] for i in keep] if values is not None else None
-        )
+        engine.set_active_adapters(module, [wanted[i] for i in keep], None if values is None else [
+            values[i] if module is parts[TRANSFORMER] else default_of(values[i]) for i in keep])
 
 
 def list_all(pipe: Any) -> list[AdapterInfo]:
