@@ -6,20 +6,21 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapter import Adapter
+from ..adapter import Adapter, Unmatched
 from ..errors import IncompatibleWeightsError
-from ..loading import load_adapter
 from ..sources import LoRAConfiguration
 from . import checkpoint
-from .access import _locked, _model_of, _pipeline
+from .access import Scope
+from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
 from .layer import Slot, prepare, weight_rows
 from .report import ApplyReport
-from .state import EngineState, Record, Strength
-from .transaction import Transaction, change
+from .state import Record, Strength
+from .transaction import Transaction
 from .validate import Planned, check_compute_dtype, check_dynamic, check_mode, check_name, check_scale, plan, slot_dtype
 
 #: Above this requantization loss a merged adapter warns and suggests dynamic mode.
@@ -27,7 +28,7 @@ REQUANT_WARN = 0.1
 
 
 def apply_adapter(
-    model: nn.Module,
+    model: Any,
     source: str | Path | LoRAConfiguration | Adapter,
     *,
     scale: float = 1.0,
@@ -47,12 +48,10 @@ def apply_adapter(
     report says so (`renamed_from`). `compute_dtype`: dynamic mode's compute dtype (default: the
     input's; `torch.float32` for extra precision on bf16 models). On any error the model is left
     exactly as it was. A pipeline with a text encoder gets the file's transformer part on
-    `pipe.transformer` and its text-encoder part on `pipe.text_encoder`.
+    `pipe.transformer` and its text-encoder part on `pipe.text_encoder` (an `Adapter` object, resolved
+    against one model, goes to the transformer), in one change: both or neither.
     """
-    if (p := _pipeline(model)) is not None:
-        return p.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
-                       compute_dtype=compute_dtype)
-    model = _model_of(model)
+    parts = components_of(model)
     mode = check_mode(mode)
     strength = check_scale(scale)
     compute_dtype = check_compute_dtype(compute_dtype)
@@ -62,30 +61,57 @@ def apply_adapter(
     explicit = name is not None
     if explicit:
         check_name(name)
+    left: list[Unmatched] = []
     if isinstance(source, Adapter):
-        adapter = source
-        if strict and adapter.unmatched:
-            listing = "; ".join(f"{u.key}: {u.reason}" for u in adapter.unmatched[:10])
-            raise IncompatibleWeightsError(f"{adapter.source}: strict mode and unmatched keys: {listing}")
+        adapters = {TRANSFORMER: source}
+        if strict and source.unmatched:
+            listing = "; ".join(f"{u.key}: {u.reason}" for u in source.unmatched[:10])
+            raise IncompatibleWeightsError(f"{source.source}: strict mode and unmatched keys: {listing}")
     else:
-        adapter = load_adapter(source, model, name=name, filename=filename, strict=strict)
-    name = name if explicit else check_name(adapter.name)
+        adapters, left = load_parts(parts, source, name=name, filename=filename, strict=strict)
+    name = name if explicit else check_name(next(iter(adapters.values())).name)
     # The loader scanned what it read for NaN/Inf; an Adapter object is scanned here, before any change.
-    report = apply_resolved(model, adapter, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
-                            explicit=explicit, scanned=not isinstance(source, Adapter))
-    warn_requant(report)
-    return report
+    reports = apply_parts(parts, adapters, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
+                          explicit=explicit, scanned=not isinstance(source, Adapter))
+    for report in reports.values():
+        warn_requant(report)
+    return pipeline_report(reports, left) if is_pipeline(parts) else reports[TRANSFORMER]
 
 
 def apply_resolved(
-    model: nn.Module, adapter: Adapter, *, name: str, mode: str, strength: float,
+    model: Any, adapter: Adapter, *, name: str, mode: str, strength: float,
     compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False,
 ) -> ApplyReport:
-    """`apply_adapter` past its argument checks, for an adapter resolved against `model`. `scanned`:
-    its tensors came from the loader, which checked them for NaN/Inf already."""
-    planned = plan(model, adapter, mode, scan=not scanned)
-    with _locked(model, create=True) as state, change(model, state) as txn:
-        return attach(txn, adapter, planned, name, mode, strength, compute_dtype, explicit)
+    """`apply_adapter` past its argument checks, for an adapter resolved against `model`'s transformer."""
+    parts = components_of(model)[:1]
+    return apply_parts(parts, {TRANSFORMER: adapter}, name=name, mode=mode, strength=strength,
+                       compute_dtype=compute_dtype, explicit=explicit, scanned=scanned)[TRANSFORMER]
+
+
+def apply_parts(
+    parts: list[Component], adapters: dict[str, Adapter], *, name: str, mode: str, strength: float,
+    compute_dtype: torch.dtype | None, explicit: bool, scanned: bool,
+) -> dict[str, ApplyReport]:
+    """Attach each component's adapter (`adapters`, by part) as `name` in one scope: all or none.
+    `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
+    holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
+    # Every part is validated before any component changes.
+    planned = {c.part: plan(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters}
+    reports: dict[str, ApplyReport] = {}
+    with Scope(parts, create=set(adapters)) as scope:
+        renamed_from = None
+        if not explicit:
+            source = next(iter(adapters.values())).source
+            renamed_from, name = name, _free_name(scope, name, source)
+            if name == renamed_from:
+                renamed_from = None
+        for c, txn in scope.entries:
+            if c.part in adapters:
+                reports[c.part] = attach(txn, adapters[c.part], planned[c.part], name, mode, strength, compute_dtype,
+                                         renamed_from=renamed_from, taken_by=_holder(scope, renamed_from))
+            elif txn is not None and name in txn.state.records:
+                txn.remove([txn.state.records[name]])
+    return reports
 
 
 def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
@@ -98,13 +124,19 @@ def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
             )
 
 
-def _free_name(state: EngineState, derived: str, source: str) -> str:
-    """`derived`, or the first of `derived_2`, `derived_3`, ... that is free or holds the same source."""
+def _free_name(scope: Scope, derived: str, source: str) -> str:
+    """`derived`, or the first of `derived_2`, `derived_3`, ... that no component holds for another source."""
     candidate, i = derived, 1
-    while candidate in state.records and state.records[candidate].adapter.source != source:
+    while any(r.adapter.source != source for _, r in scope.holding(candidate)):
         i += 1
         candidate = f"{derived}_{i}"
     return candidate
+
+
+def _holder(scope: Scope, name: str | None) -> str:
+    """What holds `name` in the report's words: its source, or 'an Adapter object'."""
+    held = scope.holding(name) if name is not None else []
+    return (held[0][1].adapter.source if held else "") or "an Adapter object"
 
 
 def attach(
@@ -115,22 +147,19 @@ def attach(
     mode: str,
     strength: float,
     compute_dtype: torch.dtype | None,
-    explicit: bool = True,
     active: bool = True,
+    renamed_from: str | None = None,
+    taken_by: str = "",
 ) -> ApplyReport:
-    """Attach `adapter` as `name` within `txn` (which undoes it all if anything here raises)."""
+    """Attach `adapter` as `name` within `txn` (which undoes it all if anything here raises).
+    `renamed_from`: the name derived from the source, taken by the adapter from `taken_by`."""
     model, state = txn.model, txn.state
     notes = list(adapter.notes)
-    renamed_from = None
-    if not explicit:
-        free = _free_name(state, name, adapter.source)
-        if free != name:
-            other = state.records[name].adapter.source or "an Adapter object"
-            notes.append(
-                f"the name '{name}' is taken by the adapter from {other}; this one is attached as '{free}' "
-                f"(pass name='{name}' to replace that one instead)."
-            )
-            renamed_from, name = name, free
+    if renamed_from is not None:
+        notes.append(
+            f"the name '{renamed_from}' is taken by the adapter from {taken_by}; this one is attached as '{name}' "
+            f"(pass name='{renamed_from}' to replace that one instead)."
+        )
     dynamic = [p for p in planned if mode == "dynamic" and not p.is_patch]
     patches = [p.target for p in planned if mode == "merged" or p.is_patch]
     prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]

@@ -1,22 +1,25 @@
 """apply / remove / re-weight / switch / list: the engine's public functions.
 
-Every change follows the same pattern: validate everything, then mutate inside one transaction
-(`apply.transaction`) that undoes exactly what it did if anything raises, all under the model's
-write lock so that concurrent forward passes see the adapters before or after the change. Applying
-lives in `apply.attach`, the fast-switching tables in `apply.switching`.
+Each works on the components of what it is given (`apply.components`: a bare model is one, a pipeline
+with a text encoder two) and follows one pattern: check the arguments, then inside one `Scope`
+(`apply.access`: each component's write lock and transaction) check everything against the attached
+adapters and mutate; if anything raises, every component's transaction undoes exactly what it did, so
+concurrent forward passes see the adapters before or after the change and a failed change leaves every
+component as it was. Applying lives in `apply.attach`, the fast-switching tables in `apply.switching`.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from ..backends import backend_for
-from .access import _locked, _model_of, _not_attached, _pipeline, attached
+from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
+from .components import components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
-from .state import Record, get_state
-from .transaction import Transaction, change
+from .state import Record
+from .transaction import Transaction
 from .validate import (
     MODES,
     check_dynamic,
@@ -30,66 +33,56 @@ from .validate import (
 
 __all__ = [
     "MODES", "REQUANT_WARN", "apply_adapter", "apply_resolved", "attached", "list_adapters", "remove_adapter",
-    "set_active_adapters", "set_adapter_scale", "switch_mode", "_model_of",
+    "remove_adapters", "set_active_adapters", "set_adapter_scale", "switch_mode", "_model_of",
 ]
 
 
-def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
+def remove_adapter(model: Any, name: str | None = None) -> list[str]:
     """Remove one adapter (or all, `name=None`). Returns the names removed.
 
     Merged weights are restored from the kept originals, never by subtracting; with every adapter gone
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
-    if (p := _pipeline(model)) is not None:
-        return p.remove(model, name)
-    model = _model_of(model)
-    if name is not None:
-        check_name(name)
-    with _locked(model) as state:
-        if state is None:
-            if name is None:
-                return []
-            raise _not_attached([name], None)
-        if name is not None and name not in state.records:
-            raise _not_attached([name], state)
-        names = [name] if name is not None else list(state.records)
-        records = [state.records[n] for n in names]
-        with change(model, state) as txn:
-            for r in records:
-                txn.detach(r)
-                txn.drop(r.name)
-            txn.publish_all()
-            txn.rebuild(list(dict.fromkeys(t.module for r in records for t in r.patches)))
+    return remove_adapters(model, None if name is None else [check_name(name)])
+
+
+def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
+    """Remove `names` (None: all) from every component holding them, all or none."""
+    with Scope(components_of(model)) as scope:
+        if names is None:
+            names = scope.names()
+        unknown = [n for n in names if not scope.holding(n)]
+        if unknown:
+            raise scope.not_attached(unknown)
+        for txn in scope.txns():
+            txn.remove([txn.state.records[n] for n in names if n in txn.state.records])
     return names
 
 
-def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
+def set_adapter_scale(model: Any, name: str, scale: float) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
     original of every module it touches. A scale whose delta overflows is refused in both modes."""
-    if (p := _pipeline(model)) is not None:
-        return p.set_scale(model, name, scale)
-    model = _model_of(model)
+    parts = components_of(model)
     check_name(name)
     value = check_scale(scale)
-    with _locked(model) as state:
-        if state is None or name not in state.records:
-            raise _not_attached([name], state)
-        record = state.records[name]
-        _check_strength(model, record, value)
-        if not (record.patches and record.active):
-            record.strength.set(value)  # dynamic (or off): one shared value, a change with nothing to undo
-            return
-        with change(model, state) as txn:
-            record.strength.set(value)
-            txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
+    with Scope(parts) as scope:
+        held = scope.holding(name)
+        if not held:
+            raise scope.not_attached([name])
+        for txn, record in held:  # every component's check before any changes
+            _check_strength(txn, record, value)
+        for txn, record in held:
+            record.strength.set(value)  # dynamic: the one shared value
+            if record.patches and record.active:
+                txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
 
 
-def _check_strength(model: nn.Module, record: Record, value: float) -> None:
+def _check_strength(txn: Transaction, record: Record, value: float) -> None:
     """Dynamic mode's overflow rule for a new strength: free within the headroom found at apply time."""
     if not record.wrapped or abs(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = txn.model.get_submodule(module_name)
         for k in keys:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
@@ -99,34 +92,29 @@ def _check_strength(model: nn.Module, record: Record, value: float) -> None:
                           weight_rows(base, backend_for(base), slot.placement))
 
 
-def set_active_adapters(
-    model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None
-) -> None:
+def set_active_adapters(model: Any, names: str | list[str] | None, weights: list[float] | None = None) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
 
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
     """
-    if (p := _pipeline(model)) is not None:
-        return p.set_active(model, names, weights)
-    model = _model_of(model)
+    parts = components_of(model)
     asked = None if names is None else check_names(names)
-    with _locked(model) as state:
-        attached_now = list(state.records) if state is not None else []
+    with Scope(parts) as scope:
+        attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         values = check_weights(weights, wanted)
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
-            raise _not_attached(unknown, state)
-        if state is None:
-            return
+            raise scope.not_attached(unknown)
         if values is not None:
             for name, value in zip(wanted, values, strict=True):
-                _check_strength(model, state.records[name], value)
-        with change(model, state) as txn:
+                for txn, record in scope.holding(name):
+                    _check_strength(txn, record, value)
+        for txn in scope.txns():
             touched_merged: list[str] = []
-            for name, record in state.records.items():
+            for name, record in txn.state.records.items():
                 before = (record.active, record.strength.value)
                 record.active = name in wanted
                 if values is not None and record.active:
@@ -137,27 +125,22 @@ def set_active_adapters(
             txn.rebuild(list(dict.fromkeys(touched_merged)))
 
 
-def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> None:
+def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
     and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
     is enabled). All or nothing: if one fails, those already switched go back."""
-    if (p := _pipeline(model)) is not None:
-        return p.switch_mode(model, names, mode)
-    model = _model_of(model)
+    parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
-    with _locked(model) as state:
-        attached_now = list(state.records) if state is not None else []
+    reports = []
+    with Scope(parts) as scope:
+        attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
-            raise _not_attached(unknown, state)
-        if state is None:
-            return
-        reports = []
-        with change(model, state) as txn:
-            for name in wanted:
-                record = state.records[name]
+            raise scope.not_attached(unknown)
+        for name in wanted:
+            for txn, record in scope.holding(name):
                 if record.mode != mode:
                     reports.append(_reattach(txn, record, mode))
     for report in reports:
@@ -171,17 +154,12 @@ def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
                   active=record.active)
 
 
-def list_adapters(model: nn.Module) -> list[AdapterInfo]:
-    """The attached adapters in the order they were applied: name, mode, scale, source, format, size."""
-    if (p := _pipeline(model)) is not None:
-        return p.list_all(model)
-    model = _model_of(model)
-    state = get_state(model)
-    if state is None:
-        return []
-    records = list(state.records.values())  # one atomic copy: a concurrent change never shows half-done
-    return [
-        AdapterInfo(
+def list_adapters(model: Any) -> list[AdapterInfo]:
+    """The attached adapters in the order they were applied: name, mode, scale, source, format, size.
+    Over a pipeline, one entry per name naming the components it is on."""
+    parts = components_of(model)
+    listed = [
+        (c.part, AdapterInfo(
             name=r.name,
             mode=r.mode,
             scale=r.strength.value,
@@ -190,6 +168,7 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
             format=r.adapter.format,
             modules=len(r.adapter.modules),
             algorithms=tuple(r.adapter.algorithms),
-        )
-        for r in records
+        ))
+        for c, r in iter_records(parts)  # one atomic copy per component: a concurrent change never shows half-done
     ]
+    return pipeline_infos(listed) if is_pipeline(parts) else [info for _, info in listed]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..apply.pipeline import PIPELINE_CLASSES
+from ..apply.components import PIPELINE_CLASSES
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
