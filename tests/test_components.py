@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _engine_state import assert_same, fingerprint
 from _pipeline_files import TE_TARGETS, TR_TARGETS, factors, write
 from _tiny_pipeline import tiny_pipeline
 
@@ -24,7 +25,6 @@ from zimage_lora import (
 )
 from zimage_lora.apply import transaction
 from zimage_lora.apply.layer import AdapterLinear
-from zimage_lora.apply.state import get_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BIG = 1e7  # finite in the fp32 transformer's deltas, past fp16's 65504 in the text encoder's
@@ -59,27 +59,6 @@ def pipe(built):
         ("off", ("transformer", "text_encoder")),
     ]
     return pipe
-
-
-def _fingerprint(module: torch.nn.Module) -> tuple:
-    """Everything a change may touch: the module tree, every tensor, each wrapper's active slots, and
-    the engine's records (mode, active, strength)."""
-    state = get_state(module)
-    return (
-        [(n, type(m), id(m)) for n, m in module.named_modules()],
-        {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]},
-        {n: tuple(m.active_keys()) for n, m in module.named_modules() if isinstance(m, AdapterLinear)},
-        None if state is None else [(r.name, r.mode, r.active, r.strength.value, id(r.adapter))
-                                    for r in state.records.values()],
-    )
-
-
-def _same(a: tuple, b: tuple) -> None:
-    assert a[0] == b[0]
-    assert a[1].keys() == b[1].keys()
-    for k, v in a[1].items():
-        assert v.dtype == b[1][k].dtype and torch.equal(v, b[1][k]), f"{k} changed"
-    assert a[2:] == b[2:]
 
 
 # Each public change, run on the pipeline: (name, call(pipe, files), fault point on the text encoder).
@@ -117,12 +96,12 @@ REFUSALS = {
 
 
 def _check_unchanged(pipe, call, files, error):
-    before = [_fingerprint(pipe.transformer), _fingerprint(pipe.text_encoder)]
+    before = [fingerprint(pipe.transformer), fingerprint(pipe.text_encoder)]
     listed = list_adapters(pipe)
     with pytest.raises(error):
         call(pipe, files)
-    _same(_fingerprint(pipe.transformer), before[0])
-    _same(_fingerprint(pipe.text_encoder), before[1])
+    assert_same(fingerprint(pipe.transformer), before[0])
+    assert_same(fingerprint(pipe.text_encoder), before[1])
     assert list_adapters(pipe) == listed
 
 
