@@ -26,6 +26,7 @@ _EXPORTS = {
     "Request": ".batch",
     "generate_batch": ".batch",
     "AdapterStore": ".store",
+    "combine": ".arithmetic",
     "StoreStats": ".store",
     "Adapters": ".apply",
     "ApplyReport": ".apply",

@@ -15,7 +15,8 @@ import sys
 
 from .errors import LoRAError
 
-COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench", "serve", "completion")
+COMMANDS = ("inspect", "merge", "convert", "generate", "demo", "bench", "serve", "completion",
+            "combine", "resize", "extract")
 
 EPILOG = """examples:
   zimage-lora demo
