@@ -1,15 +1,15 @@
 """What a public change holds while it runs: one `Scope` over the components of what the caller passed,
 with each component's write lock and transaction. All are finished together or all rolled back.
 
-Interrupts (KeyboardInterrupt, SystemExit) can arrive at any call. The steps that must not stop half
-way (rolling back, releasing a state left empty, unlocking) are written to be safe to run again, so an
-interrupt inside one of them runs it again to the end and is raised afterwards (`_to_the_end`).
+Interrupts (KeyboardInterrupt, SystemExit) can arrive at any call. Closing a scope (finishing or rolling
+back, releasing a state left empty, unlocking) is written to be safe to run again, so an interrupt
+inside it runs it again to the end and is raised afterwards (`Scope.run`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from .components import Component, components_of
 from .state import EngineState, Record, get_state
 from .transaction import Transaction, release
 
+T = TypeVar("T")
 
 def _model_of(model: Any) -> nn.Module:
     """The transformer: the model itself, or a pipeline's `.transformer`."""
@@ -25,31 +26,59 @@ def _model_of(model: Any) -> nn.Module:
 
 
 class Scope:
-    """`with Scope(parts, create) as scope:` one change over `parts` (see the module doc).
+    """`Scope(parts, create).run(change)`: `change(scope)` as one change over `parts` (see the module doc).
 
     Locks are taken in the components' order (the transformer first), so two changes cannot wait on
     each other. `create`: components whose engine state is made when absent (an apply); the others
-    without a state get no transaction. Records are looked up inside the scope, never before: a state
+    without a state get no transaction. Records are looked up inside the change, never before: a state
     that a concurrent remove dropped while we waited for its lock is not used (we look again).
+
+    Not a `with` block: an interrupt on entry to `__exit__` would skip it whole (no rollback, locks
+    held). `run` closes the scope in a loop that runs the close again until it completes.
     """
 
-    __slots__ = ("entries", "_held", "_create")
+    __slots__ = ("entries", "_held", "_create", "_failed", "_finished")
 
     def __init__(self, parts: list[Component], create: frozenset[str] | set[str] = frozenset()) -> None:
         self.entries: list[tuple[Component, Transaction | None]] = [(c, None) for c in parts]
         self._held: list[Any] = []
         self._create = create
+        self._failed = False
+        self._finished = False
 
-    def __enter__(self) -> Scope:
+    def run(self, change: Callable[[Scope], T]) -> T:
+        self._open()
+        ok = False
+        try:
+            result = change(self)
+            ok = True
+        finally:
+            interrupt = None
+            while True:  # no call between the loop and `_close`: an interrupt on its entry is caught here
+                try:
+                    self._close(ok)
+                    break
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    interrupt = interrupt or exc
+            if interrupt is not None:
+                raise interrupt
+        return result
+
+    def _open(self) -> None:
         try:
             for i, (c, _) in enumerate(self.entries):
                 state = self._lock(c.module, c.part in self._create)
                 if state is not None:
                     self.entries[i] = (c, Transaction(c.module, state))
         except BaseException:
-            _to_the_end(self._unlock)
+            self._failed = True
+            while True:
+                try:
+                    self._close(False)
+                    break
+                except (KeyboardInterrupt, SystemExit):
+                    pass
             raise
-        return self
 
     def _lock(self, model: nn.Module, create: bool) -> EngineState | None:
         while True:
@@ -64,30 +93,38 @@ class Scope:
             self._held.pop()
             lock.__exit__(None, None, None)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+    def _close(self, ok: bool) -> None:
+        """Finish every transaction, or roll every one back; release states left empty; unlock. Safe to
+        run again after an interrupt stopped it (an interrupt inside `finish` rolls the change back).
+        An error here is raised once the locks are released."""
         txns = self.txns()
-        interrupt = None
-        try:
-            if exc_type is None:
-                try:
-                    for t in txns:
-                        t.finish()
-                except BaseException:
-                    interrupt = _to_the_end(lambda: _rollback(txns))
-                    raise
+        error: Exception | None = None
+        if ok and not self._failed and not self._finished:
+            self._failed = True  # until every finish has run
+            try:
+                for t in txns:
+                    t.finish()
+            except Exception as exc:
+                error = exc
             else:
-                interrupt = _to_the_end(lambda: _rollback(txns))
-        finally:
-            late = _to_the_end(lambda: _release_empty(txns))
-            late = _to_the_end(self._unlock) or late
-            interrupt = interrupt or late
-            if interrupt is not None:
-                raise interrupt
-
-    def _unlock(self) -> None:
+                self._failed, self._finished = False, True
+        if self._failed or not ok:
+            self._failed = True
+            try:
+                _rollback(txns)
+            except Exception as exc:
+                error = error or exc
+        try:
+            for t in txns:
+                if not t.state.records:
+                    release(t.model, t.state)
+        except Exception as exc:
+            error = error or exc
         while self._held:
             self._held[-1].__exit__(None, None, None)
             self._held.pop()
+        if error is not None:
+            raise error
 
     # --- what a change reads ----------------------------------------------------------------------
     def txns(self) -> list[Transaction]:
@@ -119,26 +156,6 @@ def _rollback(txns: list[Transaction]) -> None:
             error = error or exc
     if error is not None:
         raise error
-
-
-def _release_empty(txns: list[Transaction]) -> None:
-    for t in txns:
-        if not t.state.records:
-            release(t.model, t.state)
-
-
-def _to_the_end(step: Callable[[], None]) -> BaseException | None:
-    """Run `step` (safe to run again) until it completes; an interrupt inside it runs it again and is
-    returned, to be raised once the change is consistent. Errors (`Exception`) propagate as they are."""
-    interrupt = None
-    while True:
-        try:
-            step()
-            return interrupt
-        except Exception:
-            raise
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit
-            interrupt = interrupt or exc
 
 
 def iter_records(parts: list[Component]) -> Iterator[tuple[Component, Record]]:

@@ -97,21 +97,22 @@ def apply_parts(
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
     # Every part is validated before any component changes.
     planned = {c.part: plan(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters}
-    reports: dict[str, ApplyReport] = {}
-    with Scope(parts, create=set(adapters)) as scope:
-        renamed_from = None
+
+    def change(scope: Scope) -> dict[str, ApplyReport]:
+        reports: dict[str, ApplyReport] = {}
+        renamed_from, final = None, name
         if not explicit:
-            source = next(iter(adapters.values())).source
-            renamed_from, name = name, _free_name(scope, name, source)
-            if name == renamed_from:
-                renamed_from = None
+            final = _free_name(scope, name, next(iter(adapters.values())).source)
+            renamed_from = name if final != name else None
         for c, txn in scope.entries:
             if c.part in adapters:
-                reports[c.part] = attach(txn, adapters[c.part], planned[c.part], name, mode, strength, compute_dtype,
+                reports[c.part] = attach(txn, adapters[c.part], planned[c.part], final, mode, strength, compute_dtype,
                                          renamed_from=renamed_from, taken_by=_holder(scope, renamed_from))
-            elif txn is not None and name in txn.state.records:
-                txn.remove([txn.state.records[name]])
-    return reports
+            elif txn is not None and final in txn.state.records:
+                txn.remove([txn.state.records[final]])
+        return reports
+
+    return Scope(parts, create=set(adapters)).run(change)
 
 
 def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:

@@ -48,15 +48,16 @@ def remove_adapter(model: Any, name: str | None = None) -> list[str]:
 
 def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
     """Remove `names` (None: all) from every component holding them, all or none."""
-    with Scope(components_of(model)) as scope:
-        if names is None:
-            names = scope.names()
-        unknown = [n for n in names if not scope.holding(n)]
+    def change(scope: Scope) -> list[str]:
+        removed = scope.names() if names is None else names
+        unknown = [n for n in removed if not scope.holding(n)]
         if unknown:
             raise scope.not_attached(unknown)
         for txn in scope.txns():
-            txn.remove([txn.state.records[n] for n in names if n in txn.state.records])
-    return names
+            txn.remove([txn.state.records[n] for n in removed if n in txn.state.records])
+        return removed
+
+    return Scope(components_of(model)).run(change)
 
 
 def set_adapter_scale(model: Any, name: str, scale: float) -> None:
@@ -65,7 +66,8 @@ def set_adapter_scale(model: Any, name: str, scale: float) -> None:
     parts = components_of(model)
     check_name(name)
     value = check_scale(scale)
-    with Scope(parts) as scope:
+
+    def change(scope: Scope) -> None:
         held = scope.holding(name)
         if not held:
             raise scope.not_attached([name])
@@ -75,6 +77,8 @@ def set_adapter_scale(model: Any, name: str, scale: float) -> None:
             record.strength.set(value)  # dynamic: the one shared value
             if record.patches and record.active:
                 txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
+
+    Scope(parts).run(change)
 
 
 def _check_strength(txn: Transaction, record: Record, value: float) -> None:
@@ -101,7 +105,8 @@ def set_active_adapters(model: Any, names: str | list[str] | None, weights: list
     """
     parts = components_of(model)
     asked = None if names is None else check_names(names)
-    with Scope(parts) as scope:
+
+    def change(scope: Scope) -> None:
         attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         values = check_weights(weights, wanted)
@@ -124,6 +129,8 @@ def set_active_adapters(model: Any, names: str | list[str] | None, weights: list
             txn.publish_fast()
             txn.rebuild(list(dict.fromkeys(touched_merged)))
 
+    Scope(parts).run(change)
+
 
 def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
@@ -132,18 +139,17 @@ def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
     parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
-    reports = []
-    with Scope(parts) as scope:
+
+    def change(scope: Scope) -> list[ApplyReport]:
         attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
             raise scope.not_attached(unknown)
-        for name in wanted:
-            for txn, record in scope.holding(name):
-                if record.mode != mode:
-                    reports.append(_reattach(txn, record, mode))
-    for report in reports:
+        return [_reattach(txn, record, mode) for name in wanted for txn, record in scope.holding(name)
+                if record.mode != mode]
+
+    for report in Scope(parts).run(change):
         warn_requant(report, stacklevel=4)  # the caller of Adapters.fuse / unfuse
 
 
