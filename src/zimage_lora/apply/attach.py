@@ -21,7 +21,16 @@ from .layer import Slot, prepare, weight_rows
 from .report import ApplyReport
 from .state import Record, Strength
 from .transaction import Transaction
-from .validate import Planned, check_compute_dtype, check_dynamic, check_mode, check_name, check_scale, plan, slot_dtype
+from .validate import (
+    Checked,
+    check_compute_dtype,
+    check_dynamic,
+    check_mode,
+    check_name,
+    check_scale,
+    check_targets,
+    slot_dtype,
+)
 
 #: Above this requantization loss a merged adapter warns and suggests dynamic mode.
 REQUANT_WARN = 0.1
@@ -96,7 +105,9 @@ def apply_parts(
     `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
     # Every part is validated before any component changes.
-    planned = {c.part: plan(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters}
+    checked = {
+        c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters
+    }
 
     def change(scope: Scope) -> dict[str, ApplyReport]:
         reports: dict[str, ApplyReport] = {}
@@ -106,7 +117,7 @@ def apply_parts(
             renamed_from = name if final != name else None
         for c, txn in scope.entries:
             if c.part in adapters:
-                reports[c.part] = attach(txn, adapters[c.part], planned[c.part], final, mode, strength, compute_dtype,
+                reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strength, compute_dtype,
                                          renamed_from=renamed_from, taken_by=_holder(scope, renamed_from))
             elif txn is not None and final in txn.state.records:
                 txn.remove([txn.state.records[final]])
@@ -143,7 +154,7 @@ def _holder(scope: Scope, name: str | None) -> str:
 def attach(
     txn: Transaction,
     adapter: Adapter,
-    planned: list[Planned],
+    checked: list[Checked],
     name: str,
     mode: str,
     strength: float,
@@ -161,14 +172,14 @@ def attach(
             f"the name '{renamed_from}' is taken by the adapter from {taken_by}; this one is attached as '{name}' "
             f"(pass name='{renamed_from}' to replace that one instead)."
         )
-    dynamic = [p for p in planned if mode == "dynamic" and not p.is_patch]
-    patches = [p.target for p in planned if mode == "merged" or p.is_patch]
+    dynamic = [p for p in checked if mode == "dynamic" and not p.is_patch]
+    patches = [p.target for p in checked if mode == "merged" or p.is_patch]
     prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
     headroom = math.inf
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"
         dtype = slot_dtype(p.module, compute_dtype)
-        rows = weight_rows(p.module, p.backend, p.target.placement(p.out_features))
+        rows = weight_rows(p.module, p.backend, p.placement)
         headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype, rows))
     old = state.records.get(name)
     if old is not None:
@@ -179,7 +190,7 @@ def attach(
         scale=strength,
         source=adapter.source,
         format=adapter.format,
-        applied=[p.target.label for p in planned],
+        applied=[p.target.label for p in checked],
         unmatched=list(adapter.unmatched),
         notes=notes,
         replaced=old is not None,
@@ -205,14 +216,14 @@ def attach(
         txn.detach(old)
     txn.put(record)
     for p, kind, tensors in prepared:
-        txn.attach(record, p, kind, tensors, p.target.placement(p.out_features))
+        txn.attach(record, p, kind, tensors)
     txn.publish_all()
     for module_name, loss in txn.rebuild(touched_patch).items():
         report.requant_loss[module_name] = loss
     return report
 
 
-def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str, dict]]) -> list[Slot] | None:
+def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Checked, str, dict]]) -> list[Slot] | None:
     """The slots of `old` that a same-shaped adapter can be hot-swapped into (in `prepared`'s order),
     or None when it cannot: then the adapter is attached afresh."""
     if old.mode != "dynamic" or not old.active:
@@ -238,5 +249,5 @@ def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str
     return slots
 
 
-def _rows(p: Planned) -> tuple[int, int]:
-    return p.target.placement(p.out_features).rows
+def _rows(p: Checked) -> tuple[int, int]:
+    return p.placement.rows

@@ -27,8 +27,8 @@ from .validate import (
     check_name,
     check_names,
     check_scale,
+    check_targets,
     check_weights,
-    plan,
 )
 
 __all__ = [
@@ -155,8 +155,8 @@ def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
 
 def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
     """`record`'s adapter attached again in `mode`, with its scale, compute dtype and active state."""
-    planned = plan(txn.model, record.adapter, mode, scan=False)  # its tensors were checked when it was applied
-    return attach(txn, record.adapter, planned, record.name, mode, record.strength.value, record.compute_dtype,
+    checked = check_targets(txn.model, record.adapter, mode, scan=False)  # its tensors were scanned at apply
+    return attach(txn, record.adapter, checked, record.name, mode, record.strength.value, record.compute_dtype,
                   active=record.active)
 
 

@@ -15,12 +15,11 @@ from torch import nn
 
 from ..adapter import Target
 from ..backends import backend_for
-from ..placement import Placement
 from . import merge
 from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
-from .validate import Planned, base_of, slot_dtype
+from .validate import Checked, base_of, slot_dtype
 
 
 def change(model: nn.Module, state: EngineState) -> Transaction:
@@ -125,13 +124,12 @@ class Transaction:
             for k in keys:
                 del wrapper.slots[k]
 
-    def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor],
-               placement: Placement) -> None:
+    def attach(self, record: Record, p: Checked, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         wrapper = self._wrapper(p.target.module, create=True)
         weight = getattr(p.module, "weight", None)
         dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
-        slot = Slot(record.name, p.target, record.strength, kind, tensors, placement, record.compute_dtype, dtype,
+        slot = Slot(record.name, p.target, record.strength, kind, tensors, p.placement, record.compute_dtype, dtype,
                     device)
         key = wrapper.new_key()
         wrapper.slots[key] = slot
