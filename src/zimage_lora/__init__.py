@@ -27,6 +27,8 @@ _EXPORTS = {
     "generate_batch": ".batch",
     "AdapterStore": ".store",
     "combine": ".arithmetic",
+    "resize": ".arithmetic",
+    "extract": ".arithmetic",
     "StoreStats": ".store",
     "Adapters": ".apply",
     "ApplyReport": ".apply",

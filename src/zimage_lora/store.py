@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .apply.engine import _model_of, apply_adapter, attached, list_adapters, remove_adapter, set_active_adapters
+from .apply.attach import apply_resolved
+from .apply.engine import _model_of, attached, remove_adapter
 from .errors import LoRAError
 from .store_loader import load_host, source_key, stage_upload
 
@@ -194,9 +195,7 @@ class AdapterStore:
             adapter, done = entry.staged if entry.staged is not None else (entry.adapter, None)
         if done is not None:
             torch.cuda.current_stream(self._cuda).wait_event(done)
-        active = [a.name for a in list_adapters(self.model) if a.active]
-        apply_adapter(self.model, adapter, name=name, mode="dynamic")
-        set_active_adapters(self.model, active)  # store adapters are used only through per-sample blocks
+        _attach_inactive(self.model, adapter, name)
         record = attached(self.model, name)
         size = sum(
             sum(getattr(s, k).numel() * getattr(s, k).element_size() for k in s.names)
@@ -255,6 +254,12 @@ class AdapterStore:
             with self._lock:
                 for key in [k for k, e in self._entries.items() if e.pins == 0 and e.name is None]:
                     del self._entries[key]
+
+
+def _attach_inactive(model: nn.Module, adapter: Adapter, name: str) -> None:
+    """Attach `adapter` as `name`, dynamic and inactive, in one change: store adapters act only through
+    per-sample blocks, so no forward on another thread ever runs with one active."""
+    apply_resolved(model, adapter, name=name, mode="dynamic", strength=1.0, compute_dtype=None, active=False)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import LoRAError
 from .components import Component, components_of
+from .gate import end_change
 from .state import EngineState, Record, get_state
 from .transaction import Transaction, release
 
@@ -121,7 +122,9 @@ class Scope:
         except Exception as exc:
             error = error or exc
         while self._held:
-            self._held[-1].__exit__(None, None, None)
+            lock = self._held[-1]
+            end_change(lock)  # still held: publish the result to the forwards that start from now
+            lock.__exit__(None, None, None)
             self._held.pop()
         if error is not None:
             raise error

@@ -89,17 +89,18 @@ def apply_adapter(
 
 def apply_resolved(
     model: Any, adapter: Adapter, *, name: str, mode: str, strength: float,
-    compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False,
+    compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False, active: bool = True,
 ) -> ApplyReport:
-    """`apply_adapter` past its argument checks, for an adapter resolved against `model`'s transformer."""
+    """`apply_adapter` past its argument checks, for an adapter resolved against `model`'s transformer.
+    `active=False`: attached inactive, in the same change (never published active)."""
     parts = components_of(model)[:1]
     return apply_parts(parts, {TRANSFORMER: adapter}, name=name, mode=mode, strength=strength,
-                       compute_dtype=compute_dtype, explicit=explicit, scanned=scanned)[TRANSFORMER]
+                       compute_dtype=compute_dtype, explicit=explicit, scanned=scanned, active=active)[TRANSFORMER]
 
 
 def apply_parts(
     parts: list[Component], adapters: dict[str, Adapter], *, name: str, mode: str, strength: float,
-    compute_dtype: torch.dtype | None, explicit: bool, scanned: bool,
+    compute_dtype: torch.dtype | None, explicit: bool, scanned: bool, active: bool = True,
 ) -> dict[str, ApplyReport]:
     """Attach each component's adapter (`adapters`, by part) as `name` in one scope: all or none.
     `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
@@ -118,7 +119,8 @@ def apply_parts(
         for c, txn in scope.entries:
             if c.part in adapters:
                 reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strength, compute_dtype,
-                                         renamed_from=renamed_from, taken_by=_holder(scope, renamed_from))
+                                         active=active, renamed_from=renamed_from,
+                                         taken_by=_holder(scope, renamed_from))
             elif txn is not None and final in txn.state.records:
                 txn.remove([txn.state.records[final]])
         return reports

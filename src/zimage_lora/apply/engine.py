@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..backends import backend_for
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
@@ -72,7 +74,7 @@ def set_adapter_scale(model: Any, name: str, scale: float) -> None:
         if not held:
             raise scope.not_attached([name])
         for txn, record in held:  # every component's check before any changes
-            _check_strength(txn, record, value)
+            _check_strength(txn.model, record, value)
         for txn, record in held:
             record.strength.set(value)  # dynamic: the one shared value
             if record.patches and record.active:
@@ -81,12 +83,12 @@ def set_adapter_scale(model: Any, name: str, scale: float) -> None:
     Scope(parts).run(change)
 
 
-def _check_strength(txn: Transaction, record: Record, value: float) -> None:
+def _check_strength(model: nn.Module, record: Record, value: float) -> None:
     """Dynamic mode's overflow rule for a new strength: free within the headroom found at apply time."""
     if not record.wrapped or abs(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
-        wrapper = txn.model.get_submodule(module_name)
+        wrapper = model.get_submodule(module_name)
         for k in keys:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
@@ -116,7 +118,7 @@ def set_active_adapters(model: Any, names: str | list[str] | None, weights: list
         if values is not None:
             for name, value in zip(wanted, values, strict=True):
                 for txn, record in scope.holding(name):
-                    _check_strength(txn, record, value)
+                    _check_strength(txn.model, record, value)
         for txn in scope.txns():
             touched_merged: list[str] = []
             for name, record in txn.state.records.items():

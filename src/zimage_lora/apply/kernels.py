@@ -73,21 +73,24 @@ def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torc
     return down, up.contiguous()
 
 
-def _stacked(chunk: list[Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _stacked(chunk: list[Any], values: dict[Any, float] | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(down, up, alpha) of a group of slots: the slot's own factors for one, else the concatenation,
     kept on the group's first slot and rebuilt only when a strength, a factor (hot swap) or the group
-    changes."""
+    changes. Strengths from `values` (a forward's view, see apply.gate) where given. The cache is one
+    immutable tuple replaced in one assignment: forwards on other threads read the old or the new."""
+    alphas = [s.strength.value if values is None else values.get(s.strength, s.strength.value) for s in chunk]
     if len(chunk) == 1:
-        return chunk[0].down, chunk[0].up, chunk[0].strength.value
-    key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, s.strength.value) for s in chunk)
+        return chunk[0].down, chunk[0].up, alphas[0]
+    key = tuple((id(s.down), s.down._version, id(s.up), s.up._version, a) for s, a in zip(chunk, alphas, strict=True))
     cached = chunk[0].__dict__.get("_stacked")
     if cached is None or cached[0] != key:
-        cached = (key, *stack([(s.down, s.up, s.strength.value) for s in chunk]))
+        cached = (key, *stack([(s.down, s.up, a) for s, a in zip(chunk, alphas, strict=True)]))
         chunk[0].__dict__["_stacked"] = cached
     return cached[1], cached[2], 1.0
 
 
-def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> tuple[Any, ...]:
+def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...],
+                values: dict[Any, float] | None = None) -> tuple[Any, ...]:
     """Add the plain LoRA slots' shares into out (n, o) as one low-rank product with the summed rank;
     returns the slots left for the per-slot path.
 
@@ -108,7 +111,7 @@ def fused_lora_(out: torch.Tensor, x: torch.Tensor, slots: tuple[Any, ...]) -> t
         chunks[-1].append(slot)
     taken: set[int] = set()
     for chunk in chunks:
-        down, up, alpha = _stacked(chunk)
+        down, up, alpha = _stacked(chunk, values)
         if mod is None:
             _torch_lora_add_(out, x, down, up, alpha)
         elif not _launch(mod, out, x, down, up, alpha):

@@ -2,7 +2,8 @@
 
 `AdapterLinear` calls its `base_layer` (so quantized kernels run as they are) and adds each active
 adapter's delta into the base output in place. The active set is one immutable tuple replaced in a
-single assignment: a forward reads it once and sees the old set or the new one, never a mix.
+single assignment; inside a forward of the model each layer reads its set and strengths from the
+view that forward took at its start (`apply.gate`), so the forward sees one state of the whole model.
 
 The wrapper is invisible to `state_dict()` / `load_state_dict()`: it saves and loads its base's
 entries under its own prefix (`x.weight`, not `x.base_layer.weight`) and the slots hold only
@@ -24,6 +25,7 @@ from ..algorithms.base import scaled_add_, scaled_addcmul_
 from ..backends import backend_for
 from ..placement import Placement
 from . import kernels
+from .gate import SERIAL, current, exclude_changing, touched
 from .state import Strength
 
 
@@ -97,42 +99,49 @@ class Slot(nn.Module):
 
     def load_(self, tensors: dict[str, torch.Tensor]) -> None:
         """Hot swap: copy new values into the existing buffers (same shapes), keeping compiled graphs valid."""
+        exclude_changing()  # in place: no forward may run meanwhile
         for key in self.names:
             getattr(self, key).copy_(tensors[key])
 
     def recast(self, dtype: torch.dtype, device: torch.device) -> None:
+        # One assignment of a new buffer dict: a forward running on another thread keeps the dict it read.
+        new = dict(self._buffers)
         for key in self.names:
-            setattr(self, key, getattr(self, key).to(device=device, dtype=dtype))
+            new[key] = new[key].to(device=device, dtype=dtype)
+        self.__dict__["_buffers"] = new
 
-    def _ready(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype this slot computes in for input x; buffers recast on the first call with a new one."""
-        probe = getattr(self, self.names[0])
+    def _ready(self, x: torch.Tensor) -> tuple[torch.dtype, dict[str, torch.Tensor]]:
+        """The dtype this slot computes in for input x, and its tensors in it (recast on the first call
+        with a new dtype or device: once, not per call)."""
+        t = self._buffers
+        probe = t[self.names[0]]
         want = self.compute_dtype or x.dtype
         if probe.dtype != want or probe.device != x.device:
-            self.recast(want, x.device)  # first call with a new dtype or device: once, not per call
-        return want
+            self.recast(want, x.device)
+            t = self._buffers
+        return want, t
 
     def shift(self, x: torch.Tensor, alpha: kernels.Alpha) -> torch.Tensor:
         """alpha * g(x) of an input-transforming kernel, in x's dtype and shape."""
-        want = self._ready(x)
-        g = algorithms.kernel(self.kind).transform(x.reshape(-1, x.shape[-1]).to(want), self._buffers)
+        want, t = self._ready(x)
+        g = algorithms.kernel(self.kind).transform(x.reshape(-1, x.shape[-1]).to(want), t)
         return (g * alpha).to(x.dtype).reshape(x.shape)
 
     def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
         """out (n, out_features) += this adapter's share for input x (n, in_features)."""
-        want = self._ready(x)
+        want, t = self._ready(x)
         rows = out if self.whole else out[:, self.span]
         if want != out.dtype or want != x.dtype:
             acc = torch.zeros(rows.shape, dtype=want, device=out.device)
             xs = x.to(want)
             wxs = wx.to(want) if wx is not None else None
-            self._add(acc, xs, wxs, alpha)
+            self._add(t, acc, xs, wxs, alpha)
             rows.add_(acc.to(out.dtype))
         else:
-            self._add(rows, x, wx, alpha)
+            self._add(t, rows, x, wx, alpha)
 
-    def _add(self, rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
-        t = self._buffers  # the prepared tensors by name, current after any recast or .to()
+    def _add(self, t: dict[str, torch.Tensor], rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None,
+             alpha: kernels.Alpha) -> None:
         part = None
         if self.needs_wx:
             part = wx if self.whole else wx[:, self.span]
@@ -156,6 +165,7 @@ class AdapterLinear(nn.Module):
         # transforms the input). Replaced, never mutated.
         self._active: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
         self._next_key = 0
+        self._serial = next(SERIAL)  # creation order, against the views of running forwards (apply.gate)
         self.register_state_dict_post_hook(_as_base_state)
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -189,6 +199,9 @@ class AdapterLinear(nn.Module):
         return slots, any(s.needs_wx for s in slots), any(s.transforms_input for s in slots)
 
     def set_active(self, slots: tuple[Slot, ...]) -> None:
+        if not self.slots:
+            exclude_changing()  # about to be unwrapped: forwards that took a view with it must finish first
+        touched()
         self._active = self.active_state(slots)
 
     def active_keys(self) -> list[str]:
@@ -235,20 +248,29 @@ class AdapterLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        slots, needs_wx, transforms = self._active  # read once
-        # Inside a per-sample block (apply.per_sample) its routing replaces the shared active set.
-        routing = self.__dict__.get("_routing")
+        compiling = torch.compiler.is_compiling()
+        fwd = None if compiling else current()
+        if fwd is None:  # compiled, or called outside a forward of the model: this layer's own current set
+            slots, needs_wx, transforms = self._active
+            values = None
+        else:
+            if fwd.routes is not None:  # inside a per-sample block (apply.per_sample): its routing only
+                out = self.base_layer(x, *args, **kwargs)
+                routing = fwd.routes.get(self)
+                return out if routing is None else routing.add_(self, out, x, fwd)
+            state = fwd.view.layers.get(self)
+            if state is None:  # wrapped after this forward took its view: nothing; another model's: its own
+                state = _QUIET if self._serial > fwd.view.serial else self._active
+            slots, needs_wx, transforms = state
+            values = fwd.view.values
         base_x = x
-        if transforms and routing is None:
-            compiling = torch.compiler.is_compiling()
+        if transforms:
             # Kernels that act on the input (x -> x + alpha * g(x)) share the one base call; wx below is
             # then of the transformed input, as merging those adapters first would give.
             for slot in slots:
                 if slot.transforms_input:
-                    base_x = base_x + slot.shift(x, slot.strength.tensor if compiling else slot.strength.value)
+                    base_x = base_x + slot.shift(x, _alpha(slot, values, compiling))
         out = self.base_layer(base_x, *args, **kwargs)
-        if routing is not None:
-            return routing.add_(self, out, x)
         if not slots:
             return out
         if not out.is_contiguous():
@@ -259,11 +281,10 @@ class AdapterLinear(nn.Module):
         if needs_wx:
             bias = self.bias
             wx = out2 - bias if bias is not None else out2.clone()
-        compiling = torch.compiler.is_compiling()
         if not compiling:
-            slots = kernels.fused_lora_(out2, x2, slots)  # plain LoRA slots as one product (Triton on CUDA)
+            slots = kernels.fused_lora_(out2, x2, slots, values)  # plain LoRA slots as one product (Triton on CUDA)
         for slot in slots:
-            slot.add_(out2, x2, wx, slot.strength.tensor if compiling else slot.strength.value)
+            slot.add_(out2, x2, wx, _alpha(slot, values, compiling))
         return out
 
     def extra_repr(self) -> str:
@@ -272,6 +293,14 @@ class AdapterLinear(nn.Module):
 
 
 _BASE = "base_layer."
+_QUIET: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
+
+
+def _alpha(slot: Slot, values: dict[Strength, float] | None, compiling: bool) -> kernels.Alpha:
+    """The slot's strength: from the forward's view, else the current value (a tensor when compiling)."""
+    if values is not None:
+        return values.get(slot.strength, slot.strength.value)
+    return slot.strength.tensor if compiling else slot.strength.value
 
 
 def _as_base_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

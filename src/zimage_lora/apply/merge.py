@@ -15,6 +15,7 @@ import torch
 from ..adapter import Target
 from ..backends import PlainLinearBackend
 from ..numerics import check_landed, surely_finite
+from .gate import exclude_changing
 from .rows import Prepared, add_rows, add_scaled_
 from .state import Snapshot
 
@@ -29,6 +30,7 @@ def take_snapshot(module: torch.nn.Module, backend, touches_bias: bool) -> Snaps
 
 
 def restore(module: torch.nn.Module, snap: Snapshot) -> None:
+    exclude_changing()  # weights change in place: no forward may run meanwhile (apply.gate)
     snap.backend.restore(module, snap.weight)
     if snap.bias is not None:
         with torch.no_grad():
@@ -37,6 +39,7 @@ def restore(module: torch.nn.Module, snap: Snapshot) -> None:
 
 def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[tuple[Target, float]]) -> float | None:
     """Set `module` to original + contributions (in order). Returns the requantization loss, if any."""
+    exclude_changing()  # weights change in place: no forward may run meanwhile (apply.gate)
     shape = snap.backend.shape(module)
     device = module.weight.device if isinstance(getattr(module, "weight", None), torch.Tensor) else None
     prepared = [(Prepared(t, shape[0], device), s) for t, s in contribs]

@@ -13,17 +13,20 @@ concatenated, (sum of lengths, D), with lengths taken from the model's own `patc
 Classifier-free guidance runs [cond..., uncond...] as one batch of 2B: sample j takes `specs[j % B]`.
 
 This module holds the routing (which rows each slot adds to); `per_sample_block` opens and closes
-the block (spec checks, hooks, the engine lock) and is re-exported here.
+the block (spec checks, the patchify recorder) and is re-exported here. A block belongs to the
+context that opened it (a context variable, see apply.gate): forwards on other threads run the
+shared active set meanwhile, and each forward of the block keeps its own batch size and row offsets.
 """
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LoRAError
+from .gate import Forward
 from .layer import AdapterLinear, Slot
 from .per_sample_block import ATTR, Spec, _batch_error, check_specs, per_sample_adapters
 from .state import EngineState, Record
@@ -35,24 +38,41 @@ Run = tuple[int, int, float]  # samples [j0, j1) at one strength
 
 
 class _Context:
-    """One open per-sample block: the specs, the records it relies on, and per-thread call shapes."""
+    """One open per-sample block: the specs, the records it relies on, and each wrapped layer's routing."""
 
     def __init__(self, specs: list[dict[str, float]], state: EngineState | None, records: dict[str, Record]) -> None:
         self.specs = specs
         self.state = state
         self.records = records
-        self.local = threading.local()  # .total (batch of this forward), .bounds {"x"|"cap": offsets}
+        self.routes: dict[AdapterLinear, Routing] = {}
 
-    def total(self) -> int:
-        total = getattr(self.local, "total", None)
-        if total is None:
-            raise LoRAError("per_sample_adapters: a wrapped layer ran outside a forward of the model of the block.")
-        return total
+    def begin(self, fwd: Forward, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A forward of the model starts inside the block: check its batch, hand it the routing."""
+        x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+        if isinstance(x, list | tuple):
+            if x and isinstance(x[0], list | tuple):
+                raise LoRAError("per_sample_adapters: the omni (image-conditioned) forward is not supported.")
+            total = len(x)
+        elif isinstance(x, torch.Tensor):
+            total = x.shape[0]
+        else:
+            raise LoRAError(f"per_sample_adapters: cannot find the batch in the model's input ({type(x).__name__}).")
+        n = len(self.specs)
+        if total not in (n, 2 * n):
+            raise _batch_error(n, total)
+        state = self.state
+        if state is not None and any(state.records.get(k) is not r for k, r in self.records.items()):
+            raise LoRAError(
+                "per_sample_adapters: adapters the specs name were removed or replaced inside the block; "
+                "attach and remove adapters outside it."
+            )
+        fwd.routes, fwd.total, fwd.bounds = self.routes, total, {}
 
-    def bounds(self, flat: str | None, x: torch.Tensor, where: str) -> tuple[list[int], bool]:
+    def bounds(self, fwd: Forward, flat: str | None, x: torch.Tensor, where: str) -> tuple[list[int], bool]:
         """Row offsets of each sample (len total + 1) in the flattened (rows, features) input, and
         whether every sample has the same number of rows."""
-        total = self.total()
+        total = fwd.total
+        assert total is not None  # set by `begin` for every forward that has routes
         if x.dim() >= 3:
             if x.shape[0] != total:
                 raise LoRAError(f"per_sample_adapters: layer '{where}' got a batch of {x.shape[0]}, the model {total}.")
@@ -60,7 +80,7 @@ class _Context:
         rows = x.shape[0] if x.dim() == 2 else 1
         if rows == total:
             return self._even(total, 1), True
-        offsets = getattr(self.local, "bounds", {}).get(flat) if flat else None
+        offsets = fwd.bounds.get(flat) if flat else None
         if offsets is not None and offsets[-1] == rows:
             return offsets, False
         raise LoRAError(
@@ -126,14 +146,12 @@ class Routing:
         self._stacks[key] = levels
         return levels
 
-    def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
         if not self.slots:
             return out
-        total = self.ctx.total()
-        n = len(self.ctx.specs)
-        if total not in (n, 2 * n):
-            raise _batch_error(n, total)
-        bounds, even = self.ctx.bounds(self.flat, x, self.where)
+        total = fwd.total
+        assert total is not None  # set by _Context.begin
+        bounds, even = self.ctx.bounds(fwd, self.flat, x, self.where)
         if not out.is_contiguous():
             out = out.contiguous()
         out2 = out.view(-1, out.shape[-1])
@@ -194,11 +212,12 @@ def _runs(strengths: list[float | None]) -> list[Run]:
     return out
 
 
-def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Routing]]:
-    """A routing for every wrapped layer of the model (also layers no spec uses: they must go quiet)."""
+def _routings(model: nn.Module, ctx: _Context) -> dict[AdapterLinear, Routing]:
+    """A routing for every wrapped layer of the model (layers without one, e.g. wrapped after the block
+    opened, add nothing inside it)."""
     state = ctx.state
     if state is None:
-        return []
+        return {}
     slots_of: dict[str, list[tuple[Slot, list[float | None]]]] = {}
     for name, record in state.records.items():
         for module_name, keys in record.wrapped.items():
@@ -211,9 +230,9 @@ def _routings(model: nn.Module, ctx: _Context) -> list[tuple[AdapterLinear, Rout
             if any(wrapper.slots[k].transforms_input for k in keys):  # its share lands before the base call
                 raise LoRAError(f"per_sample_adapters: adapter '{name}' transforms the input of '{module_name}'; "
                                 "per-sample routing adds after the base call. Apply it with mode='merged'.")
-    out = []
+    out = {}
     for module_name, slots in slots_of.items():
         flat = next((kind for prefix, kind in FLAT_INPUTS.items() if module_name.startswith(prefix)), None)
         wrapper = model.get_submodule(module_name)
-        out.append((wrapper, Routing(ctx, module_name, flat, slots)))
+        out[wrapper] = Routing(ctx, module_name, flat, slots)
     return out

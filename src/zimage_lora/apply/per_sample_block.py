@@ -1,26 +1,25 @@
 """Opening and closing a per-sample block: `per_sample_adapters` (the routing itself: `per_sample`).
 
-Opening checks the specs against the attached adapters, hangs a `Routing` on every wrapped layer and
-hooks the model's forward (the batch size of each call) and its `patchify_and_embed` (each sample's
-rows where the embedders see the samples' tokens concatenated); closing takes all of it off again,
-also when opening failed half way. Everything happens under the engine's lock, so a forward sees
-the whole routing or none of it.
+Opening checks the specs against the attached adapters (and their strengths against the overflow
+rule, as a re-weight would), builds a `Routing` for every wrapped layer under the change lock, and
+opens the block in the caller's context (`apply.gate.BLOCKS`): forwards of the model started in that
+context take the routing (`_Context.begin`), forwards elsewhere run the shared active set. While any
+block is open on the model, its `patchify_and_embed` notes each sample's rows into the forward
+running it (where the embedders see the samples' tokens concatenated). Closing undoes both, also
+when opening failed half way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import InvalidFormatError, LoRAError
-from .state import Record, get_state
-
-if TYPE_CHECKING:
-    from .per_sample import _Context
+from .gate import BLOCKS, current, end_change
+from .state import Record, gate_of, get_state
 
 ATTR = "_zimage_lora_per_sample"
 Spec = Mapping[str, float]
@@ -34,7 +33,9 @@ def _batch_error(n: int, total: int) -> LoRAError:
 
 
 def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, float]], dict[str, Record]]:
-    """Validated copies of `specs` and the records they name (each attached, dynamic, Linear-only)."""
+    """Validated copies of `specs` and the records they name (each attached, dynamic, Linear-only), each
+    strength within the overflow rule of a shared re-weight (`engine._check_strength`)."""
+    from .engine import _check_strength
     from .validate import check_scale
 
     if isinstance(specs, Mapping | str) or not isinstance(specs, Sequence) or not specs:
@@ -64,45 +65,23 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
                     "differ per sample. Apply it with mode='dynamic' (Linear targets only) to use it per sample."
                 )
             clean[name] = check_scale(strength)
+            _check_strength(model, record, clean[name])  # before any forward: no NaN sample
             records[name] = record
         out.append(clean)
     return out, records
 
 
-def _root_hook(ctx: _Context) -> Any:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
-        if isinstance(x, list | tuple):
-            if x and isinstance(x[0], list | tuple):
-                raise LoRAError("per_sample_adapters: the omni (image-conditioned) forward is not supported.")
-            total = len(x)
-        elif isinstance(x, torch.Tensor):
-            total = x.shape[0]
-        else:
-            raise LoRAError(f"per_sample_adapters: cannot find the batch in the model's input ({type(x).__name__}).")
-        n = len(ctx.specs)
-        if total not in (n, 2 * n):
-            raise _batch_error(n, total)
-        state = ctx.state
-        if state is not None and any(state.records.get(k) is not r for k, r in ctx.records.items()):
-            raise LoRAError(
-                "per_sample_adapters: adapters the specs name were removed or replaced inside the block; "
-                "attach and remove adapters outside it."
-            )
-        ctx.local.total = total
-        ctx.local.bounds = {}
-
-    return hook
-
-
-def _patchify_recorder(model: nn.Module, ctx: _Context) -> Any:
-    """The model's own `patchify_and_embed`, noting each sample's padded image and caption lengths."""
+def _patchify_recorder(model: nn.Module) -> Any:
+    """The model's own `patchify_and_embed`, noting each sample's padded image and caption lengths into
+    the per-sample forward running it (and passing through for any other)."""
     original = model.patchify_and_embed
 
     def patchify_and_embed(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
-        images, caps = result[0], result[1]
-        ctx.local.bounds = {"x": _offsets(len(t) for t in images), "cap": _offsets(len(t) for t in caps)}
+        fwd = current()
+        if fwd is not None and fwd.routes is not None:
+            images, caps = result[0], result[1]
+            fwd.bounds = {"x": _offsets(len(t) for t in images), "cap": _offsets(len(t) for t in caps)}
         return result
 
     return patchify_and_embed
@@ -122,56 +101,47 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
     `specs`: one `{adapter_name: strength}` per sample (`{}`: the base model); the strength is the
     adapter's strength for that sample (the attached scale is not used). Adapters merged into the
     weights act on every sample. The model's active set is untouched: after the block the model runs
-    as before it. Forwards inside the block must have a batch of `len(specs)` samples, or twice that
-    under classifier-free guidance; anything else is a `LoRAError`. Eager mode (strengths are Python
-    floats); one block per model at a time.
+    as before it, and forwards on other threads run it during the block. Forwards inside the block
+    must have a batch of `len(specs)` samples, or twice that under classifier-free guidance; anything
+    else is a `LoRAError`. Eager mode (strengths are Python floats); one block per model per context.
     """
     from .engine import _model_of
     from .per_sample import _Context, _routings  # that module imports this one: no top-level import
 
     model = _model_of(model)
-    clean, records = check_specs(model, specs)
+    gate = gate_of(model)
+    opened = BLOCKS.get()
+    if gate in opened:
+        raise LoRAError("per_sample_adapters: a per-sample block is already open on this model (one at a time).")
     state = get_state(model)
-    ctx = _Context(clean, state, records)
-    lock = state.lock if state is not None else None
-    hooks: list = []
-    routings: list = []
-    patched = False
-    if lock is not None:
-        lock.__enter__()  # forwards see the routing all at once, never half of it
+    if state is None:
+        clean, records = check_specs(model, specs)
+        ctx = _Context(clean, None, records)
+    else:
+        with state.lock:  # a consistent set of records and slots
+            try:
+                clean, records = check_specs(model, specs)
+                ctx = _Context(clean, state, records)
+                ctx.routes = _routings(model, ctx)
+            finally:
+                end_change(state.lock)
+    token = BLOCKS.set({**opened, gate: ctx})
     try:
-        if ATTR in model.__dict__:
-            raise LoRAError("per_sample_adapters: a per-sample block is already open on this model (one at a time).")
-        model.__dict__[ATTR] = ctx
-        routings = _routings(model, ctx)
-        for wrapper, routing in routings:
-            wrapper.__dict__["_routing"] = routing
-        hooks.append(model.register_forward_pre_hook(_root_hook(ctx), with_kwargs=True))
-        if callable(getattr(model, "patchify_and_embed", None)):
-            model.__dict__["patchify_and_embed"] = _patchify_recorder(model, ctx)
-            patched = True
-    except BaseException:
-        if model.__dict__.get(ATTR) is ctx:  # never close another block's state
-            _close(model, routings, hooks, patched)
-        raise
-    finally:
-        if lock is not None:
-            lock.__exit__(None, None, None)
-    try:
+        _recorder(model, gate, +1)
         yield
     finally:
-        if lock is not None:
-            with lock:
-                _close(model, routings, hooks, patched)
-        else:
-            _close(model, routings, hooks, patched)
+        BLOCKS.reset(token)
+        _recorder(model, gate, -1)
 
 
-def _close(model: nn.Module, routings: list, hooks: list, patched: bool) -> None:
-    for wrapper, _routing in routings:
-        wrapper.__dict__.pop("_routing", None)
-    for handle in hooks:
-        handle.remove()
-    if patched:
-        model.__dict__.pop("patchify_and_embed", None)
-    model.__dict__.pop(ATTR, None)
+def _recorder(model: nn.Module, gate: Any, step: int) -> None:
+    """Install the patchify recorder with the first open block on the model, remove it with the last."""
+    if not callable(getattr(model, "patchify_and_embed", None)):
+        return
+    with gate.mutex:
+        count = gate.__dict__.get("blocks", 0) + step
+        gate.__dict__["blocks"] = count
+        if step > 0 and count == 1:
+            model.__dict__["patchify_and_embed"] = _patchify_recorder(model)
+        elif count == 0:
+            model.__dict__.pop("patchify_and_embed", None)

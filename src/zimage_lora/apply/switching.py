@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .gate import touched
 from .layer import AdapterLinear
 from .state import EngineState
 
@@ -16,8 +17,8 @@ _MAX_SETS = 64
 def publish_fast(model: nn.Module, state: EngineState) -> None:
     """Re-publish every wrapper's active tuple for the current active set (one assignment per layer)."""
     names = tuple(n for n, r in state.records.items() if r.active)
-    table = state.switch_cache.get(names)
-    if table is None:
+    cached = state.switch_cache.get(names)
+    if cached is None:
         if state.plan is None:
             state.plan = switch_plan(model, state)
         on = set(names)
@@ -27,9 +28,12 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
             table.append((wrapper, AdapterLinear.active_state(slots)))
         if len(state.switch_cache) > _MAX_SETS:
             state.switch_cache.clear()
-        state.switch_cache[names] = table
+        cached = state.switch_cache[names] = (table, dict(table))
+    table, layers = cached
     for wrapper, active in table:
         wrapper.__dict__["_active"] = active  # a plain dict store: nn.Module.__setattr__ costs ~10x more
+    # The layer table of the next view, ready-made (apply.gate.build_view takes it if nothing else touched).
+    state.view_layers = (touched(), layers)
 
 
 def switch_plan(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:

@@ -8,5 +8,7 @@ from __future__ import annotations
 
 from .combine import combine
 from .common import save
+from .extract import extract
+from .resize import resize
 
-__all__ = ["combine", "save"]
+__all__ = ["combine", "extract", "resize", "save"]

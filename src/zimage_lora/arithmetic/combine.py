@@ -21,7 +21,7 @@ import torch
 from ..adapter import Adapter, Target
 from ..errors import InvalidArgumentError, UnsupportedError
 from ..keys import ModuleIndex
-from ..numerics import require_finite
+from ..numerics import one_thread, require_finite
 from . import lowrank, ranks
 from .common import Input, Source, metadata_json, module_index, out_dtype, progress, read_input
 from .merging import METHODS, combine_dense
@@ -98,13 +98,15 @@ def combine_report(inputs, *, method="concat", rank=None, energy=None, density=N
         if not 0 < density <= 1:
             raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}.")
     index = module_index(model)
-    loaded = [read_input(spec, index) for spec in inputs]
+    with one_thread():  # many small tensors: one thread beats two contending ones (see numerics.one_thread)
+        loaded = [read_input(spec, index) for spec in inputs]
     report = ArithmeticReport("combine", [i.record() for i in loaded], method, rule.as_dict())
     report.extra = {"density": density, "seed": seed} if method != "concat" else {}
     if method != "concat" and not rule.given:
         rule = ranks.rule(rank=_default_rank(loaded))
         report.rule = rule.as_dict()
     adapter = build(loaded, index, method, rule, density or 1.0, seed, dtype, name, report, show_progress)
+    report.bytes_after = adapter.nbytes()
     report.seconds = time.perf_counter() - started
     adapter.metadata = report.metadata()
     return adapter, report
@@ -140,7 +142,7 @@ def build(loaded: list[Input], index: ModuleIndex, method: str, rule: ranks.Rank
     for inp in loaded:
         if inp.strength == 0:
             report.notes.append(f"{inp.file}: strength 0 adds nothing.")
-    with progress(show_progress, len(by_module), f"{report.operation} ({method})") as step:
+    with progress(show_progress, len(by_module), report.operation) as step:
         for module, shares in by_module.items():
             shape = index.shapes[module].shape
             summed = weighted_sum(shares, shape)

@@ -6,8 +6,9 @@ Three ways to the same truncated SVD, chosen by what the delta is given as:
   so the dense (out, in) delta is never built: O((out + in) R^2) instead of O(out in min(out, in)).
 - `from_dense`: any delta as a matrix (LoKr, LoHa, full diffs, TIES/DARE results): `torch.linalg.svd`.
 - `randomized`: a large dense difference (extract): `torch.svd_lowrank` (Halko et al.) with
-  oversampling and power iterations; the error is still exact, ||D||^2 - ||S_k||^2, because the
-  factors are the projection of D onto the found subspace.
+  oversampling and power iterations; its error is measured on the residual itself.
+The lost part is the sum of the dropped singular values squared where all of them are known (never
+||D||^2 - ||kept||^2, which cancels to noise in fp32 when little is dropped).
 The singular values are split evenly, up = U sqrt(S), down = sqrt(S) Vh, so neither factor holds the
 whole range (kinder to a bf16 / fp16 file).
 """
@@ -27,26 +28,22 @@ class Truncated:
     up: torch.Tensor  # (out, k) fp32
     down: torch.Tensor  # (k, in) fp32
     total: float  # ||delta||_F^2
-    kept: float  # ||up @ down||_F^2 (= the kept singular values squared)
+    lost: float  # ||delta - up @ down||_F^2
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     @property
-    def lost(self) -> float:
-        """||delta - up @ down||_F^2."""
-        return max(self.total - self.kept, 0.0)
-
-    @property
     def rel_error(self) -> float:
         return math.sqrt(self.lost / self.total) if self.total > 0 else 0.0
 
 
-def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, total: float) -> Truncated:
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, total: float,
+           lost: float | None = None) -> Truncated:
     root = s[:k].sqrt()
-    kept = float((s[:k].double() ** 2).sum())
-    return Truncated((u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous(), total, kept)
+    lost = float((s[k:].double() ** 2).sum()) if lost is None else lost
+    return Truncated((u[:, :k] * root).contiguous(), (root[:, None] * vh[:k]).contiguous(), total, lost)
 
 
 def from_factors(up: torch.Tensor, down: torch.Tensor, rule: RankRule) -> Truncated:
@@ -90,7 +87,8 @@ def randomized(delta: torch.Tensor, rule: RankRule, *, oversample: int = 10, nit
             u, s, v = torch.svd_lowrank(delta, q=width, niter=niter)
         k = keep(s, rule, n, total)
         if _final(rule, s, k, total):
-            return _split(u, s, v.T, k, total)
+            residual = torch.addmm(delta, u[:, :k] * s[:k], v[:, :k].T, alpha=-1)  # one (out, in) temporary
+            return _split(u, s, v.T, k, total, float((residual.double() ** 2).sum()))
         width *= 2
 
 

@@ -80,7 +80,7 @@ def finish(args: argparse.Namespace, adapter, report) -> None:
 
     out = save(adapter, args.out, to=args.to, overwrite=args.overwrite)
     report.out = str(out)
-    report.bytes_after = _size(out)
+    report.extra["file_bytes"] = _size(out)
     if args.json:
         emit_json(report.as_dict())
         return
@@ -91,9 +91,9 @@ def finish(args: argparse.Namespace, adapter, report) -> None:
     ranks = [m["rank"] for m in report.modules]
     low, high = (min(ranks), max(ranks)) if ranks else (0, 0)
     span = f"rank {low}-{high}" if low != high else f"rank {low}"
-    size = f"{report.bytes_before / 1e6:.1f} MB -> " if report.bytes_before else ""
+    size = f"tensors {report.bytes_before / 1e6:.2f} MB -> " if report.bytes_before else "tensors "
     c.print(f"wrote {out} ({args.to}): {len(adapter.targets)} targets, {span}, "
-            f"{size}{report.bytes_after / 1e6:.1f} MB, relative error {report.error:.2%} in {report.seconds:.1f} s")
+            f"{size}{report.bytes_after / 1e6:.2f} MB, relative error {report.error:.2%} in {report.seconds:.1f} s")
     for m in sorted(report.modules, key=lambda m: -m["error"])[:5]:
         if m["error"] > 0:
             c.print(f"  {m['module']}: rank {m['rank']}, error {m['error']:.2%}")
