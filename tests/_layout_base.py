@@ -40,6 +40,12 @@ def _rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
     return torch.randn(*shape, generator=_G) * scale
 
 
+def base_weight(shape: tuple[int, int]) -> torch.Tensor:
+    """The base weight of a module of this shape, for algorithms whose delta depends on it (OFT): the
+    meta-device inventory has none, so builders and the test share this deterministic one."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0] * 7 + shape[1])) * 0.02
+
+
 def _flat(name: str) -> str:
     return name.replace(".", "_")
 

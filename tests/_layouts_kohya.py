@@ -97,6 +97,37 @@ def _musubi_convert_other_noprefix(ix, probe):
     return b
 
 
+# convert_lora.py convert_to_diffusers (--target other) of a musubi LoHa / LoKr: the factors keep their
+# names under "diffusion_model." + the module name ('_' -> '.', then 'to.q' -> 'to_q', 'feed.forward' ->
+# 'feed_forward' fixed back; 'adaLN.modulation.0' stays dotted), the alpha is copied (not folded: dim is
+# None for LoHa/LoKr) and the source's metadata too (ss_network_module networks.loha / networks.lokr).
+@builder("musubi-convert-other-loha")
+def _musubi_convert_other_loha(ix, probe):
+    b = Built(metadata={**_MUSUBI_META, "ss_network_module": "networks.loha"})
+    for m, name in ((Q, Q), (ADA, "layers.3.adaLN.modulation.0")):
+        o, i = ix.shapes[m].shape
+        w1a, w1b, w2a, w2b = (_rand(*s, scale=0.3) for s in ((o, R), (R, i), (o, R), (R, i)))
+        stem = f"diffusion_model.{name}"
+        b.tensors |= {stem + ".hada_w1_a": w1a, stem + ".hada_w1_b": w1b, stem + ".hada_w2_a": w2a,
+                      stem + ".hada_w2_b": w2b, stem + ".alpha": torch.tensor(2.0)}
+        b.scales[m] = 2.0 / R  # networks/loha.py: alpha / lora_dim
+        b.effects[m] = 2.0 / R * (((w1a @ w1b) * (w2a @ w2b)) @ probe(i))
+    return b
+
+
+# The same converter on a LoKr of networks/lokr.py 0b2d692 (full lokr_w2, alpha saved = lora_dim 64):
+# the copied metadata names networks.lokr and nothing names the later rewrite, so its scale is 1.
+@builder("musubi-convert-other-lokr")
+def _musubi_convert_other_lokr(ix, probe):
+    b = Built(metadata={**_MUSUBI_META, "ss_network_module": "networks.lokr", "ss_network_dim": "64"})
+    w1, w2 = _rand(64, 64, scale=0.1), _rand(60, 60, scale=0.1)
+    stem = f"diffusion_model.{OUT}"
+    b.tensors |= {stem + ".lokr_w1": w1, stem + ".lokr_w2": w2, stem + ".alpha": torch.tensor(64.0)}
+    b.scales[OUT] = 1.0
+    b.effects[OUT] = _kron_effect(w1, w2, 1.0, probe)
+    return b
+
+
 # musubi-tuner src/musubi_tuner/networks/convert_z_image_lora_to_comfy.py main (sd-scripts -> ComfyUI):
 # to_q/to_k/to_v concatenated into attention_qkv (down: cat, up: block diagonal, alpha x3),
 # attention_to_out_0 renamed attention_out; metadata copied.
@@ -158,6 +189,22 @@ def _musubi_lokr_full(ix, probe):
         b.scales[m] = 16.0 / 60
         b.effects[m] = _kron_effect(w1, w2, 16.0 / 60, probe)
     b.tensors["lokr_factor"] = torch.tensor(-1, dtype=torch.int64)
+    return b
+
+
+# musubi-tuner networks/lokr.py at commit 0b2d692 (#900, the release networks/lokr.py): lora_dim 64 >=
+# max(out_k, in_n) / 2 takes the full lokr_w2 path, whose __init__ forces alpha = lora_dim (saved in
+# the 'alpha' buffer, 64) and merge_weights_to_tensor uses scale 1.0 ("full matrix mode"). No
+# 'lokr_factor' buffer and no 'ss_lokr_factor' metadata (both came with the later rewrite).
+@builder("musubi-lokr-full-0b2d692")
+def _musubi_lokr_full_first(ix, probe):
+    b = Built(metadata={"ss_network_module": "networks.lokr", "ss_network_dim": "64", "ss_network_alpha": "64"})
+    for m in (K, V):
+        stem = "lora_unet_" + _flat(m)
+        w1, w2 = _rand(64, 64, scale=0.1), _rand(60, 60, scale=0.1)
+        b.tensors |= {stem + ".lokr_w1": w1, stem + ".lokr_w2": w2, stem + ".alpha": torch.tensor(64.0)}
+        b.scales[m] = 1.0
+        b.effects[m] = _kron_effect(w1, w2, 1.0, probe)
     return b
 
 

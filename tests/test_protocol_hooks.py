@@ -83,7 +83,7 @@ def test_value_roles_may_be_integers_other_roles_may_not(toys, tmp_path):
 
 
 def test_a_role_needing_a_companion_counts_only_beside_it(toys, tmp_path, monkeypatch):
-    monkeypatch.setitem(grammar.COMPANIONS, "toyf:m", "flag")
+    monkeypatch.setitem(grammar.COMPANIONS, ("toyf", "m"), "flag")
     alone = _file(tmp_path, {".toy_m": torch.ones(8, 8), "_other.lora_down.weight": torch.ones(2, 8),
                              "_other.lora_up.weight": torch.ones(8, 2)})
     assert [g.stem for g in alone.groups] == ["layers_0_attention_to_q_other"]

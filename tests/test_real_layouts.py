@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from _layout_base import base_weight
 from _layout_builders import BUILDERS, Built
 from safetensors.torch import save_file
 
@@ -51,6 +52,8 @@ ROWS = [
     Row("musubi-comfy-export-loha", "musubi-tuner comfyui export (fused qkv)"),
     Row("musubi-lokr-full", "musubi-tuner lokr", ignored=("lokr_factor",),
         notes=("musubi-tuner's rule", "ComfyUI and diffusers use scale 1")),
+    Row("musubi-lokr-full-0b2d692", "musubi-tuner lokr", notes=("musubi-tuner's rule (networks/lokr.py, commit 0b2d692",
+                                                                "would apply alpha / max(lokr_w2 shape) = 1.06667")),
     Row("musubi-lokr-lowrank-bf16-factor", "musubi-tuner lokr", ignored=("lokr_factor",)),
     Row("videox-fun", "videox-fun"),
     Row("videox-fun-peft-export", "videox-fun"),
@@ -59,6 +62,12 @@ ROWS = [
     Row("onetrainer-original", "onetrainer (original)"),
     Row("onetrainer-comfy-dora-per-input", "onetrainer (comfy)", dora="per input column"),
     Row("onetrainer-kohya", "onetrainer (kohya)"),
+    Row("onetrainer-oft-scaled", "onetrainer (diffusers)"),
+    Row("diffusion-pipe-lora", "diffusion-pipe (PEFT on ComfyUI's names, fused qkv)"),
+    Row("diffusion-pipe-lokr", "diffusion-pipe (PEFT on ComfyUI's names, fused qkv)"),
+    Row("musubi-convert-other-loha", "musubi-tuner convert_lora.py --target other"),
+    Row("musubi-convert-other-lokr", "musubi-tuner convert_lora.py --target other",
+        notes=("musubi-tuner's rule (networks/lokr.py, commit 0b2d692",)),
     Row("diffsynth", "diffsynth"),
     Row("diffsynth-omni-on-turbo", "diffsynth", unmatched={
         "siglip_refiner.0.attention.to_q.lora_A.default.weight": "no such module",
@@ -93,11 +102,15 @@ def _probe(n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(n))
 
 
-def _effect(target) -> torch.Tensor:
+def _effect(target, index) -> torch.Tensor:
     """What the resolved target adds to the module's output for the probe input (or its 1-D diff)."""
     t = {k: v.float() for k, v in target.tensors.items()}
     if target.algorithm == "full" and t["diff"].dim() == 1:
         return t["diff"] * target.scale
+    algo = algorithms.get(target.algorithm)
+    if algo.needs_weight:  # the delta depends on the base weight: the builders' shared one (OFT)
+        w = base_weight(tuple(index.shapes[target.module].shape))
+        return algo.bypass(_probe(w.shape[1])[None], t, weight=w)[0] * target.scale
     n_in = algorithms.delta_shape(target.algorithm, {k: tuple(v.shape) for k, v in t.items()})[1]
     y = algorithms.bypass(target.algorithm, _probe(n_in)[None], t)[0] * target.scale
     return y if target.delta_rows is None else y[target.delta_rows[0]:target.delta_rows[1]]
@@ -127,7 +140,7 @@ def test_real_layout(tmp_path, turbo, row):
             assert torch.equal(t.tensors["diff_b"], built.biases[t.module])
         if t.dora is None:
             want = built.effects[t.module]
-            torch.testing.assert_close(_effect(t), want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
+            torch.testing.assert_close(_effect(t, turbo), want, rtol=2e-4, atol=2e-4 * float(want.abs().max()))
     assert {u.key: u.reason for u in adapter.unmatched}.keys() == row.unmatched.keys()
     for u in adapter.unmatched:
         assert row.unmatched[u.key] in u.reason, u.reason

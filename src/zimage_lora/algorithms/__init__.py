@@ -18,7 +18,7 @@ import torch
 
 from ..placement import Placement
 from . import dora as dora_math
-from .base import BIAS, DENSE, Algorithm, Kernel
+from .base import BIAS, DENSE, Algorithm, Kernel, Reserved, check_prepared
 from .dora import dora_row_factor
 
 _BY_NAME: dict[str, Algorithm] = {}
@@ -114,12 +114,14 @@ def prepare(
     a bias diff. `weight()` gives the fp32 base weight rows of the placement (read only when needed)."""
     algo = get(algorithm)
     out: dict[str, torch.Tensor] = {}
-    kind = "bias"
+    kind: str = Reserved.BIAS
     if algo.has_weight(tensors):
         w = weight() if (algo.needs_weight or dora is not None) else None
         prepared = None
         if algo.prepare is not None and (dora is None or dora.on_out):
             prepared = algo.prepare(tensors, scale, placement, w)
+        if prepared is not None:
+            check_prepared(prepared[0], prepared[1])
         if prepared is not None and dora is not None:
             folded = dora_math.fold_rows(kernel(prepared[0]), prepared[1], w, dora.magnitude)
             prepared = None if folded is None else (prepared[0], folded)
@@ -132,7 +134,7 @@ def prepare(
             prepared = ("dense", {"delta": dense.contiguous()})
         kind, out = prepared[0], dict(prepared[1])
     if "diff_b" in tensors:
-        out["bias"] = placement.take(tensors["diff_b"].float().reshape(-1)).contiguous()
+        out[Reserved.BIAS] = placement.take(tensors["diff_b"].float().reshape(-1)).contiguous()
     return kind, out
 
 

@@ -42,20 +42,37 @@ How to add an algorithm (one module plus its layout rows, nothing else):
 8. `tests/test_algorithm_protocol.py` registers two weight-reading toys and checks merged, dynamic and
    a dense reference: the pattern to copy for a new algorithm's test.
 
-Reserved prepared-tensor names, handled by the dispatcher for every kernel: "bias" (the bias diff,
-strength-scaled), "fm1" (DoRA's f - 1 per row, see `dora.py`).
+Reserved prepared-tensor names, handled by the dispatcher for every kernel: `Reserved.BIAS` (the bias
+diff, strength-scaled), `Reserved.DORA_FM1` (DoRA's f - 1 per row, see `dora.py`). A kernel's own
+prepared tensors never use them (`check_prepared`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
 from ..errors import UnsupportedError
 from ..placement import Placement
 from ._shapes import as_matrix
+
+
+class Reserved(StrEnum):
+    """Prepared-tensor names the dynamic dispatcher handles for every kernel (equal to their strings)."""
+
+    BIAS = "bias"  # the bias diff's kept rows, added times the strength
+    DORA_FM1 = "fm1"  # DoRA per output row: f - 1, added as alpha * (f - 1) * W x
+
+
+def check_prepared(kind: str, tensors: Mapping[str, object]) -> None:
+    """A kernel's prepare must not produce a reserved name: the dispatcher would treat it as its own."""
+    clash = sorted(set(tensors) & set(Reserved))
+    if clash:
+        raise ValueError(f"kernel '{kind}' prepared tensors named {clash}: these names are reserved (Reserved)")
+
 
 Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
@@ -175,8 +192,14 @@ class Algorithm:
     check_weight: Callable[[Shapes, tuple[int, int], Tensors | None], None] | None = None
     # The file's alpha is this tensor role of the algorithm (a constraint, not a scale; the scale is 1).
     alpha_role: str | None = None
+    # The role that alpha takes instead where its writer means an absolute bound (ComfyUI's OFT/BOFT:
+    # `formats.trainer_meta.OFTConstraint`); the algorithm reads either.
+    absolute_alpha_role: str | None = None
     # Roles holding flags, not weights: any dtype (a trainer may save them as integers), never scaled.
     value_roles: tuple[str, ...] = ()
+    # A form of the algorithm's keys this library does not apply, by shape (a message naming the form and
+    # its writer; the reader reports the module's keys with it), or None.
+    unsupported: Callable[[Shapes], str | None] | None = None
     # Why the scale is 1 when `rank` is None (inspect's scale rule), e.g. "both LoKr factors full".
     unit_scale: str = "no rank"
 
@@ -247,4 +270,4 @@ DENSE = Kernel(
     bound=lambda t: amax(t["delta"]),
     dense=lambda t: t["delta"],
 )
-BIAS = Kernel(name="bias", add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)
+BIAS = Kernel(name=Reserved.BIAS, add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)

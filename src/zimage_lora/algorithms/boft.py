@@ -187,5 +187,6 @@ ALGORITHM = Algorithm(
     rank=rank, delta=delta, bypass=bypass, row_parts=row_parts, delta_block=delta_block,
     dynamic_numel=dynamic_numel, describe=describe, needs_weight=True, row_align=row_align, prepare=prepare,
     kernels=(KERNEL,), claims=lambda s: len(s.get("oft_blocks", ())) == 4, alpha_role="alpha",
+    absolute_alpha_role=oft.ABSOLUTE, canonical=oft.canonical,
     unit_scale="BOFT's alpha is its constraint, not a scale",
 )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Reserved
+
 
 def dora_row_factor(
     weight: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, on_out: bool = True
@@ -45,7 +47,7 @@ def fold_rows(kernel, tensors: dict[str, torch.Tensor], weight: torch.Tensor, ma
     tensors = {k: v.to(weight.device) for k, v in tensors.items()}
     f = dora_row_factor(weight, kernel.dense(tensors), magnitude.to(weight.device))  # (n, 1)
     out = {k: v.contiguous() for k, v in kernel.scale_rows(tensors, f).items()}
-    out["fm1"] = (f - 1).reshape(-1)
+    out[Reserved.DORA_FM1] = (f - 1).reshape(-1)
     return out
 
 

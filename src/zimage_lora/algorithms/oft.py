@@ -72,11 +72,29 @@ def rank(shapes) -> int | None:
     return None  # alpha is the constraint, never a scale
 
 
+# The role a ComfyUI-written alpha takes (formats.trainer_meta.OFTConstraint.COMFYUI): an absolute bound.
+ABSOLUTE = "constraint"
+
+
 def constraint(tensors: Tensors) -> float:
-    """LyCORIS's norm bound on Q: alpha * out (DiagOFTModule/ButterflyOFTModule.__init__), 0 = none."""
+    """The norm bound on Q (all blocks together), 0 = none: LyCORIS's alpha * out (DiagOFTModule /
+    ButterflyOFTModule.__init__), or ComfyUI's alpha itself (comfy/weight_adapter/oft.py, boft.py)."""
+    if ABSOLUTE in tensors:
+        return max(0.0, float(tensors[ABSOLUTE]))  # ComfyUI bounds only when alpha > 0
     alpha = tensors.get("alpha")
     b = tensors["oft_blocks"].shape
     return 0.0 if alpha is None else float(alpha) * b[-3] * b[-1]
+
+
+def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[str, torch.Tensor], float, int | None]:
+    """What a written file holds: LyCORIS's alpha (the only OFT spelling written), so an absolute
+    ComfyUI bound becomes alpha = bound / out (the same bound under LyCORIS's rule)."""
+    out = {k: v for k, v in tensors.items() if k != ABSOLUTE}
+    if ABSOLUTE in tensors:
+        b = tensors["oft_blocks"].shape
+        bound = max(0.0, float(tensors[ABSOLUTE]))
+        out["alpha"] = torch.tensor(bound / (b[-3] * b[-1]), dtype=torch.float32)
+    return out, scale, rank
 
 
 def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
@@ -233,5 +251,6 @@ ALGORITHM = Algorithm(
     name="oft", title="OFT", family="oft", priority=42, delta_shape=lambda s: (delta_shape(s)[0], None),
     rank=rank, delta=delta, bypass=bypass, row_parts=row_parts, delta_block=delta_block,
     dynamic_numel=dynamic_numel, describe=describe, needs_weight=True, row_align=row_align, prepare=prepare,
-    kernels=(KERNEL,), claims=_claims, alpha_role="alpha", unit_scale="OFT's alpha is its constraint, not a scale",
+    kernels=(KERNEL,), claims=_claims, alpha_role="alpha", absolute_alpha_role=ABSOLUTE, canonical=canonical,
+    unit_scale="OFT's alpha is its constraint, not a scale",
 )

@@ -78,9 +78,20 @@ def split_role(key: str) -> tuple[str, str, str] | None:
 
 
 def unsupported_algorithm(key: str) -> str | None:
-    for suffix, name in UNSUPPORTED_SUFFIXES.items():
+    form = _unsupported(key)
+    return None if form is None else form[0]
+
+
+def unsupported_form(key: str) -> str | None:
+    """The form (and its writer) of a key this library does not apply, for the key's reason."""
+    form = _unsupported(key)
+    return None if form is None else form[1]
+
+
+def _unsupported(key: str) -> tuple[str, str] | None:
+    for suffix, form in tables.UNSUPPORTED_FORMS.items():
         if key.endswith(suffix) or (suffix + ".") in key:
-            return name
+            return form
     return None
 
 

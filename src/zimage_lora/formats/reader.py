@@ -3,10 +3,10 @@ tensor data not yet read (only the tiny alpha scalars are)."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +16,18 @@ from ..errors import InvalidFormatError
 from . import grammar, writers
 from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, gc_paused, load_tensors, read_header
-from .untrusted import compile_pattern, parse_json
+from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
+from .untrusted import compile_pattern
+
+
+class Slot(NamedTuple):
+    """Where a key sits in its module's group: the key-table family and the role within it."""
+
+    family: str
+    role: str
+
+
+Roles = dict[Slot, str]  # slot -> file key, for one module stem
 
 
 @dataclass
@@ -56,7 +67,7 @@ class AdapterFile:
     groups: list[Group]
     unmatched: list[Unmatched]
     format: str
-    config: dict | None  # PEFT adapter_config.json or diffusers lora_adapter_metadata
+    meta: TrainerMeta  # what the writer decided that changes numbers (config alpha, LoKr rule, OFT bound)
     ignored: list[Unmatched] = field(default_factory=list)  # trainer data that is not adapter weights
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -81,11 +92,9 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
     header = read_header(path)
     path = header.path
     text_encoder = component == "text_encoder"
-    if config is None:
-        config = _metadata_config(header, component)
     unmatched: list[Unmatched] = []
     ignored: list[Unmatched] = []
-    raw: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    raw: dict[tuple[str, str], Roles] = {}
     for key in header.tensors:
         what = grammar.trainer_data(key)
         if what is not None:
@@ -102,19 +111,21 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
             continue
         stem, family, role = split
         roles = raw.setdefault((te_keys if text_encoder else grammar).strip_prefix(stem), {})
-        slot = f"{family}:{role}"
+        slot = Slot(family, role)
         if slot in roles:
-            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot][1]}' (same module and role); ignored"))
+            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot]}' (same module and role); ignored"))
             continue
-        roles[slot] = (role, key)
+        roles[slot] = key
 
     for roles in raw.values():
         _drop_lonely(roles, unmatched)
+    comfy_native = bool(raw) and all(grammar.TRANSFORMER_PREFIXES.get(p) == "comfy" for p, _stem in raw)
+    meta = trainer_meta(header, config, component, comfy_native)
     groups: list[Group] = []
-    alpha_tensors = [roles["scale:alpha"][1] for roles in raw.values() if "scale:alpha" in roles]
+    alpha_tensors = [roles[_ALPHA] for roles in raw.values() if _ALPHA in roles]
     alphas = _read_alphas(header, alpha_tensors)
     for (prefix, stem), roles in raw.items():
-        group = _make_group(header, prefix, stem, roles, alphas, unmatched)
+        group = _make_group(header, prefix, stem, roles, alphas, unmatched, meta)
         if group is not None:
             groups.append(group)
     if not groups and not header.tensors:
@@ -133,32 +144,34 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
         groups=groups,
         unmatched=unmatched,
         format=writers.label(groups, header.metadata, header.tensors.keys()),
-        config=config,
+        meta=meta,
         ignored=ignored,
     )
 
 
 def _no_suffix(key: str) -> str:
-    algo = grammar.unsupported_algorithm(key)
-    if algo:
-        return f"unsupported algorithm {algo}: supported are {', '.join(algorithms.titles())}"
+    form = grammar.unsupported_form(key)
+    if form:
+        return f"unsupported adapter form: {form}; convert it to LoRA with its trainer, or apply it there"
     return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
 
 
-def _drop_lonely(roles: dict[str, tuple[str, str]], unmatched: list[Unmatched]) -> None:
+_ALPHA = Slot("scale", "alpha")
+
+
+def _drop_lonely(roles: Roles, unmatched: list[Unmatched]) -> None:
     """A role that counts only beside its companion (`tables.COMPANIONS`: a bare `.weight`) is no
     adapter key without it: reported as any key without a known suffix."""
     for slot in [s for s in roles if s in grammar.COMPANIONS]:
-        family = slot.split(":")[0]
-        if f"{family}:{grammar.COMPANIONS[slot]}" not in roles:
-            key = roles.pop(slot)[1]
+        if Slot(slot.family, grammar.COMPANIONS[slot]) not in roles:
+            key = roles.pop(slot)
             unmatched.append(Unmatched(key, _no_suffix(key)))
 
 
-def _choose(header: Header, roles: dict[str, tuple[str, str]]) -> algorithms.Algorithm | None:
+def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     """The family of the first algorithm (by priority) the roles hold; of the algorithms sharing it,
     the first that claims its shapes, else the first (its shape check then says what is wrong)."""
-    families = {slot.split(":")[0] for slot in roles}
+    families = {slot.family for slot in roles}
     present = [a for a in algorithms.by_priority() if a.family in families]
     if not present:
         return None
@@ -166,7 +179,7 @@ def _choose(header: Header, roles: dict[str, tuple[str, str]]) -> algorithms.Alg
     same = [a for a in present if a.family == family]
     if len(same) == 1:
         return same[0]
-    shapes = {role: header.tensors[key].shape for slot, (role, key) in roles.items() if slot.startswith(family + ":")}
+    shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == family}
     return next((a for a in same if a.claims is None or a.claims(shapes)), same[0])
 
 
@@ -174,23 +187,37 @@ def _make_group(
     header: Header,
     prefix: str,
     stem: str,
-    roles: dict[str, tuple[str, str]],
+    roles: Roles,
     alphas: dict[str, float],
     unmatched: list[Unmatched],
+    meta: TrainerMeta,
 ) -> Group | None:
     # A family's roles decide the algorithm, in the registry's priority (factors win over a lone bias diff).
     chosen = _choose(header, roles)
     if chosen is None:
-        for _role, key in roles.values():
+        for key in roles.values():
             unmatched.append(Unmatched(key, "alpha or DoRA magnitude without any adapter weights for this module"))
+        return None
+    form = meta.peft.unsupported_oft_form() if meta.peft is not None and chosen.family == "oft_r" else None
+    if form is not None:  # PEFT options that change how R is built: reported, never applied another way
+        form += "; re-save with the defaults (use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"
+    elif chosen.unsupported is not None:
+        shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == chosen.family}
+        form = chosen.unsupported(shapes)
+    if form is not None:
+        for key in roles.values():
+            unmatched.append(Unmatched(key, f"unsupported adapter form: {form}"))
         return None
     group = Group(prefix=prefix, stem=stem, algorithm=chosen.name)
     algo = chosen.family
-    for slot, (role, key) in roles.items():
-        family = slot.split(":")[0]
+    # A file alpha that is a tensor of the algorithm: ComfyUI's OFT/BOFT read it as an absolute bound.
+    alpha_role = chosen.alpha_role
+    if meta.oft_constraint is OFTConstraint.COMFYUI and chosen.absolute_alpha_role is not None:
+        alpha_role = chosen.absolute_alpha_role
+    for (family, role), key in roles.items():
         info = header.tensors[key]
-        if family == "scale" and chosen.alpha_role is not None:  # a tensor of the algorithm, not a scale
-            family, role = algo, chosen.alpha_role
+        if family == "scale" and alpha_role is not None:  # a tensor of the algorithm, not a scale
+            family, role = algo, alpha_role
         if family == algo or (family == "full" and role == "diff_b"):
             if info.dtype not in FLOAT_DTYPES and role not in chosen.value_roles:
                 raise InvalidFormatError(
@@ -224,32 +251,6 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
     # Not checked for NaN/Inf here: an alpha is validated where it enters the math (resolve), since
     # some files carry one that is never used (ai-toolkit's full-factor LoKr saves 9999999999, inf in fp16).
     return {key: float(t.float().reshape(-1)[0]) for key, t in load_tensors(header, keys).items()}
-
-
-def _metadata_config(header: Header, component: str = "transformer") -> dict | None:
-    """diffusers' `lora_adapter_metadata` (PEFT-config JSON) or kohya's `ss_network_*` fields."""
-    meta = header.metadata
-    text = meta.get("lora_adapter_metadata")
-    if text:
-        doc = parse_json(text, header.path, what="metadata 'lora_adapter_metadata'", fix="Re-save the adapter.")
-        # diffusers may nest per component: {"transformer": {...}} or prefix keys "transformer.r"
-        if isinstance(doc, dict) and isinstance(doc.get(component), dict):
-            doc = doc[component]
-        if isinstance(doc, dict):
-            doc = {k.removeprefix(component + "."): v for k, v in doc.items()}
-            return doc
-    if "ss_network_alpha" in meta:
-        try:
-            alpha = float(meta["ss_network_alpha"])
-        except ValueError:
-            return None
-        if not math.isfinite(alpha):
-            raise InvalidFormatError(
-                f"{header.path}: metadata 'ss_network_alpha' is {meta['ss_network_alpha']!r}; expected a finite "
-                "number. Fix the metadata or add per-module '.alpha' tensors."
-            )
-        return {"kohya_alpha": alpha, "kohya_dim": meta.get("ss_network_dim")}
-    return None
 
 
 _LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -302,4 +303,4 @@ def _looks_like_model(header: Header) -> bool:
 
 def _bare(split: tuple[str, str, str] | None) -> bool:
     """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
-    return split is None or f"{split[1]}:{split[2]}" in grammar.COMPANIONS
+    return split is None or Slot(split[1], split[2]) in grammar.COMPANIONS

@@ -1,5 +1,5 @@
-"""Which program wrote a file, from its keys and metadata: the `format` label `inspect` shows, and
-the few facts the scale rules depend on (a metadata alpha, musubi-tuner's LoKr rule).
+"""Which program wrote a file, from its keys and metadata: the `format` label `inspect` shows (the
+facts that change numbers are typed in `formats/trainer_meta.py`).
 
 Each rule names the evidence it uses; where the keys alone cannot tell two writers apart the label
 says what the keys are (e.g. "kohya") instead of guessing a program.
@@ -64,12 +64,6 @@ def is_musubi(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
     return "lokr_factor" in tensor_keys or "musubi" in module or module.endswith(MUSUBI_MODULES)
 
 
-def musubi_lokr(meta: dict[str, str], tensor_keys: Iterable[str]) -> bool:
-    """A file of musubi-tuner's own networks/lokr.py (not LyCORIS), whose forward scales differently."""
-    module = meta.get("ss_network_module", "")
-    return "lokr_factor" in tensor_keys or (module.endswith(".lokr") and "lycoris" not in module)
-
-
 def has_kohya_metadata(meta: dict[str, str]) -> bool:
     return any(k.startswith("ss_network_") for k in meta)
 
@@ -91,7 +85,9 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
         return _kohya_label(prefixes, fused, meta, tensor_keys, algos)
     if any(p.startswith(_PEFT) for p in prefixes):
         return "peft"
-    if _musubi_converted(groups, meta, roles, alphas):
+    if is_mflux(meta):  # its metadata names it, whatever prefix the version wrote
+        return "mflux"
+    if _musubi_converted(groups, meta, roles, alphas, algos, tensor_keys):
         return "musubi-tuner convert_lora.py --target other (alpha in the weights)"
     if prefixes & _COMFY:
         return _comfy_prefix_label(fused, meta, roles, alphas, algos)
@@ -136,24 +132,47 @@ _KOHYA_DOWN = _role(KOHYA_LORA["down"])  # 'lora_down'
 _PEFT_DOWN = _role(PEFT_LORA["down"])  # 'lora_A'
 
 
-def _musubi_converted(groups, meta, roles, alphas) -> bool:
-    # convert_lora.py --target other: lora_A/lora_B without any alpha, and either the kohya metadata
-    # it copies from its source or its '_' -> '.' module names.
-    if alphas or _PEFT_DOWN not in roles or is_onetrainer(meta) or is_mflux(meta):
+def _musubi_converted(groups, meta, roles, alphas, algos, tensor_keys) -> bool:
+    # convert_lora.py --target other: LoRA as lora_A/lora_B without any alpha, and either the kohya
+    # metadata it copies from its source or its '_' -> '.' module names. LoHa/LoKr keep their factors
+    # and alpha under 'diffusion_model.', with the copied metadata naming musubi's own module.
+    if is_onetrainer(meta) or is_mflux(meta):
+        return False
+    if algos & {"lokr", "loha"}:
+        return is_musubi(meta, tensor_keys) and not any(g.prefix in _KOHYA_SET for g in groups)
+    if alphas or _PEFT_DOWN not in roles:
         return False
     return has_kohya_metadata(meta) or any(_MUSUBI_DOTTED.search(g.stem) for g in groups)
 
 
+_KOHYA_SET = frozenset(KOHYA_PREFIXES)
+
+
+def is_diffusion_pipe(meta: dict[str, str]) -> bool:
+    """tdrussell/diffusion-pipe models/z_image.py save_adapter: the PEFT state dict under
+    'diffusion_model.' (ComfyUI's names), saved with metadata {'format': 'pt'} and nothing else."""
+    return dict(meta) == {"format": "pt"}
+
+
 def _comfy_prefix_label(fused, meta, roles, alphas, algos) -> str:
-    if is_mflux(meta):
-        return "mflux"
     if is_onetrainer(meta):
         return "onetrainer (comfy)"
+    if is_diffusion_pipe(meta):
+        return "diffusion-pipe (PEFT on ComfyUI's names" + (", fused qkv)" if fused else ")")
     if algos & {"lokr", "loha"}:
-        return "ai-toolkit (lycoris)"
+        if _AI_TOOLKIT in meta.get("software", ""):
+            return "ai-toolkit (lycoris)"
+        return ("unknown writer (LyCORIS factors under ComfyUI's 'diffusion_model.' names, no metadata naming "
+                "the writer; ai-toolkit, diffusion-pipe and musubi-tuner's converter write these keys)")
     if fused:
         return "comfyui-native (fused qkv: ComfyUI training/extract nodes, Civitai)"
-    if _KOHYA_DOWN in roles or alphas:
+    if _KOHYA_DOWN in roles:
         return "comfyui"
+    if alphas:
+        # lora_A/lora_B with a per-module alpha on diffusers names: OneTrainer's COMFY output.
+        return "comfyui keys with lora_A/lora_B + alpha (OneTrainer's COMFY output writes these; no metadata names it)"
     # ai-toolkit (and mflux without its metadata) write diffusion_model. + lora_A/lora_B, no alpha.
     return "ai-toolkit"
+
+
+_AI_TOOLKIT = '"ai-toolkit"'  # ai-toolkit's 'software' metadata: {"name": "ai-toolkit", ...}

@@ -56,22 +56,34 @@ READ_ONLY_SUFFIXES: Spelling = {
     },
     "scale": {"alpha": (".lora_alpha",)},
     "dora": {"magnitude": (".lora_magnitude_vector.weight",)},
+    # PEFT OFT v2 (OFTConfig save_pretrained) and OneTrainer OFT_2 (its scaled-OFT marker buffer):
+    # algorithms/oft_input.py. Read only: no layout row writes them (convert refuses with the reason).
+    "oft_r": {"oft_R": (".oft_R.weight",), "scaled": (".oft_R.scaled_oft",)},
+    "boft_r": {"boft_R": (".boft_R",), "boft_s": (".boft_s",)},  # PEFT BOFTConfig: algorithms/boft_input.py
 }
 
-# "family:role" -> a role of the same family it needs beside it: a suffix as short as '.weight' would
+# (family, role) -> a role of the same family it needs beside it: a suffix as short as '.weight' would
 # match any module weight, so it counts only where its companion sits on the same module; alone it is
 # reported as a key without an adapter suffix (formats/reader.py).
-COMPANIONS: dict[str, str] = {"ia3:weight": "on_input"}  # LyCORIS IA3: `.weight` beside `.on_input`
+COMPANIONS: dict[tuple[str, str], str] = {("ia3", "weight"): "on_input"}  # LyCORIS IA3: `.weight` + `.on_input`
 
 # PEFT puts the adapter's name in the key ('.lora_A.default.weight'); the reader strips these names.
 PEFT_ADAPTER_NAMES = ("default", "default_0")
 
-# Algorithms other trainers write that this library does not apply yet (reported with this name).
-# Adding one moves its suffixes from here into a family of LYCORIS_ALGOS (see the package docstring).
-UNSUPPORTED_SUFFIXES = {
-    ".oft_diag": "OFT", ".oft_R": "OFT", ".boft_R": "BOFT", ".boft_s": "BOFT", ".weight_ia3": "IA3",
-    ".lora_E": "AdaLoRA", ".vera_lambda_b": "VeRA", ".vera_lambda_d": "VeRA",
+# Forms other trainers write that this library does not apply yet: suffix -> (algorithm, the form and
+# its writer). A key is reported with the form, never with a list of supported algorithms that
+# contains the name. Adding one moves its suffixes from here into a family of the spellings above.
+_PEFT_OFT_V1 = "OFT v1 of PEFT before 0.14 ('oft_r' full blocks with 'oft_s')"
+_PEFT_IA3 = "IA3 in PEFT's form (IA3Config 'ia3_l'; LyCORIS's '.weight' + '.on_input' is supported)"
+_VERA = "VeRA (PEFT VeraConfig: its shared random projections are not in the file)"
+UNSUPPORTED_FORMS: dict[str, tuple[str, str]] = {
+    ".oft_diag": ("OFT", "OFT in the 'oft_diag' form (a spelling of no trainer this library knows)"),
+    ".oft_r": ("OFT", _PEFT_OFT_V1), ".oft_s": ("OFT", _PEFT_OFT_V1),
+    ".weight_ia3": ("IA3", _PEFT_IA3), ".ia3_l": ("IA3", _PEFT_IA3),
+    ".lora_E": ("AdaLoRA", "AdaLoRA (PEFT AdaLoraConfig: 'lora_E' singular values)"),
+    ".vera_lambda_b": ("VeRA", _VERA), ".vera_lambda_d": ("VeRA", _VERA),
 }
+UNSUPPORTED_SUFFIXES = {suffix: name for suffix, (name, _form) in UNSUPPORTED_FORMS.items()}
 
 # -- prefixes: each one says whose naming the rest of the key is in -----------------------------------
 # The reader strips the first that matches: a prefix comes before any shorter one it starts with.
@@ -152,12 +164,16 @@ LAYOUTS: dict[str, Layout] = _rows(
            "diffusion_model.", COMFY, native=True, fused_qkv=True),
     Layout("ai-toolkit", "ostris/ai-toolkit ToolkitNetworkMixin.save_weights (LoRA: no alpha)",
            "diffusion_model.", {"lora": PEFT_LORA}, alpha="none"),
+    # The metadata each trainer writes is the evidence `inspect` names it by (formats/writers.py):
+    # ai-toolkit's 'software' (ToolkitNetworkMixin.save_weights), the 'ss_network_module' musubi-tuner's
+    # converter copies from its source (a musubi LoRA).
     Layout("ai-toolkit-lycoris", "ai-toolkit toolkit/models/lokr.py (LyCORIS port: alpha kept)",
-           "diffusion_model.", {**LYCORIS_ALGOS, "scale": ALPHA}),
+           "diffusion_model.", {**LYCORIS_ALGOS, "scale": ALPHA}, metadata={"software": '{"name": "ai-toolkit"}'}),
     # The tool also turns every '_' of the module name into '.' ('attention.to.q'); the row writes the
     # diffusers names, which read the same.
     Layout("musubi-other", "musubi-tuner convert_lora.py --target other (sqrt(alpha / rank) in each factor)",
-           "diffusion_model.", {"lora": PEFT_LORA}, alpha="folded"),
+           "diffusion_model.", {"lora": PEFT_LORA}, alpha="folded",
+           metadata={"ss_network_module": "networks.lora_zimage"}),
     Layout("diffsynth", "DiffSynth-Studio (PEFT state dict without the pipeline prefix)",
            "", {"lora": PEFT_LORA}, alpha="none", adapter_name="default"),
     Layout("onetrainer-legacy", "OneTrainer ZImageLoRASaver._convert_legacy",
