@@ -253,7 +253,8 @@ def test_completion_script_lists_commands_options_and_values(capsys):
         return proc.stdout.split()
 
     assert complete("zimage-lora", "con") == ["convert"]
-    assert complete("zimage-lora", "convert", "x.safetensors", "--to", "") == ["diffusers", "kohya", "comfy", "peft"]
+    assert complete("zimage-lora", "convert", "x.safetensors", "--to", "") == [
+        "comfyui", "kohya-comfyui", "musubi", "diffusers", "peft", "ai-toolkit", "comfy", "kohya"]
     assert complete("zimage-lora", "inspect", "--j") == ["--json"]
     assert "--verbose" in complete("zimage-lora", "merge", "--")
 

@@ -197,29 +197,29 @@ def test_a_per_sample_strength_that_overflows_is_refused_before_the_forward(file
 
 # --- the store attaches inactive, in one change -------------------------------------------------------
 def test_the_store_never_publishes_a_leased_adapter_active(files, monkeypatch):
-    """After every change the store makes (the moments a forward on another thread could run), no
-    store adapter is active: they act only through per-sample blocks."""
-    from zimage_lora.apply import access
+    """Between the changes the store makes (the moments a forward on another thread could start), no
+    store adapter is active: they act only through per-sample blocks. Seen at the start of each change,
+    which finds the previous one's result (before: attached active, then deactivated by a second change)."""
+    from zimage_lora.apply.gate import ForwardGate
 
-    real = access.Scope.run
-    after: list[list[str]] = []
-
-    def watched(scope, change):
-        try:
-            return real(scope, change)
-        finally:
-            now = get_state(scope.entries[0][0].module)
-            after.append([r.name for r in now.records.values() if r.active] if now is not None else [])
-
-    monkeypatch.setattr(access.Scope, "run", watched)
     model = examples.tiny_model(seed=0)
     zl.apply_adapter(model, files["z"], name="mine")
+    seen: list[list[str]] = []
+    real = ForwardGate.begin
+
+    def begin(gate):
+        state = get_state(gate.model)
+        seen.append([r.name for r in state.records.values() if r.active] if state is not None else [])
+        real(gate)
+
+    monkeypatch.setattr(ForwardGate, "begin", begin)
     store = zl.AdapterStore(model, roots=[files["a"].parent])
     with store.lease([files["a"]]) as lease:
         spec = lease.spec([(files["a"], 1.0)])
         assert list(spec) and all(n.startswith("store") for n in spec)
-    assert after, "the store made no change through the engine's lock"
-    assert all(active == ["mine"] for active in after), after
+    zl.set_adapter_scale(model, "mine", 1.0)  # one more change: it sees what the lease left
+    assert len(seen) >= 2
+    assert all(active == ["mine"] for active in seen), seen
 
 
 # --- interrupts in the lock's own code ----------------------------------------------------------------

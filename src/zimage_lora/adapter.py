@@ -72,6 +72,10 @@ class Target:
         """Where this delta lands on a module with `out_features` rows."""
         return Placement.of(self.rows, self.delta_rows, out_features)
 
+    def __repr__(self) -> str:  # short: the tensors' values would fill a terminal
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in self.tensors.items())
+        return f"Target({self.label}, {self.algorithm}, [{shapes}], scale={self.scale:g})"
+
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.tensors.values())
         if self.dora is not None:
@@ -103,3 +107,8 @@ class Adapter:
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.targets)
+
+    def __repr__(self) -> str:  # short: one line, never the tensors
+        return (f"Adapter({self.name!r}, format={self.format!r}, {len(self.targets)} targets on "
+                f"{len(self.modules)} modules, algorithms={self.algorithms}, {len(self.unmatched)} unmatched, "
+                f"source={self.source!r})")

@@ -41,6 +41,18 @@ CLI_SPELLINGS = (
 )
 
 
+class UsageError(LoRAError):
+    """A command line argparse refuses (missing or unknown option, bad choice)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the README's promise: one `error:` line and exit status 1 (argparse alone prints
+    the usage and exits 2). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message}. See '{self.prog} --help'.")
+
+
 def _module(name: str):
     try:
         return importlib.import_module(f".commands.{name}", __package__)
@@ -52,7 +64,7 @@ def _module(name: str):
 
 def build_parser(only: str | None = None, *, full: bool = True) -> argparse.ArgumentParser:
     """The parser; with `full=False` only the command `only` gets its options (the rest: name and help)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zimage-lora",
         description="LoRA, LoKr, LoHa, DoRA and full-diff adapters for the Z-Image transformer.",
         epilog=EPILOG,

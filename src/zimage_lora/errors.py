@@ -41,9 +41,13 @@ class InvalidArgumentError(LoRAError, ValueError):
     without real tensors. Nothing was read and nothing changed."""
 
 
-class _LegacyArgumentError(InvalidArgumentError, InvalidFormatError):
+class InvalidValueError(InvalidArgumentError, InvalidFormatError):
     """An argument error that was raised as `InvalidFormatError` before `InvalidArgumentError`
-    existed; it is both, so handlers written against the old type still catch it."""
+    existed; it is both, so handlers written against the old type still catch it. Public by name
+    because tracebacks show it."""
+
+
+_LegacyArgumentError = InvalidValueError  # the name the library's modules import
 
 
 class UnsupportedError(LoRAError, NotImplementedError):

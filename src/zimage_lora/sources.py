@@ -110,14 +110,51 @@ def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
             return _from_folder(path, cfg.filename)
         return ResolvedSource(_check_file(path), None)
     text = str(cfg.source)
-    if _HUB_ID.match(text) and not text.endswith(".safetensors"):
+    if _HUB_ID.match(text) and not _looks_like_a_path(path):
         return _from_hub(text, cfg.filename, cfg.revision)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle(path)
+    if _HUB_ID.match(text):
+        raise AdapterNotFoundError(
+            f"{text}: no such file or folder{_nearest(path)}. It names a file (a file suffix, or a folder that exists "
+            "here), so it is not taken as a Hugging Face repo id. Check the path (relative paths are from "
+            "the current directory)."
+        )
     raise AdapterNotFoundError(
-        f"{text}: no such file or folder, and not a Hugging Face repo id of the form 'org/name'. "
-        "Check the path (relative paths are from the current directory)."
+        f"{text}: no such file or folder{_nearest(path)}, and not a Hugging Face repo id of the form "
+        "'org/name'. Check the path (relative paths are from the current directory)."
     )
+
+
+def _looks_like_a_path(path: Path) -> bool:
+    """'api/style.safetenosrs' is a mistyped file, not a repo: a file-like suffix (letters only, as
+    repo names such as 'model-v1.5' or 'Qwen2.5-VL' never end), or a first part that is a local folder."""
+    suffix = path.suffix[1:]
+    if len(suffix) >= 2 and suffix.isalpha():
+        return True
+    try:
+        return Path(path.parts[0]).is_dir()
+    except (OSError, IndexError):
+        return False
+
+
+def _nearest(path: Path) -> str:
+    """'; nearest names here: a.safetensors, b.safetensors' from the deepest folder of `path` that exists."""
+    import difflib
+
+    folder, wanted = path.parent, path.name
+    while not folder.is_dir() and folder != folder.parent:
+        folder, wanted = folder.parent, folder.name
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return ""
+    def score(name: str) -> float:  # the name or its stem ('styl' is near 'style.safetensors')
+        return max(difflib.SequenceMatcher(None, wanted, n).ratio() for n in (name, Path(name).stem))
+
+    close = sorted((n for n in names if score(n) >= 0.6), key=score, reverse=True)[:3]
+    where = "" if str(folder) == "." else f" in {folder}"
+    return f"; nearest names{where}: {', '.join(close)}" if close else ""
 
 
 def _check_filename(filename: str, source: str) -> None:

@@ -28,7 +28,7 @@ import itertools
 import threading
 import weakref
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,7 +47,7 @@ class View:
 
     __slots__ = ("layers", "values", "serial")
 
-    def __init__(self, layers: dict[Any, tuple], values: dict[Any, float]) -> None:
+    def __init__(self, layers: dict[Any, tuple[Any, ...]], values: dict[Any, float]) -> None:
         self.layers = layers
         self.values = values
         self.serial = next(SERIAL)
@@ -85,14 +85,18 @@ def current() -> Forward | None:
     return _FORWARD.get()
 
 
-class ChangeLock(_thread.RLock):
+class ChangeLock(_thread.RLock):  # type: ignore[misc]  # final in typeshed; CPython allows it
     """Held by a change (`with state.lock:`): changes run one at a time. Entered in Python, left by the
     C `RLock.__exit__`, so an interrupt can stop a change anywhere and the lock is still given back."""
 
     gate: ForwardGate
     _writers_waiting = 0  # diagnostics (tests): changes waiting for the lock; nothing depends on it
 
-    def __enter__(self) -> ChangeLock:
+    if TYPE_CHECKING:  # C methods of `_thread.RLock` that typeshed leaves out
+        def _is_owned(self) -> bool: ...
+        def _recursion_count(self) -> int: ...
+
+    def __enter__(self) -> ChangeLock:  # type: ignore[override]  # takes no blocking/timeout
         gate = self.gate
         fwd = _FORWARD.get()
         if fwd is not None and fwd.gate is gate and not self._is_owned():
@@ -235,10 +239,10 @@ class ForwardGate:
     def __wrapped__(self) -> Any:  # inspect.signature(model.forward) shows the model's own
         return self.inner if self.inner is not None else type(self.model).forward.__get__(self.model)
 
-    def __deepcopy__(self, memo: dict) -> ForwardGate:
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardGate:
         return ForwardGate(copy.deepcopy(self.model, memo), copy.deepcopy(self.inner, memo))
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return ForwardGate, (self.model, self.inner)
 
 
@@ -267,7 +271,7 @@ def gate_of(model: torch.nn.Module) -> ForwardGate:
     return gate
 
 
-def build_view(model: torch.nn.Module, layers: dict[Any, tuple] | None = None) -> View:
+def build_view(model: torch.nn.Module, layers: dict[Any, tuple[Any, ...]] | None = None) -> View:
     """Every wrapped layer's active slots (or `layers`, still current) and the strengths now (the caller
     holds the change lock)."""
     state = model.__dict__.get(ATTR)

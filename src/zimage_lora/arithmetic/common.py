@@ -112,17 +112,18 @@ def progress(enabled: bool, total: int, what: str) -> Iterator:
 def save(adapter: Adapter, out: str | Path, *, to: str = "kohya", overwrite: bool = False) -> Path:
     """Write `adapter` in `convert`'s layout `to`, metadata included, never leaving a broken `out`."""
     from ..layouts import write
-    from ..tools.convert import FORMATS, build_state_dict, canonical_items
+    from ..tools.convert import FORMATS, build_state_dict, canonical_items, target_layout
     from ..tools.output import check_out, clean_leftovers, output_error, written_aside
 
     if to not in FORMATS:
         raise InvalidArgumentError(f"unknown layout {to!r}; choose one of {', '.join(FORMATS)}.")
     out = Path(out)
-    layout = write.layout(to)
+    items = canonical_items(adapter)
+    layout = target_layout(to, items)  # `to` names an application (tools/targets.py), not a layout row
     if not layout.folder and out.suffix != ".safetensors":
         raise LoRAError(f"{out}: the output of --to {to} is one file; give a name ending in .safetensors.")
     check_out(out, overwrite)
-    sd, metadata, config = build_state_dict(canonical_items(adapter), to, where=adapter.source or adapter.name)
+    sd, metadata, config = build_state_dict(items, to, where=adapter.source or adapter.name)
     try:
         clean_leftovers(out)
         with written_aside(out) as tmp:

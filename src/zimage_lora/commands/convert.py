@@ -6,32 +6,33 @@ import argparse
 
 SUMMARY = "rewrite an adapter into another key layout"
 
-HELP = """Rewrite an adapter into another layout. LoRA converts exactly; q/k/v are split or fused as
-the target needs; what a layout cannot hold is refused with the reason (e.g. LoKr into PEFT keys).
+HELP_HEAD = """Rewrite an adapter for the application that will load it. LoRA converts exactly; q/k/v are
+split or fused as the target needs; what a target cannot hold is refused with the reason (e.g. LoKr
+into PEFT keys). Every written key is checked against the key rules of the application the target
+names: a module it would skip is an error, and nothing is written. Where ComfyUI computes part of the
+adapter differently from its trainer (DoRA per output row), a warning says how.
 
-layouts:
-  diffusers  transformer.<module>.lora_A/lora_B, alpha in the lora_adapter_metadata field (LoRA, DoRA)
-  kohya      lora_unet_<module> + lora_down/lora_up + .alpha; LoKr, LoHa, diffs keep their suffixes
-  comfy      diffusion_model.<native module>, q/k/v fused into attention.qkv (shared down, or
-             block-diagonal when the downs differ), + .alpha; LoKr, LoHa, diffs too
-  peft       a PEFT folder: adapter_model.safetensors + adapter_config.json (LoRA, DoRA)
+targets (--to):
+"""
 
+EXAMPLES = """
 examples:
+  zimage-lora convert style.safetensors --to comfyui --out style_comfyui.safetensors
   zimage-lora convert style.safetensors --to diffusers --out style_diffusers.safetensors
-  zimage-lora convert ./peft_folder --to comfy --out style_comfy.safetensors
   zimage-lora convert style.safetensors --to peft --out ./style_peft
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..tools import targets
     from ..tools.convert import FORMATS
 
     p = sub.add_parser(
-        "convert", help=SUMMARY, description=HELP,
+        "convert", help=SUMMARY, description=HELP_HEAD + targets.help_table() + "\n" + EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="a .safetensors file, a folder (PEFT folders too) or a hub id org/name")
-    p.add_argument("--to", required=True, choices=FORMATS, help="target layout")
+    p.add_argument("--to", required=True, choices=FORMATS, help="the application the file is for (see above)")
     p.add_argument("--out", required=True, help="output .safetensors file (a folder for --to peft)")
     p.add_argument("--filename", help="file inside a folder or hub repository")
     p.add_argument("--model", help="diffusers transformer folder or config.json (default: Z-Image-Turbo)")
@@ -41,20 +42,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+    import warnings
+
     from ..inventory import inventory_model, load_config
     from ..loading import load_adapter
     from ..numerics import one_thread
-    from ..tools.convert import convert_adapter
+    from ..tools.convert import ComfyUIDifferenceWarning, convert_adapter
 
-    with one_thread():
-        adapter = load_adapter(args.source, inventory_model(load_config(args.model)), filename=args.filename)
-        out = convert_adapter(adapter, args.to, args.out, overwrite=args.overwrite)
+    inventory = inventory_model(load_config(args.model))
+    with one_thread(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ComfyUIDifferenceWarning)
+        adapter = load_adapter(args.source, inventory, filename=args.filename)
+        out = convert_adapter(adapter, args.to, args.out, model=inventory, overwrite=args.overwrite)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ComfyUIDifferenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ComfyUIDifferenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         from .output import emit_json
 
         emit_json({
             "source": adapter.source, "format": adapter.format, "modules": len(adapter.modules),
-            "out": str(out), "to": args.to,
+            "out": str(out), "to": args.to, "warnings": notes,
             "unmatched": [{"key": u.key, "reason": u.reason} for u in adapter.unmatched],
         })
         return 0

@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="diffusers transformer folder or its config.json (default: Z-Image-Turbo)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
-        "--all", action="store_true", help=f"list every unmatched key (default: the first {UNMATCHED_SHOWN})"
+        "--all", action="store_true",
+        help=f"list every matched target (module, algorithm, rank, scale, keys) and every unmatched key "
+             f"(default: no target list, the first {UNMATCHED_SHOWN} unmatched keys)",
     )
     p.add_argument("--strict", action="store_true", help="fail when any key does not match")
     p.set_defaults(run=run)
@@ -54,13 +56,17 @@ def run(args: argparse.Namespace) -> int:
             allow_empty=True,
         )
     info = summarize(adapter, index)
+    info["notes"] += _comfyui_notes(adapter)
+    # matched_count counts norms and bias-only targets too; the Linear layers are counted on their own.
+    shapes = index.shapes
+    info["matched_linear_count"] = sum(1 for m in set(adapter.modules) if m in shapes and shapes[m].is_linear)
     empty = not adapter.targets
     if args.json:
         from .output import emit_json
 
         emit_json(info)
     else:
-        _print_tables(info, show_all=args.all or empty)
+        _print_tables(info, show_all=args.all or empty, list_targets=args.all)
     if empty:
         print(
             f"error: no key of this {info['format']} file matches a module of the model "
@@ -71,7 +77,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(info: dict, show_all: bool = False) -> None:
+def _comfyui_notes(adapter) -> list[str]:
+    """Where ComfyUI would apply this file differently from its trainer (tools/targets.py says how)."""
+    from ..tools.targets import comfyui_differences
+
+    return [f"in ComfyUI, {line}" for line in
+            comfyui_differences((t.module, t.algorithm, t.dora) for t in adapter.targets)]
+
+
+def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False) -> None:
+    from collections import Counter
+
     from rich.table import Table
     from rich.text import Text
 
@@ -88,7 +104,11 @@ def _print_tables(info: dict, show_all: bool = False) -> None:
     summary.add_row("ranks", ", ".join(f"{r} (x{n})" for r, n in info["ranks"].items()) or "-")
     summary.add_row("alphas", ", ".join(f"{a} (x{n})" for a, n in info["alphas"].items()) or "none (scale 1)")
     summary.add_row("scale rules", "; ".join(f"{r} (x{n})" for r, n in info["scale_rules"].items()) or "-")
-    summary.add_row("matched", f"{info['matched_count']} of {info['model_linear_count']} Linear layers")
+    others = info["matched_count"] - info["matched_linear_count"]
+    summary.add_row("matched", f"{info['matched_linear_count']} of {info['model_linear_count']} Linear layers"
+                    + (f" + {others} other module(s) (norms, bias-only)" if others else ""))
+    scales = Counter(round(t["scale"], 6) for t in info["targets"])
+    summary.add_row("scale at strength 1", ", ".join(f"{s:g} (x{n})" for s, n in sorted(scales.items())) or "-")
     summary.add_row("unmatched keys", str(len(info["unmatched"])))
     if info["ignored"]:
         summary.add_row("ignored trainer data", ", ".join(u["key"] for u in info["ignored"]))
@@ -107,6 +127,15 @@ def _print_tables(info: dict, show_all: bool = False) -> None:
         console.print(f"note: {note}", markup=False, highlight=False)
     for u in info["ignored"]:
         console.print(f"ignored: {u['key']}: {u['reason']}", markup=False, highlight=False)
+    if list_targets and info["targets"]:
+        tt = Table(title="targets")
+        for col in ("module", "algorithm", "rank", "scale", "keys"):
+            tt.add_column(col, overflow="fold")
+        for t in info["targets"]:
+            rows = f"[{t['rows'][0]}:{t['rows'][1]}]" if t["rows"] else ""
+            tt.add_row(t["module"] + rows, t["algorithm"] + (" + DoRA" if t["dora"] else ""),
+                       "-" if t["rank"] is None else str(t["rank"]), f"{t['scale']:g}", ", ".join(t["keys"]))
+        console.print(tt)
     if info["unmatched"]:
         shown = info["unmatched"] if show_all else info["unmatched"][:UNMATCHED_SHOWN]
         um = Table(title="unmatched keys")

@@ -10,17 +10,23 @@ HELP = """Merge one or more adapters into a Z-Image transformer checkpoint and w
 
 Input: a diffusers transformer folder (config.json + safetensors shards + index), a pipeline folder,
 a hub id already in the Hugging Face cache, or one .safetensors file (ComfyUI-style, fused qkv).
-Output: the same layout as the input in the --out folder, or one file when --out ends in .safetensors.
+Output: a folder --out gets the input's layout (diffusers shards + index); an --out ending in
+.safetensors gets one file, in the key layout --layout names: comfyui (native names, q/k/v fused into
+attention.qkv: ComfyUI's models/diffusion_models/), diffusers (ZImageTransformer2DModel names, q/k/v
+split), or same (default: the input's own names; a diffusers folder gives diffusers names).
 Tensors are streamed one at a time (memory stays far below the model size) and written to a
 temporary path that is renamed into place at the end, so an interrupted merge leaves nothing at --out.
-With --overwrite the old output is moved aside first and deleted only once the new one is in place;
-leftovers of a killed merge (.NAME.partial-PID) are removed by the next merge to the same place.
+With --overwrite a file is replaced in one rename and a folder swapped with the old one in one atomic
+exchange (Linux), so a kill leaves the old or the new output at --out; leftovers of a killed merge
+(.NAME.partial-PID) are removed by the next merge to the same place.
 
 examples:
   zimage-lora merge --model ./Z-Image-Turbo/transformer --lora style.safetensors:0.8 --out merged/
   zimage-lora merge --model Tongyi-MAI/Z-Image-Turbo --lora a.safetensors --lora b.safetensors:-0.3 \\
       --out merged.safetensors --dtype bf16
   zimage-lora merge --model z_image_turbo_bf16.safetensors --lora style.safetensors --out z_style.safetensors
+  zimage-lora merge --model ./Z-Image-Turbo/transformer --lora style.safetensors --out z_style.safetensors \\
+      --layout comfyui
 """
 
 
@@ -37,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder, or a .safetensors file")
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
                    help="dtype of the floating-point tensors written (default: keep each tensor's own)")
+    p.add_argument("--layout", default="same", choices=["same", "comfyui", "diffusers"],
+                   help="key layout of a single-file --out: comfyui (fused qkv), diffusers, or same "
+                        "(default: the input's own)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--strict", action="store_true", help="fail when any adapter key does not match")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_lora_spec(s) for s in args.lora]
     report = merge_checkpoint(
         args.model, specs, args.out, dtype=args.dtype, overwrite=args.overwrite, strict=args.strict,
-        progress=not (args.quiet or args.json),
+        progress=not (args.quiet or args.json), layout=args.layout,
     )
     from .output import console as make_console
 

@@ -20,7 +20,8 @@ from . import grammar
 
 #: Reported for text-encoder keys when only a transformer was given.
 TRANSFORMER_ONLY_REASON = (
-    "text-encoder key: only the transformer was given; pass the pipeline (with its text_encoder) to apply it"
+    "text-encoder key: only the transformer was given; pass the pipeline (with its text_encoder) to apply it "
+    "(command line: `zimage-lora generate` applies it; `inspect` and `merge` read the transformer only)"
 )
 
 # ComfyUI names each text encoder `text_encoders.<slot>.` and wraps the Hugging Face model in

@@ -216,6 +216,8 @@ def _describe_losses(file, index, losses, tensors, unmatched: list[Unmatched], n
                                          "different delta (the file carries two versions of them); that one was used")
     stems = sorted({d.group.stem for d, _k, _m in losses if differ[id(d)]})
     if stems:
+        # The overlap note said "the same weights twice" before the comparison: not true of these rows.
+        notes[:] = [n.replace("carries the same weights twice", "covers the same modules twice") for n in notes]
         notes.append(f"{len(stems)} stem(s) given up where other keys cover the same rows hold a different delta "
                      f"there, not a copy (e.g. '{stems[0]}'): the preferred keys were used for those rows")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -55,10 +56,11 @@ def _can_spell(lay: Layout, algorithm: str, role: str) -> bool:
     return spelled_role in lay.suffixes.get(family, {})
 
 
-def refusal(lay: Layout, item: Item) -> str | None:
-    """What in `item` layout `lay` cannot hold (None: it can)."""
+def refusal(lay: Layout, item: Item, families: tuple[str, ...] | None = None) -> str | None:
+    """What in `item` layout `lay` (restricted to `families` when given) cannot hold (None: it can)."""
     spelled = lay.suffixes
-    if algorithms.get(item.algorithm).family not in spelled:
+    family = algorithms.get(item.algorithm).family
+    if family not in spelled or (families is not None and family not in families):
         return f"{item.algorithm} ({item.source_keys[0] if item.source_keys else item.name})"
     unspelled = [r for r in item.tensors if r != "diff_b" and not _can_spell(lay, item.algorithm, r)]
     if unspelled:
@@ -70,11 +72,12 @@ def refusal(lay: Layout, item: Item) -> str | None:
     return None
 
 
-def _holds(lay: Layout) -> str:
+def _holds(lay: Layout, families: tuple[str, ...] | None = None) -> str:
     """'LoRA and DoRA only (PEFT keys lora_A/lora_B)': the families a layout spells, for refusals."""
     names = {a.family: a.title or a.name for a in reversed(algorithms.by_priority())}
-    held = [names.get(a, a) for a in lay.algorithms] + (["DoRA"] if "dora" in lay.suffixes else [])
-    text = " and ".join(held) + (" only" if len(lay.algorithms) == 1 else "")
+    kept = [a for a in lay.algorithms if families is None or a in families]
+    held = [names.get(a, a) for a in kept] + (["DoRA"] if "dora" in lay.suffixes else [])
+    text = " and ".join(held) + (" only" if len(kept) == 1 else "")
     if lay.suffixes.get("lora") == PEFT_LORA:
         text += " (PEFT keys lora_A/lora_B)"
     return text
@@ -83,22 +86,30 @@ def _holds(lay: Layout) -> str:
 def _elsewhere(item: Item) -> str:
     """Which of the writable file layouts hold `item`'s algorithm, for a refusal."""
     family = algorithms.get(item.algorithm).family
-    held = [n for n in ("kohya", "comfy") if family in LAYOUTS[n].suffixes]
-    if held == ["kohya", "comfy"]:
-        return "Convert to 'kohya' or 'comfy', which keep LoKr, LoHa and full diffs."
+    # Named as `convert --to` spells them (tools/targets.py: kohya writes the kohya row, comfyui the comfy row).
+    held = [n for n, row in (("kohya", "kohya"), ("comfyui", "comfy")) if family in LAYOUTS[row].suffixes]
+    if held == ["kohya", "comfyui"]:
+        return "Convert to 'kohya' or 'comfyui', which keep LoKr, LoHa and full diffs."
     if held:
         return f"Convert to {' or '.join(repr(n) for n in held)}, which keep{'s' if len(held) == 1 else ''} it."
     return "No layout this tool writes keeps it."
 
 
-def state_dict(items: list[Item], name: str, where: str = "adapter") -> tuple[dict, dict, dict | None]:
-    """(tensors, safetensors metadata, PEFT config or None) of `items` written in layout `name`."""
+def state_dict(items: list[Item], name: str, where: str = "adapter", *, shown: str | None = None,
+               families: tuple[str, ...] | None = None,
+               reasons: Mapping[str, str] | None = None) -> tuple[dict, dict, dict | None]:
+    """(tensors, safetensors metadata, PEFT config or None) of `items` written in layout `name`.
+
+    `shown` is the name the user asked for (a `convert --to` target), `families` the algorithm
+    families that target may hold, `reasons` why a family is refused there (family -> reason)."""
     lay = layout(name)
     for item in items:
-        problem = refusal(lay, item)
+        problem = refusal(lay, item, families)
         if problem:
+            why = (reasons or {}).get(algorithms.get(item.algorithm).family)
             raise UnsupportedError(
-                f"{where}: --to {name} holds {_holds(lay)}, but the adapter has {problem}. {_elsewhere(item)}"
+                f"{where}: --to {shown or name} holds {_holds(lay, families)}, but the adapter has {problem}"
+                f"{f' ({why})' if why else ''}. {_elsewhere(item)}"
             )
     if lay.fused_qkv:
         items = fuse_qkv_items(items)

@@ -28,6 +28,7 @@ from ..loading import load_adapter
 from ..numerics import check_landed
 from ..sources import LoRAConfiguration
 from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint_layout import Relayout, check_layout
 from .output import check_out, check_space, clean_leftovers, output_error, written_aside
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
@@ -55,6 +56,7 @@ def merge_checkpoint(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = False,
+    layout: str = "same",
 ) -> MergeReport:
     """Merge `loras` (each with its scale) into the checkpoint at `model` and write it to `out`.
 
@@ -62,7 +64,8 @@ def merge_checkpoint(
     .safetensors file. `out`: a folder (same shard layout as the input) or a `.safetensors` file.
     `dtype`: output dtype of floating tensors ("bf16", "fp16", "fp32" or a torch dtype; None keeps each
     tensor's own). Returns what was done; raises `LoRAError` before writing anything when an adapter
-    does not fit.
+    does not fit. `layout` (single-file `out` only): "comfyui" (native names, fused qkv), "diffusers"
+    (split q/k/v) or "same" (the input's own names, the default).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -70,6 +73,7 @@ def merge_checkpoint(
     if not loras:
         raise InvalidFormatError("nothing to merge: give at least one adapter (--lora SOURCE[:SCALE]).")
     check_out(out, overwrite)
+    check_layout(layout, out.suffix == ".safetensors")
     ckpt = open_checkpoint(model)
     _check_out(out, ckpt)
     index = ckpt.module_index()
@@ -89,7 +93,7 @@ def merge_checkpoint(
         })
     by_key = _plan_by_key(ckpt, plan)
     metadata = {"zimage_lora_merged": json.dumps([{k: a[k] for k in ("source", "scale")} for a in report.adapters])}
-    _write_atomically(ckpt, by_key, out, out_dtype, metadata, report, progress)
+    _write_atomically(ckpt, by_key, out, out_dtype, metadata, report, progress, layout)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -107,7 +111,8 @@ def _note_repeats(adapter: Adapter, strength: float, seen: dict[str, int], repor
     seen[key] = seen.get(key, 0) + 1
 
 
-def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: MergeReport, progress: bool) -> None:
+def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: MergeReport, progress: bool,
+                      layout: str) -> None:
     removed, kept = clean_leftovers(out)
     report.notes += [f"removed {p.name}, left by an interrupted merge" for p in removed]
     report.notes += [f"{p.name} belongs to a merge still running; left alone" for p in kept]
@@ -115,7 +120,7 @@ def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: Merg
     try:
         check_space(out, needed)
         with written_aside(out) as tmp:
-            _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress)
+            _write(ckpt, by_key, out, tmp, out_dtype, metadata, report, progress, layout)
     except OSError as exc:
         if isinstance(exc, LoRAError):
             raise
@@ -222,7 +227,8 @@ def _out_files(ckpt: Checkpoint, out: Path) -> list[tuple[Path, list[tuple[Path,
     return groups
 
 
-def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: MergeReport, progress: bool) -> None:
+def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: MergeReport, progress: bool,
+           layout: str = "same") -> None:
     single = out.suffix == ".safetensors"
     if not single:
         tmp.mkdir()
@@ -243,9 +249,11 @@ def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: Merg
                 entries.append((info.key, dtype, info.shape))
                 weight_map[info.key] = rel.name
             file_meta = dict(ckpt.headers[tensors[0][0]].metadata) if tensors else {}
-            writer = StreamingWriter(target_path, entries, {**file_meta, **metadata})
+            relayout = Relayout(entries, ckpt.prefix, layout) if layout != "same" else None
+            writer = StreamingWriter(target_path, relayout.out if relayout else entries, {**file_meta, **metadata})
             try:
-                _stream(ckpt, tensors, entries, by_key, writer, report, bar, task)
+                sink = relayout.sink(writer) if relayout else writer
+                _stream(ckpt, tensors, entries, by_key, sink, report, bar, task)
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -259,7 +267,7 @@ def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: Merg
             bar.stop()
 
 
-def _stream(ckpt, tensors, entries, by_key, writer: StreamingWriter, report, bar, task) -> None:
+def _stream(ckpt, tensors, entries, by_key, writer, report, bar, task) -> None:
     handles: dict[Path, object] = {}
     try:
         for (path, info), (_key, dtype, _shape) in zip(tensors, entries, strict=True):

@@ -1,14 +1,17 @@
-"""Rewrite an adapter into another file layout: diffusers, kohya, ComfyUI (fused qkv) or a PEFT folder.
+"""Rewrite an adapter into the layout an application loads: ComfyUI, musubi-tuner / kohya, diffusers,
+PEFT, ai-toolkit (`tools/targets.py` names each target and who loads it).
 
 The adapter is first read into the canonical form (resolved against a Z-Image module inventory),
 then written from it: nothing depends on the source layout. LoRA converts exactly (alpha carried
 as alpha, never folded unless q/k/v with different scales must share one fused alpha); what a
 target layout cannot hold (LoKr in PEFT keys, a norm diff in diffusers keys) is refused with the
-reason and the layouts that can hold it.
+reason and the layouts that can hold it. Every written key is checked against the key rules of the
+application the target names (`tools/loaders.py`) before the file is kept.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,12 +20,17 @@ from .. import algorithms
 from ..adapter import Adapter, Dora, Target
 from ..errors import LoRAError, UnsupportedError
 from ..keys.aliases import FUSED_QKV, qkv_block, qkv_names
-from ..layouts import Item, write
+from ..layouts import Item, Layout, write
 from ..sources import LoRAConfiguration
+from . import loaders, targets
 from .output import clean_leftovers, output_error, written_aside
 
-#: The `--to` layouts: rows of `layouts.LAYOUTS`.
-FORMATS = ("diffusers", "kohya", "comfy", "peft")
+#: The `--to` choices: targets named by the applications that load them, then their aliases.
+FORMATS = targets.NAMES
+
+
+class ComfyUIDifferenceWarning(UserWarning):
+    """ComfyUI will apply part of a converted file differently from the trainers (PEFT, LyCORIS)."""
 
 
 def convert_adapter(
@@ -33,15 +41,17 @@ def convert_adapter(
     model: str | Path | torch.nn.Module | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Read `source`, write it in layout `to` at `out` (a .safetensors file; a folder for "peft")."""
-    if to not in FORMATS:
-        raise LoRAError(f"unknown target layout {to!r}; choose one of {', '.join(FORMATS)}.")
+    """Read `source`, write it for the application target `to` at `out` (a .safetensors file; a folder
+    for "peft"). Where ComfyUI computes part of it differently, a `ComfyUIDifferenceWarning` says how."""
+    targets.get(to)  # an unknown target is refused before anything is read
     out = Path(out)
     if out.exists() and not overwrite:
         raise LoRAError(f"{out} already exists; choose another --out or pass --overwrite.")
-    adapter = source if isinstance(source, Adapter) else _load(source, model)
-    sd, metadata, config = build_state_dict(canonical_items(adapter), to, where=adapter.source)
-    layout = write.layout(to)
+    inventory = _inventory(model)
+    adapter = source if isinstance(source, Adapter) else _load(source, inventory)
+    items = canonical_items(adapter)
+    sd, metadata, config = build_state_dict(items, to, adapter.source, inventory, stacklevel=3)
+    layout = target_layout(to, items)
     if not layout.folder and out.suffix != ".safetensors":
         raise LoRAError(f"{out}: the output of --to {to} is one file; give a name ending in .safetensors.")
     metadata["zimage_lora_converted_from"] = adapter.format
@@ -57,13 +67,16 @@ def convert_adapter(
     return out
 
 
-def _load(source, model) -> Adapter:
+def _inventory(model: str | Path | torch.nn.Module | None) -> torch.nn.Module:
     from ..inventory import inventory_model, load_config
+
+    return model if isinstance(model, torch.nn.Module) else inventory_model(load_config(model))
+
+
+def _load(source, model: torch.nn.Module) -> Adapter:
     from ..loading import load_adapter
 
-    if isinstance(model, torch.nn.Module):
-        return load_adapter(source, model)
-    return load_adapter(source, inventory_model(load_config(model)))
+    return load_adapter(source, model)
 
 
 # --- canonical items ---------------------------------------------------------------------------------
@@ -114,9 +127,30 @@ def _fused_item(adapter: Adapter, parts: list[Target]) -> Item:
     return Item(block + FUSED_QKV, first.algorithm, first.tensors, first.scale, first.rank, dora, first.source_keys)
 
 
-def build_state_dict(items: list[Item], to: str, where: str = "adapter") -> tuple[dict, dict, dict | None]:
-    """(tensors, safetensors metadata, PEFT config or None) of `items` in layout `to`."""
-    return write.state_dict(items, to, where)
+def target_layout(to: str, items: list[Item]) -> Layout:
+    """The layout row the `convert --to` target `to` writes `items` with."""
+    return write.layout(targets.layout_for(targets.get(to), items))
 
 
-__all__ = ["FORMATS", "Item", "convert_adapter", "canonical_items", "build_state_dict"]
+def build_state_dict(items: list[Item], to: str, where: str = "adapter",
+                     model: torch.nn.Module | None = None, *, stacklevel: int = 2) -> tuple[dict, dict, dict | None]:
+    """(tensors, safetensors metadata, PEFT config or None) of `items` for the `convert --to` target `to`,
+    checked against the key rules of the application it names on `model`'s modules (default: the
+    Z-Image-Turbo inventory). Where ComfyUI computes part of it differently, a
+    `ComfyUIDifferenceWarning` says how."""
+    target = targets.get(to)
+    comfyui = target.loader == "comfyui"
+    sd, metadata, config = write.state_dict(
+        items, targets.layout_for(target, items), where, shown=to, families=target.families,
+        reasons=targets.COMFYUI_REFUSED if comfyui else None,
+    )
+    modules = {n: m for n, m in _inventory(model).named_modules() if n}
+    loaders.require_loadable(loaders.LOADERS[target.loader], sd, modules, where, to, target.fix)
+    if comfyui:
+        for line in targets.comfyui_differences([(i.name, i.algorithm, i.dora) for i in items]):
+            warnings.warn(f"{where}: in ComfyUI, {line}", ComfyUIDifferenceWarning, stacklevel=stacklevel)
+    return sd, metadata, config
+
+
+__all__ = ["FORMATS", "ComfyUIDifferenceWarning", "Item", "build_state_dict", "canonical_items", "convert_adapter",
+           "target_layout"]

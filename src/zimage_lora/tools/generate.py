@@ -64,22 +64,35 @@ def _load_pipeline(model: str | Path, dtype: torch.dtype):
     except (OSError, ValueError) as local_exc:
         if Path(str(model)).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise DownloadError(
-                f"{model}: cannot load the pipeline from disk or the Hugging Face cache ({local_exc}). "
-                "Pass a diffusers pipeline folder, or download it once while online (`hf download "
-                f"{model}`)."
+                f"{_named(model)}: cannot load the pipeline from disk or the Hugging Face cache ({_cause(local_exc)}). "
+                "Pass a local diffusers pipeline folder as --model (model=... in Python), or download it "
+                f"once while online (`hf download {model}`)."
             ) from None
         try:
             pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
         except (OSError, ValueError) as exc:
             raise DownloadError(
-                f"{model}: not in the Hugging Face cache and the download failed ({exc}). "
-                "Check the id and the network, or pass a local pipeline folder."
+                f"{_named(model)}: not in the Hugging Face cache and the download failed ({_cause(exc)}). "
+                "Check the id and the network, or pass a local pipeline folder as --model (model=... in Python)."
             ) from None
     if type(pipe).__name__ not in PIPELINE_CLASSES:
         raise UnsupportedError(
             f"{model}: a {type(pipe).__name__}, not a Z-Image pipeline; expected one of {', '.join(PIPELINE_CLASSES)}."
         )
     return pipe
+
+
+def _named(model: str | Path) -> str:
+    return f"{model} (the default; choose another with --model)" if str(model) == DEFAULT_MODEL else str(model)
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of a loader's error, without its advice to read a stack trace nobody is shown."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for tail in ("Please check out the root cause in the stacktrace above.", "Check your internet connection"):
+        text = text.split(tail)[0].strip()
+    text = text.rstrip(". ") or type(exc).__name__
+    return text if len(text) <= 200 else text[:200].rsplit(" ", 1)[0] + " ..."
 
 
 def text_to_image(pipe):

@@ -1,10 +1,12 @@
 """Writing results in place of `--out` without ever leaving a broken one.
 
 A result is written under a temporary name next to `--out` (`.NAME.partial-PID`) and moved into place
-when complete. An existing output that is replaced is first moved aside (`.NAME.old-PID`), the new one
-moved in, and only then the old one deleted, so a kill at any moment leaves either the old output or
-the new one at `--out`. Leftovers of a killed run are removed by the next run to the same place once
-their process is gone. Every file-system failure becomes one `LoRAError` that says the cause and the fix.
+when complete. A file replaces a file in one rename; a folder is swapped with the old output in one
+atomic exchange on Linux (elsewhere the old one is moved aside first, `.NAME.old-PID`: see
+`move_into_place` for the window that leaves), and only then is the old one deleted, so a kill leaves
+either the old output or the new one at `--out`. Leftovers of a killed run are removed by the next run
+to the same place once their process is gone. Every file-system failure becomes one `LoRAError` that
+says the cause and the fix. Written files and folders get the modes the umask gives new ones.
 """
 
 from __future__ import annotations
@@ -140,14 +142,49 @@ def written_aside(out: Path) -> Iterator[Path]:
     tmp = temp_path(out)
     try:
         yield tmp
+        follow_umask(tmp)
         move_into_place(tmp, out)
     except BaseException:
         remove(tmp)
         raise
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and restore at once)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the modes a new file or folder gets under the
+    umask: safetensors writes its files 0600, which a ComfyUI running as another user cannot read."""
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def move_into_place(tmp: Path, out: Path) -> None:
-    """Old output aside, new one in, then the old one deleted: `out` is never missing or half-written."""
+    """New output in, old one out, then the old one deleted: `out` is never missing or half-written.
+
+    A file over a file is one rename. A folder (or a file replacing a folder, or the reverse) is
+    swapped with the old output in one atomic exchange where the system has one (Linux renameat2
+    RENAME_EXCHANGE); the old output then sits at the temporary name until it is deleted. Elsewhere
+    it takes two renames (old aside, new in): a kill between them leaves `out` missing, with the old
+    output at `.NAME.old-PID` and the new one at `.NAME.partial-PID` (the next run removes both)."""
+    if out.exists() or out.is_symlink():
+        if ((out.is_dir() and not out.is_symlink()) or tmp.is_dir()) and _exchange(tmp, out):
+            remove(tmp)  # now the old output
+            return
     old = None
     if out.exists() or out.is_symlink():
         if (out.is_dir() and not out.is_symlink()) or tmp.is_dir():
@@ -162,6 +199,32 @@ def move_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         remove(old)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # the file system cannot exchange: two renames instead
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def remove(path: Path) -> None:
