@@ -13,6 +13,7 @@ from torch import nn
 
 from ..adapter import Adapter, Unmatched
 from ..errors import IncompatibleWeightsError
+from ..mlx import dispatcher
 from ..sources import LoRAConfiguration
 from . import checkpoint
 from .access import Scope
@@ -60,6 +61,9 @@ def apply_adapter(
     `pipe.transformer` and its text-encoder part on `pipe.text_encoder` (an `Adapter` object, resolved
     against one model, goes to the transformer), in one change: both or neither.
     """
+    if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
+        return mlx.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
+                         compute_dtype=compute_dtype)
     parts = components_of(model)
     mode = check_mode(mode)
     strength = check_scale(scale)

@@ -23,6 +23,7 @@ from ..formats.reader import read_adapter_file
 from ..keys import ModuleIndex, resolve
 from ..keys.text_encoder import TextEncoderIndex
 from ..loading import load_adapter
+from ..mlx import is_mlx
 from ..sources import LoRAConfiguration, resolve_source
 from .report import AdapterInfo, ApplyReport
 
@@ -52,7 +53,7 @@ def components_of(obj: Any) -> list[Component]:
     """The components a call on `obj` covers, the transformer first (the order locks are taken in, so
     two changes cannot wait on each other). A pipeline without a text encoder is its transformer alone
     (the engine then reports the file's text-encoder keys as unmatched)."""
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module) or is_mlx(obj):  # an MLX model is its own engine's (apply/engine.py)
         return [Component(TRANSFORMER, obj)]
     transformer, text_encoder = getattr(obj, TRANSFORMER, None), getattr(obj, TEXT_ENCODER, None)
     if not isinstance(transformer, nn.Module):

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..backends import backend_for
+from ..mlx import dispatcher
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
 from .components import components_of, is_pipeline, pipeline_infos
@@ -45,11 +46,15 @@ def remove_adapter(model: Any, name: str | None = None) -> list[str]:
     Merged weights are restored from the kept originals, never by subtracting; with every adapter gone
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
+    if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
+        return mlx.remove(model, name)
     return remove_adapters(model, None if name is None else [check_name(name)])
 
 
 def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
     """Remove `names` (None: all) from every component holding them, all or none."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.remove(model) if names is None else [n for name in names for n in mlx.remove(model, name)]
     def change(scope: Scope) -> list[str]:
         removed = scope.names() if names is None else names
         unknown = [n for n in removed if not scope.holding(n)]
@@ -65,6 +70,8 @@ def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
 def set_adapter_scale(model: Any, name: str, scale: float) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
     original of every module it touches. A scale whose delta overflows is refused in both modes."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.set_scale(model, name, scale)
     parts = components_of(model)
     check_name(name)
     value = check_scale(scale)
@@ -105,6 +112,8 @@ def set_active_adapters(model: Any, names: str | list[str] | None, weights: list
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
     """
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.set_active(model, names, weights)
     parts = components_of(model)
     asked = None if names is None else check_names(names)
 
@@ -138,6 +147,8 @@ def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
     and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
     is enabled). All or nothing: if one fails, those already switched go back."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.switch_mode(model, names, mode)
     parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
@@ -165,6 +176,8 @@ def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
 def list_adapters(model: Any) -> list[AdapterInfo]:
     """The attached adapters in the order they were applied: name, mode, scale, source, format, size.
     Over a pipeline, one entry per name naming the components it is on."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.list_all(model)
     parts = components_of(model)
     listed = [
         (c.part, AdapterInfo(

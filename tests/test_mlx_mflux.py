@@ -1,0 +1,55 @@
+"""The MLX backend on mflux's own Z-Image transformer, checked against the real things: a tiny mflux
+`ZImageTransformer` whose weights come from a tiny diffusers model through mflux's own weight mapping
+gives the diffusers model's result with the same adapter, in both modes; and on the layouts mflux's
+own `LoRALoader` reads, our dynamic result equals mflux's."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+pytest.importorskip("mlx.core", reason="the [mlx] extra is not installed")
+pytest.importorskip("mflux.models.z_image", reason="mflux is not installed (pip install --no-deps mflux==0.24.0)")
+
+import _mlx  # noqa: E402
+
+import zimage_lora as zl  # noqa: E402
+from zimage_lora.examples import make_adapter, run_model, tiny_model  # noqa: E402
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "lycoris-lokr", "lycoris-loha", "lycoris-dora",
+                                    "lycoris-full", "comfy-fused"])
+@pytest.mark.parametrize("mode", ["dynamic", "merged"])
+def test_matches_diffusers(tmp_path, layout, mode):
+    model = tiny_model(0)
+    twin = _mlx.mflux_twin(model)
+    inp = _mlx.inputs(3)
+    path = make_adapter(layout, tmp_path / "a.safetensors", model)
+    base_t, base_m = run_model(model, inp), _mlx.run_twin(twin, inp)
+    zl.apply_adapter(model, path, scale=0.8, mode=mode)
+    zl.apply_adapter(twin, path, scale=0.8, mode=mode)
+    effect = run_model(model, inp) - base_t
+    assert effect.norm() > 1e-2 * base_t.norm()
+    got = _mlx.run_twin(twin, inp) - base_m
+    assert float((got - effect).norm() / effect.norm()) < 1e-4
+    zl.remove_adapter(twin)
+    assert float((_mlx.run_twin(twin, inp) - base_m).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "ai-toolkit", "musubi-other"])
+def test_equals_mflux_lora_loader(tmp_path, layout):
+    from mflux.models.common.lora.mapping.lora_loader import LoRALoader
+    from mflux.models.z_image.weights.z_image_lora_mapping import ZImageLoRAMapping
+
+    model = tiny_model(0)
+    path = make_adapter(layout, tmp_path / "a.safetensors", model)
+    theirs, ours = _mlx.mflux_twin(model), _mlx.mflux_twin(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # mflux prints progress
+        LoRALoader.load_and_apply_lora(ZImageLoRAMapping.get_mapping(), theirs, [str(path)], [0.8], bake_lora=False)
+    zl.apply_adapter(ours, path, scale=0.8)
+    inp = _mlx.inputs(3)
+    base = _mlx.run_twin(_mlx.mflux_twin(model), inp)
+    want, got = _mlx.run_twin(theirs, inp), _mlx.run_twin(ours, inp)
+    assert float((got - want).norm() / (want - base).norm()) < 1e-5
