@@ -142,10 +142,17 @@ def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
             )
 
 
-def _free_name(scope: Scope, derived: str, source: str) -> str:
-    """`derived`, or the first of `derived_2`, `derived_3`, ... that no component holds for another source."""
+def _free_name(where: Any, derived: str, source: str) -> str:
+    """`derived`, or the first of `derived_2`, `derived_3`, ... that nothing holds for another source.
+    `where`: a `Scope` (every component), or one engine state with `records` (the MLX engine's)."""
+
+    def holders(name: str) -> list[Record]:
+        if isinstance(where, Scope):
+            return [r for _, r in where.holding(name)]
+        return [where.records[name]] if name in where.records else []
+
     candidate, i = derived, 1
-    while any(r.adapter.source != source for _, r in scope.holding(candidate)):
+    while any(r.adapter.source != source for r in holders(candidate)):
         i += 1
         candidate = f"{derived}_{i}"
     return candidate
