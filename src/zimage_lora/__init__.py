@@ -23,6 +23,8 @@ _EXPORTS = {
     "list_adapters": ".apply",
     "set_active_adapters": ".apply",
     "per_sample_adapters": ".apply",
+    "schedule": ".scheduling",
+    "regional_adapters": ".apply.regional",
     "Request": ".batch",
     "generate_batch": ".batch",
     "AdapterStore": ".store",

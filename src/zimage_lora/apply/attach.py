@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, Unmatched
+from ..blocks import Blocks, default_of
 from ..errors import IncompatibleWeightsError
 from ..mlx import dispatcher
 from ..sources import LoRAConfiguration
-from . import checkpoint
+from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
 from .layer import Slot, prepare, weight_rows
@@ -28,7 +30,6 @@ from .validate import (
     check_dynamic,
     check_mode,
     check_name,
-    check_scale,
     check_targets,
     slot_dtype,
 )
@@ -41,7 +42,7 @@ def apply_adapter(
     model: Any,
     source: str | Path | LoRAConfiguration | Adapter,
     *,
-    scale: float = 1.0,
+    scale: float | Mapping[str, float] = 1.0,
     mode: str = "dynamic",
     name: str | None = None,
     filename: str | None = None,
@@ -59,17 +60,18 @@ def apply_adapter(
     input's; `torch.float32` for extra precision on bf16 models). On any error the model is left
     exactly as it was. A pipeline with a text encoder gets the file's transformer part on
     `pipe.transformer` and its text-encoder part on `pipe.text_encoder` (an `Adapter` object, resolved
-    against one model, goes to the transformer), in one change: both or neither.
+    against one model, goes to the transformer), in one change: both or neither. `scale` may be per
+    block: a {pattern: number} mapping (see `zimage_lora.blocks`; the text encoder takes its '*' value).
     """
     if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
         return mlx.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
                          compute_dtype=compute_dtype)
     parts = components_of(model)
     mode = check_mode(mode)
-    strength = check_scale(scale)
+    strength = blockwise.check_strength(scale)
     compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength = check_scale(strength * source.scale)
+        strength = blockwise.scaled(strength, source.scale)
         name = name if name is not None else source.name
     explicit = name is not None
     if explicit:
@@ -92,7 +94,7 @@ def apply_adapter(
 
 
 def apply_resolved(
-    model: Any, adapter: Adapter, *, name: str, mode: str, strength: float,
+    model: Any, adapter: Adapter, *, name: str, mode: str, strength: float | Mapping[str, float] | Blocks,
     compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False, active: bool = True,
 ) -> ApplyReport:
     """`apply_adapter` past its argument checks, for an adapter resolved against `model`'s transformer.
@@ -103,13 +105,19 @@ def apply_resolved(
 
 
 def apply_parts(
-    parts: list[Component], adapters: dict[str, Adapter], *, name: str, mode: str, strength: float,
+    parts: list[Component], adapters: dict[str, Adapter], *, name: str, mode: str,
+    strength: float | Mapping[str, float] | Blocks,
     compute_dtype: torch.dtype | None, explicit: bool, scanned: bool, active: bool = True,
 ) -> dict[str, ApplyReport]:
     """Attach each component's adapter (`adapters`, by part) as `name` in one scope: all or none.
     `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
-    # Every part is validated before any component changes.
+    # Every part is validated before any component changes. A per-block strength's patterns name
+    # transformer modules: resolved against the transformer, the text encoder takes its default.
+    strengths = {
+        c.part: blockwise.resolve_for(c.module, adapters[c.part], strength) if c.part == TRANSFORMER
+        else default_of(strength) for c in parts if c.part in adapters
+    }
     checked = {
         c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters
     }
@@ -122,7 +130,8 @@ def apply_parts(
             renamed_from = name if final != name else None
         for c, txn in scope.entries:
             if c.part in adapters:
-                reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strength, compute_dtype,
+                reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strengths[c.part],
+                                         compute_dtype,
                                          active=active, renamed_from=renamed_from,
                                          taken_by=_holder(scope, renamed_from))
             elif txn is not None and final in txn.state.records:
@@ -170,7 +179,7 @@ def attach(
     checked: list[Checked],
     name: str,
     mode: str,
-    strength: float,
+    strength: float | Blocks,
     compute_dtype: torch.dtype | None,
     active: bool = True,
     renamed_from: str | None = None,
@@ -193,14 +202,15 @@ def attach(
         where = f"adapter '{name}', module '{p.target.label}'"
         dtype = slot_dtype(p.module, compute_dtype)
         rows = weight_rows(p.module, p.backend, p.placement)
-        headroom = min(headroom, check_dynamic(where, kind, tensors, strength, dtype, rows))
+        at = strength.at(p.target.module) if isinstance(strength, Blocks) else strength
+        headroom = min(headroom, check_dynamic(where, kind, tensors, at, dtype, rows))
     old = state.records.get(name)
     if old is not None:
         notes.append(f"replaced the attached adapter '{name}' (from {old.adapter.source or 'an Adapter object'}).")
     report = ApplyReport(
         name=name,
         mode=mode,
-        scale=strength,
+        scale=strength.default if isinstance(strength, Blocks) else strength,
         source=adapter.source,
         format=adapter.format,
         applied=[p.target.label for p in checked],
@@ -215,7 +225,7 @@ def attach(
             for slot, (p, _kind, tensors) in zip(slots, prepared, strict=True):
                 txn.swap(slot, p.target, old.name, tensors)
             old.adapter = adapter
-            old.strength.set(strength)
+            blockwise.set_strength(model, old, strength)
             old.headroom = headroom
             report.hotswapped = True
             return report

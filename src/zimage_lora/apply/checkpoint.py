@@ -46,9 +46,9 @@ def _dynamic_patched(state: EngineState) -> dict[str, tuple[list[tuple[Target, f
         for t in record.patches:
             if t.module in out:
                 merged, every = out[t.module]
-                every.append((t, record.strength.value))
+                every.append((t, record.strength.at(t.module).value))
                 if record.mode == "merged":
-                    merged.append((t, record.strength.value))
+                    merged.append((t, record.strength.at(t.module).value))
     return out
 
 

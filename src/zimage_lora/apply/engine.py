@@ -10,15 +10,18 @@ component as it was. Applying lives in `apply.attach`, the fast-switching tables
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from ..backends import backend_for
+from ..blocks import Blocks, default_of
 from ..mlx import dispatcher
+from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
-from .components import components_of, is_pipeline, pipeline_infos
+from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
 from .state import Record
@@ -29,7 +32,6 @@ from .validate import (
     check_mode,
     check_name,
     check_names,
-    check_scale,
     check_targets,
     check_weights,
 )
@@ -67,32 +69,44 @@ def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
     return Scope(components_of(model)).run(change)
 
 
-def set_adapter_scale(model: Any, name: str, scale: float) -> None:
+def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float]) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
-    original of every module it touches. A scale whose delta overflows is refused in both modes."""
+    original of every module whose strength changed. A scale whose delta overflows is refused in both
+    modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
     if (mlx := dispatcher(model)) is not None:
         return mlx.set_scale(model, name, scale)
     parts = components_of(model)
     check_name(name)
-    value = check_scale(scale)
+    asked = blockwise.check_strength(scale)
 
     def change(scope: Scope) -> None:
         held = scope.holding(name)
         if not held:
             raise scope.not_attached([name])
-        for txn, record in held:  # every component's check before any changes
+        values = [_resolved(scope, txn, record, asked) for txn, record in held]
+        for (txn, record), value in zip(held, values, strict=True):  # every component's check before any changes
             _check_strength(txn.model, record, value)
-        for txn, record in held:
-            record.strength.set(value)  # dynamic: the one shared value
+        for (txn, record), value in zip(held, values, strict=True):
+            before = record.strength.get()
+            blockwise.set_strength(txn.model, record, value)  # dynamic: the shared value (and per-module ones)
             if record.patches and record.active:
-                txn.rebuild(list(dict.fromkeys(t.module for t in record.patches)))
+                txn.rebuild(blockwise.changed(record.patches, before, value))
 
     Scope(parts).run(change)
 
 
-def _check_strength(model: nn.Module, record: Record, value: float) -> None:
+def _resolved(scope: Scope, txn: Transaction, record: Record, asked: Any) -> blockwise.Strengthish:
+    """A caller's strength for one component's record: a per-block strength's patterns name transformer
+    modules, resolved against the transformer's; the text encoder takes its default."""
+    part = next(c.part for c, t in scope.entries if t is txn)
+    if part == TRANSFORMER:
+        return blockwise.resolve_for(txn.model, record.adapter, asked)
+    return default_of(asked)
+
+
+def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:
     """Dynamic mode's overflow rule for a new strength: free within the headroom found at apply time."""
-    if not record.wrapped or abs(value) <= record.headroom:
+    if not record.wrapped or blockwise.largest(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
         wrapper = model.get_submodule(module_name)
@@ -101,11 +115,14 @@ def _check_strength(model: nn.Module, record: Record, value: float) -> None:
             tensors = {n: getattr(slot, n) for n in slot.names}
             dtype = next(iter(tensors.values())).dtype
             base = wrapper.base_layer
-            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, value, dtype,
+            at = value.at(module_name) if isinstance(value, Blocks) else value
+            check_dynamic(f"adapter '{record.name}', module '{slot.target.label}'", slot.kind, tensors, at, dtype,
                           weight_rows(base, backend_for(base), slot.placement))
 
 
-def set_active_adapters(model: Any, names: str | list[str] | None, weights: list[float] | None = None) -> None:
+def set_active_adapters(
+    model: Any, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
+) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
 
@@ -124,19 +141,24 @@ def set_active_adapters(model: Any, names: str | list[str] | None, weights: list
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
             raise scope.not_attached(unknown)
+        # (txn, name) -> that component's strength for `name`, each checked before any changes
+        resolved: dict[tuple[int, str], blockwise.Strengthish] = {}
         if values is not None:
             for name, value in zip(wanted, values, strict=True):
                 for txn, record in scope.holding(name):
-                    _check_strength(txn.model, record, value)
+                    resolved[id(txn), name] = here = _resolved(scope, txn, record, value)
+                    _check_strength(txn.model, record, here)
         for txn in scope.txns():
             touched_merged: list[str] = []
             for name, record in txn.state.records.items():
-                before = (record.active, record.strength.value)
+                was_active, before = record.active, record.strength.get()
                 record.active = name in wanted
                 if values is not None and record.active:
-                    record.strength.set(values[wanted.index(name)])
-                if record.patches and (record.active, record.strength.value) != before:
+                    blockwise.set_strength(txn.model, record, resolved[id(txn), name])
+                if record.patches and record.active != was_active:
                     touched_merged.extend(t.module for t in record.patches)
+                elif record.patches and record.active:  # only the modules whose strength changed
+                    touched_merged.extend(blockwise.changed(record.patches, before, record.strength.get()))
             txn.publish_fast()
             txn.rebuild(list(dict.fromkeys(touched_merged)))
 
@@ -169,7 +191,7 @@ def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
 def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
     """`record`'s adapter attached again in `mode`, with its scale, compute dtype and active state."""
     checked = check_targets(txn.model, record.adapter, mode, scan=False)  # its tensors were scanned at apply
-    return attach(txn, record.adapter, checked, record.name, mode, record.strength.value, record.compute_dtype,
+    return attach(txn, record.adapter, checked, record.name, mode, record.strength.get(), record.compute_dtype,
                   active=record.active)
 
 

@@ -283,4 +283,6 @@ def build_view(model: torch.nn.Module, layers: dict[Any, tuple[Any, ...]] | None
             layers = ready[1]
         else:
             layers = {w: w._active for w in state.wrappers(model)}
-    return View(layers, {r.strength: r.strength.value for r in state.records.values()})
+    # Per-block strengths (apply.blockwise): each module with its own number is in the view as well.
+    strengths = [s for r in state.records.values() for s in (r.strength, *r.strength.children.values())]
+    return View(layers, {s: s.value for s in strengths})

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import value_at
 from ..errors import LoRAError
 from .gate import Forward
 from .layer import AdapterLinear, Slot
@@ -225,7 +226,7 @@ def _routings(model: nn.Module, ctx: _Context) -> dict[AdapterLinear, Routing]:
             if name not in ctx.records:
                 continue
             wrapper = model.get_submodule(module_name)
-            strengths = [spec.get(name) for spec in ctx.specs]
+            strengths = [None if name not in spec else value_at(spec[name], module_name) for spec in ctx.specs]
             per_layer.extend((wrapper.slots[k], strengths) for k in keys)
             if any(wrapper.slots[k].transforms_input for k in keys):  # its share lands before the base call
                 raise LoRAError(f"per_sample_adapters: adapter '{name}' transforms the input of '{module_name}'; "

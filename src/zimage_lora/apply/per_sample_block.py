@@ -22,7 +22,7 @@ from .gate import BLOCKS, current, end_change
 from .state import Record, gate_of, get_state
 
 ATTR = "_zimage_lora_per_sample"
-Spec = Mapping[str, float]
+Spec = Mapping[str, Any]  # adapter name -> strength (a number or a {pattern: number} mapping)
 
 
 def _batch_error(n: int, total: int) -> LoRAError:
@@ -32,11 +32,12 @@ def _batch_error(n: int, total: int) -> LoRAError:
     )
 
 
-def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, float]], dict[str, Record]]:
+def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str, Any]], dict[str, Record]]:
     """Validated copies of `specs` and the records they name (each attached, dynamic, Linear-only), each
-    strength within the overflow rule of a shared re-weight (`engine._check_strength`)."""
+    strength within the overflow rule of a shared re-weight (`engine._check_strength`); a per-block
+    strength is resolved against the model (`blockwise.resolve_for`)."""
+    from .blockwise import resolve_for
     from .engine import _check_strength
-    from .validate import check_scale
 
     if isinstance(specs, Mapping | str) or not isinstance(specs, Sequence) or not specs:
         raise InvalidFormatError(
@@ -50,7 +51,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
     for i, spec in enumerate(specs):
         if not isinstance(spec, Mapping):
             raise InvalidFormatError(f"per_sample_adapters: spec {i} must map adapter names to strengths, got {spec!r}")
-        clean: dict[str, float] = {}
+        clean: dict[str, Any] = {}
         for name, strength in spec.items():
             record = attached.get(name)
             if record is None:
@@ -64,7 +65,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
                     f"per_sample_adapters: adapter '{name}' {what}, so it acts on every sample of a batch and cannot "
                     "differ per sample. Apply it with mode='dynamic' (Linear targets only) to use it per sample."
                 )
-            clean[name] = check_scale(strength)
+            clean[name] = resolve_for(model, record.adapter, strength, f"per_sample_adapters: spec {i}, '{name}'")
             _check_strength(model, record, clean[name])  # before any forward: no NaN sample
             records[name] = record
         out.append(clean)

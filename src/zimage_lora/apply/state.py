@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, Target
+from ..blocks import Blocks
 from .gate import ATTR, ChangeLock, ForwardGate, gate_of, touched
 
 __all__ = ["ATTR", "EngineState", "ForwardGate", "Record", "Snapshot", "Strength", "drop_state", "gate_of",
@@ -28,21 +29,62 @@ class Strength:
     """One adapter's user scale, shared by every layer it touches: changing it is O(1) for the model.
 
     `value` is read by eager forwards; `tensor` (0-d fp32) by compiled ones, updated in place so a
-    compiled graph sees the new value without recompiling.
+    compiled graph sees the new value without recompiling. A per-block strength (`blocks.Blocks`)
+    gives the modules whose number differs from the default a child `Strength` of their own (`at`),
+    kept from then on so that later changes stay in-place fills (see `apply.blockwise`).
     """
 
-    __slots__ = ("value", "tensor")
+    __slots__ = ("value", "tensor", "blocks", "children", "values")
 
-    def __init__(self, value: float) -> None:
-        self.value = float(value)
-        self.tensor = torch.tensor(self.value, dtype=torch.float32)
+    def __init__(self, value: float | Blocks) -> None:
+        self.tensor = torch.tensor(0.0, dtype=torch.float32)
+        self.children: dict[str, Strength] = {}
+        self.values: torch.Tensor | None = None  # the children's numbers; each child's `tensor` is a view
+        self.set(value)
 
-    def set(self, value: float) -> None:
-        self.value = float(value)
+    def set(self, value: float | Blocks) -> None:
+        blocks = value if isinstance(value, Blocks) else None
+        self.blocks = blocks
+        self.value = blocks.default if blocks is not None else float(value)
         self.tensor.fill_(self.value)
+        grown = False
+        if blocks is not None:
+            for module, v in blocks.values.items():
+                if v != self.value and module not in self.children:
+                    self.children[module] = Strength(v)
+                    grown = True
+        if not self.children:
+            return
+        get = blocks.values.get if blocks is not None else {}.get
+        numbers = [get(m, self.value) for m in self.children]
+        for child, v in zip(self.children.values(), numbers, strict=True):
+            child.value = v
+        if grown or self.values is None:
+            self._views(torch.tensor(numbers, dtype=torch.float32))
+        else:
+            self.values.copy_(torch.tensor(numbers, dtype=torch.float32))  # one write for every module
+
+    def _views(self, values: torch.Tensor) -> None:
+        self.values = values
+        for i, child in enumerate(self.children.values()):
+            child.tensor = values[i]
+
+    def get(self) -> float | Blocks:
+        """What `set` was given last (a number or a per-block strength)."""
+        return self.blocks if self.blocks is not None else self.value
+
+    def at(self, module: str) -> Strength:
+        """The Strength a slot on `module` reads."""
+        return self.children.get(module, self)
 
     def __deepcopy__(self, memo: dict) -> Strength:
-        return Strength(self.value)
+        new = Strength(self.value)
+        memo[id(self)] = new
+        new.blocks = self.blocks
+        new.children = {m: copy.deepcopy(c, memo) for m, c in self.children.items()}
+        if new.children:
+            new._views(torch.tensor([c.value for c in new.children.values()], dtype=torch.float32))
+        return new
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Transaction:
         self.state = state
         # The attached set, and the fields a change sets in place on a record (O(records): switching is hot).
         self.records = dict(state.records)
-        self.fields = [(r, r.active, r.strength.value, r.adapter, r.headroom) for r in state.records.values()]
+        self.fields = [(r, r.active, r.strength.get(), r.adapter, r.headroom) for r in state.records.values()]
         self.changed = False  # a record was put or dropped
         # module name -> (wrapper, slots before, active keys before, created here)
         self.wrappers: dict[str, tuple[AdapterLinear, dict[str, Slot], list[str], bool]] = {}
@@ -129,8 +129,8 @@ class Transaction:
         weight = getattr(p.module, "weight", None)
         dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
-        slot = Slot(record.name, p.target, record.strength, kind, tensors, p.placement, record.compute_dtype, dtype,
-                    device)
+        strength = record.strength.at(p.target.module)  # the module's own number under a per-block strength
+        slot = Slot(record.name, p.target, strength, kind, tensors, p.placement, record.compute_dtype, dtype, device)
         key = wrapper.new_key()
         wrapper.slots[key] = slot
         record.wrapped.setdefault(p.target.module, []).append(key)
@@ -259,5 +259,5 @@ def _patches_by_module(state: EngineState) -> dict[str, list[tuple[Target, float
         if not record.active:
             continue
         for t in record.patches:
-            out.setdefault(t.module, []).append((t, record.strength.value))
+            out.setdefault(t.module, []).append((t, record.strength.at(t.module).value))
     return out

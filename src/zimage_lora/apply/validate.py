@@ -69,8 +69,8 @@ def check_names(names: Any) -> list[str]:
     return out
 
 
-def check_weights(weights: Any, names: list[str]) -> list[float] | None:
-    """None, or one finite number per name."""
+def check_weights(weights: Any, names: list[str]) -> list[Any] | None:
+    """None, or one finite number (or per-block mapping) per name."""
     if weights is None:
         return None
     if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
@@ -81,7 +81,9 @@ def check_weights(weights: Any, names: list[str]) -> list[float] | None:
     weights = list(weights)
     if len(weights) != len(names):
         raise _LegacyArgumentError(f"{len(names)} adapter names but {len(weights)} weights")
-    return [check_scale(w, f"weight for '{n}'") for w, n in zip(weights, names, strict=True)]
+    # A per-block weight (a {pattern: number} mapping) is checked when resolved against the model.
+    pairs = zip(weights, names, strict=True)
+    return [w if isinstance(w, Mapping) else check_scale(w, f"weight for '{n}'") for w, n in pairs]
 
 
 def check_compute_dtype(dtype: Any) -> torch.dtype | None:

@@ -14,6 +14,9 @@ examples:
   zimage-lora generate --prompt "a red fox" --lora a.safetensors --lora b.safetensors:0.5 --mode merged \\
       --seed 7 --width 768 --height 1280 --out fox.png
   zimage-lora generate --prompt "a red fox" --lora style.safetensors --quantize int8 --out fox.png
+  zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --blocks "layers.0-9=0.4,noise_refiner=0" \
+      --out fox.png
+  zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --schedule "0:1.0,0.6:0.3" --out fox.png
 """
 
 
@@ -27,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--lora", action="append", default=[], metavar="SOURCE[:SCALE]",
                    help="adapter file, folder or hub id with an optional scale (any float); repeat to stack")
+    p.add_argument("--blocks", metavar="PATTERN=N,...|FILE.json",
+                   help="per-block strengths multiplying each --lora's scale, e.g. 'layers.0-9=0.4,noise_refiner=0' "
+                        "(module names or prefixes, block ranges, attention/feed_forward/adaLN, early/middle/late)")
+    p.add_argument("--schedule", metavar="FRACTION:FACTOR,...",
+                   help="per-step factor on each --lora's scale over the denoising run, linear between points, "
+                        "e.g. '0:1.0,0.6:0.3' (full strength first, 0.3 from 60%% of the steps on)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--mode", choices=["dynamic", "merged"], default="dynamic")
     p.add_argument("--quantize", choices=QUANTIZE, help="torchao weight-only quantization of the transformer")
@@ -55,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         args.prompt, args.lora, out=args.out, model=args.model, mode=args.mode, quantize=args.quantize,
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,
         negative_prompt=args.negative_prompt, dtype=args.dtype, device=args.device, progress=not args.quiet,
-        overwrite=args.overwrite, filename=args.filename, revision=args.revision,
+        overwrite=args.overwrite, filename=args.filename, revision=args.revision, blocks=args.blocks,
+        schedule=args.schedule,
     )
     for r in result.adapters:
         console.print(f"{r.name}: {len(r.applied)} modules ({r.mode}, x{r.scale:g}), {len(r.unmatched)} unmatched")

@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
              f"(default: no target list, the first {UNMATCHED_SHOWN} unmatched keys)",
     )
     p.add_argument("--strict", action="store_true", help="fail when any key does not match")
+    p.add_argument("--blocks", action="store_true", help="print the norm of the scaled delta per block")
     p.set_defaults(run=run)
 
 
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     # matched_count counts norms and bias-only targets too; the Linear layers are counted on their own.
     shapes = index.shapes
     info["matched_linear_count"] = sum(1 for m in set(adapter.modules) if m in shapes and shapes[m].is_linear)
+    if args.blocks:
+        from ..block_norms import block_norms
+
+        info["block_norms"] = block_norms(adapter)
     empty = not adapter.targets
     if args.json:
         from .output import emit_json
@@ -123,6 +128,8 @@ def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False
     for k, v in info["coverage"]["by_kind"].items():
         cov.add_row(f"({k})", v)
     console.print(cov)
+    if "block_norms" in info:
+        console.print(_norm_table(info["block_norms"]))
     for note in info["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False)
     for u in info["ignored"]:
@@ -147,6 +154,20 @@ def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False
         if len(shown) < len(info["unmatched"]):
             more = len(info["unmatched"]) - len(shown)
             console.print(f"... {more} more unmatched keys: --all lists every one, --json gives them all too")
+
+
+def _norm_table(norms: dict[str, float | None]):
+    """Per block, the delta's norm with a bar scaled to the largest (n/a: the delta needs the weight)."""
+    from rich.table import Table
+
+    top = max((v for v in norms.values() if v is not None), default=0.0) or 1.0
+    table = Table(title="delta norm per block")
+    table.add_column("block")
+    table.add_column("norm", justify="right")
+    table.add_column("")
+    for block, v in norms.items():
+        table.add_row(block, "n/a" if v is None else f"{v:.4g}", "" if v is None else "#" * round(20 * v / top))
+    return table
 
 
 def _mb(n: int) -> str:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..apply.components import PIPELINE_CLASSES
+from ..blocks import check_patterns
+from ..blocks import parse as parse_blocks
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError
+from ..scheduling import check_points
+from ..scheduling import parse as parse_schedule
+from ..scheduling import schedule as scheduled
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
 from .output import output_error, written_aside
@@ -174,19 +179,26 @@ def generate(
     overwrite: bool = False,
     filename: str | None = None,
     revision: str | None = None,
+    blocks: Mapping[str, float] | str | None = None,
+    schedule: Sequence[tuple[float, float]] | str | None = None,
 ) -> GenerateResult:
     """Generate one image and save it at `out` (an existing file only with `overwrite`).
 
     `pipeline`: reuse an already loaded Z-Image pipeline of any class (adapters are applied to its
     transformer and text encoder and removed again afterwards). `filename` / `revision`: pick the file
-    and hub revision of the one adapter given. Everything that can be checked without the pipeline
-    (output, adapters, device, size, model) is checked before it is loaded.
+    and hub revision of the one adapter given. `blocks`: per-block strengths ({pattern: number}, or the
+    command line's "layers.0-9=0.4,noise_refiner=0" or a JSON file) multiplying each adapter's scale
+    (see `zimage_lora.blocks`). `schedule`: (fraction, factor) points, or "0:1.0,0.6:0.3", multiplying
+    each adapter's strength over the steps (see `zimage_lora.scheduling`). Everything that can be checked
+    without the pipeline (output, adapters, device, size, model) is checked before it is loaded.
     """
     from ..apply import apply_adapter, remove_adapter
 
     started = time.perf_counter()
     out = Path(out)
     specs = _specs(loras, filename, revision)
+    points = parse_schedule(schedule) if isinstance(schedule, str) else check_points(schedule) if schedule else None
+    per_block = parse_blocks(blocks) if isinstance(blocks, str) else dict(check_patterns(blocks)) if blocks else None
     checks.check_image_out(out, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checks.check_device(device)
@@ -204,8 +216,10 @@ def generate(
     result = GenerateResult(out=out, seconds=0.0)
     try:
         for spec, name in zip(specs, _names(specs), strict=True):
-            result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name))
-        image = _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress)
+            result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name, scale=per_block or 1.0))
+        over_steps = scheduled(pipe, {r.name: points for r in result.adapters}) if points and result.adapters else None
+        with over_steps or nullcontext():
+            image = _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress)
     finally:
         if pipeline is not None and result.adapters:
             remove_adapter(pipe)
