@@ -285,3 +285,27 @@ def test_an_interrupt_anywhere_in_the_lock_code_of_a_change_locks_nothing(files,
         assert torch.equal(last, states[1.0])
         assert get_state(model).lock.readers == 0
     assert hit > 0  # the sweep reached the lock's code
+
+
+def test_key_index_survives_a_module_tree_changing_during_its_walk():
+    """Resolving a file runs outside the change lock: another thread's change can wrap a layer while the
+    index walks `named_modules()` (it raised 'dictionary changed size during iteration')."""
+    from zimage_lora.keys.index import ModuleIndex
+
+    class Growing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.walks = 0
+
+        def named_modules(self, *args: object, **kwargs: object):  # type: ignore[override]
+            self.walks += 1
+            for i, item in enumerate(super().named_modules(*args, **kwargs)):
+                if self.walks == 1 and i == 1:
+                    self.b = torch.nn.Linear(4, 4)  # as another thread's wrap would, mid-walk
+                yield item
+
+    model = Growing()
+    index = ModuleIndex(model)
+    assert set(index.shapes) == {"a", "b"}
+    assert model.walks == 2

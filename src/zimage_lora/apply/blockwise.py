@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapter import Adapter, Target
 from ..blocks import Blocks, check_patterns, is_blocks, model_names, resolve
+from ..keys.index import named_modules
 from .state import Record
 from .validate import check_scale
 
@@ -48,7 +49,7 @@ def scaled(value: Any, factor: float) -> Any:
 def names_of(model: nn.Module) -> list[str]:
     entry = _CACHE.get(model)
     if entry is None:
-        entry = _CACHE[model] = (model_names(model.named_modules()), {})
+        entry = _CACHE[model] = (model_names(named_modules(model)), {})
     return entry[0]
 
 

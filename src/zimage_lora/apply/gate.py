@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _thread
 import copy
+import functools
 import itertools
 import threading
 import weakref
@@ -147,7 +148,12 @@ class ForwardGate:
 
     # -- the forward ------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inner = self.inner if self.inner is not None else type(self.model).forward.__get__(self.model)
+        # The class's forward called with the model, not `forward.__get__(model)`: torch.compile models
+        # that bound method as `model.forward`, which is this gate again (an endless inlining).
+        if self.inner is not None:
+            inner = self.inner
+        else:
+            inner = functools.partial(type(self.model).forward, self.model)
         if torch.compiler.is_compiling():
             return inner(*args, **kwargs)  # a compiled graph takes no view (docs/threading.md)
         outer = _FORWARD.get()

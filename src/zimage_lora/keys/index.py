@@ -8,6 +8,7 @@ keys), and the alias spellings from `aliases.py`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,24 @@ def module_shape(module: torch.nn.Module) -> ModuleShape | None:
     return None
 
 
+def named_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """`model.named_modules()`, listed whole. Resolving a file runs outside the change lock, so another
+    thread's change may wrap or unwrap a layer during the walk ("dictionary changed size during
+    iteration"): the walk starts again. Changes to the module tree are short, so a few tries do."""
+    for _ in range(200):
+        try:
+            return list(model.named_modules())
+        except RuntimeError:
+            time.sleep(0.001)
+    return list(model.named_modules())
+
+
 class ModuleIndex:
     """Every adaptable module of a model, under every spelling a file may use."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.shapes: dict[str, ModuleShape] = {}
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not name:
                 continue
             shape = module_shape(module)
