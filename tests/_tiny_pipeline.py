@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from zimage_lora.apply.pipeline import PIPELINE_CLASSES
+from zimage_lora.apply.components import PIPELINE_CLASSES
 from zimage_lora.examples import tiny_config, tiny_model
 
 # ChatML, as Qwen3 tokenizers spell it (the pipeline calls apply_chat_template(..., enable_thinking=True)).

@@ -205,14 +205,14 @@ def test_fuse_of_several_is_all_or_nothing(kohya, tmp_path, monkeypatch):
     handle.load(lokr, "h")
     before = _weights(model)
     ref = output(model)
-    real_plan = engine.plan
+    real_plan = engine.check_targets
 
     def plan(model, adapter, mode, **kwargs):
         if adapter.name == "h" and mode == "merged":
             raise RuntimeError("injected: the second fuse fails")
         return real_plan(model, adapter, mode, **kwargs)
 
-    monkeypatch.setattr(engine, "plan", plan)
+    monkeypatch.setattr(engine, "check_targets", plan)
     with pytest.raises(RuntimeError, match="injected"):
         handle.fuse()  # "g" is fused first, then "h" fails: "g" goes back to dynamic
     assert [(a.name, a.mode) for a in handle.list()] == [("g", "dynamic"), ("h", "dynamic")]

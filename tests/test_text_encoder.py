@@ -261,7 +261,7 @@ def test_a_text_encoder_failure_after_the_transformer_changed_puts_the_transform
 ):
     """Past validation the text encoder's apply can still fail (memory): the transformer part is undone,
     back to no adapter or to the same-named one it replaced (also when it was swapped in place)."""
-    from zimage_lora.apply import engine, pipeline
+    from zimage_lora.apply import attach as attaching
 
     old, _, _ = _files(tmp_path, pipe, "kohya", seed=1)
     new, _, _ = _files(tmp_path, pipe, "kohya", seed=2)
@@ -272,14 +272,14 @@ def test_a_text_encoder_failure_after_the_transformer_changed_puts_the_transform
     tr_before, te_before = output(pipe.transformer), Pristine(pipe.text_encoder)
     tr_pristine = Pristine(pipe.transformer)
     listed = list_adapters(pipe)
-    real = engine.attach
+    real = attaching.attach
 
     def failing(txn, adapter, *args, **kwargs):
         if txn.model is pipe.text_encoder:
             raise MemoryError("out of memory")
         return real(txn, adapter, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.engine, "attach", failing)
+    monkeypatch.setattr(attaching, "attach", failing)
     with pytest.raises(MemoryError):
         apply_adapter(pipe, new, name="x", mode="dynamic" if prior == "hotswapped" else "merged")
     monkeypatch.undo()

@@ -66,6 +66,8 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     runs: list[list[tuple[str, torch.Tensor]]] = []
     end = None
     for key, t in tensors.items():
+        if t.numel() == 0:
+            continue  # holds nothing (a rank-0 factor), and a span over no bytes cannot be made
         contiguous = t.is_contiguous() and t.device.type == "cpu" and t.is_floating_point()
         if runs and contiguous and end == (t.dtype, t.data_ptr()):
             runs[-1].append((key, t))

@@ -30,11 +30,8 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .apply.access import _locked
-from .apply.attach import attach
+from .apply.attach import apply_resolved
 from .apply.engine import _model_of, attached, remove_adapter
-from .apply.transaction import change
-from .apply.validate import plan
 from .errors import LoRAError
 from .store_loader import load_host, source_key, stage_upload
 
@@ -266,9 +263,7 @@ class AdapterStore:
 def _attach_inactive(model: nn.Module, adapter: Adapter, name: str) -> None:
     """Attach `adapter` as `name`, dynamic and inactive, in one change: store adapters act only through
     per-sample blocks, so no forward on another thread ever runs with one active."""
-    planned = plan(model, adapter, "dynamic", scan=True)
-    with _locked(model, create=True) as state, change(model, state) as txn:
-        attach(txn, adapter, planned, name, "dynamic", 1.0, None, active=False)
+    apply_resolved(model, adapter, name=name, mode="dynamic", strength=1.0, compute_dtype=None, active=False)
 
 
 @dataclass

@@ -7,29 +7,39 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapter import Adapter
-from ..blocks import Blocks
+from ..adapter import Adapter, Unmatched
+from ..blocks import Blocks, default_of
 from ..errors import IncompatibleWeightsError
-from ..loading import load_adapter
+from ..mlx import dispatcher
 from ..sources import LoRAConfiguration
 from . import blockwise, checkpoint
-from .access import _locked, _model_of, _pipeline
+from .access import Scope
+from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
 from .layer import Slot, prepare, weight_rows
 from .report import ApplyReport
-from .state import EngineState, Record, Strength
-from .transaction import Transaction, change
-from .validate import Planned, check_compute_dtype, check_dynamic, check_mode, check_name, plan, slot_dtype
+from .state import Record, Strength
+from .transaction import Transaction
+from .validate import (
+    Checked,
+    check_compute_dtype,
+    check_dynamic,
+    check_mode,
+    check_name,
+    check_targets,
+    slot_dtype,
+)
 
 #: Above this requantization loss a merged adapter warns and suggests dynamic mode.
 REQUANT_WARN = 0.1
 
 
 def apply_adapter(
-    model: nn.Module,
+    model: Any,
     source: str | Path | LoRAConfiguration | Adapter,
     *,
     scale: float | Mapping[str, float] = 1.0,
@@ -49,13 +59,14 @@ def apply_adapter(
     report says so (`renamed_from`). `compute_dtype`: dynamic mode's compute dtype (default: the
     input's; `torch.float32` for extra precision on bf16 models). On any error the model is left
     exactly as it was. A pipeline with a text encoder gets the file's transformer part on
-    `pipe.transformer` and its text-encoder part on `pipe.text_encoder`. `scale` may be per block:
-    a {pattern: number} mapping (see `zimage_lora.blocks`; the text encoder takes its '*' value).
+    `pipe.transformer` and its text-encoder part on `pipe.text_encoder` (an `Adapter` object, resolved
+    against one model, goes to the transformer), in one change: both or neither. `scale` may be per
+    block: a {pattern: number} mapping (see `zimage_lora.blocks`; the text encoder takes its '*' value).
     """
-    if (p := _pipeline(model)) is not None:
-        return p.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
-                       compute_dtype=compute_dtype)
-    model = _model_of(model)
+    if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
+        return mlx.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
+                         compute_dtype=compute_dtype)
+    parts = components_of(model)
     mode = check_mode(mode)
     strength = blockwise.check_strength(scale)
     compute_dtype = check_compute_dtype(compute_dtype)
@@ -65,31 +76,69 @@ def apply_adapter(
     explicit = name is not None
     if explicit:
         check_name(name)
+    left: list[Unmatched] = []
     if isinstance(source, Adapter):
-        adapter = source
-        if strict and adapter.unmatched:
-            listing = "; ".join(f"{u.key}: {u.reason}" for u in adapter.unmatched[:10])
-            raise IncompatibleWeightsError(f"{adapter.source}: strict mode and unmatched keys: {listing}")
+        adapters = {TRANSFORMER: source}
+        if strict and source.unmatched:
+            listing = "; ".join(f"{u.key}: {u.reason}" for u in source.unmatched[:10])
+            raise IncompatibleWeightsError(f"{source.source}: strict mode and unmatched keys: {listing}")
     else:
-        adapter = load_adapter(source, model, name=name, filename=filename, strict=strict)
-    name = name if explicit else check_name(adapter.name)
-    strength = blockwise.resolve_for(model, adapter, strength)
+        adapters, left = load_parts(parts, source, name=name, filename=filename, strict=strict)
+    name = name if explicit else check_name(next(iter(adapters.values())).name)
     # The loader scanned what it read for NaN/Inf; an Adapter object is scanned here, before any change.
-    report = apply_resolved(model, adapter, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
-                            explicit=explicit, scanned=not isinstance(source, Adapter))
-    warn_requant(report)
-    return report
+    reports = apply_parts(parts, adapters, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
+                          explicit=explicit, scanned=not isinstance(source, Adapter))
+    for report in reports.values():
+        warn_requant(report)
+    return pipeline_report(reports, left) if is_pipeline(parts) else reports[TRANSFORMER]
 
 
 def apply_resolved(
-    model: nn.Module, adapter: Adapter, *, name: str, mode: str, strength: float | Blocks,
-    compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False,
+    model: Any, adapter: Adapter, *, name: str, mode: str, strength: float | Mapping[str, float] | Blocks,
+    compute_dtype: torch.dtype | None, explicit: bool = True, scanned: bool = False, active: bool = True,
 ) -> ApplyReport:
-    """`apply_adapter` past its argument checks, for an adapter resolved against `model`. `scanned`:
-    its tensors came from the loader, which checked them for NaN/Inf already."""
-    planned = plan(model, adapter, mode, scan=not scanned)
-    with _locked(model, create=True) as state, change(model, state) as txn:
-        return attach(txn, adapter, planned, name, mode, strength, compute_dtype, explicit)
+    """`apply_adapter` past its argument checks, for an adapter resolved against `model`'s transformer.
+    `active=False`: attached inactive, in the same change (never published active)."""
+    parts = components_of(model)[:1]
+    return apply_parts(parts, {TRANSFORMER: adapter}, name=name, mode=mode, strength=strength,
+                       compute_dtype=compute_dtype, explicit=explicit, scanned=scanned, active=active)[TRANSFORMER]
+
+
+def apply_parts(
+    parts: list[Component], adapters: dict[str, Adapter], *, name: str, mode: str,
+    strength: float | Mapping[str, float] | Blocks,
+    compute_dtype: torch.dtype | None, explicit: bool, scanned: bool, active: bool = True,
+) -> dict[str, ApplyReport]:
+    """Attach each component's adapter (`adapters`, by part) as `name` in one scope: all or none.
+    `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
+    holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
+    # Every part is validated before any component changes. A per-block strength's patterns name
+    # transformer modules: resolved against the transformer, the text encoder takes its default.
+    strengths = {
+        c.part: blockwise.resolve_for(c.module, adapters[c.part], strength) if c.part == TRANSFORMER
+        else default_of(strength) for c in parts if c.part in adapters
+    }
+    checked = {
+        c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters
+    }
+
+    def change(scope: Scope) -> dict[str, ApplyReport]:
+        reports: dict[str, ApplyReport] = {}
+        renamed_from, final = None, name
+        if not explicit:
+            final = _free_name(scope, name, next(iter(adapters.values())).source)
+            renamed_from = name if final != name else None
+        for c, txn in scope.entries:
+            if c.part in adapters:
+                reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strengths[c.part],
+                                         compute_dtype,
+                                         active=active, renamed_from=renamed_from,
+                                         taken_by=_holder(scope, renamed_from))
+            elif txn is not None and final in txn.state.records:
+                txn.remove([txn.state.records[final]])
+        return reports
+
+    return Scope(parts, create=set(adapters)).run(change)
 
 
 def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
@@ -102,47 +151,57 @@ def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
             )
 
 
-def _free_name(state: EngineState, derived: str, source: str) -> str:
-    """`derived`, or the first of `derived_2`, `derived_3`, ... that is free or holds the same source."""
+def _free_name(where: Any, derived: str, source: str) -> str:
+    """`derived`, or the first of `derived_2`, `derived_3`, ... that nothing holds for another source.
+    `where`: a `Scope` (every component), or one engine state with `records` (the MLX engine's)."""
+
+    def holders(name: str) -> list[Record]:
+        if isinstance(where, Scope):
+            return [r for _, r in where.holding(name)]
+        return [where.records[name]] if name in where.records else []
+
     candidate, i = derived, 1
-    while candidate in state.records and state.records[candidate].adapter.source != source:
+    while any(r.adapter.source != source for r in holders(candidate)):
         i += 1
         candidate = f"{derived}_{i}"
     return candidate
 
 
+def _holder(scope: Scope, name: str | None) -> str:
+    """What holds `name` in the report's words: its source, or 'an Adapter object'."""
+    held = scope.holding(name) if name is not None else []
+    return (held[0][1].adapter.source if held else "") or "an Adapter object"
+
+
 def attach(
     txn: Transaction,
     adapter: Adapter,
-    planned: list[Planned],
+    checked: list[Checked],
     name: str,
     mode: str,
     strength: float | Blocks,
     compute_dtype: torch.dtype | None,
-    explicit: bool = True,
     active: bool = True,
+    renamed_from: str | None = None,
+    taken_by: str = "",
 ) -> ApplyReport:
-    """Attach `adapter` as `name` within `txn` (which undoes it all if anything here raises)."""
+    """Attach `adapter` as `name` within `txn` (which undoes it all if anything here raises).
+    `renamed_from`: the name derived from the source, taken by the adapter from `taken_by`."""
     model, state = txn.model, txn.state
     notes = list(adapter.notes)
-    renamed_from = None
-    if not explicit:
-        free = _free_name(state, name, adapter.source)
-        if free != name:
-            other = state.records[name].adapter.source or "an Adapter object"
-            notes.append(
-                f"the name '{name}' is taken by the adapter from {other}; this one is attached as '{free}' "
-                f"(pass name='{name}' to replace that one instead)."
-            )
-            renamed_from, name = name, free
-    dynamic = [p for p in planned if mode == "dynamic" and not p.is_patch]
-    patches = [p.target for p in planned if mode == "merged" or p.is_patch]
+    if renamed_from is not None:
+        notes.append(
+            f"the name '{renamed_from}' is taken by the adapter from {taken_by}; this one is attached as '{name}' "
+            f"(pass name='{renamed_from}' to replace that one instead)."
+        )
+    dynamic = [p for p in checked if mode == "dynamic" and not p.is_patch]
+    patches = [p.target for p in checked if mode == "merged" or p.is_patch]
     prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
     headroom = math.inf
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"
         dtype = slot_dtype(p.module, compute_dtype)
-        rows = weight_rows(p.module, p.backend, p.target.placement(p.out_features))
+        rows = weight_rows(p.module, p.backend, p.placement)
         at = strength.at(p.target.module) if isinstance(strength, Blocks) else strength
         headroom = min(headroom, check_dynamic(where, kind, tensors, at, dtype, rows))
     old = state.records.get(name)
@@ -154,7 +213,7 @@ def attach(
         scale=strength.default if isinstance(strength, Blocks) else strength,
         source=adapter.source,
         format=adapter.format,
-        applied=[p.target.label for p in planned],
+        applied=[p.target.label for p in checked],
         unmatched=list(adapter.unmatched),
         notes=notes,
         replaced=old is not None,
@@ -180,14 +239,14 @@ def attach(
         txn.detach(old)
     txn.put(record)
     for p, kind, tensors in prepared:
-        txn.attach(record, p, kind, tensors, p.target.placement(p.out_features))
+        txn.attach(record, p, kind, tensors)
     txn.publish_all()
     for module_name, loss in txn.rebuild(touched_patch).items():
         report.requant_loss[module_name] = loss
     return report
 
 
-def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str, dict]]) -> list[Slot] | None:
+def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Checked, str, dict]]) -> list[Slot] | None:
     """The slots of `old` that a same-shaped adapter can be hot-swapped into (in `prepared`'s order),
     or None when it cannot: then the adapter is attached afresh."""
     if old.mode != "dynamic" or not old.active:
@@ -213,5 +272,5 @@ def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Planned, str
     return slots
 
 
-def _rows(p: Planned) -> tuple[int, int]:
-    return p.target.placement(p.out_features).rows
+def _rows(p: Checked) -> tuple[int, int]:
+    return p.placement.rows

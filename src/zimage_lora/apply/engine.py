@@ -1,94 +1,107 @@
 """apply / remove / re-weight / switch / list: the engine's public functions.
 
-Every change follows the same pattern: validate everything, then mutate inside one transaction
-(`apply.transaction`) that undoes exactly what it did if anything raises, all under the model's
-write lock so that concurrent forward passes see the adapters before or after the change. Applying
-lives in `apply.attach`, the fast-switching tables in `apply.switching`.
+Each works on the components of what it is given (`apply.components`: a bare model is one, a pipeline
+with a text encoder two) and follows one pattern: check the arguments, then inside one `Scope`
+(`apply.access`: each component's write lock and transaction) check everything against the attached
+adapters and mutate; if anything raises, every component's transaction undoes exactly what it did, so
+concurrent forward passes see the adapters before or after the change and a failed change leaves every
+component as it was. Applying lives in `apply.attach`, the fast-switching tables in `apply.switching`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from ..backends import backend_for
-from ..blocks import Blocks
+from ..blocks import Blocks, default_of
+from ..mlx import dispatcher
 from . import blockwise
-from .access import _locked, _model_of, _not_attached, _pipeline, attached
+from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
+from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
-from .state import Record, get_state
-from .transaction import Transaction, change
+from .state import Record
+from .transaction import Transaction
 from .validate import (
     MODES,
     check_dynamic,
     check_mode,
     check_name,
     check_names,
+    check_targets,
     check_weights,
-    plan,
 )
 
 __all__ = [
     "MODES", "REQUANT_WARN", "apply_adapter", "apply_resolved", "attached", "list_adapters", "remove_adapter",
-    "set_active_adapters", "set_adapter_scale", "switch_mode", "_model_of",
+    "remove_adapters", "set_active_adapters", "set_adapter_scale", "switch_mode", "_model_of",
 ]
 
 
-def remove_adapter(model: nn.Module, name: str | None = None) -> list[str]:
+def remove_adapter(model: Any, name: str | None = None) -> list[str]:
     """Remove one adapter (or all, `name=None`). Returns the names removed.
 
     Merged weights are restored from the kept originals, never by subtracting; with every adapter gone
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
-    if (p := _pipeline(model)) is not None:
-        return p.remove(model, name)
-    model = _model_of(model)
-    if name is not None:
-        check_name(name)
-    with _locked(model) as state:
-        if state is None:
-            if name is None:
-                return []
-            raise _not_attached([name], None)
-        if name is not None and name not in state.records:
-            raise _not_attached([name], state)
-        names = [name] if name is not None else list(state.records)
-        records = [state.records[n] for n in names]
-        with change(model, state) as txn:
-            for r in records:
-                txn.detach(r)
-                txn.drop(r.name)
-            txn.publish_all()
-            txn.rebuild(list(dict.fromkeys(t.module for r in records for t in r.patches)))
-    return names
+    if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
+        return mlx.remove(model, name)
+    return remove_adapters(model, None if name is None else [check_name(name)])
 
 
-def set_adapter_scale(model: nn.Module, name: str, scale: float | Mapping[str, float]) -> None:
+def remove_adapters(model: Any, names: list[str] | None) -> list[str]:
+    """Remove `names` (None: all) from every component holding them, all or none."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.remove(model) if names is None else [n for name in names for n in mlx.remove(model, name)]
+    def change(scope: Scope) -> list[str]:
+        removed = scope.names() if names is None else names
+        unknown = [n for n in removed if not scope.holding(n)]
+        if unknown:
+            raise scope.not_attached(unknown)
+        for txn in scope.txns():
+            txn.remove([txn.state.records[n] for n in removed if n in txn.state.records])
+        return removed
+
+    return Scope(components_of(model)).run(change)
+
+
+def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float]) -> None:
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
     original of every module whose strength changed. A scale whose delta overflows is refused in both
     modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
-    if (p := _pipeline(model)) is not None:
-        return p.set_scale(model, name, scale)
-    model = _model_of(model)
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.set_scale(model, name, scale)
+    parts = components_of(model)
     check_name(name)
     asked = blockwise.check_strength(scale)
-    with _locked(model) as state:
-        if state is None or name not in state.records:
-            raise _not_attached([name], state)
-        record = state.records[name]
-        value = blockwise.resolve_for(model, record.adapter, asked)
-        _check_strength(model, record, value)
-        before = record.strength.get()
-        if not (record.patches and record.active):
-            # dynamic (or off): one shared value (and per-module values), a change with nothing to undo
-            blockwise.set_strength(model, record, value)
-            return
-        with change(model, state) as txn:
-            blockwise.set_strength(model, record, value)
-            txn.rebuild(blockwise.changed(record.patches, before, value))
+
+    def change(scope: Scope) -> None:
+        held = scope.holding(name)
+        if not held:
+            raise scope.not_attached([name])
+        values = [_resolved(scope, txn, record, asked) for txn, record in held]
+        for (txn, record), value in zip(held, values, strict=True):  # every component's check before any changes
+            _check_strength(txn.model, record, value)
+        for (txn, record), value in zip(held, values, strict=True):
+            before = record.strength.get()
+            blockwise.set_strength(txn.model, record, value)  # dynamic: the shared value (and per-module ones)
+            if record.patches and record.active:
+                txn.rebuild(blockwise.changed(record.patches, before, value))
+
+    Scope(parts).run(change)
+
+
+def _resolved(scope: Scope, txn: Transaction, record: Record, asked: Any) -> blockwise.Strengthish:
+    """A caller's strength for one component's record: a per-block strength's patterns name transformer
+    modules, resolved against the transformer's; the text encoder takes its default."""
+    part = next(c.part for c, t in scope.entries if t is txn)
+    if part == TRANSFORMER:
+        return blockwise.resolve_for(txn.model, record.adapter, asked)
+    return default_of(asked)
 
 
 def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:
@@ -108,7 +121,7 @@ def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthi
 
 
 def set_active_adapters(
-    model: nn.Module, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
+    model: Any, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
 ) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
@@ -116,31 +129,32 @@ def set_active_adapters(
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
     """
-    if (p := _pipeline(model)) is not None:
-        return p.set_active(model, names, weights)
-    model = _model_of(model)
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.set_active(model, names, weights)
+    parts = components_of(model)
     asked = None if names is None else check_names(names)
-    with _locked(model) as state:
-        attached_now = list(state.records) if state is not None else []
+
+    def change(scope: Scope) -> None:
+        attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         values = check_weights(weights, wanted)
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
-            raise _not_attached(unknown, state)
-        if state is None:
-            return
+            raise scope.not_attached(unknown)
+        # (txn, name) -> that component's strength for `name`, each checked before any changes
+        resolved: dict[tuple[int, str], blockwise.Strengthish] = {}
         if values is not None:
-            records = [state.records[n] for n in wanted]
-            values = [blockwise.resolve_for(model, r.adapter, v) for r, v in zip(records, values, strict=True)]
             for name, value in zip(wanted, values, strict=True):
-                _check_strength(model, state.records[name], value)
-        with change(model, state) as txn:
+                for txn, record in scope.holding(name):
+                    resolved[id(txn), name] = here = _resolved(scope, txn, record, value)
+                    _check_strength(txn.model, record, here)
+        for txn in scope.txns():
             touched_merged: list[str] = []
-            for name, record in state.records.items():
+            for name, record in txn.state.records.items():
                 was_active, before = record.active, record.strength.get()
                 record.active = name in wanted
                 if values is not None and record.active:
-                    blockwise.set_strength(model, record, values[wanted.index(name)])
+                    blockwise.set_strength(txn.model, record, resolved[id(txn), name])
                 if record.patches and record.active != was_active:
                     touched_merged.extend(t.module for t in record.patches)
                 elif record.patches and record.active:  # only the modules whose strength changed
@@ -148,52 +162,47 @@ def set_active_adapters(
             txn.publish_fast()
             txn.rebuild(list(dict.fromkeys(touched_merged)))
 
+    Scope(parts).run(change)
 
-def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> None:
+
+def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
     and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
     is enabled). All or nothing: if one fails, those already switched go back."""
-    if (p := _pipeline(model)) is not None:
-        return p.switch_mode(model, names, mode)
-    model = _model_of(model)
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.switch_mode(model, names, mode)
+    parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
-    with _locked(model) as state:
-        attached_now = list(state.records) if state is not None else []
+
+    def change(scope: Scope) -> list[ApplyReport]:
+        attached_now = scope.names()
         wanted = attached_now if asked is None else asked
         unknown = [n for n in wanted if n not in attached_now]
         if unknown:
-            raise _not_attached(unknown, state)
-        if state is None:
-            return
-        reports = []
-        with change(model, state) as txn:
-            for name in wanted:
-                record = state.records[name]
-                if record.mode != mode:
-                    reports.append(_reattach(txn, record, mode))
-    for report in reports:
+            raise scope.not_attached(unknown)
+        return [_reattach(txn, record, mode) for name in wanted for txn, record in scope.holding(name)
+                if record.mode != mode]
+
+    for report in Scope(parts).run(change):
         warn_requant(report, stacklevel=4)  # the caller of Adapters.fuse / unfuse
 
 
 def _reattach(txn: Transaction, record: Record, mode: str) -> ApplyReport:
     """`record`'s adapter attached again in `mode`, with its scale, compute dtype and active state."""
-    planned = plan(txn.model, record.adapter, mode, scan=False)  # its tensors were checked when it was applied
-    return attach(txn, record.adapter, planned, record.name, mode, record.strength.get(), record.compute_dtype,
+    checked = check_targets(txn.model, record.adapter, mode, scan=False)  # its tensors were scanned at apply
+    return attach(txn, record.adapter, checked, record.name, mode, record.strength.get(), record.compute_dtype,
                   active=record.active)
 
 
-def list_adapters(model: nn.Module) -> list[AdapterInfo]:
-    """The attached adapters in the order they were applied: name, mode, scale, source, format, size."""
-    if (p := _pipeline(model)) is not None:
-        return p.list_all(model)
-    model = _model_of(model)
-    state = get_state(model)
-    if state is None:
-        return []
-    records = list(state.records.values())  # one atomic copy: a concurrent change never shows half-done
-    return [
-        AdapterInfo(
+def list_adapters(model: Any) -> list[AdapterInfo]:
+    """The attached adapters in the order they were applied: name, mode, scale, source, format, size.
+    Over a pipeline, one entry per name naming the components it is on."""
+    if (mlx := dispatcher(model)) is not None:
+        return mlx.list_all(model)
+    parts = components_of(model)
+    listed = [
+        (c.part, AdapterInfo(
             name=r.name,
             mode=r.mode,
             scale=r.strength.value,
@@ -202,6 +211,7 @@ def list_adapters(model: nn.Module) -> list[AdapterInfo]:
             format=r.adapter.format,
             modules=len(r.adapter.modules),
             algorithms=tuple(r.adapter.algorithms),
-        )
-        for r in records
+        ))
+        for c, r in iter_records(parts)  # one atomic copy per component: a concurrent change never shows half-done
     ]
+    return pipeline_infos(listed) if is_pipeline(parts) else [info for _, info in listed]

@@ -11,17 +11,17 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..sources import LoRAConfiguration
+from .components import components_of, is_pipeline
 from .engine import (
     _model_of,
     apply_adapter,
     list_adapters,
-    remove_adapter,
+    remove_adapters,
     set_active_adapters,
     set_adapter_scale,
     switch_mode,
 )
 from .per_sample import per_sample_adapters
-from .pipeline import components
 from .report import AdapterInfo, ApplyReport
 from .validate import check_names
 
@@ -39,7 +39,7 @@ class Adapters:
 
     def __init__(self, model: Any) -> None:
         # A pipeline with a text encoder stays a pipeline: every call then covers both components.
-        self.model: nn.Module = model if components(model) is not None else _model_of(model)
+        self.model: nn.Module = model if is_pipeline(components_of(model)) else _model_of(model)
 
     def load(
         self,
@@ -72,11 +72,8 @@ class Adapters:
         switch_mode(self.model, names, "dynamic")
 
     def unload(self, names: str | Sequence[str] | None = None) -> None:
-        if names is None:
-            remove_adapter(self.model)
-            return
-        for name in [names] if isinstance(names, str) else names:
-            remove_adapter(self.model, name)
+        """Remove `names` (None: all), all or none."""
+        remove_adapters(self.model, None if names is None else check_names(names))
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -95,11 +92,11 @@ class Adapters:
 
     def enable(self, names: str | Sequence[str] | None = None) -> None:
         current = [a.name for a in self.list() if a.active]
-        extra = [a.name for a in self.list()] if names is None else ([names] if isinstance(names, str) else names)
-        set_active_adapters(self.model, list(dict.fromkeys(current + list(extra))))
+        extra = [a.name for a in self.list()] if names is None else check_names(names)
+        set_active_adapters(self.model, list(dict.fromkeys(current + extra)))
 
     def disable(self, names: str | Sequence[str] | None = None) -> None:
-        off = None if names is None else ({names} if isinstance(names, str) else set(names))
+        off = None if names is None else set(check_names(names))
         keep = [] if off is None else [a.name for a in self.list() if a.active and a.name not in off]
         set_active_adapters(self.model, keep)
 

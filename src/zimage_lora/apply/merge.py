@@ -16,7 +16,7 @@ from ..adapter import Target
 from ..backends import PlainLinearBackend
 from ..numerics import check_landed, surely_finite
 from .gate import exclude_changing
-from .rows import Prepared, add_rows
+from .rows import Prepared, add_rows, add_scaled_
 from .state import Snapshot
 
 # About 4 MiB of fp32 per block: large enough for fast matmuls, small next to any real layer.
@@ -75,7 +75,7 @@ def _vector_value(original: torch.Tensor, weighted: list[tuple[Prepared, float]]
     """A norm's weight (1-D) plus its full diffs, fp32."""
     w = original.to(torch.float32, copy=True)
     for p, s in weighted:
-        w.add_(p.parts["diff"].reshape(-1), alpha=p.target.scale * s)
+        add_scaled_(w, p.parts["diff"].reshape(-1), p.target.scale, s)
     return w
 
 

@@ -12,6 +12,7 @@ import torch
 from .. import algorithms
 from ..adapter import Target
 from ..algorithms.dora import dora_merged
+from ..fp32 import fits_fp32
 
 
 class Prepared:
@@ -41,9 +42,18 @@ class Prepared:
         fp32 weight rows, read by algorithms that need it."""
         return self.algorithm.delta_block(self.parts, lo, hi, weight=weight if self.algorithm.needs_weight else None)
 
-    def add_into(self, chunk: torch.Tensor, r0: int, alpha: float) -> None:
-        """chunk (rows r0 .. r0+len of the module, fp32) += alpha * matching delta rows."""
-        algorithms.add_rows_(chunk, r0, self.target.algorithm, self.parts, self.placement, alpha)
+    def add_into(self, chunk: torch.Tensor, r0: int, strength: float) -> None:
+        """chunk (rows r0 .. r0+len of the module, fp32) += scale * strength * matching delta rows."""
+        alpha = self.target.scale * strength
+        if fits_fp32(alpha):
+            algorithms.add_rows_(chunk, r0, self.target.algorithm, self.parts, self.placement, alpha)
+            return
+        # Each factor is within float32's range, their product is not (torch refuses such an alpha):
+        # the delta at its scale, then times the strength. What overflows lands as Inf, which the
+        # caller's overflow check refuses with the usual message.
+        part = torch.zeros_like(chunk)
+        algorithms.add_rows_(part, r0, self.target.algorithm, self.parts, self.placement, self.target.scale)
+        chunk.add_(part, alpha=strength)
 
     def dora_into(self, chunk: torch.Tensor, r0: int, strength: float) -> None:
         """DoRA per output row: rows += t * (f * (W + s dW) - W), f = m / ||W + s dW||."""
@@ -78,8 +88,18 @@ def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]
     for p, s in weighted:
         d = p.target.dora
         if d is None:
-            p.add_into(chunk, r0, p.target.scale * s)
+            p.add_into(chunk, r0, s)
         elif d.on_out:
             p.dora_into(chunk, r0, s)
         else:
             p.dora_whole(chunk, s)
+
+
+def add_scaled_(out: torch.Tensor, t: torch.Tensor, scale: float, strength: float) -> None:
+    """out += scale * strength * t (fp32), also when the product of the two is past float32's range
+    (then it overflows into Inf, for the caller's overflow check, instead of torch refusing the alpha)."""
+    alpha = scale * strength
+    if fits_fp32(alpha):
+        out.add_(t, alpha=alpha)
+    else:
+        out.add_(t * scale, alpha=strength)

@@ -15,12 +15,11 @@ from torch import nn
 
 from ..adapter import Target
 from ..backends import backend_for
-from ..placement import Placement
 from . import merge
 from .layer import AdapterLinear, Slot, prepare, refresh_dora
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
-from .validate import Planned, base_of, slot_dtype
+from .validate import Checked, base_of, slot_dtype
 
 
 def change(model: nn.Module, state: EngineState) -> Transaction:
@@ -65,7 +64,11 @@ class Transaction:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         try:
             if exc_type is None:
-                self.finish()
+                try:
+                    self.finish()
+                except BaseException:
+                    self.rollback()  # an interrupt inside finish: the change did not happen
+                    raise
             else:
                 self.rollback()
         finally:
@@ -82,6 +85,16 @@ class Transaction:
         self.changed = True
         del self.state.records[name]
 
+    def remove(self, records: list[Record]) -> None:
+        """Detach and drop `records`: their slots go, the weights they patched are rebuilt without them."""
+        if not records:
+            return
+        for r in records:
+            self.detach(r)
+            self.drop(r.name)
+        self.publish_all()
+        self.rebuild(list(dict.fromkeys(t.module for r in records for t in r.patches)))
+
     # --- dynamic mode: wrappers and their slots ---------------------------------------------------
     def _wrapper(self, module_name: str, create: bool) -> AdapterLinear | None:
         if module_name in self.wrappers:
@@ -96,8 +109,10 @@ class Transaction:
             if not isinstance(out_f, int) or not isinstance(in_f, int):
                 out_f, in_f = current.weight.shape[0], current.weight.shape[1]
             wrapper = AdapterLinear(current, out_f, in_f)
+            # Recorded before it is installed: an interrupt in between leaves nothing the undo misses.
+            self.wrappers[module_name] = (wrapper, {}, [], True)
             _set_child(self.model, module_name, wrapper)
-            current, created = wrapper, True
+            return wrapper
         self.wrappers[module_name] = (current, dict(current.slots.items()), current.active_keys(), created)
         return current
 
@@ -109,14 +124,13 @@ class Transaction:
             for k in keys:
                 del wrapper.slots[k]
 
-    def attach(self, record: Record, p: Planned, kind: str, tensors: dict[str, torch.Tensor],
-               placement: Placement) -> None:
+    def attach(self, record: Record, p: Checked, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         wrapper = self._wrapper(p.target.module, create=True)
         weight = getattr(p.module, "weight", None)
         dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         strength = record.strength.at(p.target.module)  # the module's own number under a per-block strength
-        slot = Slot(record.name, p.target, strength, kind, tensors, placement, record.compute_dtype, dtype, device)
+        slot = Slot(record.name, p.target, strength, kind, tensors, p.placement, record.compute_dtype, dtype, device)
         key = wrapper.new_key()
         wrapper.slots[key] = slot
         record.wrapped.setdefault(p.target.module, []).append(key)
@@ -165,8 +179,8 @@ class Transaction:
                     continue
                 touches_bias = any("diff_b" in t.tensors for t, _ in contribs)
                 snap = merge.take_snapshot(module, backend_for(module), touches_bias)
-                self.state.snapshots[module_name] = snap
                 self.new_snapshots.append(module_name)
+                self.state.snapshots[module_name] = snap
             elif snap.bias is None and any("diff_b" in t.tensors for t, _ in contribs):
                 merge.restore(module, snap)  # bias untouched so far; keep it from now on
                 snap.bias = module.bias.detach().clone()
@@ -183,7 +197,8 @@ class Transaction:
 
     # --- the end of a change ----------------------------------------------------------------------
     def rollback(self) -> None:
-        """Undo everything this transaction did (the only undo of the engine)."""
+        """Undo everything this transaction did (the only undo of the engine), also after `finish`.
+        Safe to run again after an interrupt stopped it half way (see `apply.access`)."""
         state = self.state
         state.records = self.records
         for record, active, value, adapter, headroom in self.fields:
@@ -196,15 +211,13 @@ class Transaction:
         state.invalidate()
         # Wrappers: put back their slots and active sets; unwrap the ones created here.
         for module_name, (wrapper, slots, keys, created) in self.wrappers.items():
-            for k in list(wrapper.slots):
-                if k not in slots:
-                    del wrapper.slots[k]
-            for k, slot in slots.items():
-                if k not in wrapper.slots:
-                    wrapper.slots[k] = slot
+            if [(k, id(s)) for k, s in wrapper.slots.items()] != [(k, id(s)) for k, s in slots.items()]:
+                wrapper.slots.clear()  # the slots as they were, in their order
+                wrapper.slots.update(slots)
             wrapper.publish(keys)
-            if created:
-                _set_child(self.model, module_name, wrapper.base_layer)
+            # A wrapper created here goes; one that was there goes back in place (`finish` may have
+            # taken it out when it emptied).
+            _set_child(self.model, module_name, wrapper.base_layer if created else wrapper)
         for record in state.records.values():
             for module_name in list(record.wrapped):
                 entry = self.wrappers.get(module_name)
@@ -215,9 +228,10 @@ class Transaction:
         # Weights: originals taken here go back; every touched module is recomputed with the prior
         # records, including one whose original was put back (and its snapshot dropped) before the failure.
         for module_name in self.new_snapshots:
-            snap = state.snapshots.pop(module_name, None)
-            if snap is not None:
+            snap = state.snapshots.get(module_name)
+            if snap is not None:  # restored, then forgotten: an interrupt in between restores it again
                 merge.restore(base_of(self.model.get_submodule(module_name)), snap)
+                del state.snapshots[module_name]
         refresh_dora(self.model, self.new_snapshots)
         self.new_snapshots = []
         self.rebuild(list(self.touched))

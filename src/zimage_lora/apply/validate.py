@@ -18,6 +18,7 @@ from ..backends import backend_for
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, UnsupportedError, _LegacyArgumentError
 from ..fp32 import FP32_MAX, fits_fp32
 from ..numerics import check_landed, headroom, require_finite
+from ..placement import Placement
 from .layer import AdapterLinear
 
 MODES = ("dynamic", "merged")
@@ -105,8 +106,9 @@ def slot_dtype(module: nn.Module, compute_dtype: torch.dtype | None) -> torch.dt
 
 
 @dataclass
-class Planned:
-    """A validated target: the module it lands on (the base layer under any wrapper) and its backend."""
+class Checked:
+    """A target checked against the model: the module it lands on (the base layer under any wrapper),
+    its backend, and where on the module's rows it lands (worked out once, here)."""
 
     target: Target
     module: nn.Module
@@ -115,13 +117,14 @@ class Planned:
     in_features: int
     # Written into the weight even in dynamic mode (norm layers: a 1-D weight has no Linear to wrap).
     is_patch: bool
+    placement: Placement
 
 
 def base_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterLinear) else module
 
 
-def plan(model: nn.Module, adapter: Adapter, mode: str, scan: bool = True) -> list[Planned]:
+def check_targets(model: nn.Module, adapter: Adapter, mode: str, scan: bool = True) -> list[Checked]:
     """Every target checked against `model`. `scan=False`: its tensors were checked for NaN/Inf where
     they entered (the loader scans what it reads), so they are not scanned again."""
     if not isinstance(adapter, Adapter) or not isinstance(adapter.targets, list):
@@ -129,13 +132,13 @@ def plan(model: nn.Module, adapter: Adapter, mode: str, scan: bool = True) -> li
     where = f"adapter '{adapter.name}' ({adapter.source})"
     if not adapter.targets:
         raise IncompatibleWeightsError(f"{where}: no target matches a module of the model; nothing to apply.")
-    out: list[Planned] = []
+    out: list[Checked] = []
     for t in adapter.targets:
         out.append(_check(model, t, mode, where, scan))
     return out
 
 
-def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Planned:
+def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Checked:
     if not isinstance(t, Target) or not isinstance(t.tensors, Mapping) or not isinstance(t.module, str):
         raise InvalidArgumentError(f"{where}: every target must be a Target with a module name and a dict of tensors, "
                                    f"got {t!r:.200}")
@@ -168,7 +171,7 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
     has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
     if not hasattr(module, "in_features") and isinstance(weight, torch.Tensor) and weight.dim() == 1:
         shapes.check_norm_target(at, t, tuple(weight.shape), has_bias=has_bias)  # a norm layer
-        return Planned(t, module, backend, weight.shape[0], 1, True)
+        return Checked(t, module, backend, weight.shape[0], 1, True, t.placement(weight.shape[0]))
     out_f, in_f = backend.shape(module)
     shapes.check_target(at, t, out_features=out_f, in_features=in_f, has_bias=has_bias)
     if mode == "merged" and not backend.supports_merge:
@@ -176,7 +179,7 @@ def _check(model: nn.Module, t: Target, mode: str, where: str, scan: bool) -> Pl
             f"{at}: layers of type {type(module).__name__} ({backend.name} backend) cannot be merged into in place. "
             "Use mode='dynamic', which runs the quantized layer unchanged and adds the adapter beside it."
         )
-    return Planned(t, module, backend, out_f, in_f, False)
+    return Checked(t, module, backend, out_f, in_f, False, t.placement(out_f))
 
 
 def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool, flag: bool = False) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..apply.pipeline import PIPELINE_CLASSES
+from ..apply.components import PIPELINE_CLASSES
 from ..blocks import check_patterns
 from ..blocks import parse as parse_blocks
 from ..errors import DownloadError, InvalidFormatError, UnsupportedError

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter import Target
-from ..apply.rows import Prepared, add_rows
+from ..apply.rows import Prepared, add_rows, add_scaled_
 
 
 def _prepared(targets: list[tuple[Target, float]], out_features: int, device) -> list[tuple[Prepared, float]]:
@@ -27,7 +27,7 @@ def merge_weight(weight: torch.Tensor, targets: list[tuple[Target, float]]) -> t
     weighted = [(p, s) for p, s in _prepared(targets, weight.shape[0], weight.device) if p.has_weight_delta]
     if weight.dim() == 1:  # a norm's weight: the diff is a vector
         for p, s in weighted:
-            weight.add_(p.parts["diff"].reshape(-1), alpha=p.target.scale * s)
+            add_scaled_(weight, p.parts["diff"].reshape(-1), p.target.scale, s)
         return weight
     add_rows(weight, 0, weighted)
     return weight
