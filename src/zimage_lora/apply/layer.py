@@ -273,14 +273,7 @@ class AdapterLinear(nn.Module):
         out = self.base_layer(base_x, *args, **kwargs)
         if not slots:
             return out
-        if not out.is_contiguous():
-            out = out.contiguous()
-        out2 = out.view(-1, out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        wx = None
-        if needs_wx:
-            bias = self.bias
-            wx = out2 - bias if bias is not None else out2.clone()
+        out, out2, x2, wx = rows_of(out, x, self.bias if needs_wx else None, needs_wx)
         if not compiling:
             slots = kernels.fused_lora_(out2, x2, slots, values)  # plain LoRA slots as one product (Triton on CUDA)
         for slot in slots:
@@ -294,6 +287,20 @@ class AdapterLinear(nn.Module):
 
 _BASE = "base_layer."
 _QUIET: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
+
+
+def rows_of(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, needs_wx: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The base output made contiguous, its rows and the input's as 2-D views (the kernels add into the
+    rows in place), and the base output without bias (`wx`) where a kernel reads it."""
+    if not out.is_contiguous():
+        out = out.contiguous()
+    out2 = out.view(-1, out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    wx = None
+    if needs_wx:
+        wx = out2 - bias if bias is not None else out2.clone()
+    return out, out2, x2, wx
 
 
 def _alpha(slot: Slot, values: dict[Strength, float] | None, compiling: bool) -> kernels.Alpha:

@@ -28,7 +28,7 @@ from torch import nn
 from ..blocks import value_at
 from ..errors import LoRAError
 from .gate import Forward
-from .layer import AdapterLinear, Slot
+from .layer import AdapterLinear, Slot, rows_of
 from .per_sample_block import ATTR, Spec, _batch_error, check_specs, per_sample_adapters
 from .state import EngineState, Record
 
@@ -153,14 +153,8 @@ class Routing:
         total = fwd.total
         assert total is not None  # set by _Context.begin
         bounds, even = self.ctx.bounds(fwd, self.flat, x, self.where)
-        if not out.is_contiguous():
-            out = out.contiguous()
-        out2 = out.view(-1, out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        wx = None
-        if self.needs_wx:  # DoRA's row factor needs W x without bias, taken before any delta lands
-            bias = layer.bias
-            wx = out2 - bias if bias is not None else out2.clone()
+        # DoRA's row factor needs W x without bias, taken before any delta lands
+        out, out2, x2, wx = rows_of(out, x, layer.bias if self.needs_wx else None, self.needs_wx)
         looped = self.slots
         if self.stackable and even:
             levels = self.stacks(total, x2)

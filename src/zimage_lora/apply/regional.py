@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 from ..errors import InvalidArgumentError, LoRAError
 from .gate import BLOCKS, gate_of
-from .layer import AdapterLinear, Slot
+from .layer import AdapterLinear, Slot, rows_of
 
 SEQ_MULTI_OF = 32  # diffusers' Z-Image pads each sample's image and caption tokens to a multiple of this
 
@@ -190,14 +190,7 @@ class RegionRouting:
         if not slots:
             return out
         values = fwd.view.values
-        if not out.is_contiguous():
-            out = out.contiguous()
-        out2 = out.view(-1, out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        wx = None
-        if needs_wx:
-            bias = layer.bias
-            wx = out2 - bias if bias is not None else out2.clone()
+        out, out2, x2, wx = rows_of(out, x, layer.bias if needs_wx else None, needs_wx)
         for slot in slots:
             strength = values.get(slot.strength, slot.strength.value)
             if slot.adapter_name not in self.regions.masks:
