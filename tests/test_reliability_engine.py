@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _hostile import assert_untouched, state_bits
+from _threads import JOIN_S, Worker
 
 from zimage_lora import (
     Adapters,
@@ -28,8 +29,6 @@ from zimage_lora import (
 )
 from zimage_lora.apply.state import get_state
 
-JOIN_S = 20.0  # far above what any step takes; reached only by a deadlock
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
@@ -39,27 +38,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "a": examples.make_adapter("kohya", tmp / "a.safetensors", model, seed=1),
         "b": examples.make_adapter("lycoris-lokr", tmp / "b.safetensors", model, seed=2),
     }
-
-
-class Worker:
-    """`fn` in a daemon thread; `finished(timeout)` says whether it returned, `error` what it raised."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.error: BaseException | None = None
-        self.result: object = None
-
-        def run() -> None:
-            try:
-                self.result = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def finished(self, timeout: float = JOIN_S) -> bool:
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:

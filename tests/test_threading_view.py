@@ -15,33 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _threads import JOIN_S, Worker
 
 import zimage_lora as zl
 from zimage_lora import examples
 from zimage_lora.apply.state import get_state
-
-JOIN_S = 20.0  # far above what any step takes; reached only by a deadlock
-
-
-class Worker:
-    """`fn` in a daemon thread; `finished(timeout)` says whether it returned, `error` what it raised."""
-
-    def __init__(self, fn: Callable[[], object], name: str | None = None) -> None:
-        self.error: BaseException | None = None
-        self.result: object = None
-
-        def run() -> None:
-            try:
-                self.result = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True, name=name)
-        self.thread.start()
-
-    def finished(self, timeout: float = JOIN_S) -> bool:
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
