@@ -2,8 +2,9 @@
 (the text encoder) refuses, or that fails there, leaves both components bit-identical to before it.
 
 Refusals are real: the text encoder runs in fp16, so a strength that the fp32 transformer holds
-overflows there. Faults are injected into the transaction's own steps, only for the text encoder,
-so the transformer has already changed when they fire.
+overflows there. Faults are injected into the change's own steps (a transaction's, or for a change of
+strengths and active flags alone those of `apply.retune`), only for the text encoder, so the transformer
+has already changed when they fire.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from zimage_lora import (
     set_active_adapters,
     set_adapter_scale,
 )
-from zimage_lora.apply import transaction
+from zimage_lora.apply import retune, transaction
 from zimage_lora.apply.layer import AdapterLinear
+from zimage_lora.apply.state import Strength, get_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BIG = 1e7  # finite in the fp32 transformer's deltas, past fp16's 65504 in the text encoder's
@@ -73,12 +75,14 @@ OPS = {
     "unload two": (lambda p, f: Adapters(p).unload(["a", "m"]), "detach"),
     "re-weight merged": (lambda p, f: set_adapter_scale(p, "m", 2.0), "rebuild"),
     "set active": (lambda p, f: set_active_adapters(p, ["a", "off"]), "publish_fast"),
+    "set active dynamic": (lambda p, f: set_active_adapters(p, ["a", "m", "off"]), "retune.publish_fast"),
     "set active merged off": (lambda p, f: set_active_adapters(p, ["a"]), "rebuild"),
     "set active weights": (lambda p, f: set_active_adapters(p, ["m", "off"], [2.0, 3.0]), "rebuild"),
     "fuse": (lambda p, f: Adapters(p).fuse("a"), "rebuild"),
     "fuse inactive": (lambda p, f: Adapters(p).fuse("off"), "detach"),
     "unfuse": (lambda p, f: Adapters(p).unfuse("m"), "attach"),
-    "enable": (lambda p, f: Adapters(p).enable("off"), "publish_fast"),
+    "enable": (lambda p, f: Adapters(p).enable("off"), "retune.publish_fast"),
+    "re-weight dynamic": (lambda p, f: set_adapter_scale(p, "a", 2.0), "Strength.set"),
     "disable": (lambda p, f: Adapters(p).disable("m"), "rebuild"),
 }
 
@@ -108,16 +112,17 @@ def _check_unchanged(pipe, call, files, error):
 @pytest.mark.parametrize("op", list(OPS))
 def test_a_fault_in_the_text_encoder_leaves_both_components_as_they_were(built, pipe, monkeypatch, op):
     call, point = OPS[op]
-    real = getattr(transaction.Transaction, point)
+    owner, attr = _owner(point)
+    real = getattr(owner, attr)
     fired = []
 
     def failing(self, *args, **kwargs):
-        if self.model is pipe.text_encoder and not fired:  # once: the rollback's own rebuild runs
+        if _model(self, args, pipe) is pipe.text_encoder and not fired:  # once: the rollback's own rebuild runs
             fired.append(point)
             raise RuntimeError(f"injected in the text encoder's {point}")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(transaction.Transaction, point, failing)
+    monkeypatch.setattr(owner, attr, failing)
     _check_unchanged(pipe, call, built[1], RuntimeError)
     assert fired  # the fault fired where it was meant to
     monkeypatch.undo()
@@ -126,6 +131,27 @@ def test_a_fault_in_the_text_encoder_leaves_both_components_as_they_were(built, 
     assert list_adapters(pipe) == [] and not any(
         isinstance(m, AdapterLinear) for c in (pipe.transformer, pipe.text_encoder) for m in c.modules()
     )
+
+
+def _owner(point):
+    """Where a fault point lives: a `Transaction` method, `Strength.set`, or a name `apply.retune` calls."""
+    if point == "Strength.set":
+        return Strength, "set"
+    if point.startswith("retune."):
+        return retune, point.removeprefix("retune.")
+    return transaction.Transaction, point
+
+
+def _model(first, args, pipe):
+    """The component a faulted call works on: a transaction's model, `publish_fast`'s first argument, or
+    for a strength the component whose record holds it."""
+    if isinstance(first, transaction.Transaction):
+        return first.model
+    if isinstance(first, Strength):
+        owners = [c for c in (pipe.transformer, pipe.text_encoder)
+                  if any(r.strength is first for r in get_state(c).records.values())]
+        return owners[0] if owners else None
+    return first
 
 
 @pytest.mark.parametrize("op", list(REFUSALS))

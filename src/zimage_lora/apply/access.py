@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import LoRAError
 from .components import Component, components_of
-from .gate import end_change
+from .gate import ATTR, ChangeLock, end_change
 from .state import EngineState, Record, get_state
 from .transaction import Transaction, release
 
@@ -42,7 +42,7 @@ class Scope:
 
     def __init__(self, parts: list[Component], create: frozenset[str] | set[str] = frozenset()) -> None:
         self.entries: list[tuple[Component, Transaction | None]] = [(c, None) for c in parts]
-        self._held: list[Any] = []
+        self._held: list[ChangeLock] = []
         self._create = create
         self._failed = False
         self._finished = False
@@ -82,17 +82,7 @@ class Scope:
             raise
 
     def _lock(self, model: nn.Module, create: bool) -> EngineState | None:
-        while True:
-            state = get_state(model, create=create)
-            if state is None:
-                return None
-            lock = state.lock
-            lock.__enter__()
-            self._held.append(lock)
-            if get_state(model) is state:
-                return state
-            self._held.pop()
-            lock.__exit__(None, None, None)
+        return lock_state(model, create, self._held)
 
     def _close(self, ok: bool) -> None:
         """Finish every transaction, or roll every one back; release states left empty; unlock. Safe to
@@ -147,6 +137,23 @@ class Scope:
             f"no adapter named {which} is attached; attached: {self.names() or 'none'}. "
             "list_adapters(model) shows them."
         )
+
+
+def lock_state(model: nn.Module, create: bool, held: list[ChangeLock]) -> EngineState | None:
+    """`model`'s engine state with its change lock taken and appended to `held` (None, nothing taken: no
+    state, and not `create`). A state that a concurrent remove dropped while we waited is not used: we
+    look again."""
+    while True:
+        state = get_state(model, create=True) if create else model.__dict__.get(ATTR)
+        if state is None:
+            return None
+        lock = state.gate.lock
+        lock.__enter__()
+        held.append(lock)
+        if model.__dict__.get(ATTR) is state:
+            return state
+        held.pop()
+        lock.__exit__(None, None, None)
 
 
 def _rollback(txns: list[Transaction]) -> None:

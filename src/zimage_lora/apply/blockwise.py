@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapter import Adapter, Target
 from ..blocks import Blocks, check_patterns, is_blocks, model_names, resolve
+from ..fp32 import fits_fp32
 from ..keys.index import named_modules
 from .state import Record
 from .validate import check_scale
@@ -31,6 +32,8 @@ _MAX_RESOLVED = 64
 def check_strength(value: Any, what: str = "scale") -> Any:
     """A caller's strength checked for shape: a number (returned as float) or a mapping (returned as
     given, checked; resolved once the model and adapter are known)."""
+    if type(value) is float and fits_fp32(value):
+        return value  # the common case, checked without the general number and mapping checks below
     if is_blocks(value):
         check_patterns(value, what)
         return value

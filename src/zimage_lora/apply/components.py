@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -36,9 +36,9 @@ TRANSFORMER, TEXT_ENCODER = "transformer", "text_encoder"
 _LABELS = {TRANSFORMER: "transformer", TEXT_ENCODER: "text encoder"}
 
 
-@dataclass(frozen=True)
-class Component:
-    """One adaptable module of what the caller passed: `part` names it (`transformer`, `text_encoder`)."""
+class Component(NamedTuple):
+    """One adaptable module of what the caller passed: `part` names it (`transformer`, `text_encoder`).
+    (A named tuple: made on every call, re-weighting included, and a tuple costs least to make.)"""
 
     part: str
     module: nn.Module

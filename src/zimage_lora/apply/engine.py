@@ -24,6 +24,7 @@ from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_re
 from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
+from .retune import retune
 from .state import Record
 from .transaction import Transaction
 from .validate import (
@@ -73,11 +74,13 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
     """Re-weight an attached adapter. Dynamic: one shared value, O(1). Merged: exact re-merge from the kept
     original of every module whose strength changed. A scale whose delta overflows is refused in both
     modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
-    if (mlx := dispatcher(model)) is not None:
+    if not isinstance(model, nn.Module) and (mlx := dispatcher(model)) is not None:
         return mlx.set_scale(model, name, scale)
     parts = components_of(model)
     check_name(name)
     asked = blockwise.check_strength(scale)
+    if type(asked) is float and retune(parts, {name: asked}):
+        return None  # only strengths changed (the hot path); anything else is a full change below
 
     def change(scope: Scope) -> None:
         held = scope.holding(name)
@@ -129,10 +132,15 @@ def set_active_adapters(
     Dynamic adapters switch by replacing each touched layer's active tuple (no tensor work); merged ones
     are re-merged from the kept originals.
     """
-    if (mlx := dispatcher(model)) is not None:
+    if not isinstance(model, nn.Module) and (mlx := dispatcher(model)) is not None:
         return mlx.set_active(model, names, weights)
     parts = components_of(model)
     asked = None if names is None else check_names(names)
+    if asked is not None:
+        values = check_weights(weights, asked)
+        floats = {} if values is None else dict(zip(asked, values, strict=True))
+        if set(map(type, floats.values())) <= {float} and retune(parts, floats, asked):
+            return None  # only strengths and active flags changed (the hot path)
 
     def change(scope: Scope) -> None:
         attached_now = scope.names()

@@ -70,7 +70,8 @@ class Forward:
 _FORWARD: ContextVar[Forward | None] = ContextVar("zimage_lora_forward", default=None)
 # Per-sample blocks open in this context: gate -> block (apply.per_sample_block). Replaced, never mutated.
 BLOCKS: ContextVar[dict[Any, Any]] = ContextVar("zimage_lora_blocks", default={})  # noqa: B039 - never mutated
-_changing = threading.local()  # .gates: the gates whose change lock this thread took; .last: see `touched`
+# .gates: {id: weak reference} of the gates whose change lock this thread took; .last: see `touched`
+_changing = threading.local()
 
 
 def touched() -> int:
@@ -145,6 +146,7 @@ class ForwardGate:
         self.readers = 0  # counted forwards running
         self._drain: Any = None  # released by the last counted forward while a change waits
         self._mark = -1  # `touched` count when the running change began
+        self._ref = weakref.ref(self)
 
     # -- the forward ------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -205,27 +207,26 @@ class ForwardGate:
         return self.view
 
     def _settle(self, layers: bool = True) -> None:
-        """No change is running (the lock is ours, once): publish what the last one left."""
+        """No change is running (the lock is ours, once): publish what the last one left. `layers=False`:
+        no wrapper's active set changed since the last view, only strengths may have."""
         if self.dirty:
-            self.publish(layers)
+            self.view = build_view(self.model, None if layers else self.view.layers)
+            self.dirty = False
         self.exclusive = False
 
     # -- changes ----------------------------------------------------------------------------------
     def begin(self) -> None:
-        """A change starts (outermost, lock held): the view is made current, then marked out of date."""
-        self._settle()
-        gates = getattr(_changing, "gates", None)
-        if gates is None:
-            gates = _changing.gates = weakref.WeakSet()
-        gates.add(self)
+        """A change starts (outermost, lock held): the view is made current, then marked out of date.
+        (Hot: a re-weight is a few microseconds, so no call that is not needed.)"""
+        if self.dirty or self.exclusive:
+            self._settle()
+        try:
+            gates = _changing.gates
+        except AttributeError:
+            gates = _changing.gates = {}
+        gates[id(self)] = self._ref  # weak: a thread's table never keeps a model alive
         self._mark = getattr(_changing, "last", 0)
         self.dirty = True
-
-    def publish(self, layers: bool = True) -> None:
-        """Publish the model's current state as the view new forwards take (lock held). `layers=False`:
-        no wrapper's active set changed since the last view, only strengths may have."""
-        self.view = build_view(self.model, None if layers else self.view.layers)
-        self.dirty = False
 
     def exclude(self) -> None:
         """From now to the end of this change, no forward runs: wait for those running, hold back new ones."""
@@ -257,13 +258,18 @@ def end_change(lock: ChangeLock) -> None:
     if lock._recursion_count() == 1:
         gate = lock.gate
         gate._settle(layers=getattr(_changing, "last", 0) != gate._mark)
+        getattr(_changing, "gates", {}).pop(id(gate), None)
 
 
 def exclude_changing() -> None:
     """Called before writing in place (weights, slot buffers, unwrapping): exclusion on every model this
     thread is changing. Outside a change (e.g. `load_state_dict`) there is none (docs/threading.md)."""
-    for gate in list(getattr(_changing, "gates", ())):
-        if gate.lock._is_owned():
+    gates: dict[int, weakref.ref[ForwardGate]] = getattr(_changing, "gates", {})
+    for key, ref in list(gates.items()):
+        gate = ref()
+        if gate is None:
+            del gates[key]  # left by a change that never ended (interrupted before `end_change`)
+        elif gate.lock._is_owned():
             gate.exclude()
 
 
@@ -290,5 +296,10 @@ def build_view(model: torch.nn.Module, layers: dict[Any, tuple[Any, ...]] | None
         else:
             layers = {w: w._active for w in state.wrappers(model)}
     # Per-block strengths (apply.blockwise): each module with its own number is in the view as well.
-    strengths = [s for r in state.records.values() for s in (r.strength, *r.strength.children.values())]
-    return View(layers, {s: s.value for s in strengths})
+    values: dict[Any, float] = {}
+    for r in state.records.values():  # a loop, not a comprehension: one call less on the re-weight hot path
+        strength = r.strength
+        values[strength] = strength.value
+        for child in strength.children.values():
+            values[child] = child.value
+    return View(layers, values)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,10 +35,11 @@ class Strength:
     kept from then on so that later changes stay in-place fills (see `apply.blockwise`).
     """
 
-    __slots__ = ("value", "tensor", "blocks", "children", "values")
+    __slots__ = ("value", "tensor", "blocks", "children", "values", "_cell")
 
     def __init__(self, value: float | Blocks) -> None:
         self.tensor = torch.tensor(0.0, dtype=torch.float32)
+        self._cell = _cell(self.tensor)
         self.children: dict[str, Strength] = {}
         self.values: torch.Tensor | None = None  # the children's numbers; each child's `tensor` is a view
         self.set(value)
@@ -46,7 +48,7 @@ class Strength:
         blocks = value if isinstance(value, Blocks) else None
         self.blocks = blocks
         self.value = blocks.default if blocks is not None else float(value)
-        self.tensor.fill_(self.value)
+        self._cell[()] = self.value  # the tensor's own memory: a plain store, ~10x cheaper than `fill_`
         grown = False
         if blocks is not None:
             for module, v in blocks.values.items():
@@ -68,6 +70,7 @@ class Strength:
         self.values = values
         for i, child in enumerate(self.children.values()):
             child.tensor = values[i]
+            child._cell = _cell(child.tensor)
 
     def get(self) -> float | Blocks:
         """What `set` was given last (a number or a per-block strength)."""
@@ -85,6 +88,20 @@ class Strength:
         if new.children:
             new._views(torch.tensor([c.value for c in new.children.values()], dtype=torch.float32))
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_cell"}  # a cell does not pickle as a view
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._cell = _cell(self.tensor)
+
+
+def _cell(tensor: torch.Tensor) -> np.ndarray:
+    """A 0-d CPU fp32 tensor's memory as a numpy array: writing it changes the tensor (what compiled
+    graphs read) without torch's dispatch, and also for a tensor made under `torch.inference_mode`."""
+    return tensor.numpy()
 
 
 @dataclass

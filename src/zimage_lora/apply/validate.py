@@ -60,11 +60,12 @@ def check_names(names: Any) -> list[str]:
     """One name or an iterable of distinct names."""
     if isinstance(names, str):
         return [check_name(names)]
-    if isinstance(names, (bytes, Mapping)) or not isinstance(names, Iterable):
+    # A list or tuple first: the abstract-class checks cost more than the rest of a switch.
+    if not isinstance(names, list | tuple) and (isinstance(names, bytes | Mapping) or not isinstance(names, Iterable)):
         raise InvalidArgumentError(f"names must be a list of adapter names (or one name, or None), got {names!r}")
     out = [check_name(n) for n in names]
-    repeated = sorted({n for n in out if out.count(n) > 1})
-    if repeated:
+    if len(set(out)) != len(out):
+        repeated = sorted({n for n in out if out.count(n) > 1})
         raise InvalidArgumentError(f"names lists {repeated} more than once; give each adapter once.")
     return out
 
@@ -73,7 +74,9 @@ def check_weights(weights: Any, names: list[str]) -> list[Any] | None:
     """None, or one finite number (or per-block mapping) per name."""
     if weights is None:
         return None
-    if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Iterable):
+    if not isinstance(weights, list | tuple) and (
+        isinstance(weights, str | bytes | Mapping) or not isinstance(weights, Iterable)
+    ):
         raise InvalidArgumentError(
             f"weights must be a list with one number per name ({len(names)} name(s)), got {weights!r}; "
             "Adapters(model).set_adapters takes one number for all."
@@ -83,7 +86,8 @@ def check_weights(weights: Any, names: list[str]) -> list[Any] | None:
         raise _LegacyArgumentError(f"{len(names)} adapter names but {len(weights)} weights")
     # A per-block weight (a {pattern: number} mapping) is checked when resolved against the model.
     pairs = zip(weights, names, strict=True)
-    return [w if isinstance(w, Mapping) else check_scale(w, f"weight for '{n}'") for w, n in pairs]
+    return [w if not isinstance(w, float | int) and isinstance(w, Mapping) else check_scale(w, f"weight for '{n}'")
+            for w, n in pairs]
 
 
 def check_compute_dtype(dtype: Any) -> torch.dtype | None:
