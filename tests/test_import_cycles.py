@@ -97,15 +97,5 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-# Cycles left, each to be deleted here when it goes (the test then fails on any cycle at all): the
-# per-sample block and its routing import each other (the block opens the routing lazily); the public
-# functions dispatch an MLX model to `mlx.api`, which reuses the engine's argument checks and naming.
-KNOWN = [
-    ["zimage_lora.apply.per_sample", "zimage_lora.apply.per_sample_block"],
-    ["zimage_lora.apply.access", "zimage_lora.apply.attach", "zimage_lora.apply.components", "zimage_lora.mlx",
-     "zimage_lora.mlx.api"],
-]
-
-
 def test_no_import_cycle_in_the_package():
-    assert [c for c in _cycles(_without_packages(_graph())) if c not in KNOWN] == []
+    assert _cycles(_without_packages(_graph())) == []

@@ -4,7 +4,6 @@ same-shaped adapter of that name is attached, as a hot swap of the values in its
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
 from .layer import Slot, prepare, weight_rows
-from .report import ApplyReport
+from .report import ApplyReport, free_name, warn_requant
 from .state import Record, Strength
 from .transaction import Transaction
 from .validate import (
@@ -33,9 +32,6 @@ from .validate import (
     check_targets,
     slot_dtype,
 )
-
-#: Above this requantization loss a merged adapter warns and suggests dynamic mode.
-REQUANT_WARN = 0.1
 
 
 def apply_adapter(
@@ -126,7 +122,8 @@ def apply_parts(
         reports: dict[str, ApplyReport] = {}
         renamed_from, final = None, name
         if not explicit:
-            final = _free_name(scope, name, next(iter(adapters.values())).source)
+            final = free_name(name, next(iter(adapters.values())).source,
+                              lambda n: [r.adapter.source for _, r in scope.holding(n)])
             renamed_from = name if final != name else None
         for c, txn in scope.entries:
             if c.part in adapters:
@@ -139,32 +136,6 @@ def apply_parts(
         return reports
 
     return Scope(parts, create=set(adapters)).run(change)
-
-
-def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
-    for module, loss in report.requant_loss.items():
-        if loss > REQUANT_WARN:
-            warnings.warn(
-                f"merging adapter '{report.name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
-                "requantization; apply it with mode='dynamic' to keep it exact.",
-                stacklevel=stacklevel,
-            )
-
-
-def _free_name(where: Any, derived: str, source: str) -> str:
-    """`derived`, or the first of `derived_2`, `derived_3`, ... that nothing holds for another source.
-    `where`: a `Scope` (every component), or one engine state with `records` (the MLX engine's)."""
-
-    def holders(name: str) -> list[Record]:
-        if isinstance(where, Scope):
-            return [r for _, r in where.holding(name)]
-        return [where.records[name]] if name in where.records else []
-
-    candidate, i = derived, 1
-    while any(r.adapter.source != source for r in holders(candidate)):
-        i += 1
-        candidate = f"{derived}_{i}"
-    return candidate
 
 
 def _holder(scope: Scope, name: str | None) -> str:

@@ -20,10 +20,10 @@ from ..blocks import Blocks, default_of
 from ..mlx import dispatcher
 from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
-from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
+from .attach import apply_adapter, apply_resolved, attach
 from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
-from .report import AdapterInfo, ApplyReport
+from .report import REQUANT_WARN, AdapterInfo, ApplyReport, warn_requant
 from .retune import retune
 from .state import Record
 from .transaction import Transaction

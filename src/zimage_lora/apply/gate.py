@@ -68,7 +68,7 @@ class Forward:
 
 
 _FORWARD: ContextVar[Forward | None] = ContextVar("zimage_lora_forward", default=None)
-# Per-sample blocks open in this context: gate -> block (apply.per_sample_block). Replaced, never mutated.
+# Per-sample blocks open in this context: gate -> block (apply.per_sample). Replaced, never mutated.
 BLOCKS: ContextVar[dict[Any, Any]] = ContextVar("zimage_lora_blocks", default={})  # noqa: B039 - never mutated
 # .gates: {id: weak reference} of the gates whose change lock this thread took; .last: see `touched`
 _changing = threading.local()

@@ -1,7 +1,11 @@
-"""What an apply did: modules and row slices touched, keys left out and why, requantization loss."""
+"""What an apply did: modules and row slices touched, keys left out and why, requantization loss; and the
+two rules behind parts of it that the PyTorch and MLX engines share (the name an adapter gets when its
+derived name is taken, and when a requantization loss warns)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from ..adapter import Unmatched
@@ -76,3 +80,27 @@ class AdapterInfo:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "algorithms": list(self.algorithms)}
+
+
+#: Above this requantization loss a merged adapter warns and suggests dynamic mode.
+REQUANT_WARN = 0.1
+
+
+def warn_requant(report: ApplyReport, stacklevel: int = 3) -> None:
+    for module, loss in report.requant_loss.items():
+        if loss > REQUANT_WARN:
+            warnings.warn(
+                f"merging adapter '{report.name}' into quantized layer '{module}' lost {loss:.0%} of its delta to "
+                "requantization; apply it with mode='dynamic' to keep it exact.",
+                stacklevel=stacklevel,
+            )
+
+
+def free_name(derived: str, source: str, sources_of: Callable[[str], Iterable[str]]) -> str:
+    """`derived`, or the first of `derived_2`, `derived_3`, ... that no adapter from another source holds.
+    `sources_of(name)`: the sources of the adapters attached under `name` (over every component)."""
+    candidate, i = derived, 1
+    while any(s != source for s in sources_of(candidate)):
+        i += 1
+        candidate = f"{derived}_{i}"
+    return candidate

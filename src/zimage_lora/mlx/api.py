@@ -16,8 +16,7 @@ from mlx import nn
 
 from .. import algorithms, shapes
 from ..adapter import Adapter
-from ..apply.attach import REQUANT_WARN, _free_name, warn_requant
-from ..apply.report import AdapterInfo, ApplyReport
+from ..apply.report import REQUANT_WARN, AdapterInfo, ApplyReport, free_name, warn_requant
 from ..apply.validate import check_mode, check_name, check_names, check_scale, check_weights
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, LoRAError
 from ..loading import load_adapter
@@ -75,7 +74,8 @@ def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
         notes = list(adapter.notes)
         renamed_from = None
         if not explicit:
-            free = _free_name(state, name, adapter.source)  # type: ignore[arg-type]
+            free = free_name(name, adapter.source,
+                             lambda n: [state.records[n].adapter.source] if n in state.records else [])
             if free != name:
                 notes.append(f"the name '{name}' is taken by the adapter from {state.records[name].adapter.source}; "
                              f"this one is attached as '{free}' (pass name='{name}' to replace that one instead).")
