@@ -75,7 +75,9 @@ class AdapterFile:
 
 
 
-def read_adapter_file(path: str | Path, config: dict | None = None, *, component: str = "transformer") -> AdapterFile:
+def read_adapter_file(
+    path: str | Path, config: dict[str, object] | None = None, *, component: str = "transformer"
+) -> AdapterFile:
     """Group the file's keys; `config` is a PEFT `adapter_config.json` dict when the source had one.
 
     `component="text_encoder"` reads the text-encoder keys instead (the other keys are left to the
@@ -87,7 +89,7 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
         return _read_adapter_file(path, config, component)
 
 
-def _read_adapter_file(path: str | Path, config: dict | None, component: str) -> AdapterFile:
+def _read_adapter_file(path: str | Path, config: dict[str, object] | None, component: str) -> AdapterFile:
     header = read_header(path)
     path = header.path
     text_encoder = component == "text_encoder"

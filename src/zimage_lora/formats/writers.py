@@ -9,7 +9,7 @@ writers apart a rule's label says what the keys are (e.g. "kohya") instead of gu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Protocol
 
@@ -43,7 +43,7 @@ def _fused_stems() -> tuple[str, ...]:
     return FUSED_QKV.rpartition(".")[2], out, out.replace(".", "_")
 
 
-def evidence(groups: list[_Group], meta: Mapping[str, str], tensor_keys: Iterable[str]) -> Evidence:
+def evidence(groups: Sequence[_Group], meta: Mapping[str, str], tensor_keys: Iterable[str]) -> Evidence:
     prefixes = frozenset(g.prefix for g in groups)
     return Evidence(
         prefixes=prefixes,
@@ -59,7 +59,7 @@ def evidence(groups: list[_Group], meta: Mapping[str, str], tensor_keys: Iterabl
     )
 
 
-def label(groups: list[_Group], meta: Mapping[str, str], tensor_keys: Iterable[str]) -> str:
+def label(groups: Sequence[_Group], meta: Mapping[str, str], tensor_keys: Iterable[str]) -> str:
     """The writer of the file as far as keys and metadata tell."""
     e = evidence(groups, meta, list(tensor_keys))
     if e.fused and e.split:

@@ -65,7 +65,7 @@ def _config_alpha(file: AdapterFile, group: Group) -> ConfigAlpha | None:
     if ".lora_A" not in group.keys.get("down", ""):
         return ConfigAlpha(None, AlphaFrom.NONE, ignored=where)
     patterns = cfg.get("alpha_pattern") or {}
-    alpha = pattern_value(patterns, group.stem, file.path)  # type: ignore[arg-type]  # checked inside
+    alpha = pattern_value(patterns, group.stem, file.path)  # checked inside
     if alpha is None:
         alpha = cfg.values["lora_alpha"]
     return ConfigAlpha(_finite(file, group, alpha), where, bool(cfg.get("use_rslora")))
