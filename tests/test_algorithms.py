@@ -10,6 +10,7 @@ from lycoris.functional import loha as ly_loha
 from lycoris.functional import lokr as ly_lokr
 
 from zimage_lora import algorithms
+from zimage_lora.algorithms.base import Reserved
 from zimage_lora.placement import Placement
 
 g = torch.Generator().manual_seed(0)
@@ -119,3 +120,11 @@ def test_prepared_kernel_adds_the_scaled_delta_rows(name, lo, hi):
     torch.testing.assert_close(out, x @ (algorithms.delta(algo, tensors)[lo:hi] * 1.0).T, rtol=1e-4, atol=1e-4)
     biggest = float((algorithms.delta(algo, tensors)[lo:hi].double() * 0.5).abs().max())
     assert algorithms.kernel(_kind).bound(prepared) >= biggest * (1 - 1e-6)  # fp32 rounding of the delta
+
+
+def test_reserved_names_are_their_strings():
+    # Reserved is a str Enum without enum.StrEnum (Python 3.11+; the package supports 3.10): a member
+    # must still print, format, compare and hash as its value, as the dispatcher's dict keys rely on.
+    for member, text in ((Reserved.BIAS, "bias"), (Reserved.DORA_FM1, "fm1")):
+        assert (str(member), f"{member}", f"{member:>5}") == (text, text, f"{text:>5}")
+        assert member == text and {text: 1}[member] == 1

@@ -15,6 +15,7 @@ The most specific pattern wins, blocks first: the one covering the fewest blocks
 `layers.0-9`, which beats `feed_forward` (every block's feed-forward), which beats `*`; and
 `layers.0-9.feed_forward` beats `layers.0-9`. Modules no pattern covers keep `DEFAULT` (1.0): add
 `"*": x` to change that. A pattern covering nothing is an error naming the nearest real patterns.
+On a pipeline, the key `text_encoder` is the text encoder's one number (`apply.blockwise.for_part`).
 Torch-free: the command line parses and the model resolves with the same code.
 """
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from ..placement import Placement
 from . import oft_input
-from .base import Algorithm
-
-Tensors = dict[str, torch.Tensor]
+from .base import Algorithm, Shapes, Tensors
 
 
-def blocks(shapes) -> tuple[int, int, int]:
+def blocks(shapes: Shapes) -> tuple[int, int, int]:
     """(m, n, b) from `boft_R`, checked (m == 1: see the module docstring)."""
     shape = tuple(shapes.get("boft_R", ()))
     if len(shape) != 4 or shape[-1] != shape[-2] or 0 in shape:
@@ -42,12 +41,12 @@ def _stages(m: int) -> str:
             "applied (the stages' permutations are PEFT's, not in the file)")
 
 
-def unsupported(shapes) -> str | None:
+def unsupported(shapes: Shapes) -> str | None:
     shape = tuple(shapes.get("boft_R", ()))
     return _stages(shape[0]) if len(shape) == 4 and shape[0] != 1 else None
 
 
-def delta_shape(shapes) -> tuple[int | None, int]:
+def delta_shape(shapes: Shapes) -> tuple[int | None, int]:
     _m, n, b = blocks(shapes)
     return (shapes["boft_s"][0] if "boft_s" in shapes else None), n * b
 
@@ -57,10 +56,11 @@ def rotation(tensors: Tensors) -> torch.Tensor:
     raw = tensors["boft_R"].double()[0]
     s = 0.5 * (raw - raw.transpose(-1, -2))
     eye = torch.eye(s.shape[-1], dtype=s.dtype).expand_as(s)
-    return torch.linalg.solve(eye + s, -2.0 * s, left=False)
+    r: torch.Tensor = torch.linalg.solve(eye + s, -2.0 * s, left=False)
+    return r
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     parts = {"rot_in": rotation(tensors).float()}
     if "boft_s" in tensors:
         parts["row_scale"] = tensors["boft_s"].reshape(-1).float()
@@ -90,7 +90,9 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
     return x @ delta(tensors, weight).to(x.dtype).T
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]] | None:
     """The input-rotation kernel when no row is scaled and the placement is whole; else the dense fallback."""
     if not placement.whole or ("boft_s" in tensors and not bool((tensors["boft_s"] == 1).all())):
         return None
@@ -98,7 +100,7 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     return oft_input.KERNEL.name, {"rot_in": rot.contiguous(), **oft_input.weight_facts(weight, rot.shape[-1])}
 
 
-def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
+def split_rows(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor]:
     """Rows [lo, hi) of a fused delta: the same rotation, the rows' own scales."""
     out = dict(tensors)
     if "boft_s" in out:
@@ -106,18 +108,18 @@ def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
     return out
 
 
-def check_weight(shapes, weight_shape: tuple[int, ...], values: Tensors | None = None) -> None:
+def check_weight(shapes: Shapes, weight_shape: tuple[int, ...], values: Tensors | None = None) -> None:
     _m, n, b = blocks(shapes)
     if n * b != weight_shape[1]:
         raise ValueError(f"'boft_R' rotates {n} blocks of {b} inputs ({n * b}), the weight has {weight_shape[1]}")
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     _m, n, b = blocks(shapes)
     return n * b * b
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     _m, n, b = blocks(shapes)
     return f"{n} input rotations of {b}x{b}" + (" + output scale" if "boft_s" in shapes else "")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter, Unmatched
-from ..blocks import Blocks, default_of
+from ..blocks import Blocks
 from ..errors import IncompatibleWeightsError
 from ..mlx import dispatcher
 from ..sources import LoRAConfiguration
@@ -112,11 +112,9 @@ def apply_parts(
     """Attach each component's adapter (`adapters`, by part) as `name` in one scope: all or none.
     `scanned`: the tensors came from the loader, which checked them for NaN/Inf already. A component
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
-    # Every part is validated before any component changes. A per-block strength's patterns name
-    # transformer modules: resolved against the transformer, the text encoder takes its default.
+    # Every part is validated before any component changes.
     strengths = {
-        c.part: blockwise.resolve_for(c.module, adapters[c.part], strength) if c.part == TRANSFORMER
-        else default_of(strength) for c in parts if c.part in adapters
+        c.part: blockwise.for_part(c.module, adapters[c.part], strength, c.part) for c in parts if c.part in adapters
     }
     checked = {
         c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters

@@ -16,12 +16,12 @@ from typing import Any
 from torch import nn
 
 from ..backends import backend_for
-from ..blocks import Blocks, default_of
+from ..blocks import Blocks
 from ..mlx import dispatcher
 from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
-from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
+from .components import components_of, is_pipeline, pipeline_infos
 from .layer import weight_rows
 from .report import AdapterInfo, ApplyReport
 from .state import Record
@@ -96,12 +96,9 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
 
 
 def _resolved(scope: Scope, txn: Transaction, record: Record, asked: Any) -> blockwise.Strengthish:
-    """A caller's strength for one component's record: a per-block strength's patterns name transformer
-    modules, resolved against the transformer's; the text encoder takes its default."""
+    """A caller's strength for one component's record (`blockwise.for_part`)."""
     part = next(c.part for c, t in scope.entries if t is txn)
-    if part == TRANSFORMER:
-        return blockwise.resolve_for(txn.model, record.adapter, asked)
-    return default_of(asked)
+    return blockwise.for_part(txn.model, record.adapter, asked, part)
 
 
 def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:

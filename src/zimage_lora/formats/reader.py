@@ -76,7 +76,9 @@ class AdapterFile:
 
 
 
-def read_adapter_file(path: str | Path, config: dict | None = None, *, component: str = "transformer") -> AdapterFile:
+def read_adapter_file(
+    path: str | Path, config: dict[str, object] | None = None, *, component: str = "transformer"
+) -> AdapterFile:
     """Group the file's keys; `config` is a PEFT `adapter_config.json` dict when the source had one.
 
     `component="text_encoder"` reads the text-encoder keys instead (the other keys are left to the
@@ -88,7 +90,7 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
         return _read_adapter_file(path, config, component)
 
 
-def _read_adapter_file(path: str | Path, config: dict | None, component: str) -> AdapterFile:
+def _read_adapter_file(path: str | Path, config: dict[str, object] | None, component: str) -> AdapterFile:
     header = read_header(path)
     path = header.path
     text_encoder = component == "text_encoder"
@@ -256,7 +258,7 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
 _LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
+def pattern_value(patterns: object, stem: str, source: object = "adapter config") -> object:
     r"""PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): the first pattern, in the
     config's order, that matches the module name as `(.*\.)?(pattern)$`.
 

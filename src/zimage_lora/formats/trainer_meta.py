@@ -90,7 +90,9 @@ class TrainerMeta:
     # A file-wide scaled-OFT marker (OneTrainer's `oft_R.scaled_oft` buffer) is read per module.
 
 
-def trainer_meta(header: Header, config: Mapping | None, component: str, comfy_native: bool) -> TrainerMeta:
+def trainer_meta(
+    header: Header, config: Mapping[str, object] | None, component: str, comfy_native: bool
+) -> TrainerMeta:
     """`config`: a PEFT folder's adapter_config.json; otherwise the file's own metadata is read.
     `comfy_native`: the keys are ComfyUI's own names (its train node, its loader's convention)."""
     meta = header.metadata

@@ -15,8 +15,12 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidFormatError
+
+if TYPE_CHECKING:
+    import regex
 
 # No adapter config, index or model config nests deeper than ~5 or needs an integer beyond 2**64.
 MAX_JSON_DEPTH = 64
@@ -97,7 +101,7 @@ def read_json_file(path: Path, *, what: str = "the file", fix: str = "Fix or re-
     return parse_json(data, path, what=what, fix=fix)
 
 
-def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern"):
+def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern") -> regex.Pattern[str]:
     """A regular expression from a file, compiled on the `regex` engine (matching takes a timeout).
 
     Length and group nesting are bounded first: `regex` compiles recursively, and 5,000 nested groups
@@ -109,7 +113,7 @@ def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(pattern: str, source: str, field: str):
+def _compile(pattern: str, source: str, field: str) -> regex.Pattern[str]:
     import regex
 
     def refuse(reason: str) -> InvalidFormatError:

@@ -8,7 +8,7 @@ says what the keys are (e.g. "kohya") instead of guessing a program.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Protocol
 
@@ -68,7 +68,7 @@ def has_kohya_metadata(meta: dict[str, str]) -> bool:
     return any(k.startswith("ss_network_") for k in meta)
 
 
-def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]) -> str:
+def label(groups: Sequence[_Group], meta: dict[str, str], tensor_keys: Iterable[str]) -> str:
     """The writer of the file as far as keys and metadata tell."""
     tensor_keys = list(tensor_keys)
     prefixes = {g.prefix for g in groups}
@@ -108,7 +108,7 @@ def label(groups: list[_Group], meta: dict[str, str], tensor_keys: Iterable[str]
     return "bare module names"
 
 
-def _kohya_label(prefixes, fused, meta, tensor_keys, algos) -> str:
+def _kohya_label(prefixes: set[str], fused: bool, meta: dict[str, str], tensor_keys: list[str], algos: set[str]) -> str:
     if _VIDEOX in prefixes:
         # VideoX-Fun lora_utils.LoRANetwork: "lora_unet" + "." + "" + "." + module, dots -> '_'.
         return "videox-fun (kohya keys, lora_unet__)"
@@ -132,7 +132,10 @@ _KOHYA_DOWN = _role(KOHYA_LORA["down"])  # 'lora_down'
 _PEFT_DOWN = _role(PEFT_LORA["down"])  # 'lora_A'
 
 
-def _musubi_converted(groups, meta, roles, alphas, algos, tensor_keys) -> bool:
+def _musubi_converted(
+    groups: Sequence[_Group], meta: dict[str, str], roles: set[str], alphas: bool, algos: set[str],
+    tensor_keys: list[str],
+) -> bool:
     # convert_lora.py --target other: LoRA as lora_A/lora_B without any alpha, and either the kohya
     # metadata it copies from its source or its '_' -> '.' module names. LoHa/LoKr keep their factors
     # and alpha under 'diffusion_model.', with the copied metadata naming musubi's own module.
@@ -154,7 +157,7 @@ def is_diffusion_pipe(meta: dict[str, str]) -> bool:
     return dict(meta) == {"format": "pt"}
 
 
-def _comfy_prefix_label(fused, meta, roles, alphas, algos) -> str:
+def _comfy_prefix_label(fused: bool, meta: dict[str, str], roles: set[str], alphas: bool, algos: set[str]) -> str:
     if is_onetrainer(meta):
         return "onetrainer (comfy)"
     if is_diffusion_pipe(meta):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -107,7 +108,9 @@ def _alpha(file: AdapterFile, group: Group) -> tuple[float | None, AlphaFrom, bo
     return None, AlphaFrom.NONE, False, None
 
 
-def _musubi_lokr_scale(file: AdapterFile, group: Group, shapes: dict, rule: MusubiLoKr) -> Scale:
+def _musubi_lokr_scale(
+    file: AdapterFile, group: Group, shapes: Mapping[str, tuple[int, ...]], rule: MusubiLoKr
+) -> Scale:
     """musubi-tuner networks/lokr.py: scale = alpha / dim, dim = w2_a.shape[1] for a low-rank w2; no
     alpha tensor means alpha = dim (scale 1). A full w2: the rewrite (`MusubiLoKr.FACTOR`) divides by
     max(w2.shape); 0b2d692 (`MusubiLoKr.FIRST`) forces alpha = lora_dim there, so its scale is 1."""
@@ -135,6 +138,7 @@ _MUSUBI_VERSION = {
 
 def _finite_key_alpha(file: AdapterFile, group: Group) -> float:
     alpha = group.alpha
+    assert alpha is not None  # callers read a key alpha only where the group has one
     if not math.isfinite(alpha):
         raise InvalidFormatError(
             f"{file.path}: alpha '{group.alpha_key}' is {alpha}; expected a finite number. It sets the scale of "
@@ -179,7 +183,7 @@ def scale_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> list[st
     notes: list[str] = []
     by_source = Counter(s.source for _g, s in scales if s.source.from_config)
     for source, n in sorted(by_source.items(), key=lambda kv: kv[0].value):
-        values = sorted({s.alpha for _g, s in scales if s.source is source})
+        values = sorted({s.alpha for _g, s in scales if s.source is source and s.alpha is not None})
         shown = ", ".join(f"{v:g}" for v in values[:5])
         notes.append(f"the scale of {n} module(s) comes from {source.value} (alpha {shown}): they carry no "
                      f"per-module alpha{_OTHER_LOADERS.get(source, '')}")
@@ -216,6 +220,7 @@ def _constraint_notes(file: AdapterFile, groups: list[Group]) -> list[str]:
     if not mine:
         return []
     role = algorithms.get(mine[0].algorithm).absolute_alpha_role
+    assert role is not None  # `mine` holds the groups keyed by it
     bounds = [(float(v.float().reshape(-1)[0]), tuple(g.shapes.get("oft_blocks", ())))
               for g in mine for v in file.load([g.keys[role]]).values()]
     shown = ", ".join(f"{a:g}" for a in sorted({a for a, _s in bounds})[:5])

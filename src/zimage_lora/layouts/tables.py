@@ -45,8 +45,8 @@ KOHYA: Spelling = {"lora": KOHYA_LORA, **LYCORIS_ALGOS, **LYCORIS_ONLY, "scale":
 COMFY: Spelling = {"lora": PEFT_LORA, **LYCORIS_ALGOS, "oft": LYCORIS_ONLY["oft"], "scale": ALPHA, "dora": DORA_SCALE}
 PEFT: Spelling = {"lora": PEFT_LORA, "dora": PEFT_MAGNITUDE}
 
-# Spellings files carry that no row writes: read, never written.
-READ_ONLY_SUFFIXES: Spelling = {
+# Spellings files carry that no row writes: read, never written (several per role).
+READ_ONLY_SUFFIXES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
     "lora": {
         # diffusers' old attention-processor LoRA (LoRALinearLayer) and to_q_lora.down.weight spellings,
         # and trainers that drop '.weight'.

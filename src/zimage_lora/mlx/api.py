@@ -26,17 +26,11 @@ from ..sources import LoRAConfiguration
 from . import build
 from .layer import Strength
 from .state import Record, State, get_state
-from .tree import Tree, linear_shape
+from .tree import Tree, linear_shape, transformer_of
 
 __all__ = ["apply", "remove", "set_scale", "set_active", "switch_mode", "list_all", "REQUANT_WARN"]
 
 _DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
-
-
-def _transformer(model: Any) -> nn.Module:
-    """mflux's `ZImage` (text encoder, VAE and transformer in one module) stands for its transformer."""
-    inner = getattr(model, "transformer", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def _dtype(value: Any) -> mx.Dtype | None:
@@ -50,7 +44,7 @@ def _dtype(value: Any) -> mx.Dtype | None:
 def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *, scale: float = 1.0,
           mode: str = "dynamic", name: str | None = None, filename: str | None = None, strict: bool = False,
           compute_dtype: Any = None) -> ApplyReport:
-    model = _transformer(model)
+    model = transformer_of(model)
     mode = check_mode(mode)
     strength = check_scale(scale)
     dtype = _dtype(compute_dtype)
@@ -167,7 +161,7 @@ def _records(model: nn.Module, names: list[str] | None) -> tuple[State | None, l
 
 
 def remove(model: nn.Module, name: str | None = None) -> list[str]:
-    model = _transformer(model)
+    model = transformer_of(model)
     if name is not None:
         check_name(name)
     state, names = _records(model, None if name is None else [name])
@@ -180,7 +174,7 @@ def remove(model: nn.Module, name: str | None = None) -> list[str]:
 
 
 def set_scale(model: nn.Module, name: str, scale: float) -> None:
-    model = _transformer(model)
+    model = transformer_of(model)
     check_name(name)
     value = check_scale(scale)
     state, _ = _records(model, [name])
@@ -199,7 +193,7 @@ def set_scale(model: nn.Module, name: str, scale: float) -> None:
 
 
 def set_active(model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None) -> None:
-    model = _transformer(model)
+    model = transformer_of(model)
     asked = None if names is None else check_names(names)
     state, wanted = _records(model, asked)
     values = check_weights(weights, wanted)
@@ -223,7 +217,7 @@ def set_active(model: nn.Module, names: str | list[str] | None, weights: list[fl
 
 
 def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> None:
-    model = _transformer(model)
+    model = transformer_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
     state, wanted = _records(model, asked)
@@ -249,7 +243,7 @@ def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> N
 
 
 def list_all(model: nn.Module) -> list[AdapterInfo]:
-    model = _transformer(model)
+    model = transformer_of(model)
     state = get_state(model)
     if state is None:
         return []

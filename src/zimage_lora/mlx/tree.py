@@ -29,6 +29,12 @@ RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
+def transformer_of(model: Any) -> nn.Module:
+    """mflux's `ZImage` (text encoder, VAE and transformer in one module) stands for its transformer."""
+    inner = getattr(model, "transformer", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def is_linear(module: Any) -> bool:
     return isinstance(module, (nn.Linear, nn.QuantizedLinear))
 
@@ -144,4 +150,4 @@ def to_mx(t: torch.Tensor, dtype: mx.Dtype) -> mx.array:
     return mx.array(t.detach().float().contiguous().numpy()).astype(dtype)
 
 
-__all__ = ["Tree", "ModuleShape", "diffusers_name", "is_linear", "linear_shape", "to_mx", "to_torch"]
+__all__ = ["Tree", "ModuleShape", "diffusers_name", "is_linear", "linear_shape", "to_mx", "to_torch", "transformer_of"]
