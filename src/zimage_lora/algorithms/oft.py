@@ -96,7 +96,7 @@ def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[st
     return out, scale, rank
 
 
-def baked(tensors: Tensors) -> Tensors:
+def baked(tensors: Tensors) -> dict[str, torch.Tensor]:
     """The same rotations for every reader: the constraint applied to the blocks (Q scaled exactly as
     `cayley` scales it) and alpha 0, which LyCORIS (alpha * out) and ComfyUI (alpha) both read as no
     bound. For a file whose alpha would mean a different bound to the application loading it."""
