@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +32,7 @@ from torch import nn
 from .adapter import Adapter
 from .apply.attach import apply_resolved
 from .apply.engine import _model_of, attached, remove_adapter
-from .errors import LoRAError
+from .errors import InvalidArgumentError, LoRAError
 from .store_loader import load_host, source_key, stage_upload
 
 LOAD_TIMEOUT_S = 600.0
@@ -236,6 +236,16 @@ class AdapterStore:
                 entry.pins -= 1
             self._evict_host()
 
+    def holds(self, sources: Iterable[str | Path]) -> bool:
+        """Whether every source is in the host tier now (a lease of them would read nothing from disk).
+        A source the policy refuses is not held."""
+        try:
+            keys = [self.key(s) for s in sources]
+        except LoRAError:
+            return False
+        with self._lock:
+            return all(k in self._entries for k in keys)
+
     def stats(self) -> StoreStats:
         with self._lock:
             return replace(
@@ -306,14 +316,26 @@ class Lease:
         """The error of the first of `sources` that failed, if any."""
         return next((self.errors[str(s)] for s in sources if str(s) in self.errors), None)
 
-    def spec(self, loras: Iterable[tuple[str | Path, float]]) -> dict[str, float]:
-        """A per-sample spec {attached name: strength} for (source, strength) pairs (inside `with`).
-        The same source twice adds its strengths, as attaching it twice would."""
-        out: dict[str, float] = {}
+    def name(self, source: str | Path) -> str:
+        """The name `source` is attached under (inside `with`); its load error if it failed."""
+        error = self.errors.get(str(source))
+        if error is not None:
+            raise error
+        name = self.entries[str(source)].name
+        assert name is not None  # attached by __enter__
+        return name
+
+    def spec(self, loras: Iterable[tuple[str | Path, float | Mapping[str, float]]]) -> dict[str, Any]:
+        """A per-sample spec {attached name: strength} for (source, strength) pairs (inside `with`); a
+        strength is a number or per block {pattern: number}. The same source twice adds its numbers, as
+        attaching it twice would (per-block strengths cannot be added: InvalidArgumentError)."""
+        out: dict[str, Any] = {}
         for source, strength in loras:
-            error = self.errors.get(str(source))
-            if error is not None:
-                raise error
-            name = self.entries[str(source)].name
-            out[name] = out.get(name, 0.0) + float(strength)
+            name = self.name(source)
+            if name not in out:
+                out[name] = strength if isinstance(strength, Mapping) else float(strength)
+            elif isinstance(strength, Mapping) or isinstance(out[name], Mapping):
+                raise InvalidArgumentError(f"{source}: given twice with a per-block strength; give it once")
+            else:
+                out[name] += float(strength)
         return out

@@ -126,8 +126,11 @@ class Engine:
                     continue
                 todo.append(i)
                 r = job.request
+                name = lease.name
                 requests.append(Request(r.prompt, r.seed, r.steps, r.width, r.height, r.guidance,
-                                        lease.spec(job.loras), r.negative_prompt))
+                                        lease.spec(job.loras), r.negative_prompt,
+                                        {name(s): points for s, points in job.schedules},
+                                        {name(s): mask for s, mask in job.regions}))
             try:
                 images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
                 outcomes: list[Any] = [png_bytes(image) for image in images]
@@ -137,6 +140,16 @@ class Engine:
         for i, outcome in zip(todo, outcomes, strict=True):
             results[i] = outcome
         return results  # type: ignore[return-value]
+
+    def check(self, job: Job) -> None:
+        """What only the model can tell about a request, before it joins a batch: its per-block
+        strengths' patterns name modules of the model (else a `LoRAError` naming the nearest ones)."""
+        from ..apply.blockwise import names_of
+        from ..blocks import resolve
+
+        for i, (_, strength) in enumerate(job.loras):
+            if isinstance(strength, dict):
+                resolve(strength, names_of(self.store.model), [], f"loras[{i}].strength")
 
     def _alone(self, request_id: str, request: Request) -> bytes | LoRAError | InternalError:
         try:
