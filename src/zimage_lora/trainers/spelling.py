@@ -21,8 +21,8 @@ LYCORIS_ALGOS: Spelling = {
     "full": {"diff": ".diff", "diff_b": ".diff_b"},
 }
 # LyCORIS-only algorithms (lycoris/modules/glora.py, diag_oft.py, boft.py, ia3.py: the module's state dict;
-# OFT's `.alpha` is its constraint, read through the scale's spelling, see Algorithm.alpha_role). Not in
-# ComfyUI's rows: ComfyUI reads OFT's constraint and GLoRA's factors differently from LyCORIS.
+# OFT's `.alpha` is its constraint, read through the scale's spelling, see Algorithm.alpha_role). ComfyUI's
+# row spells OFT/BOFT only (convert writes them with the constraint applied: tools/targets.py).
 LYCORIS_ONLY: Spelling = {
     "glora": {r: f".{r}.weight" for r in ("a1", "a2", "b1", "b2")},
     "oft": {"oft_blocks": ".oft_blocks", "rescale": ".rescale"},  # diag-oft (n, b, b) and BOFT (m, n, b, b)
@@ -33,7 +33,7 @@ DORA_SCALE = {"dora_scale": ".dora_scale"}  # LyCORIS / ComfyUI: shape (out, 1),
 PEFT_MAGNITUDE = {"magnitude": ".lora_magnitude_vector"}  # PEFT: one value per output row
 
 KOHYA: Spelling = {"lora": KOHYA_LORA, **LYCORIS_ALGOS, **LYCORIS_ONLY, "scale": ALPHA, "dora": DORA_SCALE}
-COMFY: Spelling = {"lora": PEFT_LORA, **LYCORIS_ALGOS, "scale": ALPHA, "dora": DORA_SCALE}
+COMFY: Spelling = {"lora": PEFT_LORA, **LYCORIS_ALGOS, "oft": LYCORIS_ONLY["oft"], "scale": ALPHA, "dora": DORA_SCALE}
 PEFT: Spelling = {"lora": PEFT_LORA, "dora": PEFT_MAGNITUDE}
 
 
