@@ -20,7 +20,7 @@ from ..sources import LoRAConfiguration
 from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
-from .layer import Slot, prepare, weight_rows
+from .layer import Slot, slot_tensors, weight_rows
 from .report import ApplyReport
 from .state import Record, Strength
 from .transaction import Transaction
@@ -114,7 +114,8 @@ def apply_parts(
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
     # Every part is validated before any component changes.
     strengths = {
-        c.part: blockwise.for_part(c.module, adapters[c.part], strength, c.part) for c in parts if c.part in adapters
+        c.part: blockwise.for_part(c.module, adapters[c.part], strength, c.part == TRANSFORMER)
+        for c in parts if c.part in adapters
     }
     checked = {
         c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters
@@ -194,7 +195,7 @@ def attach(
         )
     dynamic = [p for p in checked if mode == "dynamic" and not p.is_patch]
     patches = [p.target for p in checked if mode == "merged" or p.is_patch]
-    prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
+    prepared = [(p, *slot_tensors(p.target, p.module, p.backend, p.placement)) for p in dynamic]
     headroom = math.inf
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"

@@ -1,7 +1,7 @@
 """Dynamic mode on MLX: the base layer runs untouched (still quantized) and each active adapter's share
 is added into its output.
 
-Each target is prepared once, by its algorithm's own `prepare` in torch fp32 (scale folded in, DoRA
+Each target's kernel inputs are made once, by its algorithm's own `kernel_inputs` in torch fp32 (scale folded in, DoRA
 folded in), and converted once into the layer's compute dtype. The MLX forward then needs four
 kernels: LoRA as two small matmuls (every plain LoRA of a layer as one concatenated product), LoKr
 without the Kronecker product, a prepared dense delta, and a bias diff. Algorithms whose torch kernel
@@ -49,13 +49,13 @@ class Slot:
         return None if self.placement.whole else self.placement.rows
 
 
-def prepare(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype,
-            strength: float, where: str) -> tuple[str, dict[str, mx.array], float]:
+def slot_tensors(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype,
+                 strength: float, where: str) -> tuple[str, dict[str, mx.array], float]:
     """(kernel kind, MLX arrays in `dtype`, headroom) for one target; `weight()` gives the fp32 base rows.
     Refuses (`where` names it) a delta that overflows `dtype` at `strength`, as the PyTorch engine does."""
     algo = algorithms.get(target.algorithm)
-    kind, tensors = algorithms.prepare(target.algorithm, target.tensors, target.scale, placement, weight,
-                                       target.dora)
+    kind, tensors = algorithms.kernel_inputs(target.algorithm, target.tensors, target.scale, placement, weight,
+                                           target.dora)
     if kind not in MLX_KERNELS:
         d_lo, d_hi = placement.delta_span
         w = weight() if (algo.needs_weight or target.dora is not None) else None
