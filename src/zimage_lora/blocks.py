@@ -35,6 +35,8 @@ from .fp32 import fits_fp32
 
 #: The strength of modules no pattern covers.
 DEFAULT = 1.0
+#: A mapping's key for a pipeline's text encoder: its one number (its modules are not patterns' business).
+TEXT_ENCODER_KEY = "text_encoder"
 #: Kind names: a pattern naming a kind covers every module with that part in its name.
 KINDS = {"attention": "attention", "feed_forward": "feed_forward", "adaLN": "adaLN_modulation"}
 #: Short names of Z-Image's embedders and final layer (the model's own names also work).

@@ -82,7 +82,7 @@ def _stage_rows(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
     return c.reshape(out // (2 * k), k, 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-def _butterfly_rows(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def butterfly_rows(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """B v - v for v (out, cols), summed stage by stage so it keeps its digits when B is near I."""
     rot = rot.to(v.dtype)
     half = rot.shape[-1] // 2
@@ -103,7 +103,7 @@ def delta_cols(parts: Tensors, w_cols: torch.Tensor) -> torch.Tensor:
     """Columns of the fp32 delta from the same columns of W (all rows)."""
     w = w_cols.float()
     gs = oft.gain_shift(parts.get("rescale"), 1.0, w.shape[0])
-    return oft.combine(_butterfly_rows(w, parts["rot"]), w, {k: v[:, None] for k, v in gs.items()})
+    return oft.combine(butterfly_rows(w, parts["rot"]), w, {k: v[:, None] for k, v in gs.items()})
 
 
 def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,7 +143,7 @@ def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensor
     """rows += alpha * delta x, from wx = x @ W^T (the base output without bias)."""
     assert wx is not None  # uses_wx: the dispatcher passes the base output
     # The stages move whole rows of wx^T (one value per token): cheaper than permuting wx's last axis.
-    d = _butterfly_rows(wx.T.contiguous(), t["rot"]).T
+    d = butterfly_rows(wx.T.contiguous(), t["rot"]).T
     rows.add_(oft.combine(d, wx, t) * alpha)
 
 

@@ -96,6 +96,22 @@ def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[st
     return out, scale, rank
 
 
+def baked(tensors: Tensors) -> dict[str, torch.Tensor]:
+    """The same rotations for every reader: the constraint applied to the blocks (Q scaled exactly as
+    `cayley` scales it) and alpha 0, which LyCORIS (alpha * out) and ComfyUI (alpha) both read as no
+    bound. For a file whose alpha would mean a different bound to the application loading it."""
+    out = {k: v for k, v in tensors.items() if k not in ("alpha", ABSOLUTE)}
+    bound = constraint(tensors)
+    blocks = tensors["oft_blocks"]
+    q_norm = float(torch.linalg.vector_norm(blocks.double() - blocks.double().transpose(-1, -2))) + 1e-8
+    if bound > 0 and q_norm > bound:
+        # Q = B - B^T is linear in B; fp32 at least, so the scaled blocks keep their digits.
+        dtype = torch.promote_types(blocks.dtype, torch.float32)
+        out["oft_blocks"] = (blocks.double() * (bound / q_norm)).to(dtype)
+    out["alpha"] = torch.tensor(0.0, dtype=torch.float32)
+    return out
+
+
 def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
     """R - I for every block (any leading dims), in float64: R is within rounding of I for small Q,
     so keeping R - I instead of R avoids the cancellation a later `R @ W - W` would suffer."""

@@ -116,7 +116,8 @@ def apply_parts(
     holding `name` that gets no part of this adapter loses its older one: the name now means this one."""
     # Every part is validated before any component changes.
     strengths = {
-        c.part: blockwise.for_part(c.module, adapters[c.part], strength, c.part) for c in parts if c.part in adapters
+        c.part: blockwise.for_part(c.module, adapters[c.part], strength, c.part == TRANSFORMER)
+        for c in parts if c.part in adapters
     }
     checked = {
         c.part: check_targets(c.module, adapters[c.part], mode, scan=not scanned) for c in parts if c.part in adapters

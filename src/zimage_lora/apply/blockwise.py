@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any, cast
 from torch import nn
 
 from ..adapter import Adapter, Target
-from ..blocks import DEFAULT, Blocks, check_patterns, default_of, is_blocks, model_names, resolve
+from ..blocks import DEFAULT, TEXT_ENCODER_KEY, Blocks, check_patterns, default_of, is_blocks, model_names, resolve
 from ..keys.index import named_modules
-from .components import TEXT_ENCODER, TRANSFORMER
 from .state import Record
 from .validate import check_scale
 
@@ -78,16 +77,17 @@ def resolve_for(model: nn.Module, adapter: Adapter, value: Any, what: str = "sca
     return hit[1]
 
 
-def for_part(model: nn.Module, adapter: Adapter, value: Any, part: str, what: str = "scale") -> Strengthish:
-    """A caller's strength for one component of a pipeline. A mapping's patterns name transformer
-    modules, except its `text_encoder` key: the text encoder's one number (as ComfyUI's separate model
+def for_part(model: nn.Module, adapter: Adapter, value: Any, transformer: bool, what: str = "scale") -> Strengthish:
+    """A caller's strength for one component of a pipeline (`transformer`: that one, else the text
+    encoder). A mapping's patterns name transformer modules, except its `text_encoder` key
+    (`TEXT_ENCODER_KEY`): the text encoder's one number (as ComfyUI's separate model
     and clip strengths, or diffusers' per-component weights). Without that key the text encoder takes
     the mapping's default (`*`, else 1.0)."""
     if not is_blocks(value) or isinstance(value, Blocks):
-        return resolve_for(model, adapter, value, what) if part == TRANSFORMER else default_of(value)
+        return resolve_for(model, adapter, value, what) if transformer else default_of(value)
     patterns = dict(check_patterns(value, what))
-    text_encoder = patterns.pop(TEXT_ENCODER, None)
-    if part != TRANSFORMER:
+    text_encoder = patterns.pop(TEXT_ENCODER_KEY, None)
+    if not transformer:
         return text_encoder if text_encoder is not None else (default_of(patterns) if patterns else DEFAULT)
     return resolve_for(model, adapter, patterns, what) if patterns else DEFAULT
 

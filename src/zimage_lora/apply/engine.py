@@ -21,7 +21,7 @@ from ..mlx import dispatcher
 from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
-from .components import components_of, is_pipeline, pipeline_infos
+from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
 from .layer import AdapterLinear, weight_rows
 from .report import AdapterInfo, ApplyReport
 from .state import Record
@@ -100,7 +100,7 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
 def _resolved(scope: Scope, txn: Transaction, record: Record, asked: Any) -> blockwise.Strengthish:
     """A caller's strength for one component's record (`blockwise.for_part`)."""
     part = next(c.part for c, t in scope.entries if t is txn)
-    return blockwise.for_part(txn.model, record.adapter, asked, part)
+    return blockwise.for_part(txn.model, record.adapter, asked, part == TRANSFORMER)
 
 
 def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:

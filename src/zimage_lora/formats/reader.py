@@ -3,7 +3,6 @@ tensor data not yet read (only the tiny alpha scalars are)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +16,7 @@ from . import grammar, writers
 from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, gc_paused, load_tensors, read_header
 from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
-from .untrusted import compile_pattern
+from .untrusted import pattern_value as pattern_value  # PEFT patterns: read by callers from here too
 
 
 class Slot(NamedTuple):
@@ -253,46 +252,6 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
     # Not checked for NaN/Inf here: an alpha is validated where it enters the math (resolve), since
     # some files carry one that is never used (ai-toolkit's full-factor LoKr saves 9999999999, inf in fp16).
     return {key: float(t.float().reshape(-1)[0]) for key, t in load_tensors(header, keys).items()}
-
-
-_LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-def pattern_value(patterns: object, stem: str, source: object = "adapter config") -> object:
-    r"""PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): the first pattern, in the
-    config's order, that matches the module name as `(.*\.)?(pattern)$`.
-
-    Patterns come from the file, so they are untrusted: plain names are matched without a regex, real
-    regular expressions run on the `regex` engine (a diffusers dependency) with a time limit, since a
-    pattern like '(.*)*(.*)*Z' would freeze Python's `re` for hours.
-    """
-    if not isinstance(patterns, dict):
-        kind = type(patterns).__name__
-        raise InvalidFormatError(f"{source}: alpha/rank pattern must be a JSON object, found {kind}.")
-    for pattern, value in patterns.items():
-        if _LITERAL_PATTERN.match(pattern):
-            if _literal_match(pattern, stem):
-                return value
-            continue
-        compiled = compile_pattern(pattern, source)
-        try:
-            if compiled.match(stem, timeout=1.0):
-                return value
-        except (TimeoutError, RecursionError) as exc:
-            raise InvalidFormatError(
-                f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
-            ) from None
-    return None
-
-
-def _literal_match(pattern: str, stem: str) -> bool:
-    r"""PEFT's `(.*\.)?(pattern)$` (peft.utils.other.get_pattern_key) for a pattern without regex
-    syntax but '.', which there matches any one character ('attention.to.v' matches 'to_v'): the
-    last len(pattern) characters match it, at the start or right after a '.'."""
-    n = len(pattern)
-    if len(stem) < n or (len(stem) > n and stem[-n - 1] != "."):
-        return False
-    return all(p == "." or p == c for p, c in zip(pattern, stem[-n:], strict=True))
 
 
 def _looks_like_model(header: Header) -> bool:

@@ -86,12 +86,12 @@ def _holds(lay: Layout, families: tuple[str, ...] | None = None) -> str:
 def _elsewhere(item: Item) -> str:
     """Which of the writable file layouts hold `item`'s algorithm, for a refusal."""
     family = algorithms.get(item.algorithm).family
+    family_name = "LoKr, LoHa and full diffs" if family in ("lokr", "loha", "full") else "it"
     # Named as `convert --to` spells them (tools/targets.py: kohya writes the kohya row, comfyui the comfy row).
     held = [n for n, row in (("kohya", "kohya"), ("comfyui", "comfy")) if family in LAYOUTS[row].suffixes]
-    if held == ["kohya", "comfyui"]:
-        return "Convert to 'kohya' or 'comfyui', which keep LoKr, LoHa and full diffs."
     if held:
-        return f"Convert to {' or '.join(repr(n) for n in held)}, which keep{'s' if len(held) == 1 else ''} it."
+        keep = "keeps" if len(held) == 1 else "keep"
+        return f"Convert to {' or '.join(repr(n) for n in held)}, which {keep} {family_name}."
     return "No layout this tool writes keeps it."
 
 
