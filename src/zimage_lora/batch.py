@@ -195,7 +195,7 @@ def check_request(r: Any, limits: Limits = LIMITS, quote: Callable[[str], str] =
 
 def groups(requests: Sequence[Request], max_batch_size: int | None = None) -> list[list[int]]:
     """Indices of requests that run together: equal keys, in arrival order, at most `max_batch_size`."""
-    by_key: dict[tuple, list[list[int]]] = {}
+    by_key: dict[tuple[int, int, int, float], list[list[int]]] = {}
     for i, r in enumerate(requests):
         chunks = by_key.setdefault(r.key(), [[]])
         if max_batch_size is not None and len(chunks[-1]) >= max_batch_size:

@@ -118,7 +118,7 @@ class _PerSampleRun:
     """A per-sample batch with a schedule per sample: each step's specs, as a per-sample block
     (`per_sample_adapters`) opened for the step's strengths (reopened only when a factor changed)."""
 
-    def __init__(self, model: Any, schedules: list[dict[str, Points]], specs: Sequence[Mapping[str, Any]],
+    def __init__(self, model: Any, schedules: list[dict[str, Points]], specs: Sequence[Mapping[str, Any]] | None,
                  interpolation: str, block: Callable[[Any, Sequence[Mapping[str, Any]]], Any] | None = None) -> None:
         if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) or len(specs) != len(schedules):
             raise InvalidArgumentError(f"schedule: {len(schedules)} per-sample schedules need specs=[...] with one "
@@ -131,7 +131,7 @@ class _PerSampleRun:
         self.model, self.schedules, self.specs, self.interpolation = model, schedules, list(specs), interpolation
         self.open = block
         self.block: Any = None
-        self.last: tuple | None = None
+        self.last: tuple[tuple[float, ...], ...] | None = None
 
     def at(self, fraction: float) -> None:
         from .apply.per_sample import per_sample_adapters
@@ -159,7 +159,7 @@ def _wrapped_call(run: _Run | _PerSampleRun, call: Any) -> Any:
         if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
             kwargs.setdefault("callback_on_step_end_tensor_inputs", user.tensor_inputs)
 
-        def on_step(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+        def on_step(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             out = user(pipe, i, t, callback_kwargs) if user is not None else callback_kwargs
             n = getattr(pipe, "num_timesteps", None) or kwargs.get("num_inference_steps") or 1
             run.at((i + 1) / n)
@@ -199,15 +199,15 @@ def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise InvalidArgumentError(f"schedule: expected a Z-Image pipeline (with a transformer), got {type(pipe)}")
     run: _Run | _PerSampleRun
-    if per_sample:
-        checked_each = [{n: check_points(p, f"schedule of sample {i}, '{n}'") for n, p in s.items()}
-                        for i, s in enumerate(schedules)]
-        run = _PerSampleRun(_model_of(pipe), checked_each, specs, interpolation, block)
-    else:
+    if isinstance(schedules, Mapping):
         if specs is not None or block is not None:
             raise InvalidArgumentError("schedule: specs=... and block=... go with a list of per-sample schedules.")
         checked = {name: check_points(points, f"schedule of '{name}'") for name, points in schedules.items()}
         run = _Run(_model_of(pipe), checked, interpolation)
+    else:
+        checked_each = [{n: check_points(p, f"schedule of sample {i}, '{n}'") for n, p in s.items()}
+                        for i, s in enumerate(schedules)]
+        run = _PerSampleRun(_model_of(pipe), checked_each, specs, interpolation, block)
     cls = type(pipe)
     # The pipeline's __call__ is looked up on its class: a subclass for this one object wraps it.
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": _wrapped_call(run, cls.__call__),

@@ -88,14 +88,14 @@ class AdapterStore:
         self.allow_hub = allow_hub
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         self._device: OrderedDict[str, _Entry] = OrderedDict()
-        self._loading: dict[str, Future] = {}
+        self._loading: dict[str, Future[_Entry]] = {}
         self._lock = threading.Lock()  # the tables and counters (held briefly, never during I/O)
         self._run = threading.Lock()  # one lease at a time attaches and runs on the model
         self._stats = StoreStats()
         self._names = 0
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._cuda = device if device.type == "cuda" else None
-        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None
+        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None  # type: ignore[no-untyped-call]
 
     # -- keys and the allow-list (the policy itself: store_loader.source_key) ----------------------
     def key(self, source: str | Path) -> str:
@@ -113,10 +113,11 @@ class AdapterStore:
                 self._entries.move_to_end(key)
                 entry.pins += 1
                 return entry
-            future = self._loading.get(key)
-            owner = future is None
+            pending = self._loading.get(key)
+            owner = pending is None
+            future: Future[_Entry] = Future() if pending is None else pending
             if owner:
-                future = self._loading[key] = Future()
+                self._loading[key] = future
                 self._stats.host_misses += 1
             else:
                 self._stats.host_hits += 1  # loaded once, by the request that asked first
@@ -179,7 +180,7 @@ class AdapterStore:
 
     def _stage(self, entry: _Entry) -> None:
         """CUDA: start the cold adapter's upload now, on the side stream (it overlaps a running batch)."""
-        if self._stream is None:
+        if self._stream is None or self._cuda is None:
             return
         with self._lock:
             if entry.name is not None or entry.staged is not None:
@@ -201,11 +202,12 @@ class AdapterStore:
             torch.cuda.current_stream(self._cuda).wait_event(done)
         _attach_inactive(self.model, adapter, name)
         record = attached(self.model, name)
-        size = sum(
-            sum(getattr(s, k).numel() * getattr(s, k).element_size() for k in s.names)
-            for module, keys in record.wrapped.items()
-            for s in (self.model.get_submodule(module).slots[k] for k in keys)
-        )
+        assert record is not None  # attached just above
+        size = 0
+        for module, keys in record.wrapped.items():
+            slots: Any = self.model.get_submodule(module).slots  # an AdapterLinear's slots
+            for k in keys:
+                size += sum(getattr(slots[k], t).numel() * getattr(slots[k], t).element_size() for t in slots[k].names)
         with self._lock:
             entry.name, entry.device_bytes, entry.staged = name, size, None
             self._device[entry.key] = entry

@@ -20,7 +20,7 @@ from ..sources import LoRAConfiguration
 from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
-from .layer import Slot, prepare, weight_rows
+from .layer import Slot, slot_tensors, weight_rows
 from .report import ApplyReport
 from .state import Record, Strength
 from .transaction import Transaction
@@ -195,7 +195,7 @@ def attach(
         )
     dynamic = [p for p in checked if mode == "dynamic" and not p.is_patch]
     patches = [p.target for p in checked if mode == "merged" or p.is_patch]
-    prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
+    prepared = [(p, *slot_tensors(p.target, p.module, p.backend, p.placement)) for p in dynamic]
     headroom = math.inf
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"

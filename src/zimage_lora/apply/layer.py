@@ -36,10 +36,12 @@ def weight_rows(base: nn.Module, backend: Any, placement: Placement) -> Callable
     return lambda: backend.get_base_weight(base).float()[lo:hi]
 
 
-def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) -> tuple[str, dict[str, torch.Tensor]]:
-    """(kernel name, fp32 tensors) for one target: what `algorithms.prepare` makes of it on this layer."""
-    placement = target.placement(out_features)
-    return algorithms.prepare(
+def slot_tensors(
+    target: Target, base: nn.Module, backend: Any, placement: Placement
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kernel name, fp32 tensors) a slot holds for one target at its placement (computed once, by
+    validation): what `algorithms.kernel_inputs` makes of it on this layer."""
+    return algorithms.kernel_inputs(
         target.algorithm, target.tensors, target.scale, placement, weight_rows(base, backend, placement), target.dora,
     )
 
@@ -223,7 +225,7 @@ class AdapterLinear(nn.Module):
         backend = backend_for(base)
         with torch.no_grad():
             for slot in slots:
-                _kind, tensors = prepare(slot.target, base, backend, slot.placement.out_features)
+                _kind, tensors = slot_tensors(slot.target, base, backend, slot.placement)
                 slot.load_(tensors)
 
     # -- state_dict: as if unwrapped --------------------------------------------------------------

@@ -15,7 +15,7 @@ from ..algorithms.dora import dora_merged
 from ..fp32 import fits_fp32
 
 
-class Prepared:
+class MergeFactors:
     """A target's factors cast to fp32 once per merge, with its row placement in the module."""
 
     def __init__(self, target: Target, out_features: int, device: torch.device | None = None) -> None:
@@ -83,7 +83,7 @@ class Prepared:
         return p.lo, p.hi, p.take(db.float().reshape(-1)).to(self.device)
 
 
-def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:
+def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[MergeFactors, float]]) -> None:
     """fp32 `chunk` (module rows r0 .. r0+len) += every (prepared target, strength), DoRA included."""
     for p, s in weighted:
         d = p.target.dora

@@ -128,7 +128,7 @@ class EngineState:
         self.gate = gate
         # Switching: per wrapped layer, each adapter's slots; and the active tuples of every set seen so
         # far, so switching back to a known set is one attribute assignment per layer.
-        self.plan: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
+        self.layer_slots: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
         self.switch_cache: dict[tuple[str, ...], tuple[list[tuple[Any, tuple]], dict[Any, tuple]]] = {}
         self.view_layers: tuple[int, dict[Any, tuple]] | None = None  # see apply.switching.publish_fast
         self._wrappers: list[nn.Module] | None = None  # every wrapped layer, for the published view
@@ -139,7 +139,7 @@ class EngineState:
 
     def invalidate(self) -> None:
         """The set of wrapped layers or slots changed: forget the switching tables."""
-        self.plan = None
+        self.layer_slots = None
         self.switch_cache = {}
         self._wrappers = None
         self.view_layers = None
@@ -161,7 +161,7 @@ class EngineState:
         return new
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "plan": None, "switch_cache": {}, "_wrappers": None, "view_layers": None}
+        return {**self.__dict__, "layer_slots": None, "switch_cache": {}, "_wrappers": None, "view_layers": None}
 
 
 def get_state(model: torch.nn.Module, create: bool = False) -> EngineState | None:

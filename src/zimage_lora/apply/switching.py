@@ -19,11 +19,11 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
     names = tuple(n for n, r in state.records.items() if r.active)
     cached = state.switch_cache.get(names)
     if cached is None:
-        if state.plan is None:
-            state.plan = switch_plan(model, state)
+        if state.layer_slots is None:
+            state.layer_slots = layer_slots(model, state)
         on = set(names)
         table = []
-        for wrapper, entries in state.plan:
+        for wrapper, entries in state.layer_slots:
             slots = tuple(s for rec_name, rec_slots in entries if rec_name in on for s in rec_slots)
             table.append((wrapper, AdapterLinear.active_state(slots)))
         if len(state.switch_cache) > _MAX_SETS:
@@ -36,7 +36,7 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
     state.view_layers = (touched(), layers)
 
 
-def switch_plan(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:
+def layer_slots(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:
     """Per wrapped layer: (its wrapper, [(adapter name, that adapter's slots there)] in adapter order)."""
     entries: dict[str, list[tuple[str, tuple]]] = {}
     wrappers: dict[str, AdapterLinear] = {}

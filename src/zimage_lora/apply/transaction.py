@@ -16,7 +16,7 @@ from torch import nn
 from ..adapter import Target
 from ..backends import backend_for
 from . import merge
-from .layer import AdapterLinear, Slot, prepare, refresh_dora
+from .layer import AdapterLinear, Slot, refresh_dora, slot_tensors
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
 from .validate import Checked, base_of, slot_dtype
@@ -206,7 +206,7 @@ class Transaction:
             record.strength.set(value)
         for slot, target, adapter_name in reversed(self.swapped):
             base = base_of(self.model.get_submodule(target.module))
-            slot.load_(prepare(target, base, backend_for(base), slot.placement.out_features)[1])
+            slot.load_(slot_tensors(target, base, backend_for(base), slot.placement)[1])
             slot.target, slot.adapter_name = target, adapter_name
         state.invalidate()
         # Wrappers: put back their slots and active sets; unwrap the ones created here.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, Target
+from ..adapter import Adapter, Provenance, Target
 from ..errors import InvalidArgumentError, UnsupportedError
 from ..keys import ModuleIndex
 from ..numerics import one_thread, require_finite
@@ -197,7 +197,7 @@ def _weight_target(module, shape, shares, summed: Share, method, rule, density, 
 def _lora(module: str, up: torch.Tensor, down: torch.Tensor, dt: torch.dtype) -> Target:
     r = down.shape[0]
     return Target(module, "lora", {"down": down.to(dt).contiguous(), "up": up.to(dt).contiguous()},
-                  scale=1.0, rank=r, alpha=float(r), scale_rule="alpha = rank (written by combine)")
+                  scale=1.0, rank=r, about=Provenance(alpha=float(r), scale_rule="alpha = rank (written by combine)"))
 
 
 def _put_bias(targets: list[Target], module: str, bias: torch.Tensor) -> None:

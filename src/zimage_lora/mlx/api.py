@@ -2,7 +2,7 @@
 
 Same arguments, reports, errors and rules as the PyTorch engine: keys resolved by the same reader and
 index, scales by the same rules, deltas by the same algorithm code in fp32 on the CPU. Every change
-plans all new layers first and swaps them in only when everything succeeded.
+computes all new layers first and swaps them in only when everything succeeded.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _check(tree: Tree, adapter: Adapter, scan: bool) -> None:
 
 def _change(state: State, tree: Tree | None, touched: list[str], put: Record | None = None,
             drop: tuple[str, ...] = (), dynamic: tuple[Record, ...] = ()) -> dict[str, float]:
-    """Plan every touched layer with `put` attached, `drop` detached and `dynamic` records given fresh
+    """Compute every touched layer with `put` attached, `drop` detached and `dynamic` records given fresh
     slots, then commit; on any error nothing (records, layers, tree) has changed."""
     saved_records = dict(state.records)
     new_layers = [n for n in touched if n not in state.layers]
@@ -135,7 +135,7 @@ def _change(state: State, tree: Tree | None, touched: list[str], put: Record | N
             for n in dict.fromkeys(t.module for t in r.adapter.targets):
                 layer = state.layers[n]
                 layer.slots[r.name] = build.make_slots(layer, r)
-        changes = build.plan(state, touched)
+        changes = build.compute_changes(state, touched)
     except BaseException:
         state.records.clear()
         state.records.update(saved_records)

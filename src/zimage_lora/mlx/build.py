@@ -1,6 +1,6 @@
 """Each touched layer is a pure function of its kept arrays and the attached adapters: merged deltas
 added in fp32 (the algorithms' row math, `apply.rows`) and rounded or requantized once, dynamic slots
-on a wrapper. Every change computes all new layers first (`plan`), then swaps them in (`commit`), so a
+on a wrapper. Every change computes all new layers first (`compute_changes`), then swaps them in (`commit`), so a
 failure leaves the model as it was; restore is putting the kept arrays back, never a subtraction."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import mlx.core as mx
 import torch
 
 from .. import algorithms
-from ..apply.rows import Prepared, add_rows
+from ..apply.rows import MergeFactors, add_rows
 from ..errors import IncompatibleWeightsError
 from . import quant
-from .layer import Slot, prepare, set_slots, wrap
+from .layer import Slot, set_slots, slot_tensors, wrap
 from .state import Layer, Record, State
 from .tree import set_path, to_mx, to_torch
 
@@ -39,7 +39,7 @@ def make_slots(layer: Layer, record: Record, weight=None) -> list[Slot]:
             continue
         placement = t.placement(layer.out_features)
         rows = layer.rows(placement) if weight is None else (lambda p=placement: weight[p.lo : p.hi])
-        kind, tensors = prepare(t, placement, rows, dtype)
+        kind, tensors = slot_tensors(t, placement, rows, dtype)
         out.append(Slot(t, kind, tensors, placement, record.strength))
     return out
 
@@ -61,7 +61,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
     if not contribs:
         return None, None
     kept = layer.kept
-    prepared = [(Prepared(t, layer.out_features), r.strength.value) for r, t in contribs]
+    prepared = [(MergeFactors(t, layer.out_features), r.strength.value) for r, t in contribs]
     new = dict(kept)
     if layer.is_norm:
         w = to_torch(kept["weight"])
@@ -99,7 +99,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
     return new, loss
 
 
-def plan(state: State, names: list[str]) -> list[Change]:
+def compute_changes(state: State, names: list[str]) -> list[Change]:
     """The new contents of each named layer under the attached adapters; changes nothing."""
     changes = []
     merged_on = state.contributions()
@@ -132,7 +132,7 @@ def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
 
 
 def commit(state: State, changes: list[Change]) -> dict[str, float]:
-    """Swap the planned contents in (nothing here can fail on valid arrays). Returns the losses."""
+    """Swap the computed contents in (nothing here can fail on valid arrays). Returns the losses."""
     losses = {}
     for c in changes:
         layer = c.layer

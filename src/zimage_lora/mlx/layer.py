@@ -52,11 +52,11 @@ class Slot:
         return None if self.placement.whole else self.placement.rows
 
 
-def prepare(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype
+def slot_tensors(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype
             ) -> tuple[str, dict[str, mx.array]]:
     """(kernel kind, MLX arrays in `dtype`) for one target; `weight()` gives the fp32 base rows."""
     algo = algorithms.get(target.algorithm)
-    kind, tensors = algorithms.prepare(target.algorithm, target.tensors, target.scale, placement, weight,
+    kind, tensors = algorithms.kernel_inputs(target.algorithm, target.tensors, target.scale, placement, weight,
                                        target.dora)
     if kind not in MLX_KERNELS:
         d_lo, d_hi = placement.delta_span

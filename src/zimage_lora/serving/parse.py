@@ -132,8 +132,9 @@ def parse_job(body: Any, request_id: str = "") -> Job:
     if unknown:
         shown = [k.encode("utf-8", "backslashreplace").decode()[:40] for k in unknown[:10]]
         raise InvalidFormatError(f"unknown fields {shown}; known: {sorted(FIELDS)}")
+    prompt: Any = body.get("prompt")  # any JSON value: check_request says what is wrong with it
     request = Request(
-        body.get("prompt"), seed=body.get("seed", 0), steps=body.get("steps", 9), width=body.get("width", 1024),
+        prompt, seed=body.get("seed", 0), steps=body.get("steps", 9), width=body.get("width", 1024),
         height=body.get("height", 1024), guidance=body.get("guidance", 0.0),
         negative_prompt=body.get("negative_prompt"),
     )

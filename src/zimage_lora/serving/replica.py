@@ -47,9 +47,10 @@ def loopback_replica_server() -> None:
     (Ray Serve binds it to every interface, whatever the node's address); called in the replica's
     constructor, which runs before Ray starts that server."""
     import ray
-    from ray.serve._private import replica
+    from ray.serve._private import replica as replica_module
 
-    if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(replica, "_zimage_loopback", False):
+    replica: Any = replica_module  # Ray's private module: patched by name, typed loosely
+    if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(replica, "_zimage_loopback", False):  # type: ignore[no-untyped-call]
         return
     add_port = replica.add_port_to_grpc_server
 
@@ -67,13 +68,14 @@ class ZImageServer:
         loopback_replica_server()
         self.options = ServeOptions.from_dict(options)
         self.engine = Engine(self.options)
-        self.generate_batched.set_max_batch_size(self.options.max_batch_size)
-        self.generate_batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+        batched: Any = self.generate_batched  # Ray's batch wrapper, with its setters
+        batched.set_max_batch_size(self.options.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         self.pending = 0  # requests (images) taken and not yet answered: the bounded queue
         self.metrics = BatchMetrics()
         self.sets: dict[str, tuple[str, ...]] = {}  # advertised set id -> its sources
 
-    @serve.multiplexed(max_num_models_per_replica=AFFINITY_SETS)
+    @serve.multiplexed(max_num_models_per_replica=AFFINITY_SETS)  # type: ignore[untyped-decorator]
     async def adapter_set(self, key: str) -> str:
         return key  # nothing to hold (the store keeps the adapters): this records the affinity Ray routes by
 
@@ -85,7 +87,8 @@ class ZImageServer:
             await self.adapter_set(key)
             # Ray Serve's @serve.batch splits batches by model id: drop it, so any mix shares a batch.
             context = serve.context._get_serve_request_context()
-            serve.context._serve_request_context.set(dataclasses.replace(context, multiplexed_model_id=""))
+            without_id = dataclasses.replace(context, multiplexed_model_id="")
+            serve.context._serve_request_context.set(without_id)  # type: ignore[arg-type]
         if self.pending + len(jobs) > self.options.max_queue:
             message = f"the server is busy ({self.pending} requests queued, at most {self.options.max_queue})"
             return [(503, message)] * len(jobs)
@@ -112,9 +115,9 @@ class ZImageServer:
     def advertise_held(self) -> list[str]:
         """Withdraw the advertised sets whose adapters the store no longer holds (or never loaded), so the
         router's picture is what this replica holds within its budget; returns the withdrawn ids."""
-        wrapper = getattr(self, MULTIPLEX_ATTR, None)
+        wrapper: Any = getattr(self, MULTIPLEX_ATTR, None)
         models = getattr(wrapper, "models", None)
-        if models is None:  # no set recorded yet (or another Ray layout: affinity then only records)
+        if wrapper is None or models is None:  # no set recorded yet (or another Ray layout: affinity then only records)
             return []
         stale = [k for k in list(models) if not self.engine.store.holds(self.sets.get(k, ("",)))]
         for k in stale:
