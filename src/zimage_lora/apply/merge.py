@@ -9,11 +9,12 @@ layers go through their backend, which dequantizes, and we report how much requa
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
 from ..adapter import Target
-from ..backends import PlainLinearBackend
+from ..backends import Backend, PlainLinearBackend
 from ..numerics import check_landed, surely_finite
 from .gate import exclude_changing
 from .rows import MergeFactors, add_rows, add_scaled_
@@ -23,7 +24,7 @@ from .state import Snapshot
 CHUNK_ELEMENTS = 1 << 20
 
 
-def take_snapshot(module: torch.nn.Module, backend, touches_bias: bool) -> Snapshot:
+def take_snapshot(module: torch.nn.Module, backend: Backend, touches_bias: bool) -> Snapshot:
     bias = getattr(module, "bias", None)
     kept_bias = bias.detach().clone() if touches_bias and isinstance(bias, torch.Tensor) else None
     return Snapshot(backend=backend, weight=backend.snapshot(module), bias=kept_bias)
@@ -34,14 +35,15 @@ def restore(module: torch.nn.Module, snap: Snapshot) -> None:
     snap.backend.restore(module, snap.weight)
     if snap.bias is not None:
         with torch.no_grad():
-            module.bias.copy_(snap.bias)
+            cast(torch.Tensor, module.bias).copy_(snap.bias)
 
 
 def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[tuple[Target, float]]) -> float | None:
     """Set `module` to original + contributions (in order). Returns the requantization loss, if any."""
     exclude_changing()  # weights change in place: no forward may run meanwhile (apply.gate)
     shape = snap.backend.shape(module)
-    device = module.weight.device if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+    weight = getattr(module, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) else None
     factors = [(MergeFactors(t, shape[0], device), s) for t, s in contribs]
     _rebuild_bias(name, module, snap, factors)
     weighted = [(p, s) for p, s in factors if p.has_weight_delta]
@@ -58,9 +60,10 @@ def _rebuild_bias(
 ) -> None:
     if snap.bias is None:
         return
+    bias = cast(torch.Tensor, module.bias)  # a snapshot keeps a bias only where there is one
     with torch.no_grad():
-        module.bias.copy_(_bias_value(snap.bias, factors))
-    check_landed(name + ".bias", module.bias)
+        bias.copy_(_bias_value(snap.bias, factors))
+    check_landed(name + ".bias", bias)
 
 
 def _bias_value(original: torch.Tensor, factors: list[tuple[MergeFactors, float]]) -> torch.Tensor:
@@ -107,7 +110,7 @@ def _rebuild_plain(
     name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[MergeFactors, float]]
 ) -> float | None:
     """Returns the rounding loss for float8 weights (e.g. diffusers' layerwise casting), else None."""
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)  # the plain backend: a Linear-like weight
     original: torch.Tensor = snap.weight
     if not weighted:
         with torch.no_grad():

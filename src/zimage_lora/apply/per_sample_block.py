@@ -11,9 +11,9 @@ when opening failed half way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -75,7 +75,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
 def _patchify_recorder(model: nn.Module) -> Any:
     """The model's own `patchify_and_embed`, noting each sample's padded image and caption lengths into
     the per-sample forward running it (and passing through for any other)."""
-    original = model.patchify_and_embed
+    original = cast(Callable[..., Any], model.patchify_and_embed)
 
     def patchify_and_embed(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)

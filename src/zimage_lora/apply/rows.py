@@ -62,6 +62,7 @@ class MergeFactors:
             return
         lo, hi, d_lo, d_hi = met
         view = chunk[lo - r0 : hi - r0]
+        assert self.target.dora is not None  # called for DoRA targets only
         mag = self.placement.local(self.target.dora.magnitude.float(), lo, hi).to(view.device)
         merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi, view), mag, strength, True)
         view.copy_(merged)
@@ -72,6 +73,7 @@ class MergeFactors:
         view = weight[p.lo : p.hi]
         dw = self.block(*p.delta_span, view)
         d = self.target.dora
+        assert d is not None  # called for DoRA targets only
         view.copy_(dora_merged(view, self.target.scale * dw, d.magnitude.to(view.device), strength, d.on_out))
 
     def bias_delta(self) -> tuple[int, int, torch.Tensor] | None:

@@ -4,10 +4,12 @@ assignment per layer and no tensor work."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from .gate import touched
-from .layer import AdapterLinear
+from .layer import AdapterLinear, Slot
 from .state import EngineState
 
 # Sets remembered per model before the table starts afresh (each entry: one tuple per wrapped layer).
@@ -36,14 +38,14 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
     state.view_layers = (touched(), layers)
 
 
-def layer_slots(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:
+def layer_slots(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple[Slot, ...]]]]]:
     """Per wrapped layer: (its wrapper, [(adapter name, that adapter's slots there)] in adapter order)."""
-    entries: dict[str, list[tuple[str, tuple]]] = {}
+    entries: dict[str, list[tuple[str, tuple[Slot, ...]]]] = {}
     wrappers: dict[str, AdapterLinear] = {}
     for record in state.records.values():
         for module_name, keys in record.wrapped.items():
             if module_name not in wrappers:
-                wrappers[module_name] = model.get_submodule(module_name)
+                wrappers[module_name] = cast(AdapterLinear, model.get_submodule(module_name))
                 entries[module_name] = []
             wrapper = wrappers[module_name]
             entries[module_name].append((record.name, tuple(wrapper.slots[k] for k in keys)))
