@@ -65,11 +65,12 @@ def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
     _check(tree, adapter, scan=isinstance(source, Adapter))
     name = name if explicit else check_name(adapter.name)
     state = get_state(model, create=True)
+    assert state is not None and name is not None  # created; given (explicit) or the adapter's
     with state.lock:
         notes = list(adapter.notes)
         renamed_from = None
         if not explicit:
-            free = _free_name(state, name, adapter.source)  # type: ignore[arg-type]
+            free = _free_name(state, name, adapter.source)
             if free != name:
                 notes.append(f"the name '{name}' is taken by the adapter from {state.records[name].adapter.source}; "
                              f"this one is attached as '{free}' (pass name='{name}' to replace that one instead).")
@@ -110,8 +111,10 @@ def _check(tree: Tree, adapter: Adapter, scan: bool) -> None:
         else:
             shapes.check_norm_target(at, t, tuple(module.weight.shape), has_bias=has_bias)
         if scan:
-            require_finite(dict(t.tensors), lambda key, n, at=at: f"{at}: tensor '{key}' holds {n} NaN/Inf "
-                           "value(s); the adapter is broken and was not applied.")
+            def message(key: str, n: int, at: str = at) -> str:
+                return f"{at}: tensor '{key}' holds {n} NaN/Inf value(s); the adapter is broken and was not applied."
+
+            require_finite(dict(t.tensors), message)
 
 
 def _change(state: State, tree: Tree | None, touched: list[str], put: Record | None = None,

@@ -5,14 +5,19 @@ failure leaves the model as it was; restore is putting the kept arrays back, nev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
+from mlx import nn
 
 from .. import algorithms
+from ..adapter import Target
 from ..apply.rows import MergeFactors, add_rows
 from ..errors import IncompatibleWeightsError
+from ..placement import Placement
 from . import quant
 from .layer import Slot, set_slots, slot_tensors, wrap
 from .state import Layer, Record, State
@@ -22,14 +27,18 @@ from .tree import set_path, to_mx, to_torch
 @dataclass
 class Change:
     layer: Layer
-    key: tuple
+    key: tuple[Any, ...]
     merged: dict[str, mx.array] | None
     loss: float | None
     slots: tuple[Slot, ...]
     refreshed: dict[str, list[Slot]]
 
 
-def make_slots(layer: Layer, record: Record, weight=None) -> list[Slot]:
+def _rows_of(weight: torch.Tensor, placement: Placement) -> Callable[[], torch.Tensor]:
+    return lambda: weight[placement.lo : placement.hi]
+
+
+def make_slots(layer: Layer, record: Record, weight: torch.Tensor | None = None) -> list[Slot]:
     """`record`'s targets on `layer` prepared for the MLX forward (`weight`: fp32 weight to prepare
     weight-dependent algorithms from; default the layer's current one)."""
     out = []
@@ -38,7 +47,7 @@ def make_slots(layer: Layer, record: Record, weight=None) -> list[Slot]:
         if t.module != layer.name or layer.is_norm:
             continue
         placement = t.placement(layer.out_features)
-        rows = layer.rows(placement) if weight is None else (lambda p=placement: weight[p.lo : p.hi])
+        rows = layer.rows(placement) if weight is None else _rows_of(weight, placement)
         kind, tensors = slot_tensors(t, placement, rows, dtype)
         out.append(Slot(t, kind, tensors, placement, record.strength))
     return out
@@ -55,7 +64,7 @@ def _finite(name: str, a: mx.array) -> None:
             f"the weight's dtype {a.dtype}). Lower the scale or use mode='dynamic'.")
 
 
-def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[dict[str, mx.array] | None,
+def merged_arrays(layer: Layer, contribs: list[tuple[Record, Target]]) -> tuple[dict[str, mx.array] | None,
                                                                                  float | None]:
     """The layer's arrays with `contribs` merged (None: none), and the requantization loss."""
     if not contribs:
@@ -73,12 +82,12 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
     loss = None
     weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
     if weighted:
-        spec = quant.Spec.of(layer.original) if layer.quantized else None
+        spec = quant.Spec.of(cast(nn.QuantizedLinear, layer.original)) if layer.quantized else None
         w0 = to_torch(quant.decode(kept, spec)) if spec is not None else to_torch(kept["weight"])
         w = w0.clone()
         add_rows(w, 0, weighted)
         if spec is not None:
-            stored = {k: kept[k] for k in ("weight", "scales", "biases") if k in kept}
+            stored: dict[str, mx.array] = {k: kept[k] for k in ("weight", "scales", "biases") if k in kept}
             arrays, decoded = quant.requantize(stored, spec, w)
             new.update(arrays)
             moved = float((w - w0).norm())
@@ -117,7 +126,7 @@ def compute_changes(state: State, names: list[str]) -> list[Change]:
                     if weight is None:
                         weight = _decoded(layer, merged)
                     refreshed[rec_name] = make_slots(layer, state.records[rec_name], weight)
-        slots: list[Slot] = []
+        slots = []
         for r in dynamic:
             slots += refreshed.get(r.name, layer.slots.get(r.name, []))
         changes.append(Change(layer, key, merged, loss, tuple(slots), refreshed))
@@ -127,7 +136,7 @@ def compute_changes(state: State, names: list[str]) -> list[Change]:
 def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
     a = merged if merged is not None else layer.kept
     if layer.quantized:
-        return to_torch(quant.decode(a, quant.Spec.of(layer.original)))
+        return to_torch(quant.decode(a, quant.Spec.of(cast(nn.QuantizedLinear, layer.original))))
     return to_torch(a["weight"])
 
 

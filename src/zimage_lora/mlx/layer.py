@@ -16,7 +16,7 @@ the last adapter puts the original layer object back.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
@@ -64,6 +64,7 @@ def slot_tensors(target: Target, placement: Placement, weight: Callable[[], torc
         delta = algo.delta_block(algo.row_parts(target.tensors), d_lo, d_hi, weight=w if algo.needs_weight else None)
         delta = delta * target.scale
         if target.dora is not None:
+            assert w is not None  # read above for a DoRA target
             delta = dora_math.dense_rows(delta, w, target.dora.magnitude, target.dora.on_out)
         tensors = {"delta": delta, **({"bias": tensors["bias"]} if "bias" in tensors else {})}
         kind = "dense"
@@ -94,6 +95,7 @@ def share(slot: Slot, x: mx.array, wx: mx.array | None) -> mx.array | None:
     else:
         y = None
     if "fm1" in t:  # DoRA per output row: + (f - 1) * W x on these rows
+        assert wx is not None  # the layer computes wx when a slot has "fm1"
         part = wx if slot.placement.whole else wx[..., slot.placement.lo : slot.placement.hi]
         y = part * t["fm1"] if y is None else y + part * t["fm1"]
     if "bias" in t:
@@ -101,7 +103,7 @@ def share(slot: Slot, x: mx.array, wx: mx.array | None) -> mx.array | None:
     return y
 
 
-def _stacked(slots: list[Slot], cache: dict) -> tuple[mx.array, mx.array]:
+def _stacked(slots: list[Slot], cache: dict[str, Any]) -> tuple[mx.array, mx.array]:
     """(down, up) of one product for every plain whole-layer LoRA slot: ranks concatenated, each up
     scaled by its strength; rebuilt only when the slots or a strength change."""
     key = tuple((id(s), s.strength.value) for s in slots)
@@ -117,10 +119,10 @@ class AdapterMixin:
     """Forward of a wrapped layer: the base layer's own `__call__`, then each active slot's share."""
 
     _zl_slots: tuple[Slot, ...]
-    _zl_cache: dict
+    _zl_cache: dict[str, Any]
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = super().__call__(x)  # type: ignore[misc]
+        out: mx.array = super().__call__(x)  # type: ignore[misc]
         slots = self._zl_slots
         if not slots:
             return out
@@ -147,7 +149,7 @@ class AdapterMixin:
         return out
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type[Any]] = {}
 
 
 def wrap(base: nn.Module, slots: tuple[Slot, ...]) -> nn.Module:
@@ -156,12 +158,12 @@ def wrap(base: nn.Module, slots: tuple[Slot, ...]) -> nn.Module:
     sub = _CLASSES.get(cls)
     if sub is None:
         sub = _CLASSES[cls] = type(f"Adapter{cls.__name__}", (AdapterMixin, cls), {})
-    layer: Any = sub.__new__(sub)
+    layer: Any = cast(Any, sub).__new__(sub)
     dict.update(layer, base)
     layer.__dict__.update(base.__dict__)
     object.__setattr__(layer, "_zl_slots", slots)
     object.__setattr__(layer, "_zl_cache", {})
-    return layer
+    return cast(nn.Module, layer)
 
 
 def is_wrapped(module: Any) -> bool:

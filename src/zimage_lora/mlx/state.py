@@ -4,8 +4,9 @@ original object and stored arrays (the only source of every rebuild and of exact
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
@@ -39,7 +40,7 @@ class Layer:
     path: str  # where it sits in the MLX tree
     original: nn.Module
     kept: dict[str, mx.array]
-    merged_key: tuple = ()
+    merged_key: tuple[Any, ...] = ()
     merged: dict[str, mx.array] | None = None  # the arrays with every merged contribution, or None
     loss: float | None = None
     slots: dict[str, list[Slot]] = field(default_factory=dict)  # adapter name -> its slots here
@@ -67,16 +68,17 @@ class Layer:
         """fp32 weight under the dynamic adapters (merged ones included)."""
         a = self.arrays()
         if self.quantized:
-            return to_torch(quant.decode(a, quant.Spec.of(self.original)))
+            return to_torch(quant.decode(a, quant.Spec.of(cast(nn.QuantizedLinear, self.original))))
         return to_torch(a["weight"])
 
-    def rows(self, placement: Placement):
+    def rows(self, placement: Placement) -> Callable[[], torch.Tensor]:
         return lambda: self.dense_weight()[placement.lo : placement.hi]
 
     def compute_dtype(self) -> mx.Dtype:
         if self.quantized:
             scales = self.kept["scales"]
-            return scales.dtype if quant.Spec.of(self.original).mode == "affine" else mx.float32
+            spec = quant.Spec.of(cast(nn.QuantizedLinear, self.original))  # `quantized`: it is one
+            return scales.dtype if spec.mode == "affine" else mx.float32
         return self.kept["weight"].dtype
 
 
