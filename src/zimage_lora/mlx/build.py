@@ -5,13 +5,12 @@ failure leaves the model as it was; restore is putting the kept arrays back, nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import torch
-from mlx import nn
 
 from .. import algorithms
 from ..adapter import Target
@@ -34,10 +33,6 @@ class Change:
     refreshed: dict[str, list[Slot]]
 
 
-def _rows_of(weight: torch.Tensor, placement: Placement) -> Callable[[], torch.Tensor]:
-    return lambda: weight[placement.lo : placement.hi]
-
-
 def make_slots(layer: Layer, record: Record, weight: torch.Tensor | None = None) -> list[Slot]:
     """`record`'s targets on `layer` prepared for the MLX forward (`weight`: fp32 weight to prepare
     weight-dependent algorithms from; default the layer's current one)."""
@@ -47,10 +42,16 @@ def make_slots(layer: Layer, record: Record, weight: torch.Tensor | None = None)
         if t.module != layer.name or layer.is_norm:
             continue
         placement = t.placement(layer.out_features)
-        rows = layer.rows(placement) if weight is None else _rows_of(weight, placement)
-        kind, tensors = slot_tensors(t, placement, rows, dtype)
-        out.append(Slot(t, kind, tensors, placement, record.strength))
+        rows = layer.rows(placement) if weight is None else partial(_rows_of, weight, placement)
+        strength = record.strength.at(layer.name)
+        where = f"adapter '{record.name}', module '{t.label}'"
+        kind, tensors, room = slot_tensors(t, placement, rows, dtype, strength.value, where)
+        out.append(Slot(t, kind, tensors, placement, strength, room))
     return out
+
+
+def _rows_of(weight: torch.Tensor, placement: Placement) -> torch.Tensor:
+    return weight[placement.lo : placement.hi]
 
 
 def _depends_on_weight(slot: Slot) -> bool:
@@ -70,7 +71,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, Target]]) -> tuple[
     if not contribs:
         return None, None
     kept = layer.kept
-    prepared = [(MergeFactors(t, layer.out_features), r.strength.value) for r, t in contribs]
+    prepared = [(MergeFactors(t, layer.out_features), r.strength.number(layer.name)) for r, t in contribs]
     new = dict(kept)
     if layer.is_norm:
         w = to_torch(kept["weight"])
@@ -82,7 +83,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, Target]]) -> tuple[
     loss = None
     weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
     if weighted:
-        spec = quant.Spec.of(cast(nn.QuantizedLinear, layer.original)) if layer.quantized else None
+        spec = quant.Spec.of(layer.original) if layer.quantized else None
         w0 = to_torch(quant.decode(kept, spec)) if spec is not None else to_torch(kept["weight"])
         w = w0.clone()
         add_rows(w, 0, weighted)
@@ -116,7 +117,7 @@ def compute_changes(state: State, names: list[str]) -> list[Change]:
     for name in dict.fromkeys(names):
         layer = state.layers[name]
         contribs = merged_on.get(name, [])
-        key = tuple((r.name, id(t), r.strength.value) for r, t in contribs)
+        key = tuple((r.name, id(t), r.strength.number(name)) for r, t in contribs)
         merged, loss = (layer.merged, layer.loss) if key == layer.merged_key else merged_arrays(layer, contribs)
         refreshed: dict[str, list[Slot]] = {}
         if key != layer.merged_key:  # DoRA and weight-reading algorithms see the weight under them
@@ -126,17 +127,17 @@ def compute_changes(state: State, names: list[str]) -> list[Change]:
                     if weight is None:
                         weight = _decoded(layer, merged)
                     refreshed[rec_name] = make_slots(layer, state.records[rec_name], weight)
-        slots = []
+        active: list[Slot] = []
         for r in dynamic:
-            slots += refreshed.get(r.name, layer.slots.get(r.name, []))
-        changes.append(Change(layer, key, merged, loss, tuple(slots), refreshed))
+            active += refreshed.get(r.name, layer.slots.get(r.name, []))
+        changes.append(Change(layer, key, merged, loss, tuple(active), refreshed))
     return changes
 
 
 def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
     a = merged if merged is not None else layer.kept
     if layer.quantized:
-        return to_torch(quant.decode(a, quant.Spec.of(cast(nn.QuantizedLinear, layer.original))))
+        return to_torch(quant.decode(a, quant.Spec.of(layer.original)))
     return to_torch(a["weight"])
 
 

@@ -31,8 +31,10 @@ class Spec:
     mode: str
 
     @classmethod
-    def of(cls, module: nn.QuantizedLinear) -> Spec:
-        return cls(int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine")))
+    def of(cls, module: nn.Module) -> Spec:
+        """The format of a `QuantizedLinear` (given as any module: a layer's kept original)."""
+        return cls(int(getattr(module, "group_size")), int(getattr(module, "bits")),  # noqa: B009
+                   str(getattr(module, "mode", "affine")))
 
 
 def stored(module: nn.QuantizedLinear) -> dict[str, mx.array]:
@@ -60,14 +62,6 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
     words: np.ndarray = np.bitwise_or.reduce(c << shifts, axis=2).astype(np.uint32)
     return words
-
-
-def unpack(words: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    c = (words.astype(np.uint32)[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    codes: np.ndarray = c.reshape(words.shape[0], -1)
-    return codes
 
 
 def _code_values(arrays: dict[str, mx.array], spec: Spec, rows: int, cols: int) -> torch.Tensor:

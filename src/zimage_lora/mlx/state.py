@@ -15,7 +15,8 @@ from mlx import nn
 from ..adapter import Adapter, Target
 from ..placement import Placement
 from . import quant
-from .layer import Slot, Strength
+from .layer import Slot
+from .strength import Strength
 from .tree import Tree, linear_shape, to_torch
 
 _ATTR = "_zimage_lora_mlx"
@@ -93,9 +94,22 @@ class State:
         self.records: dict[str, Record] = {}
         self.layers: dict[str, Layer] = {}
         self.lock = threading.RLock()
+        self._names: list[str] | None = None
 
     def tree(self) -> Tree:
         return Tree(self.model)
+
+    def names(self) -> list[str]:
+        """The model's adaptable layers under diffusers' names (what per-block patterns match), read once."""
+        if self._names is None:
+            self._names = list(Tree(self.model).path)
+        return self._names
+
+    def rebind(self, record: Record) -> None:
+        """Point each slot of `record` at its module's strength (after a module got a number of its own)."""
+        for name, layer in self.layers.items():
+            for slot in layer.slots.get(record.name, ()):
+                slot.strength = record.strength.at(name)
 
     def layer(self, tree: Tree | None, name: str) -> Layer:
         """The layer state of `name`, created (original object and arrays kept) on first touch."""

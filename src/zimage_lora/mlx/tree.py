@@ -9,7 +9,7 @@ Arrays cross between MLX and torch only here: fp32 on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -94,7 +94,7 @@ class Tree:
         self.model = model
         self.path: dict[str, str] = {}  # diffusers name -> MLX path
         entries: list[tuple[str, Any]] = []
-        for name, module in model.named_modules():  # type: ignore[no-untyped-call]  # unannotated in mlx
+        for name, module in named_modules(model):
             if not name:
                 continue
             if is_linear(module):
@@ -107,15 +107,18 @@ class Tree:
             torch_name = diffusers_name(name)
             self.path[torch_name] = name
             entries.append((torch_name, proxy))
-        # The proxy has the one method ModuleIndex calls on a model (`named_modules`).
-        self.index = ModuleIndex(cast(torch.nn.Module, _Proxy(entries)))
+        self.index = ModuleIndex(cast(Any, _Proxy(entries)))  # read as a torch module tree
 
     def get(self, torch_name: str) -> nn.Module:
-        module: nn.Module = get_path(self.model, self.path[torch_name])
-        return module
+        return cast(nn.Module, get_path(self.model, self.path[torch_name]))
 
     def set(self, torch_name: str, module: nn.Module) -> None:
         set_path(self.model, self.path[torch_name], module)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` (untyped in mlx)."""
+    return cast(Callable[[], list[tuple[str, nn.Module]]], model.named_modules)()
 
 
 def _step(node: Any, part: str) -> Any:
