@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
@@ -70,7 +70,7 @@ class Layer:
         """fp32 weight under the dynamic adapters (merged ones included)."""
         a = self.arrays()
         if self.quantized:
-            return to_torch(quant.decode(a, quant.Spec.of(self.original)))
+            return to_torch(quant.decode(a, quant.Spec.of(cast(nn.QuantizedLinear, self.original))))
         return to_torch(a["weight"])
 
     def rows(self, placement: Placement) -> Callable[[], torch.Tensor]:
@@ -79,7 +79,8 @@ class Layer:
     def compute_dtype(self) -> mx.Dtype:
         if self.quantized:
             scales = self.kept["scales"]
-            return scales.dtype if quant.Spec.of(self.original).mode == "affine" else mx.float32
+            spec = quant.Spec.of(cast(nn.QuantizedLinear, self.original))  # `quantized`: it is one
+            return scales.dtype if spec.mode == "affine" else mx.float32
         return self.kept["weight"].dtype
 
 
