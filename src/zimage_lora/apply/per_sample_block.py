@@ -18,6 +18,7 @@ from typing import Any, cast
 from torch import nn
 
 from ..errors import InvalidFormatError, LoRAError
+from ..mlx.probe import refuse
 from .gate import BLOCKS, current, end_change
 from .state import Record, gate_of, get_state
 
@@ -109,6 +110,7 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
     from .engine import _model_of
     from .per_sample import _Context, _routings  # that module imports this one: no top-level import
 
+    refuse(model, "per_sample_adapters")
     model = _model_of(model)
     gate = gate_of(model)
     opened = BLOCKS.get()

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 from ..errors import InvalidArgumentError, LoRAError
+from ..mlx.probe import refuse
 from .gate import BLOCKS, gate_of
 from .layer import AdapterLinear, Slot, rows_of
 
@@ -244,6 +245,7 @@ def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "me
     of the model started in this context (thread, task) inside the block run regionally; eager mode."""
     from .access import _model_of, attached
 
+    refuse(pipe, "regional_adapters")
     model = _model_of(pipe)
     checked = _check_masks(masks)
     if not (caption == "mean" or isinstance(caption, (int, float, Mapping))):
