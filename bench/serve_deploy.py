@@ -5,9 +5,11 @@
 
 A tiny model (dim 64) so the numbers are about routing and the adapter store, not compute: each
 replica's host budget holds `--slots` adapters, requests name one of `--adapters` adapters drawn from
-a Zipf(1) popularity, `--concurrency` clients send them over loopback. Reported per mode: adapter
-reads from disk per request (the replicas' host misses), requests/s, p50/p95 latency. Bounded: a
-fixed number of requests, each with a timeout; Ray binds to 127.0.0.1.
+a Zipf(1) popularity, `--concurrency` clients send them over loopback. Reported per mode: the
+replicas' host hit rate and adapter reads from disk per request (host misses), device hit rate and
+attaches per request, requests/s, p50/p95 latency, and how many adapter sets each replica advertises
+to the router at the end. Bounded: a fixed number of requests, each with a timeout; Ray binds to
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -76,9 +78,17 @@ def run_mode(url: str, replicas: int, bodies: list[dict], concurrency: int) -> d
         latencies = sorted(pool.map(one, bodies))
     wall = time.perf_counter() - t0
     after = replica_stats(url, replicas)
-    misses = sum(after[k]["store"]["host_misses"] - before.get(k, after[k])["store"]["host_misses"] for k in after)
-    return {"disk_loads_per_request": misses / len(bodies), "requests_per_s": len(bodies) / wall,
-            "p50_s": statistics.median(latencies), "p95_s": latencies[int(0.95 * (len(latencies) - 1))]}
+
+    def delta(field: str) -> int:
+        return sum(after[k]["store"][field] - before.get(k, after[k])["store"][field] for k in after)
+
+    misses, hits = delta("host_misses"), delta("host_hits")
+    attaches, attached = delta("device_misses"), delta("device_hits")
+    return {"host_hit_rate": hits / max(hits + misses, 1), "disk_loads_per_request": misses / len(bodies),
+            "device_hit_rate": attached / max(attached + attaches, 1), "attaches_per_request": attaches / len(bodies),
+            "requests_per_s": len(bodies) / wall, "p50_s": statistics.median(latencies),
+            "p95_s": latencies[int(0.95 * (len(latencies) - 1))],
+            "advertised_sets": {k[:8]: v.get("advertised_sets") for k, v in after.items()}}
 
 
 def main() -> None:
@@ -117,9 +127,11 @@ def main() -> None:
     title = (f"Local Ray Serve deployment, {args.replicas} tiny replicas (dim 64, fp32, CPU), {args.adapters} "
              f"adapters with Zipf(1) popularity, host budget {args.slots} adapters per replica, {args.requests} "
              f"requests (1 step, 32x32) from {args.concurrency} concurrent clients over loopback.")
-    table = md_table(["routing", "disk loads / request", "requests/s", "p50 s", "p95 s"],
-                     [[m, r["disk_loads_per_request"], r["requests_per_s"], r["p50_s"], r["p95_s"]]
-                      for m, r in results.items()])
+    table = md_table(["routing", "host hit rate", "disk loads / request", "device hit rate", "attaches / request",
+                      "requests/s", "p50 s", "p95 s", "sets advertised at the end"],
+                     [[m, r["host_hit_rate"], r["disk_loads_per_request"], r["device_hit_rate"],
+                       r["attaches_per_request"], r["requests_per_s"], r["p50_s"], r["p95_s"],
+                       " ".join(str(v) for v in r["advertised_sets"].values())] for m, r in results.items()])
     text = "machine: " + str(machine("cpu")) + "\n\n" + title + "\n\n" + table
     print(text)
     save(f"serve-deploy-{args.replicas}r" + (f"-{args.tag}" if args.tag else ""),

@@ -10,6 +10,7 @@ from lycoris.functional import loha as ly_loha
 from lycoris.functional import lokr as ly_lokr
 
 from zimage_lora import algorithms
+from zimage_lora.algorithms.base import Reserved
 from zimage_lora.placement import Placement
 
 g = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def test_dynamic_memory_estimate_is_what_dynamic_mode_holds(name):
     algo, tensors = CASES[name]
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     n_out = algorithms.delta_shape(algo, shapes)[0]
-    _kind, prepared = algorithms.prepare(algo, tensors, 1.0, Placement(0, n_out, 0, n_out), lambda: None)
+    _kind, prepared = algorithms.kernel_inputs(algo, tensors, 1.0, Placement(0, n_out, 0, n_out), lambda: None)
     assert algorithms.get(algo).dynamic_numel(shapes) == sum(t.numel() for t in prepared.values())
 
 
@@ -112,10 +113,18 @@ def test_dynamic_memory_estimate_is_what_dynamic_mode_holds(name):
 def test_prepared_kernel_adds_the_scaled_delta_rows(name, lo, hi):
     """Each dynamic kernel (or the dense fallback) on delta rows [lo, hi) adds x @ (s * delta[lo:hi]).T."""
     algo, tensors = CASES[name]
-    _kind, prepared = algorithms.prepare(algo, tensors, 0.5, Placement(0, hi - lo, lo, hi - lo), lambda: None)
+    _kind, prepared = algorithms.kernel_inputs(algo, tensors, 0.5, Placement(0, hi - lo, lo, hi - lo), lambda: None)
     x = r(5, 24)
     out = torch.zeros(5, hi - lo)
     algorithms.kernel(_kind).add_(out, x, None, prepared, 2.0)
     torch.testing.assert_close(out, x @ (algorithms.delta(algo, tensors)[lo:hi] * 1.0).T, rtol=1e-4, atol=1e-4)
     biggest = float((algorithms.delta(algo, tensors)[lo:hi].double() * 0.5).abs().max())
     assert algorithms.kernel(_kind).bound(prepared) >= biggest * (1 - 1e-6)  # fp32 rounding of the delta
+
+
+def test_reserved_names_are_their_strings():
+    # Reserved is a str Enum without enum.StrEnum (Python 3.11+; the package supports 3.10): a member
+    # must still print, format, compare and hash as its value, as the dispatcher's dict keys rely on.
+    for member, text in ((Reserved.BIAS, "bias"), (Reserved.DORA_FM1, "fm1")):
+        assert (str(member), f"{member}", f"{member:>5}") == (text, text, f"{text:>5}")
+        assert member == text and {text: 1}[member] == 1

@@ -240,8 +240,8 @@ def test_comfyui_differences_are_warned_on_convert_and_noted_by_inspect(model, t
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any(n.startswith("in ComfyUI, DoRA with a magnitude per output row") for n in notes)
     # OFT at strength s acts as s^2 in ComfyUI; BOFT follows a third convention; a per-input DoRA is the same.
-    lines = comfyui_differences([("a", "oft", None), ("b", "boft", None),
-                                 ("c", "lora", Dora(torch.ones(1, 4), on_out=False))])
+    lines = comfyui_differences([("a", "oft", None, None), ("b", "boft", None, None),
+                                 ("c", "lora", Dora(torch.ones(1, 4), on_out=False), None)])
     assert len(lines) == 2 and "s^2" in lines[0] and "BOFT" in lines[1]
 
 

@@ -53,3 +53,18 @@ def test_equals_mflux_lora_loader(tmp_path, layout):
     base = _mlx.run_twin(_mlx.mflux_twin(model), inp)
     want, got = _mlx.run_twin(theirs, inp), _mlx.run_twin(ours, inp)
     assert float((got - want).norm() / (want - base).norm()) < 1e-5
+
+
+def test_load_adapter_resolves_against_mflux_tree(tmp_path):
+    """mflux spells a few layers its own way (`t_embedder.linear1`, the final `adaLN_modulation.0`): an
+    adapter loaded against its tree lands on the layers diffusers' names give, as with the torch model."""
+    model = tiny_model(0)
+    twin = _mlx.mflux_twin(model)
+    path = make_adapter("kohya", tmp_path / "a.safetensors", model)
+    pipe = _mlx._Node()  # as mflux's `ZImage`, which holds the transformer
+    pipe.transformer = twin
+    ours, theirs = zl.load_adapter(path, pipe), zl.load_adapter(path, model)
+    modules = sorted((t.module, t.rows, t.scale) for t in ours.targets)
+    assert modules == sorted((t.module, t.rows, t.scale) for t in theirs.targets)
+    assert {"t_embedder.mlp.0", "all_final_layer.2-1.adaLN_modulation.1"} <= {m for m, *_ in modules}
+    assert zl.apply_adapter(twin, ours).applied == [t.label for t in theirs.targets]

@@ -263,3 +263,96 @@ def test_metrics(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         get(url, "/metrics", key=None)
     assert info.value.code == 401
+
+
+def test_blocks_schedule_and_region_in_a_request_equal_the_python_api(server):
+    from test_serving_strength import BLOCKS, SOFT, python_api
+
+    url, _, root = server
+    body = {"prompt": "two knights", "seed": 7, "steps": 3, "width": 32, "height": 32, "guidance": 0.0,
+            "loras": [{"source": "style.safetensors", "strength": BLOCKS, "schedule": [[0, 1], [0.5, 0.2]]},
+                      {"source": "kr.safetensors", "strength": 0.7, "region": {"mask": SOFT}}]}
+    status, png = post(url, body)
+    assert status == 200, png[:300]
+    same_image(png, python_api(root, body))
+    bad = {**body, "loras": [{"source": "style.safetensors", "strength": {"layer.0-1": 0.5}}]}
+    status, raw = post(url, bad)
+    assert status == 422 and "nearest: layers" in json.loads(raw)["error"], raw[:300]
+
+
+def _replicas():
+    """Ray actor handles of the model replicas (Ray's own naming of Serve replica actors)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ZImageServer" in a["name"]]
+    return [ray.get_actor(name, namespace="serve") for name in names]
+
+
+def test_an_unexpected_error_answers_500_with_the_request_id_logged(server, capfd):
+    """A fault injected into the replica (through Ray's `__ray_call__`, which runs a function inside the
+    actor's process): the request that hits it gets JSON {"error", "request_id"} and 500, the id is the
+    one in X-Request-Id, and the server's stderr (forwarded by Ray to this process) logs it."""
+    import ray
+
+    url, _, _ = server
+
+    def inject(_actor, on: bool) -> None:
+        from zimage_lora.serving import core
+
+        real = core.__dict__.setdefault("_real_generate_batch", core.generate_batch)
+
+        def faulty(pipe, requests, **kwargs):
+            requests = list(requests)
+            if any(r.prompt == "inject a fault" for r in requests):
+                raise RuntimeError("injected fault")
+            return real(pipe, requests, **kwargs)
+
+        core.generate_batch = faulty if on else real
+
+    ray.get([r.__ray_call__.remote(inject, True) for r in _replicas()], timeout=30)
+    try:
+        body = {"prompt": "inject a fault", "steps": 1, "width": 32, "height": 32}
+        status, raw, headers = post(url, body, full=True)
+        ok, png = post(url, {**body, "prompt": "no fault"})
+    finally:
+        ray.get([r.__ray_call__.remote(inject, False) for r in _replicas()], timeout=30)
+    assert ok == 200 and png[:4] == b"\x89PNG"
+    answer = json.loads(raw)
+    assert status == 500 and set(answer) == {"error", "request_id"}, raw[:300]
+    rid = headers["X-Request-Id"]
+    assert answer["request_id"] == rid and rid in answer["error"] and headers["Content-Type"] == "application/json"
+    seen = ""
+    for _ in range(100):  # Ray forwards the replica's stderr to the driver's within a few seconds
+        seen += capfd.readouterr().err
+        if f"request {rid} failed" in seen:
+            break
+        time.sleep(0.2)
+    assert f"request {rid} failed" in seen and "injected fault" in seen
+
+
+def test_a_client_that_disconnects_before_its_batch_starts_is_dropped(server):
+    url, _, _ = server
+    stats = lambda: json.loads(get(url, "/stats"))  # noqa: E731 - one replica: every call reaches it
+
+    def wait_for(pending: int) -> None:
+        for _ in range(300):
+            if stats()["pending"] == pending:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the replica never held {pending} requests")
+
+    before = stats()["requests"]
+    host, port = url.removeprefix("http://").split(":")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(post, url, {"prompt": "long", "steps": 50, "width": 128, "height": 128})
+        wait_for(1)
+        time.sleep(1.0)  # past the batch wait (0.5 s): the long request's batch has started
+        data = json.dumps({"prompt": "gone", "steps": 1, "width": 32, "height": 32}).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            wait_for(2)  # queued behind the running batch
+        assert not running.done()  # it left while the batch before it still ran
+        assert running.result(timeout=TIMEOUT)[0] == 200
+    wait_for(0)
+    assert stats()["requests"] - before == 1  # the long request ran; the one that left never reached a batch

@@ -15,6 +15,7 @@ The most specific pattern wins, blocks first: the one covering the fewest blocks
 `layers.0-9`, which beats `feed_forward` (every block's feed-forward), which beats `*`; and
 `layers.0-9.feed_forward` beats `layers.0-9`. Modules no pattern covers keep `DEFAULT` (1.0): add
 `"*": x` to change that. A pattern covering nothing is an error naming the nearest real patterns.
+On a pipeline, the key `text_encoder` is the text encoder's one number (`apply.blockwise.for_part`).
 Torch-free: the command line parses and the model resolves with the same code.
 """
 
@@ -34,6 +35,8 @@ from .fp32 import fits_fp32
 
 #: The strength of modules no pattern covers.
 DEFAULT = 1.0
+#: A mapping's key for a pipeline's text encoder: its one number (its modules are not patterns' business).
+TEXT_ENCODER_KEY = "text_encoder"
 #: Kind names: a pattern naming a kind covers every module with that part in its name.
 KINDS = {"attention": "attention", "feed_forward": "feed_forward", "adaLN": "adaLN_modulation"}
 #: Short names of Z-Image's embedders and final layer (the model's own names also work).

@@ -10,6 +10,7 @@ import torch
 from .adapter import Adapter
 from .formats import read_adapter_file
 from .keys import ModuleIndex, resolve
+from .mlx.probe import index_of
 from .sources import LoRAConfiguration, resolve_source
 
 
@@ -24,7 +25,8 @@ def load_adapter(
     check_finite: bool = True,
     allow_empty: bool = False,
 ) -> Adapter:
-    """Read `source` and resolve it against `model` (default: the Z-Image-Turbo module inventory).
+    """Read `source` and resolve it against `model` (a torch model, an MLX model, a `ModuleIndex`; default:
+    the Z-Image-Turbo module inventory).
 
     Every tensor read is checked for NaN/Inf, once, here where it enters (the engine does not scan an
     adapter it loaded itself again); `check_finite=False` skips that scan.
@@ -40,6 +42,8 @@ def load_adapter(
     file = read_adapter_file(resolved.path, resolved.config)
     if isinstance(model, ModuleIndex):
         index = model
+    elif (mlx := index_of(model)) is not None:  # an MLX model: its own tree under diffusers' names
+        index = mlx
     else:
         if model is None:
             from .inventory import inventory_model

@@ -18,11 +18,12 @@ re-merge. On leaving the block every strength is put back as it was.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from .errors import InvalidArgumentError, LoRAError
+from .mlx.probe import refuse
 
 Points = tuple[tuple[float, float], ...]
 INTERPOLATIONS = ("linear", "step")
@@ -118,8 +119,8 @@ class _PerSampleRun:
     """A per-sample batch with a schedule per sample: each step's specs, as a per-sample block
     (`per_sample_adapters`) opened for the step's strengths (reopened only when a factor changed)."""
 
-    def __init__(self, model: Any, schedules: list[dict[str, Points]], specs: Sequence[Mapping[str, Any]],
-                 interpolation: str) -> None:
+    def __init__(self, model: Any, schedules: list[dict[str, Points]], specs: Sequence[Mapping[str, Any]] | None,
+                 interpolation: str, block: Callable[[Any, Sequence[Mapping[str, Any]]], Any] | None = None) -> None:
         if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence) or len(specs) != len(schedules):
             raise InvalidArgumentError(f"schedule: {len(schedules)} per-sample schedules need specs=[...] with one "
                                        f"{{adapter: strength}} per sample, got {specs!r}")
@@ -129,8 +130,9 @@ class _PerSampleRun:
                 raise LoRAError(f"schedule: sample {i}'s schedule names {missing}, which its spec does not "
                                 f"({sorted(spec)}); the schedule multiplies the spec's strength.")
         self.model, self.schedules, self.specs, self.interpolation = model, schedules, list(specs), interpolation
+        self.open = block
         self.block: Any = None
-        self.last: tuple | None = None
+        self.last: tuple[tuple[float, ...], ...] | None = None
 
     def at(self, fraction: float) -> None:
         from .apply.per_sample import per_sample_adapters
@@ -141,7 +143,7 @@ class _PerSampleRun:
         at = self.interpolation
         specs = [{n: _scaled(v, factor_at(s[n], fraction, at)) if n in s else v for n, v in spec.items()}
                  for spec, s in zip(self.specs, self.schedules, strict=True)]
-        block = per_sample_adapters(self.model, specs)
+        block = (self.open or per_sample_adapters)(self.model, specs)
         self.restore()
         block.__enter__()
         self.block, self.last = block, factors
@@ -158,7 +160,7 @@ def _wrapped_call(run: _Run | _PerSampleRun, call: Any) -> Any:
         if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
             kwargs.setdefault("callback_on_step_end_tensor_inputs", user.tensor_inputs)
 
-        def on_step(pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+        def on_step(pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             out = user(pipe, i, t, callback_kwargs) if user is not None else callback_kwargs
             n = getattr(pipe, "num_timesteps", None) or kwargs.get("num_inference_steps") or 1
             run.at((i + 1) / n)
@@ -177,16 +179,19 @@ def _wrapped_call(run: _Run | _PerSampleRun, call: Any) -> Any:
 
 @contextmanager
 def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, interpolation: str = "linear",
-             specs: Sequence[Mapping[str, Any]] | None = None) -> Iterator[None]:
+             specs: Sequence[Mapping[str, Any]] | None = None,
+             block: Callable[[Any, Sequence[Mapping[str, Any]]], Any] | None = None) -> Iterator[None]:
     """Inside the block, each named adapter's strength follows its schedule over every denoising run
     of `pipe` (see the module doc). `schedules`: {adapter name: [(fraction, factor), ...]}.
 
     Per-sample batches: `schedules` is a list with one such mapping per sample and `specs` the
     per-sample adapters (as for `per_sample_adapters`, which this opens for each call): sample i's
-    strengths are `specs[i]`'s times its own schedule's factors.
+    strengths are `specs[i]`'s times its own schedule's factors. `block(model, specs)` opens the
+    per-sample block (default `per_sample_adapters`; e.g. one with regions as well).
     """
     from .apply.access import _model_of
 
+    refuse(pipe, "schedule")
     if interpolation not in INTERPOLATIONS:
         raise InvalidArgumentError(f"schedule: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     per_sample = isinstance(schedules, Sequence) and not isinstance(schedules, str)
@@ -196,15 +201,15 @@ def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise InvalidArgumentError(f"schedule: expected a Z-Image pipeline (with a transformer), got {type(pipe)}")
     run: _Run | _PerSampleRun
-    if per_sample:
-        checked_each = [{n: check_points(p, f"schedule of sample {i}, '{n}'") for n, p in s.items()}
-                        for i, s in enumerate(schedules)]
-        run = _PerSampleRun(_model_of(pipe), checked_each, specs, interpolation)
-    else:
-        if specs is not None:
-            raise InvalidArgumentError("schedule: specs=... goes with a list of per-sample schedules.")
+    if isinstance(schedules, Mapping):
+        if specs is not None or block is not None:
+            raise InvalidArgumentError("schedule: specs=... and block=... go with a list of per-sample schedules.")
         checked = {name: check_points(points, f"schedule of '{name}'") for name, points in schedules.items()}
         run = _Run(_model_of(pipe), checked, interpolation)
+    else:
+        checked_each = [{n: check_points(p, f"schedule of sample {i}, '{n}'") for n, p in s.items()}
+                        for i, s in enumerate(schedules)]
+        run = _PerSampleRun(_model_of(pipe), checked_each, specs, interpolation, block)
     cls = type(pipe)
     # The pipeline's __call__ is looked up on its class: a subclass for this one object wraps it.
     pipe.__class__ = type(cls.__name__, (cls,), {"__call__": _wrapped_call(run, cls.__call__),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +32,8 @@ from torch import nn
 from .adapter import Adapter
 from .apply.attach import apply_resolved
 from .apply.engine import _model_of, attached, remove_adapter
-from .errors import LoRAError
+from .errors import InvalidArgumentError, LoRAError
+from .mlx.probe import refuse
 from .store_loader import load_host, source_key, stage_upload
 
 LOAD_TIMEOUT_S = 600.0
@@ -81,6 +82,7 @@ class AdapterStore:
         roots: Sequence[str | Path] | None = None,
         allow_hub: bool = True,
     ) -> None:
+        refuse(model, "AdapterStore")
         self.model: nn.Module = _model_of(model)
         self.host_budget = host_budget_bytes
         self.device_budget = device_budget_bytes
@@ -88,14 +90,14 @@ class AdapterStore:
         self.allow_hub = allow_hub
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         self._device: OrderedDict[str, _Entry] = OrderedDict()
-        self._loading: dict[str, Future] = {}
+        self._loading: dict[str, Future[_Entry]] = {}
         self._lock = threading.Lock()  # the tables and counters (held briefly, never during I/O)
         self._run = threading.Lock()  # one lease at a time attaches and runs on the model
         self._stats = StoreStats()
         self._names = 0
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._cuda = device if device.type == "cuda" else None
-        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None
+        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None  # type: ignore[no-untyped-call]
 
     # -- keys and the allow-list (the policy itself: store_loader.source_key) ----------------------
     def key(self, source: str | Path) -> str:
@@ -113,10 +115,11 @@ class AdapterStore:
                 self._entries.move_to_end(key)
                 entry.pins += 1
                 return entry
-            future = self._loading.get(key)
-            owner = future is None
+            pending = self._loading.get(key)
+            owner = pending is None
+            future: Future[_Entry] = Future() if pending is None else pending
             if owner:
-                future = self._loading[key] = Future()
+                self._loading[key] = future
                 self._stats.host_misses += 1
             else:
                 self._stats.host_hits += 1  # loaded once, by the request that asked first
@@ -179,7 +182,7 @@ class AdapterStore:
 
     def _stage(self, entry: _Entry) -> None:
         """CUDA: start the cold adapter's upload now, on the side stream (it overlaps a running batch)."""
-        if self._stream is None:
+        if self._stream is None or self._cuda is None:
             return
         with self._lock:
             if entry.name is not None or entry.staged is not None:
@@ -201,11 +204,12 @@ class AdapterStore:
             torch.cuda.current_stream(self._cuda).wait_event(done)
         _attach_inactive(self.model, adapter, name)
         record = attached(self.model, name)
-        size = sum(
-            sum(getattr(s, k).numel() * getattr(s, k).element_size() for k in s.names)
-            for module, keys in record.wrapped.items()
-            for s in (self.model.get_submodule(module).slots[k] for k in keys)
-        )
+        assert record is not None  # attached just above
+        size = 0
+        for module, keys in record.wrapped.items():
+            slots: Any = self.model.get_submodule(module).slots  # an AdapterLinear's slots
+            for k in keys:
+                size += sum(getattr(slots[k], t).numel() * getattr(slots[k], t).element_size() for t in slots[k].names)
         with self._lock:
             entry.name, entry.device_bytes, entry.staged = name, size, None
             self._device[entry.key] = entry
@@ -235,6 +239,16 @@ class AdapterStore:
             for entry in entries:
                 entry.pins -= 1
             self._evict_host()
+
+    def holds(self, sources: Iterable[str | Path]) -> bool:
+        """Whether every source is in the host tier now (a lease of them would read nothing from disk).
+        A source the policy refuses is not held."""
+        try:
+            keys = [self.key(s) for s in sources]
+        except LoRAError:
+            return False
+        with self._lock:
+            return all(k in self._entries for k in keys)
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -306,14 +320,26 @@ class Lease:
         """The error of the first of `sources` that failed, if any."""
         return next((self.errors[str(s)] for s in sources if str(s) in self.errors), None)
 
-    def spec(self, loras: Iterable[tuple[str | Path, float]]) -> dict[str, float]:
-        """A per-sample spec {attached name: strength} for (source, strength) pairs (inside `with`).
-        The same source twice adds its strengths, as attaching it twice would."""
-        out: dict[str, float] = {}
+    def name(self, source: str | Path) -> str:
+        """The name `source` is attached under (inside `with`); its load error if it failed."""
+        error = self.errors.get(str(source))
+        if error is not None:
+            raise error
+        name = self.entries[str(source)].name
+        assert name is not None  # attached by __enter__
+        return name
+
+    def spec(self, loras: Iterable[tuple[str | Path, float | Mapping[str, float]]]) -> dict[str, Any]:
+        """A per-sample spec {attached name: strength} for (source, strength) pairs (inside `with`); a
+        strength is a number or per block {pattern: number}. The same source twice adds its numbers, as
+        attaching it twice would (per-block strengths cannot be added: InvalidArgumentError)."""
+        out: dict[str, Any] = {}
         for source, strength in loras:
-            error = self.errors.get(str(source))
-            if error is not None:
-                raise error
-            name = self.entries[str(source)].name
-            out[name] = out.get(name, 0.0) + float(strength)
+            name = self.name(source)
+            if name not in out:
+                out[name] = strength if isinstance(strength, Mapping) else float(strength)
+            elif isinstance(strength, Mapping) or isinstance(out[name], Mapping):
+                raise InvalidArgumentError(f"{source}: given twice with a per-block strength; give it once")
+            else:
+                out[name] += float(strength)
         return out

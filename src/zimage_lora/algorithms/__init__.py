@@ -13,13 +13,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from typing import TYPE_CHECKING, overload
 
 import torch
 
 from ..placement import Placement
 from . import dora as dora_math
-from .base import BIAS, DENSE, Algorithm, Kernel, Reserved, check_prepared
+from .base import BIAS, DENSE, Algorithm, DeltaShape, Kernel, Reserved, Shapes, Tensors, check_prepared
 from .dora import dora_row_factor
+
+if TYPE_CHECKING:
+    from ..adapter import Dora
 
 _BY_NAME: dict[str, Algorithm] = {}
 _KERNELS: dict[str, Kernel] = {}
@@ -76,15 +80,17 @@ def kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
-def delta_shape(
-    algorithm: str, shapes: dict[str, tuple[int, ...]], like: tuple[int, ...] | None = None
-) -> tuple[int, int]:
+@overload
+def delta_shape(algorithm: str, shapes: Shapes, like: tuple[int, int]) -> tuple[int, int]: ...
+@overload
+def delta_shape(algorithm: str, shapes: Shapes, like: None = None) -> DeltaShape: ...
+def delta_shape(algorithm: str, shapes: Shapes, like: tuple[int, int] | None = None) -> DeltaShape:
     """(out, in) of the delta; a side the tensors leave open (None, e.g. IA3's vector fixes one side
     only) is taken from `like`, the shape the caller expects."""
     got = get(algorithm).delta_shape(shapes)
     if like is None or None not in got:
         return got
-    return tuple(g if g is not None else w for g, w in zip(got, like, strict=False))
+    return (got[0] if got[0] is not None else like[0], got[1] if got[1] is not None else like[1])
 
 
 def rank(algorithm: str, shapes: dict[str, tuple[int, ...]]) -> int | None:
@@ -101,13 +107,13 @@ def bypass(algorithm: str, x: torch.Tensor, tensors: dict[str, torch.Tensor]) ->
     return get(algorithm).bypass(x, tensors)
 
 
-def prepare(
+def kernel_inputs(
     algorithm: str,
     tensors: dict[str, torch.Tensor],
     scale: float,
     placement: Placement,
     weight: Callable[[], torch.Tensor],
-    dora=None,
+    dora: Dora | None = None,
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """(kernel name, fp32 tensors) of one target in dynamic mode: the algorithm's own kernel where it has
     one for this placement, else its scaled dense delta rows; DoRA folded in; "bias" the kept rows of
@@ -117,12 +123,13 @@ def prepare(
     kind: str = Reserved.BIAS
     if algo.has_weight(tensors):
         w = weight() if (algo.needs_weight or dora is not None) else None
-        prepared = None
+        prepared: tuple[str, dict[str, torch.Tensor]] | None = None
         if algo.prepare is not None and (dora is None or dora.on_out):
             prepared = algo.prepare(tensors, scale, placement, w)
         if prepared is not None:
             check_prepared(prepared[0], prepared[1])
         if prepared is not None and dora is not None:
+            assert w is not None  # read above whenever there is a DoRA
             folded = dora_math.fold_rows(kernel(prepared[0]), prepared[1], w, dora.magnitude)
             prepared = None if folded is None else (prepared[0], folded)
         if prepared is None:
@@ -130,6 +137,7 @@ def prepare(
             dense = algo.delta_block(algo.row_parts(tensors), d_lo, d_hi, weight=w if algo.needs_weight else None)
             dense = dense * scale
             if dora is not None:
+                assert w is not None  # read above whenever there is a DoRA
                 dense = dora_math.dense_rows(dense, w, dora.magnitude, dora.on_out)
             prepared = ("dense", {"delta": dense.contiguous()})
         kind, out = prepared[0], dict(prepared[1])
@@ -138,7 +146,7 @@ def prepare(
     return kind, out
 
 
-def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts, placement: Placement, alpha: float) -> None:
+def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts: Tensors, placement: Placement, alpha: float) -> None:
     """fp32 `rows` (module rows r0 .. r0 + len) += alpha * the delta rows that land there."""
     met = placement.clip(r0, r0 + rows.shape[0])
     if met is None:
@@ -149,5 +157,5 @@ def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts, placement: Pla
 
 __all__ = [
     "Algorithm", "Kernel", "get", "names", "titles", "by_priority", "kernel", "register", "unregister",
-    "delta_shape", "rank", "delta", "bypass", "prepare", "add_rows_", "dora_row_factor",
+    "delta_shape", "rank", "delta", "bypass", "kernel_inputs", "add_rows_", "dora_row_factor",
 ]

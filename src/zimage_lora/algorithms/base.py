@@ -15,7 +15,8 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `family` is the key-table family its roles come from (formats/grammar); `priority` orders it when
    one module's keys hold several families (lower wins: LoKr 10, LoHa 20, LoRA 30, full 90).
 2. The registry (`algorithms/__init__.py`) imports every module of the package that declares an
-   `ALGORITHM`; add the key suffixes of its roles to the layout table. Merged mode, validation,
+   `ALGORITHM`; add the key suffixes of its roles to the rows of the trainers that write it
+   (`trainers/spelling.py` for LyCORIS's, which several rows share). Merged mode, validation,
    inspect and conversion then work through this protocol.
 3. Dynamic mode: give `prepare` (tensors, scale, placement, weight) -> (kernel name, fp32 tensors),
    and a `Kernel` for that name, unless the dense fallback (`DENSE`, the cached scaled delta rows) is
@@ -35,7 +36,7 @@ How to add an algorithm (one module plus its layout rows, nothing else):
 6. Reading: `claims` picks between algorithms sharing a family by shape; `check_weight` checks what
    `delta_shape` cannot (a side that is the weight's own, a flag's value); `alpha_role` takes a file's
    alpha as a tensor of the algorithm, not a scale; `value_roles` may be integer flags. A role that
-   counts only beside another (a bare `.weight`) is a layout rule: `layouts.tables.COMPANIONS`.
+   counts only beside another (a bare `.weight`) is a layout rule: a trainer's `companions`.
 7. Writing (convert, examples): `canonical` gives what a written file holds (LoRA: a LoCon mid folded
    into down, the rank of down; LoKr: a full-factor scale other than 1 folded into w2); `fold_scale`
    folds a scale into the factors for layouts that keep no alpha (LoRA only; others refuse).
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 
 import torch
 
@@ -60,8 +61,16 @@ from ..placement import Placement
 from ._shapes import as_matrix
 
 
-class Reserved(StrEnum):
+class Reserved(str, Enum):
     """Prepared-tensor names the dynamic dispatcher handles for every kernel (equal to their strings)."""
+
+    # enum.StrEnum is Python 3.11+ and the package supports 3.10: str's own printing makes a member
+    # print and format as its value, as StrEnum's does.
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
     BIAS = "bias"  # the bias diff's kept rows, added times the strength
     DORA_FM1 = "fm1"  # DoRA per output row: f - 1, added as alpha * (f - 1) * W x
@@ -78,6 +87,10 @@ Tensors = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, tuple[int, ...]]
 Alpha = float | torch.Tensor  # a Python float in eager mode; a 0-d tensor under torch.compile
 # add_(rows, x, wx, tensors, alpha): rows (n, hi - lo) += alpha * x @ delta.T for x (n, in), in place
+# one row block of a fused delta for `fuse_rows`: (tensors, scale, rank)
+RowPart = tuple[dict[str, torch.Tensor], float, "int | None"]
+# (out, in) of a delta; a side the tensors leave open is None (the module's own is taken)
+DeltaShape = tuple["int | None", "int | None"]
 AddFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", Tensors, Alpha], None]
 PrepareFn = Callable[[Tensors, float, Placement, "torch.Tensor | None"], "tuple[str, dict[str, torch.Tensor]] | None"]
 
@@ -101,7 +114,7 @@ def _no_fold(tensors: Tensors, scale: float, spread: bool) -> dict[str, torch.Te
                            f"({sorted(tensors)}); convert to a layout that keeps an alpha.")
 
 
-def _no_fuse(parts: list) -> None:
+def _no_fuse(parts: list[RowPart | None]) -> None:
     return None
 
 
@@ -145,7 +158,7 @@ class Algorithm:
     priority: int  # lower wins when one module's keys hold several families
     # (out, in) of the delta from the shapes alone; ValueError saying what is inconsistent. A side the
     # tensors leave open is None (IA3's vector fixes one side only): the module's is taken.
-    delta_shape: Callable[[Shapes], tuple[int, int]]
+    delta_shape: Callable[[Shapes], DeltaShape]
     # The rank alpha divides by (None: scale 1).
     rank: Callable[[Shapes], int | None]
     # delta(tensors, weight=None): the full fp32 delta, unscaled.
@@ -168,7 +181,7 @@ class Algorithm:
     # fuse_rows(parts) -> (tensors, scale, rank) of the fused rows, exactly, or None (the writer keeps
     # them apart); parts: (tensors, scale, rank) per row block (q, k, v), None for a block without a
     # delta. The inverse of split_rows, for layouts that spell a fused q/k/v.
-    fuse_rows: Callable[[list], tuple[dict[str, torch.Tensor], float, int | None] | None] = _no_fuse
+    fuse_rows: Callable[[list[RowPart | None]], tuple[dict[str, torch.Tensor], float, int | None] | None] = _no_fuse
     # canonical(tensors, scale, rank) -> (tensors, scale, rank) as a written file holds them.
     canonical: Callable[..., tuple[dict[str, torch.Tensor], float, int | None]] = matrices
     # fold_scale(tensors, scale, spread) -> tensors meaning `scale` at scale 1, for layouts keeping no

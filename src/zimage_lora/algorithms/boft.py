@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import torch
 
+from ..placement import Placement
 from . import oft
-from .base import Algorithm, Kernel
-
-Tensors = dict[str, torch.Tensor]
+from .base import Algorithm, Alpha, Kernel, Shapes, Tensors
 
 
-def _shape(shapes) -> tuple[int, int, int]:
+def _shape(shapes: Shapes) -> tuple[int, int, int]:
     m, n, b, _ = oft.blocks_shape(shapes, ndim=4)
     out = n * b
     if b % 2 or any(out % (2**i * b) for i in range(m)):
@@ -44,22 +43,22 @@ def _shape(shapes) -> tuple[int, int, int]:
     return m, n, b
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     """(out, 0): the rows from the blocks; 0 = the weight's own input width (see `check_weight`)."""
     m, n, b = _shape(shapes)
     oft.check_rescale(shapes, n * b)
     return n * b, 0
 
 
-def check_weight(shapes, weight_shape: tuple[int, ...]) -> None:
+def check_weight(shapes: Shapes, weight_shape: tuple[int, ...]) -> None:
     oft.check_weight(shapes, weight_shape, ndim=4)
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return None  # alpha is the constraint, never a scale
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     """fp32 parts: "rot" R - I for every stage and block (m, n, b, b), "rescale" (out,) if any."""
     parts = {"rot": oft.cayley(tensors["oft_blocks"], oft.constraint(tensors)).float()}
     if "rescale" in tensors:
@@ -83,7 +82,7 @@ def _stage_rows(v: torch.Tensor, rot: torch.Tensor, k: int) -> torch.Tensor:
     return c.reshape(out // (2 * k), k, 2, cols).transpose(1, 2).reshape(out, cols)
 
 
-def _butterfly_rows(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def butterfly_rows(v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """B v - v for v (out, cols), summed stage by stage so it keeps its digits when B is near I."""
     rot = rot.to(v.dtype)
     half = rot.shape[-1] // 2
@@ -104,7 +103,7 @@ def delta_cols(parts: Tensors, w_cols: torch.Tensor) -> torch.Tensor:
     """Columns of the fp32 delta from the same columns of W (all rows)."""
     w = w_cols.float()
     gs = oft.gain_shift(parts.get("rescale"), 1.0, w.shape[0])
-    return oft.combine(_butterfly_rows(w, parts["rot"]), w, {k: v[:, None] for k, v in gs.items()})
+    return oft.combine(butterfly_rows(w, parts["rot"]), w, {k: v[:, None] for k, v in gs.items()})
 
 
 def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,7 +120,9 @@ def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     return delta_cols(row_parts(tensors), weight)
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
     """("boft", fp32 tensors): "rot" (all stages), "gain"/"offset" (scale and rescale folded), and the
     weight facts `bound` needs. The placement must keep every delta row."""
     parts = row_parts(tensors)
@@ -130,7 +131,7 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     return "boft", {**out, **_weight_facts(weight)}
 
 
-def _weight_facts(weight: torch.Tensor | None) -> Tensors:
+def _weight_facts(weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
     zero = torch.zeros((), dtype=torch.float64)
     if weight is None or not weight.numel():
         return {"w_colmax": zero, "w_absmax": zero}
@@ -138,10 +139,11 @@ def _weight_facts(weight: torch.Tensor | None) -> Tensors:
     return {"w_colmax": w.norm(dim=0).max(), "w_absmax": w.abs().max()}
 
 
-def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensors, alpha: Alpha) -> None:
     """rows += alpha * delta x, from wx = x @ W^T (the base output without bias)."""
+    assert wx is not None  # uses_wx: the dispatcher passes the base output
     # The stages move whole rows of wx^T (one value per token): cheaper than permuting wx's last axis.
-    d = _butterfly_rows(wx.T.contiguous(), t["rot"]).T
+    d = butterfly_rows(wx.T.contiguous(), t["rot"]).T
     rows.add_(oft.combine(d, wx, t) * alpha)
 
 
@@ -164,18 +166,18 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
         raise ValueError("BOFT's delta depends on the base weight")
     x2 = x.reshape(-1, x.shape[-1])
     wx = x2 @ weight.to(x.dtype).T
-    t = prepare(tensors, 1.0, oft.Whole(weight.shape[0]), None)[1]
+    t = prepare(tensors, 1.0, Placement.of(None, None, weight.shape[0]), None)[1]
     rows = torch.zeros_like(wx)
     add_(rows, x2, wx, t, 1.0)
     return rows.reshape(*x.shape[:-1], wx.shape[-1])
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     m, n, b = _shape(shapes)
     return m * n * b * b + n * b * (2 if "rescale" in shapes else 1)
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     m, n, b = _shape(shapes)
     return f"butterfly of {m} stages x {n} rotations of {b}x{b}" + (" + rescale" if "rescale" in shapes else "")
 

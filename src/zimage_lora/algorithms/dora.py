@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Reserved
+from .base import Kernel, Reserved
 
 
 def dora_row_factor(
@@ -24,8 +24,10 @@ def dora_row_factor(
     v = weight.float() + scaled_delta.float()
     eps = torch.finfo(torch.float32).eps
     if on_out:
-        return magnitude.float().reshape(-1, 1) / (v.norm(dim=1, keepdim=True) + eps)
-    return magnitude.float().reshape(1, -1) / (v.norm(dim=0, keepdim=True) + eps)
+        f: torch.Tensor = magnitude.float().reshape(-1, 1) / (v.norm(dim=1, keepdim=True) + eps)
+    else:
+        f = magnitude.float().reshape(1, -1) / (v.norm(dim=0, keepdim=True) + eps)
+    return f
 
 
 def dora_merged(
@@ -38,7 +40,9 @@ def dora_merged(
     return w + strength * (f * v - w)
 
 
-def fold_rows(kernel, tensors: dict[str, torch.Tensor], weight: torch.Tensor, magnitude: torch.Tensor):
+def fold_rows(
+    kernel: Kernel, tensors: dict[str, torch.Tensor], weight: torch.Tensor, magnitude: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
     """Dynamic DoRA per output row on a kernel that can scale its rows: its tensors times f, plus
     "fm1" = f - 1 (the dispatcher adds alpha * (f - 1) * W x). None when the kernel cannot."""
     if kernel.scale_rows is None or kernel.dense is None:
@@ -46,12 +50,14 @@ def fold_rows(kernel, tensors: dict[str, torch.Tensor], weight: torch.Tensor, ma
     # The factors come from the CPU; the norm is taken where the weight lives (maybe a GPU).
     tensors = {k: v.to(weight.device) for k, v in tensors.items()}
     f = dora_row_factor(weight, kernel.dense(tensors), magnitude.to(weight.device))  # (n, 1)
-    out = {k: v.contiguous() for k, v in kernel.scale_rows(tensors, f).items()}
+    out: dict[str, torch.Tensor] = {k: v.contiguous() for k, v in kernel.scale_rows(tensors, f).items()}
     out[Reserved.DORA_FM1] = (f - 1).reshape(-1)
     return out
 
 
-def dense_rows(scaled_delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor, on_out: bool):
+def dense_rows(
+    scaled_delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor, on_out: bool
+) -> torch.Tensor:
     """The DoRA-adapted weight minus the weight, for the dense fallback: f * (W + s dW) - W, fp32."""
     delta = scaled_delta.to(weight.device)
     return dora_merged(weight, delta, magnitude.to(weight.device), 1.0, on_out) - weight

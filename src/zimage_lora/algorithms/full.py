@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Algorithm, Tensors
+from .base import Algorithm, RowPart, Shapes, Tensors
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     if "diff" in shapes:
         shape = tuple(shapes["diff"])
         if len(shape) == 2:
@@ -20,7 +20,7 @@ def delta_shape(shapes) -> tuple[int, int]:
     raise ValueError("a full diff needs 'diff' or 'diff_b'")
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return None
 
 
@@ -40,18 +40,18 @@ def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = 
     return parts["diff"][lo:hi]
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     n = 1
     for d in shapes.get("diff", (0,)):
         n *= d
     return n
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     return "x".join(map(str, shapes["diff"])) if "diff" in shapes else "bias only"
 
 
-def fuse_rows(parts: list) -> tuple[dict, float, None] | None:
+def fuse_rows(parts: list[RowPart | None]) -> tuple[dict[str, torch.Tensor], float, None] | None:
     """q, k, v diffs stacked on the fused rows (zeros for a missing block); None if one has no diff."""
     present = [p for p in parts if p is not None]
     if any("diff" not in t for t, _, _ in present):

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import torch
 
+from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm
+from .base import Algorithm, Alpha, Shapes, Tensors
 
-Tensors = dict[str, torch.Tensor]
 FACTORS = ("a1", "a2", "b1", "b2")
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     missing = [k for k in FACTORS if k not in shapes]
     if missing:
         raise ValueError(f"GLoRA needs {list(FACTORS)}; missing {missing}")
@@ -43,11 +43,11 @@ def delta_shape(shapes) -> tuple[int, int]:
     return b1_out, a2_in
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int:
     return matrix(shapes, "a2")[0]
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     """The four factors as fp32 matrices (a1 @ a2 is in x in, so it is never formed)."""
     return {k: as_matrix(tensors[k]).float() for k in FACTORS}
 
@@ -74,7 +74,9 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
     return ((x @ f["a2"].T) @ f["a1"].T) @ _need(weight).to(x.dtype).T + (x @ f["b2"].T) @ f["b1"].T
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
     """("lora", fp32 tensors) for LoRA's kernel: down = [a2 ; b2], up = scale * [W_rows a1 | b1_rows],
     with W_rows the placement's rows of the base weight."""
     p = row_parts(tensors)
@@ -88,30 +90,30 @@ def transform(x: torch.Tensor, t: Tensors) -> torch.Tensor:
     return (x @ t["a2"].to(x.dtype).T) @ t["a1"].to(x.dtype).T
 
 
-def add_b_(rows: torch.Tensor, x: torch.Tensor, wx, t: Tensors, alpha) -> None:
+def add_b_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensors, alpha: Alpha) -> None:
     """rows += alpha * the b-half, from prepared {"b1": scale * b1 rows, "b2"}."""
     rows.add_(((x @ t["b2"].to(x.dtype).T) @ t["b1"].to(x.dtype).T) * alpha)
 
 
-def prepare_transform(tensors: Tensors, scale: float) -> Tensors:
+def prepare_transform(tensors: Tensors, scale: float) -> dict[str, torch.Tensor]:
     """Prepared tensors for `transform` + `add_b_` (whole placements: the input feeds every row)."""
     p = row_parts(tensors)
     return {"a1": p["a1"] * scale, "a2": p["a2"], "b1": p["b1"] * scale, "b2": p["b2"]}
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     """LoRA's kernel tensors: down (2r, in) and up (out, 2r)."""
     n_out, n_in = delta_shape(shapes)
     return 2 * rank(shapes) * (n_in + n_out)
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     n_out, n_in = delta_shape(shapes)
     r = rank(shapes)
     return f"W @ {n_in}x{r} @ {r}x{n_in} + {n_out}x{r} @ {r}x{n_in}"
 
 
-def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
+def split_rows(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor]:
     """Rows [lo, hi) of a fused delta, exactly: the a-half reads the module's own weight rows, so only
     b1's rows are cut."""
     return {**tensors, "b1": as_matrix(tensors["b1"])[lo:hi]}

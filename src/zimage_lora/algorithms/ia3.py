@@ -25,10 +25,9 @@ import math
 
 import torch
 
+from ..placement import Placement
 from ._shapes import matrix
-from .base import Algorithm, Kernel
-
-Tensors = dict[str, torch.Tensor]
+from .base import Algorithm, Alpha, Kernel, Shapes, Tensors
 
 
 def is_on_input(tensors: Tensors) -> bool:
@@ -36,7 +35,7 @@ def is_on_input(tensors: Tensors) -> bool:
     return flag is not None and bool(flag.reshape(-1)[0] != 0)
 
 
-def _length(shapes) -> int:
+def _length(shapes: Shapes) -> int:
     if "weight" not in shapes:
         raise ValueError("IA3 needs 'weight'")
     shape = tuple(shapes["weight"])
@@ -45,7 +44,7 @@ def _length(shapes) -> int:
     return shape[0]
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     """(0, 0): the weight's own shape; which side the vector scales is a value (`check_weight`)."""
     _length(shapes)
     return 0, 0
@@ -59,11 +58,11 @@ def check_weight(tensors: Tensors, weight_shape: tuple[int, ...]) -> None:
         raise ValueError(f"IA3 'weight' has {n} values, the layer has {want} {axis}")
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return None
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     return {"cols" if is_on_input(tensors) else "rows": tensors["weight"].float()}
 
 
@@ -89,7 +88,9 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
     return (x * v) @ w.T if is_on_input(tensors) else (x @ w.T) * v
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]] | None:
     """On output: ("ia3", {"rows": scale * weight[kept rows]}); on input and a whole placement:
     ("ia3_in", {"cols": scale * weight}); else None (the dense fallback). Plus max|W| for `bound`."""
     v = tensors["weight"].float() * scale
@@ -102,8 +103,9 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     return None
 
 
-def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensors, alpha: Alpha) -> None:
     """Kernel "ia3": rows += alpha * rows-scale * wx (wx = x @ W_rows^T, no bias)."""
+    assert wx is not None  # uses_wx: the dispatcher passes the base output
     rows.add_(wx * (t["rows"].to(wx.dtype) * alpha))
 
 
@@ -118,15 +120,15 @@ def bound(t: Tensors) -> float:
     return (float(v.double().abs().max()) if v.numel() else 0.0) * float(t["w_absmax"])
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     return math.prod(shapes["weight"])
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     return f"{_length(shapes)} channel scales"
 
 
-def _check(shapes, weight_shape: tuple[int, int], values: Tensors | None) -> None:
+def _check(shapes: Shapes, weight_shape: tuple[int, int], values: Tensors | None) -> None:
     """The protocol's check: exact once the flag is read; before, the vector must fit one side."""
     if values is not None:
         check_weight(values, weight_shape)
@@ -136,7 +138,7 @@ def _check(shapes, weight_shape: tuple[int, int], values: Tensors | None) -> Non
         raise ValueError(f"IA3 'weight' has {n} values, the layer has {out} output rows and {n_in} input columns")
 
 
-def split_rows(tensors: Tensors, lo: int, hi: int) -> Tensors:
+def split_rows(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor]:
     """Rows [lo, hi) of a fused delta: the vector's rows on output; the same vector on input."""
     return dict(tensors) if is_on_input(tensors) else {**tensors, "weight": tensors["weight"][lo:hi]}
 

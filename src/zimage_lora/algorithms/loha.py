@@ -8,21 +8,21 @@ from __future__ import annotations
 import torch
 
 from ._shapes import as_matrix, matrix, product, product_shape
-from .base import Algorithm, Tensors
+from .base import Algorithm, Shapes, Tensors
 
 
-def _half_shape(shapes, i: int) -> tuple[int, int]:
+def _half_shape(shapes: Shapes, i: int) -> tuple[int, int]:
     return product_shape(shapes, f"w{i}_a", f"w{i}_b", f"t{i}")
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     first, second = _half_shape(shapes, 1), _half_shape(shapes, 2)
     if first != second:
         raise ValueError(f"LoHa halves disagree: w1 gives {list(first)}, w2 gives {list(second)}")
     return first
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return matrix(shapes, "w1_b")[0]
 
 
@@ -54,12 +54,12 @@ def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = 
     return (parts["a1"][lo:hi] @ parts["b1"]) * (parts["a2"][lo:hi] @ parts["b2"])
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     n_out, n_in = delta_shape(shapes)
     return n_out * n_in  # the cached dense delta
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     (o, i), r = delta_shape(shapes), rank(shapes)
     tucker = ", tucker" if "t1" in shapes or "t2" in shapes else ""
     return f"hadamard of two {o}x{i} products, rank {r}{tucker}"

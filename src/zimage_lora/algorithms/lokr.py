@@ -12,10 +12,10 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix, product, product_shape
-from .base import Algorithm, Alpha, Kernel, Tensors, amax, matrices
+from .base import Algorithm, Alpha, Kernel, Shapes, Tensors, amax, matrices
 
 
-def _factor_shape(shapes, i: int) -> tuple[int, int]:
+def _factor_shape(shapes: Shapes, i: int) -> tuple[int, int]:
     w, a, b, t = f"w{i}", f"w{i}_a", f"w{i}_b", f"t{i}"
     if w in shapes:
         return matrix(shapes, w)
@@ -24,13 +24,13 @@ def _factor_shape(shapes, i: int) -> tuple[int, int]:
     return product_shape(shapes, a, b, t)
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     o1, i1 = _factor_shape(shapes, 1)
     o2, i2 = _factor_shape(shapes, 2)
     return o1 * o2, i1 * i2
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     # alpha / rank applies only when a factor is decomposed; both full means scale 1 (LyCORIS).
     for b in ("w1_b", "w2_b"):
         if b in shapes:
@@ -45,7 +45,7 @@ def _factor(tensors: Tensors, i: int, dtype: torch.dtype) -> torch.Tensor:
     return product(tensors, f"w{i}_a", f"w{i}_b", f"t{i}", dtype)
 
 
-def factors(tensors: Tensors, dtype: torch.dtype = torch.float32):
+def factors(tensors: Tensors, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(W1, W2) as dense matrices in `dtype`; both are small, this is what dynamic mode caches."""
     return _factor(tensors, 1, dtype), _factor(tensors, 2, dtype)
 
@@ -100,17 +100,19 @@ def delta_block(parts: Tensors, lo: int, hi: int, weight: torch.Tensor | None = 
     return torch.kron(w1[i0:i1], w2)[lo - i0 * o2 : hi - i0 * o2]
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     (o1, i1), (o2, i2) = _factor_shape(shapes, 1), _factor_shape(shapes, 2)
     return o1 * i1 + o2 * i2
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     (o1, i1), (o2, i2) = _factor_shape(shapes, 1), _factor_shape(shapes, 2)
     return f"kron({o1}x{i1}, {o2}x{i2})"
 
 
-def prepare(tensors: Tensors, scale: float, placement: Placement, weight=None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(the kept rows of W1 times the scale, W2), when the kept rows are whole blocks of W1's rows."""
     w1, w2 = factors(tensors, torch.float32)
     o2 = w2.shape[0]
@@ -126,7 +128,7 @@ KERNEL = Kernel(
     bound=lambda t: amax(t["w1"]) * amax(t["w2"]),  # kron's values are exactly the products: exact
 )
 
-def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict, float, int | None]:
+def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[str, torch.Tensor], float, int | None]:
     """Written layouts give full LoKr factors scale 1 (LyCORIS rule); a trainer rule with another scale
     (musubi-tuner: alpha / max(w2 shape)) is folded into w2, exactly, in fp32."""
     tensors, scale, rank = matrices(tensors, scale, rank)

@@ -8,10 +8,10 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm, Alpha, Kernel, Tensors, amax, matrices, row_blocks
+from .base import Algorithm, Alpha, Kernel, RowPart, Shapes, Tensors, amax, matrices, row_blocks
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     r_down, n_in = matrix(shapes, "down")
     n_out, r_up = matrix(shapes, "up")
     r_in = r_down
@@ -25,7 +25,7 @@ def delta_shape(shapes) -> tuple[int, int]:
     return n_out, n_in
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return matrix(shapes, "down")[0]
 
 
@@ -67,11 +67,11 @@ def split_rows(tensors: Tensors, lo: int, hi: int) -> dict[str, torch.Tensor]:
     return {**tensors, "up": tensors["up"][lo:hi]}
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     return sum(_numel(shapes[k]) for k in ("down", "up", "mid") if k in shapes)
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     n_out, n_in = delta_shape(shapes)
     mid = " (with mid)" if "mid" in shapes else ""
     return f"{n_out}x{rank(shapes)} @ {rank(shapes)}x{n_in}{mid}"
@@ -85,7 +85,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --- dynamic mode --------------------------------------------------------------------------------
-def prepare(tensors: Tensors, scale: float, placement: Placement, weight=None) -> tuple[str, dict[str, torch.Tensor]]:
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
     """(down with mid folded in, the kept rows of up times the scale), fp32."""
     up = placement.take(as_matrix(tensors["up"]).float()) * scale
     return "lora", {"down": _down(tensors).contiguous(), "up": up.contiguous()}
@@ -122,7 +124,7 @@ KERNEL = Kernel(
     scale_rows=lambda t, f: {**t, "up": t["up"] * f},
 )
 
-def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict, float, int | None]:
+def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[str, torch.Tensor], float, int | None]:
     """What a written file holds: a LoCon mid folded into down (exact in fp32), the rank of down."""
     tensors = dict(tensors)
     if "mid" in tensors:
@@ -141,7 +143,7 @@ def fold_scale(tensors: Tensors, scale: float, spread: bool) -> dict[str, torch.
     return {**tensors, "up": tensors["up"].float() * scale}
 
 
-def fuse_rows(parts: list) -> tuple[dict, float, int | None]:
+def fuse_rows(parts: list[RowPart | None]) -> tuple[dict[str, torch.Tensor], float, int | None]:
     """q, k, v LoRAs as one on the fused rows, exactly: one shared down when they have the same down
     and scale (rank r); otherwise the downs stacked and each up in its own row and column block
     (block-diagonal, rank = the sum of the ranks), different scales folded into the ups in fp32."""

@@ -28,13 +28,12 @@ import math
 
 import torch
 
+from ..placement import Placement
 from ._shapes import matrix
-from .base import Algorithm, Kernel
-
-Tensors = dict[str, torch.Tensor]
+from .base import Algorithm, Alpha, Kernel, Shapes, Tensors
 
 
-def blocks_shape(shapes, ndim: int = 3) -> tuple[int, ...]:
+def blocks_shape(shapes: Shapes, ndim: int = 3) -> tuple[int, ...]:
     """`oft_blocks`' shape, checked: (n, b, b) for diag-oft, (m, n, b, b) for BOFT."""
     if "oft_blocks" not in shapes:
         raise ValueError("needs 'oft_blocks'")
@@ -45,14 +44,14 @@ def blocks_shape(shapes, ndim: int = 3) -> tuple[int, ...]:
     return shape
 
 
-def check_rescale(shapes, out: int) -> None:
+def check_rescale(shapes: Shapes, out: int) -> None:
     if "rescale" in shapes:
         found = list(shapes["rescale"])
         if math.prod(found) != out or len(found) > 2:
             raise ValueError(f"'rescale' must hold one value per output row ({out}), found shape {found}")
 
 
-def check_weight(shapes, weight_shape: tuple[int, ...], ndim: int = 3) -> None:
+def check_weight(shapes: Shapes, weight_shape: tuple[int, ...], ndim: int = 3) -> None:
     """The blocks must tile the weight's rows exactly (the input width is the weight's own)."""
     shape = blocks_shape(shapes, ndim)
     out = matrix({"weight": weight_shape}, "weight")[0]
@@ -61,14 +60,14 @@ def check_weight(shapes, weight_shape: tuple[int, ...], ndim: int = 3) -> None:
                          f"the weight has {out}")
 
 
-def delta_shape(shapes) -> tuple[int, int]:
+def delta_shape(shapes: Shapes) -> tuple[int, int]:
     """(out, 0): the rows from the blocks; 0 = the weight's own input width (see `check_weight`)."""
     n, b, _ = blocks_shape(shapes)
     check_rescale(shapes, n * b)
     return n * b, 0
 
 
-def rank(shapes) -> int | None:
+def rank(shapes: Shapes) -> int | None:
     return None  # alpha is the constraint, never a scale
 
 
@@ -97,6 +96,22 @@ def canonical(tensors: Tensors, scale: float, rank: int | None) -> tuple[dict[st
     return out, scale, rank
 
 
+def baked(tensors: Tensors) -> dict[str, torch.Tensor]:
+    """The same rotations for every reader: the constraint applied to the blocks (Q scaled exactly as
+    `cayley` scales it) and alpha 0, which LyCORIS (alpha * out) and ComfyUI (alpha) both read as no
+    bound. For a file whose alpha would mean a different bound to the application loading it."""
+    out = {k: v for k, v in tensors.items() if k not in ("alpha", ABSOLUTE)}
+    bound = constraint(tensors)
+    blocks = tensors["oft_blocks"]
+    q_norm = float(torch.linalg.vector_norm(blocks.double() - blocks.double().transpose(-1, -2))) + 1e-8
+    if bound > 0 and q_norm > bound:
+        # Q = B - B^T is linear in B; fp32 at least, so the scaled blocks keep their digits.
+        dtype = torch.promote_types(blocks.dtype, torch.float32)
+        out["oft_blocks"] = (blocks.double() * (bound / q_norm)).to(dtype)
+    out["alpha"] = torch.tensor(0.0, dtype=torch.float32)
+    return out
+
+
 def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
     """R - I for every block (any leading dims), in float64: R is within rounding of I for small Q,
     so keeping R - I instead of R avoids the cancellation a later `R @ W - W` would suffer."""
@@ -107,10 +122,11 @@ def cayley(blocks: torch.Tensor, bound: float) -> torch.Tensor:
             q = q * (bound / q_norm)
     eye = torch.eye(q.shape[-1], dtype=q.dtype)
     # (I + Q)(I - Q)^-1 == (I - Q)^-1 (I + Q) (both are functions of Q); minus I that is 2 (I - Q)^-1 Q.
-    return 2.0 * torch.linalg.solve(eye - q, q)
+    r: torch.Tensor = 2.0 * torch.linalg.solve(eye - q, q)
+    return r
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     """fp32 parts for any whole blocks of the delta: "rot" R - I (n, b, b), "rescale" (out,) if any."""
     parts = {"rot": cayley(tensors["oft_blocks"], constraint(tensors)).float()}
     if "rescale" in tensors:
@@ -142,7 +158,7 @@ def _rotate_rows(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.bmm(rot.transpose(1, 2), w.reshape(n, b, -1)).reshape(w.shape)
 
 
-def gain_shift(rescale: torch.Tensor | None, scale: float, n: int) -> Tensors:
+def gain_shift(rescale: torch.Tensor | None, scale: float, n: int) -> dict[str, torch.Tensor]:
     """delta = gain * rotated + offset * W: gain = scale * rescale, offset = scale * (rescale - 1)."""
     # "offset", not "shift": prepared tensors become attributes of the dynamic slot, which has a shift().
     if rescale is None:
@@ -176,7 +192,9 @@ def delta(tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
     return delta_block(row_parts(tensors), 0, weight.shape[0], weight=weight)
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
     """("oft", fp32 tensors) for the placement's delta rows, which must be whole blocks: "rot" R - I
     of the kept blocks, "gain"/"offset" (scale and rescale folded), and the weight facts `bound` needs."""
     parts = row_parts(tensors)
@@ -188,7 +206,7 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     return "oft", {**out, **_weight_facts(weight, parts["rot"].shape[-1])}
 
 
-def _weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
+def _weight_facts(weight: torch.Tensor | None, b: int) -> dict[str, torch.Tensor]:
     """max over blocks and columns of ||W_k[:, j]||, and max |W| (0-d fp64), for `bound`."""
     if weight is None or not weight.numel():
         return {"w_colmax": torch.zeros((), dtype=torch.float64), "w_absmax": torch.zeros((), dtype=torch.float64)}
@@ -196,8 +214,9 @@ def _weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
     return {"w_colmax": w.reshape(-1, b, w.shape[-1]).norm(dim=1).max(), "w_absmax": w.abs().max()}
 
 
-def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor, t: Tensors, alpha) -> None:
+def add_(rows: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensors, alpha: Alpha) -> None:
     """rows += alpha * delta x, from wx = x @ W_rows^T (the base output without bias)."""
+    assert wx is not None  # uses_wx: the dispatcher passes the base output
     rows.add_(combine(_rotate(wx, t["rot"]), wx, t) * alpha)
 
 
@@ -219,29 +238,22 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
         raise ValueError("OFT's delta depends on the base weight")
     wx = x @ weight.to(x.dtype).T
     rows = torch.zeros_like(wx)
-    t = prepare(tensors, 1.0, Whole(weight.shape[0]), None)[1]
+    t = prepare(tensors, 1.0, Placement.of(None, None, weight.shape[0]), None)[1]
     add_(rows.reshape(-1, rows.shape[-1]), x, wx.reshape(-1, wx.shape[-1]), t, 1.0)
     return rows
 
 
-class Whole:
-    """A placement of every row (what `bypass` needs from one)."""
-
-    def __init__(self, n: int) -> None:
-        self.d0, self.n, self.whole = 0, n, True
-
-
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     n, b, _ = blocks_shape(shapes)
     return n * b * b + n * b * (2 if "rescale" in shapes else 1)
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     n, b, _ = blocks_shape(shapes)
     return f"{n} rotations of {b}x{b}" + (" + rescale" if "rescale" in shapes else "")
 
 
-def _claims(shapes) -> bool:
+def _claims(shapes: Shapes) -> bool:
     return len(shapes.get("oft_blocks", ())) == 3  # BOFT's are 4-D (LyCORIS tells them apart the same way)
 
 

@@ -26,13 +26,13 @@ import math
 
 import torch
 
-from .base import Algorithm, Kernel
+from ..placement import Placement
+from .base import Algorithm, Kernel, Shapes, Tensors
 
-Tensors = dict[str, torch.Tensor]
 TERMS = 5  # num_cayley_neumann_terms, PEFT's and OneTrainer's default
 
 
-def block_size(shapes) -> tuple[int, int]:
+def block_size(shapes: Shapes) -> tuple[int, int]:
     """(r, b) from `oft_R`'s shape (r, b(b-1)/2), checked."""
     shape = tuple(shapes.get("oft_R", ()))
     if len(shape) != 2 or 0 in shape:
@@ -44,13 +44,13 @@ def block_size(shapes) -> tuple[int, int]:
     return r, b
 
 
-def delta_shape(shapes) -> tuple[int | None, int | None]:
+def delta_shape(shapes: Shapes) -> tuple[int | None, int | None]:
     """(None, r * b): the output is the weight's own; a shared block (r == 1) leaves the input open too."""
     r, b = block_size(shapes)
     return None, (None if r == 1 else r * b)
 
 
-def check_weight(shapes, weight_shape: tuple[int, ...], values: Tensors | None = None) -> None:
+def check_weight(shapes: Shapes, weight_shape: tuple[int, ...], values: Tensors | None = None) -> None:
     r, b = block_size(shapes)
     n_in = weight_shape[1]
     if r * b != n_in and not (r == 1 and n_in % b == 0):
@@ -81,7 +81,7 @@ def _blocks(rot: torch.Tensor, n_in: int) -> torch.Tensor:
     return rot.expand(n_in // b, b, b) if rot.shape[0] == 1 else rot
 
 
-def row_parts(tensors: Tensors) -> Tensors:
+def row_parts(tensors: Tensors) -> dict[str, torch.Tensor]:
     return {"rot_in": rotation(tensors).float()}
 
 
@@ -113,7 +113,9 @@ def bypass(x: torch.Tensor, tensors: Tensors, weight: torch.Tensor | None = None
     return _rotate_input(x, rotation(tensors).to(x.dtype)) @ weight.to(x.dtype).T
 
 
-def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | None = None):
+def prepare(
+    tensors: Tensors, scale: float, placement: Placement, weight: torch.Tensor | None = None
+) -> tuple[str, dict[str, torch.Tensor]] | None:
     """("oft_in", {"rot_in": scale * (R - I)}) for a whole placement, plus the weight facts `bound`
     needs; else None (the dense fallback: rows of a fused layer cannot rotate the shared input)."""
     if not placement.whole:
@@ -122,7 +124,7 @@ def prepare(tensors: Tensors, scale: float, placement, weight: torch.Tensor | No
     return "oft_in", {"rot_in": rot.contiguous(), **weight_facts(weight, rot.shape[-1])}
 
 
-def weight_facts(weight: torch.Tensor | None, b: int) -> Tensors:
+def weight_facts(weight: torch.Tensor | None, b: int) -> dict[str, torch.Tensor]:
     """max over rows and input blocks of ||W[i, block]||, fp64, for `bound`."""
     if weight is None or not weight.numel():
         return {"w_blockmax": torch.zeros((), dtype=torch.float64)}
@@ -143,12 +145,12 @@ def bound(t: Tensors) -> float:
     return 1.01 * col * float(t["w_blockmax"])
 
 
-def dynamic_numel(shapes) -> int:
+def dynamic_numel(shapes: Shapes) -> int:
     r, b = block_size(shapes)
     return r * b * b
 
 
-def describe(shapes) -> str:
+def describe(shapes: Shapes) -> str:
     r, b = block_size(shapes)
     what = "one shared input rotation" if r == 1 else f"{r} input rotations"
     return f"{what} of {b}x{b}" + (" (scaled OFT)" if "scaled" in shapes else "")

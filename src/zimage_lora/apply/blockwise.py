@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
 from ..adapter import Adapter, Target
-from ..blocks import Blocks, check_patterns, is_blocks, model_names, resolve
+from ..blocks import DEFAULT, TEXT_ENCODER_KEY, Blocks, check_patterns, default_of, is_blocks, model_names, resolve
 from ..fp32 import fits_fp32
 from ..keys.index import named_modules
 from .state import Record
 from .validate import check_scale
 
+if TYPE_CHECKING:
+    from .layer import AdapterLinear
+
 Strengthish = float | Blocks
 # model -> (its module names, {(patterns, modules): resolved}); names are read once per model.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict[Any, Any]]] = weakref.WeakKeyDictionary()
 _MAX_RESOLVED = 64
 
 
@@ -77,6 +80,21 @@ def resolve_for(model: nn.Module, adapter: Adapter, value: Any, what: str = "sca
     return hit[1]
 
 
+def for_part(model: nn.Module, adapter: Adapter, value: Any, transformer: bool, what: str = "scale") -> Strengthish:
+    """A caller's strength for one component of a pipeline (`transformer`: that one, else the text
+    encoder). A mapping's patterns name transformer modules, except its `text_encoder` key
+    (`TEXT_ENCODER_KEY`): the text encoder's one number (as ComfyUI's separate model
+    and clip strengths, or diffusers' per-component weights). Without that key the text encoder takes
+    the mapping's default (`*`, else 1.0)."""
+    if not is_blocks(value) or isinstance(value, Blocks):
+        return resolve_for(model, adapter, value, what) if transformer else default_of(value)
+    patterns = dict(check_patterns(value, what))
+    text_encoder = patterns.pop(TEXT_ENCODER_KEY, None)
+    if not transformer:
+        return text_encoder if text_encoder is not None else (default_of(patterns) if patterns else DEFAULT)
+    return resolve_for(model, adapter, patterns, what) if patterns else DEFAULT
+
+
 def largest(value: Strengthish) -> float:
     """The largest magnitude a strength takes on any module (for the overflow headroom)."""
     if isinstance(value, Blocks):
@@ -96,7 +114,7 @@ def set_strength(model: nn.Module, record: Record, value: Strengthish) -> None:
 def rebind(model: nn.Module, record: Record) -> None:
     """Point every slot of `record` at its module's Strength (a plain attribute: no module lookups)."""
     for module_name, keys in record.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast("AdapterLinear", model.get_submodule(module_name))
         want = record.strength.at(module_name)
         for k in keys:
             slot = wrapper.slots[k]

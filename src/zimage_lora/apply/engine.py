@@ -10,19 +10,19 @@ component as it was. Applying lives in `apply.attach`, the fast-switching tables
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from torch import nn
 
 from ..backends import backend_for
-from ..blocks import Blocks, default_of
+from ..blocks import Blocks
 from ..mlx import dispatcher
 from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import apply_adapter, apply_resolved, attach
 from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
-from .layer import weight_rows
+from .layer import AdapterLinear, weight_rows
 from .report import REQUANT_WARN, AdapterInfo, ApplyReport, warn_requant
 from .retune import retune
 from .state import Record
@@ -50,7 +50,8 @@ def remove_adapter(model: Any, name: str | None = None) -> list[str]:
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
     if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
-        return mlx.remove(model, name)
+        removed: list[str] = mlx.remove(model, name)
+        return removed
     return remove_adapters(model, None if name is None else [check_name(name)])
 
 
@@ -75,7 +76,8 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
     original of every module whose strength changed. A scale whose delta overflows is refused in both
     modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
     if not isinstance(model, nn.Module) and (mlx := dispatcher(model)) is not None:
-        return mlx.set_scale(model, name, scale)
+        mlx.set_scale(model, name, scale)
+        return
     parts = components_of(model)
     check_name(name)
     asked = blockwise.check_strength(scale)
@@ -99,12 +101,9 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
 
 
 def _resolved(scope: Scope, txn: Transaction, record: Record, asked: Any) -> blockwise.Strengthish:
-    """A caller's strength for one component's record: a per-block strength's patterns name transformer
-    modules, resolved against the transformer's; the text encoder takes its default."""
+    """A caller's strength for one component's record (`blockwise.for_part`)."""
     part = next(c.part for c, t in scope.entries if t is txn)
-    if part == TRANSFORMER:
-        return blockwise.resolve_for(txn.model, record.adapter, asked)
-    return default_of(asked)
+    return blockwise.for_part(txn.model, record.adapter, asked, part == TRANSFORMER)
 
 
 def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthish) -> None:
@@ -112,7 +111,7 @@ def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthi
     if not record.wrapped or blockwise.largest(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast(AdapterLinear, model.get_submodule(module_name))
         for k in keys:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
@@ -124,7 +123,7 @@ def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthi
 
 
 def set_active_adapters(
-    model: Any, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
+    model: Any, names: str | Sequence[str] | None, weights: Sequence[float | Mapping[str, float]] | None = None
 ) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
@@ -133,7 +132,8 @@ def set_active_adapters(
     are re-merged from the kept originals.
     """
     if not isinstance(model, nn.Module) and (mlx := dispatcher(model)) is not None:
-        return mlx.set_active(model, names, weights)
+        mlx.set_active(model, names, weights)
+        return
     parts = components_of(model)
     asked = None if names is None else check_names(names)
     if asked is not None:
@@ -173,12 +173,13 @@ def set_active_adapters(
     Scope(parts).run(change)
 
 
-def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
+def switch_mode(model: Any, names: str | Sequence[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
     and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
     is enabled). All or nothing: if one fails, those already switched go back."""
     if (mlx := dispatcher(model)) is not None:
-        return mlx.switch_mode(model, names, mode)
+        mlx.switch_mode(model, names, mode)
+        return
     parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
@@ -207,7 +208,8 @@ def list_adapters(model: Any) -> list[AdapterInfo]:
     """The attached adapters in the order they were applied: name, mode, scale, source, format, size.
     Over a pipeline, one entry per name naming the components it is on."""
     if (mlx := dispatcher(model)) is not None:
-        return mlx.list_all(model)
+        infos: list[AdapterInfo] = mlx.list_all(model)
+        return infos
     parts = components_of(model)
     listed = [
         (c.part, AdapterInfo(

@@ -11,13 +11,14 @@ when opening failed half way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ..errors import InvalidFormatError, LoRAError
+from ..mlx.probe import refuse
 from .blockwise import resolve_for
 from .engine import _check_strength, _model_of
 from .gate import BLOCKS, current, end_change
@@ -68,7 +69,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
 def _patchify_recorder(model: nn.Module) -> Any:
     """The model's own `patchify_and_embed`, noting each sample's padded image and caption lengths into
     the per-sample forward running it (and passing through for any other)."""
-    original = model.patchify_and_embed
+    original = cast(Callable[..., Any], model.patchify_and_embed)
 
     def patchify_and_embed(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
@@ -99,6 +100,7 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
     must have a batch of `len(specs)` samples, or twice that under classifier-free guidance; anything
     else is a `LoRAError`. Eager mode (strengths are Python floats); one block per model per context.
     """
+    refuse(model, "per_sample_adapters")
     model = _model_of(model)
     gate = gate_of(model)
     opened = BLOCKS.get()

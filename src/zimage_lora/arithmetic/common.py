@@ -16,6 +16,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import InvalidArgumentError, LoRAError
 from ..keys import ModuleIndex
+from ..mlx.probe import index_of
 from ..sources import LoRAConfiguration, parse_strength, resolve_source
 
 Source = str | Path | LoRAConfiguration | Adapter | tuple
@@ -36,13 +37,19 @@ class Input:
 
 
 def module_index(model: str | Path | torch.nn.Module | ModuleIndex | None) -> ModuleIndex:
-    """The modules adapters resolve against: a model, a config (file or folder), default Z-Image-Turbo."""
+    """The modules adapters resolve against: a model (torch or MLX), a config (file or folder), default
+    Z-Image-Turbo."""
     if isinstance(model, ModuleIndex):
         return model
     from ..inventory import inventory_model, load_config
 
     if isinstance(model, torch.nn.Module):
         return ModuleIndex(model)
+    mlx = index_of(model)  # an MLX model: its own tree under diffusers' names
+    if mlx is not None:
+        return mlx
+    if isinstance(model, (str, Path)) and Path(str(model)).is_file() and Path(str(model)).suffix == ".safetensors":
+        return ModuleIndex(inventory_model(load_config(None)))  # a single-file checkpoint: Z-Image-Turbo's modules
     return ModuleIndex(inventory_model(load_config(model)))
 
 

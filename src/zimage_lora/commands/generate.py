@@ -17,6 +17,8 @@ examples:
   zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --blocks "layers.0-9=0.4,noise_refiner=0" \
       --out fox.png
   zimage-lora generate --prompt "a red fox" --lora style.safetensors:0.8 --schedule "0:1.0,0.6:0.3" --out fox.png
+  zimage-lora generate --prompt "a knight and a wizard" --lora knight.safetensors --lora wizard.safetensors \
+      --region 1=0,0,0.5,1 --region 2=0.5,0,1,1 --out duel.png
 """
 
 
@@ -36,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", metavar="FRACTION:FACTOR,...",
                    help="per-step factor on each --lora's scale over the denoising run, linear between points, "
                         "e.g. '0:1.0,0.6:0.3' (full strength first, 0.3 from 60%% of the steps on)")
+    p.add_argument("--region", action="append", default=[], metavar="N=X0,Y0,X1,Y1|N=MASK.png",
+                   help="the N-th --lora (from 1) acts only in this box (fractions of the image) or where this "
+                        "grayscale image is white (soft values allowed); dynamic mode; repeat per adapter")
+    p.add_argument("--region-caption", default="mean", metavar="mean|NUMBER",
+                   help="weight of the caption tokens for adapters with a --region (default: the mask's mean)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"pipeline folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--mode", choices=["dynamic", "merged"], default="dynamic")
     p.add_argument("--quantize", choices=QUANTIZE, help="torchao weight-only quantization of the transformer")
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance,
         negative_prompt=args.negative_prompt, dtype=args.dtype, device=args.device, progress=not args.quiet,
         overwrite=args.overwrite, filename=args.filename, revision=args.revision, blocks=args.blocks,
-        schedule=args.schedule,
+        schedule=args.schedule, regions=args.region, region_caption=args.region_caption,
     )
     for r in result.adapters:
         console.print(f"{r.name}: {len(r.applied)} modules ({r.mode}, x{r.scale:g}), {len(r.unmatched)} unmatched")

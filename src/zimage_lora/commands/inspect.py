@@ -87,7 +87,7 @@ def _comfyui_notes(adapter) -> list[str]:
     from ..tools.targets import comfyui_differences
 
     return [f"in ComfyUI, {line}" for line in
-            comfyui_differences((t.module, t.algorithm, t.dora) for t in adapter.targets)]
+            comfyui_differences((t.module, t.algorithm, t.dora, t.tensors) for t in adapter.targets)]
 
 
 def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False) -> None:

@@ -3,7 +3,6 @@ tensor data not yet read (only the tiny alpha scalars are)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -17,17 +16,18 @@ from . import grammar, writers
 from . import text_encoder as te_keys
 from .safetensors_file import FLOAT_DTYPES, Header, TensorInfo, gc_paused, load_tensors, read_header
 from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
-from .untrusted import compile_pattern
+from .untrusted import pattern_value as pattern_value  # PEFT patterns: read by callers from here too
 
 
-class Slot(NamedTuple):
-    """Where a key sits in its module's group: the key-table family and the role within it."""
+class KeyRole(NamedTuple):
+    """Where a key sits in its module's group: the key-table family and the role within it (not
+    `apply.layer.Slot`, an adapter on a wrapped layer)."""
 
     family: str
     role: str
 
 
-Roles = dict[Slot, str]  # slot -> file key, for one module stem
+Roles = dict[KeyRole, str]  # (family, role) -> file key, for one module stem
 
 
 @dataclass
@@ -76,7 +76,9 @@ class AdapterFile:
 
 
 
-def read_adapter_file(path: str | Path, config: dict | None = None, *, component: str = "transformer") -> AdapterFile:
+def read_adapter_file(
+    path: str | Path, config: dict[str, object] | None = None, *, component: str = "transformer"
+) -> AdapterFile:
     """Group the file's keys; `config` is a PEFT `adapter_config.json` dict when the source had one.
 
     `component="text_encoder"` reads the text-encoder keys instead (the other keys are left to the
@@ -88,7 +90,7 @@ def read_adapter_file(path: str | Path, config: dict | None = None, *, component
         return _read_adapter_file(path, config, component)
 
 
-def _read_adapter_file(path: str | Path, config: dict | None, component: str) -> AdapterFile:
+def _read_adapter_file(path: str | Path, config: dict[str, object] | None, component: str) -> AdapterFile:
     header = read_header(path)
     path = header.path
     text_encoder = component == "text_encoder"
@@ -111,11 +113,11 @@ def _read_adapter_file(path: str | Path, config: dict | None, component: str) ->
             continue
         stem, family, role = split
         roles = raw.setdefault((te_keys if text_encoder else grammar).strip_prefix(stem), {})
-        slot = Slot(family, role)
-        if slot in roles:
-            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot]}' (same module and role); ignored"))
+        where = KeyRole(family, role)
+        if where in roles:
+            unmatched.append(Unmatched(key, f"duplicate of '{roles[where]}' (same module and role); ignored"))
             continue
-        roles[slot] = key
+        roles[where] = key
 
     for roles in raw.values():
         _drop_lonely(roles, unmatched)
@@ -156,22 +158,22 @@ def _no_suffix(key: str) -> str:
     return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
 
 
-_ALPHA = Slot("scale", "alpha")
+_ALPHA = KeyRole("scale", "alpha")
 
 
 def _drop_lonely(roles: Roles, unmatched: list[Unmatched]) -> None:
     """A role that counts only beside its companion (`tables.COMPANIONS`: a bare `.weight`) is no
     adapter key without it: reported as any key without a known suffix."""
-    for slot in [s for s in roles if s in grammar.COMPANIONS]:
-        if Slot(slot.family, grammar.COMPANIONS[slot]) not in roles:
-            key = roles.pop(slot)
+    for kr in [s for s in roles if s in grammar.COMPANIONS]:
+        if KeyRole(kr.family, grammar.COMPANIONS[kr]) not in roles:
+            key = roles.pop(kr)
             unmatched.append(Unmatched(key, _no_suffix(key)))
 
 
 def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     """The family of the first algorithm (by priority) the roles hold; of the algorithms sharing it,
     the first that claims its shapes, else the first (its shape check then says what is wrong)."""
-    families = {slot.family for slot in roles}
+    families = {kr.family for kr in roles}
     present = [a for a in algorithms.by_priority() if a.family in families]
     if not present:
         return None
@@ -179,7 +181,7 @@ def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     same = [a for a in present if a.family == family]
     if len(same) == 1:
         return same[0]
-    shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == family}
+    shapes = {kr.role: header.tensors[key].shape for kr, key in roles.items() if kr.family == family}
     return next((a for a in same if a.claims is None or a.claims(shapes)), same[0])
 
 
@@ -202,7 +204,7 @@ def _make_group(
     if form is not None:  # PEFT options that change how R is built: reported, never applied another way
         form += "; re-save with the defaults (use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"
     elif chosen.unsupported is not None:
-        shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == chosen.family}
+        shapes = {kr.role: header.tensors[key].shape for kr, key in roles.items() if kr.family == chosen.family}
         form = chosen.unsupported(shapes)
     if form is not None:
         for key in roles.values():
@@ -253,46 +255,6 @@ def _read_alphas(header: Header, keys: list[str]) -> dict[str, float]:
     return {key: float(t.float().reshape(-1)[0]) for key, t in load_tensors(header, keys).items()}
 
 
-_LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-def pattern_value(patterns: dict, stem: str, source: object = "adapter config"):
-    r"""PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): the first pattern, in the
-    config's order, that matches the module name as `(.*\.)?(pattern)$`.
-
-    Patterns come from the file, so they are untrusted: plain names are matched without a regex, real
-    regular expressions run on the `regex` engine (a diffusers dependency) with a time limit, since a
-    pattern like '(.*)*(.*)*Z' would freeze Python's `re` for hours.
-    """
-    if not isinstance(patterns, dict):
-        kind = type(patterns).__name__
-        raise InvalidFormatError(f"{source}: alpha/rank pattern must be a JSON object, found {kind}.")
-    for pattern, value in patterns.items():
-        if _LITERAL_PATTERN.match(pattern):
-            if _literal_match(pattern, stem):
-                return value
-            continue
-        compiled = compile_pattern(pattern, source)
-        try:
-            if compiled.match(stem, timeout=1.0):
-                return value
-        except (TimeoutError, RecursionError) as exc:
-            raise InvalidFormatError(
-                f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
-            ) from None
-    return None
-
-
-def _literal_match(pattern: str, stem: str) -> bool:
-    r"""PEFT's `(.*\.)?(pattern)$` (peft.utils.other.get_pattern_key) for a pattern without regex
-    syntax but '.', which there matches any one character ('attention.to.v' matches 'to_v'): the
-    last len(pattern) characters match it, at the start or right after a '.'."""
-    n = len(pattern)
-    if len(stem) < n or (len(stem) > n and stem[-n - 1] != "."):
-        return False
-    return all(p == "." or p == c for p, c in zip(pattern, stem[-n:], strict=True))
-
-
 def _looks_like_model(header: Header) -> bool:
     """Most tensors are `<module>.weight` / `<module>.bias` (no adapter role) and some are full-size matrices."""
     keys = [k for k in header.tensors if _bare(grammar.split_role(k))]
@@ -303,4 +265,4 @@ def _looks_like_model(header: Header) -> bool:
 
 def _bare(split: tuple[str, str, str] | None) -> bool:
     """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
-    return split is None or Slot(split[1], split[2]) in grammar.COMPANIONS
+    return split is None or KeyRole(split[1], split[2]) in grammar.COMPANIONS

@@ -77,7 +77,7 @@ class StreamingWriter:
         if key != want_key or data.numel() != tensor_bytes(want_dtype, want_shape):
             raise ValueError(f"{self.path}: expected {tensor_bytes(want_dtype, want_shape)} bytes for '{want_key}'")
         if data.numel():
-            self._fh.write(memoryview(data.numpy()))
+            self._fh.write(memoryview(data.numpy()))  # type: ignore[arg-type]  # numpy types its buffer for 3.12+ only
         self._next += 1
 
     def close(self) -> None:

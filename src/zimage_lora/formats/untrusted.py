@@ -15,8 +15,12 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidFormatError
+
+if TYPE_CHECKING:
+    import regex
 
 # No adapter config, index or model config nests deeper than ~5 or needs an integer beyond 2**64.
 MAX_JSON_DEPTH = 64
@@ -97,7 +101,7 @@ def read_json_file(path: Path, *, what: str = "the file", fix: str = "Fix or re-
     return parse_json(data, path, what=what, fix=fix)
 
 
-def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern"):
+def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern") -> regex.Pattern[str]:
     """A regular expression from a file, compiled on the `regex` engine (matching takes a timeout).
 
     Length and group nesting are bounded first: `regex` compiles recursively, and 5,000 nested groups
@@ -109,7 +113,7 @@ def compile_pattern(pattern: str, source: object, *, field: str = "alpha_pattern
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(pattern: str, source: str, field: str):
+def _compile(pattern: str, source: str, field: str) -> regex.Pattern[str]:
     import regex
 
     def refuse(reason: str) -> InvalidFormatError:
@@ -131,3 +135,43 @@ def _compile(pattern: str, source: str, field: str):
 
 def _short(pattern: str) -> str:
     return repr(pattern) if len(pattern) <= 40 else f"{pattern[:20]!r}...{pattern[-12:]!r} ({len(pattern)} characters)"
+
+
+_LITERAL_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def pattern_value(patterns: object, stem: str, source: object = "adapter config") -> object:
+    r"""PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): the first pattern, in the
+    config's order, that matches the module name as `(.*\.)?(pattern)$`.
+
+    Patterns come from the file, so they are untrusted: plain names are matched without a regex, real
+    regular expressions run on the `regex` engine (a diffusers dependency) with a time limit, since a
+    pattern like '(.*)*(.*)*Z' would freeze Python's `re` for hours.
+    """
+    if not isinstance(patterns, dict):
+        kind = type(patterns).__name__
+        raise InvalidFormatError(f"{source}: alpha/rank pattern must be a JSON object, found {kind}.")
+    for pattern, value in patterns.items():
+        if _LITERAL_PATTERN.match(pattern):
+            if _literal_match(pattern, stem):
+                return value
+            continue
+        compiled = compile_pattern(pattern, source)
+        try:
+            if compiled.match(stem, timeout=1.0):
+                return value
+        except (TimeoutError, RecursionError) as exc:
+            raise InvalidFormatError(
+                f"{source}: pattern {pattern[:100]!r} cannot be used ({exc}). Fix 'alpha_pattern' in the config."
+            ) from None
+    return None
+
+
+def _literal_match(pattern: str, stem: str) -> bool:
+    r"""PEFT's `(.*\.)?(pattern)$` (peft.utils.other.get_pattern_key) for a pattern without regex
+    syntax but '.', which there matches any one character ('attention.to.v' matches 'to_v'): the
+    last len(pattern) characters match it, at the start or right after a '.'."""
+    n = len(pattern)
+    if len(stem) < n or (len(stem) > n and stem[-n - 1] != "."):
+        return False
+    return all(p == "." or p == c for p, c in zip(pattern, stem[-n:], strict=True))

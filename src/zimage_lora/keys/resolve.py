@@ -4,12 +4,14 @@ only then read from disk (only the tensors that will be used)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 
 from .. import algorithms, shapes
-from ..adapter import Adapter, Dora, Target, Unmatched
+from ..adapter import Adapter, Dora, Provenance, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group
 from ..numerics import require_finite
@@ -28,6 +30,15 @@ class _Placed:
     site: Site
     scale: Scale
     skip: set[str] = field(default_factory=set)  # modules of the site another stem covers instead
+
+
+class _Common(TypedDict):
+    """The fields every Target of one stem shares."""
+
+    algorithm: str
+    scale: float
+    rank: int | None
+    about: Provenance
 
 
 def resolve(
@@ -100,6 +111,7 @@ def resolve(
 def _expected(site: Site, index: ModuleIndex) -> tuple[tuple[int, ...], bool]:
     shapes = [index.shapes[m] for m in site.modules]
     if site.kind == "rows":
+        assert site.rows is not None  # a "rows" site names its rows
         a, b = site.rows
         return (b - a, *shapes[0].shape[1:]), shapes[0].bias
     if site.kind == "split":
@@ -201,7 +213,10 @@ def _drop_overlaps(
     return [p for p in placed if not p.skip or any(m not in p.skip for m in p.site.modules)], losses
 
 
-def _describe_losses(file, index, losses, tensors, unmatched: list[Unmatched], notes: list[str]) -> None:
+def _describe_losses(
+    file: AdapterFile, index: ModuleIndex, losses: list[tuple[_Placed, _Placed, str]],
+    tensors: Mapping[str, torch.Tensor], unmatched: list[Unmatched], notes: list[str],
+) -> None:
     """Say whether the keys given up on a module were a copy of the ones used there or another delta
     (the file then carries two versions of those rows): compared on a probe input, never silently."""
     tensors = dict(tensors) | file.load(sorted({k for d, _k, _m in losses for k in d.group.source_keys} - set(tensors)))
@@ -222,7 +237,9 @@ def _describe_losses(file, index, losses, tensors, unmatched: list[Unmatched], n
                      f"there, not a copy (e.g. '{stems[0]}'): the preferred keys were used for those rows")
 
 
-def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleIndex) -> bool | None:
+def _same_effect(
+    a: _Placed, b: _Placed, module: str, tensors: dict[str, torch.Tensor], index: ModuleIndex
+) -> bool | None:
     """Whether two stems add the same output on `module`'s shared rows for a probe input (None: not compared)."""
     if not index.shapes[module].is_linear:
         return None
@@ -237,7 +254,9 @@ def _same_effect(a: _Placed, b: _Placed, module: str, tensors, index: ModuleInde
         placement = t.placement(index.shapes[module].shape[0])
         parts.append((placement, placement.take(y)))
     (pa, ya), (pb, yb) = parts
-    lo, hi, _d0, _d1 = pa.clip(*pb.rows)  # the caller passes overlapping pairs
+    met = pa.clip(*pb.rows)
+    assert met is not None  # the caller passes overlapping pairs
+    lo, hi, _d0, _d1 = met
     ya, yb = pa.local(ya, lo, hi), pb.local(yb, lo, hi)
     return bool(torch.allclose(ya, yb, rtol=1e-3, atol=1e-5 * float(ya.abs().max().clamp_min(1e-30))))
 
@@ -270,9 +289,9 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         mag = tensors[g.dora_key]
         dora = Dora(mag.reshape(-1), on_out=shapes.dora_on_out(tuple(mag.shape)))
     sc = p.scale
-    common = dict(
-        algorithm=g.algorithm, scale=sc.scale, source_keys=g.source_keys, rank=sc.rank, alpha=sc.alpha,
-        scale_rule=sc.rule, alpha_used=sc.alpha_used,
+    common = _Common(
+        algorithm=g.algorithm, scale=sc.scale, rank=sc.rank,
+        about=Provenance(source_keys=g.source_keys, alpha=sc.alpha, scale_rule=sc.rule, alpha_used=sc.alpha_used),
     )
     if site.kind == "direct":
         return [Target(module=site.modules[0], tensors=own, dora=dora, **common)]

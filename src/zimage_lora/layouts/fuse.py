@@ -55,6 +55,8 @@ def _fuse_qkv(block: str, parts: list[Item | None]) -> Item | None:
     tensors, scale, rank = fused
     if all("diff_b" in p.tensors for p in present):
         tensors["diff_b"] = torch.cat([p.tensors["diff_b"] for p in present])
-    dora = Dora(torch.cat([p.dora.magnitude for p in present]), True) if doras[0] is not None else None
+    dora = None
+    if doras[0] is not None:  # then every block has one (checked above)
+        dora = Dora(torch.cat([d.magnitude for d in doras if d is not None]), True)
     keys = tuple(k for p in present for k in p.source_keys)
     return Item(block + FUSED_QKV, ref.algorithm, tensors, scale, rank, dora, keys)

@@ -86,18 +86,19 @@ def _holds(lay: Layout, families: tuple[str, ...] | None = None) -> str:
 def _elsewhere(item: Item) -> str:
     """Which of the writable file layouts hold `item`'s algorithm, for a refusal."""
     family = algorithms.get(item.algorithm).family
+    family_name = "LoKr, LoHa and full diffs" if family in ("lokr", "loha", "full") else "it"
     # Named as `convert --to` spells them (tools/targets.py: kohya writes the kohya row, comfyui the comfy row).
     held = [n for n, row in (("kohya", "kohya"), ("comfyui", "comfy")) if family in LAYOUTS[row].suffixes]
-    if held == ["kohya", "comfyui"]:
-        return "Convert to 'kohya' or 'comfyui', which keep LoKr, LoHa and full diffs."
     if held:
-        return f"Convert to {' or '.join(repr(n) for n in held)}, which keep{'s' if len(held) == 1 else ''} it."
+        keep = "keeps" if len(held) == 1 else "keep"
+        return f"Convert to {' or '.join(repr(n) for n in held)}, which {keep} {family_name}."
     return "No layout this tool writes keeps it."
 
 
 def state_dict(items: list[Item], name: str, where: str = "adapter", *, shown: str | None = None,
                families: tuple[str, ...] | None = None,
-               reasons: Mapping[str, str] | None = None) -> tuple[dict, dict, dict | None]:
+               reasons: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, object] | None]:
     """(tensors, safetensors metadata, PEFT config or None) of `items` written in layout `name`.
 
     `shown` is the name the user asked for (a `convert --to` target), `families` the algorithm
@@ -124,11 +125,12 @@ def state_dict(items: list[Item], name: str, where: str = "adapter", *, shown: s
     return sd, metadata, config
 
 
-def _put(sd: dict, lay: Layout, item: Item) -> None:
+def _put(sd: dict[str, torch.Tensor], lay: Layout, item: Item) -> None:
     stem = module_stem(lay, item.name)
     tensors = dict(item.tensors)
     # A layout without an alpha means scale 1: the algorithm folds the scale into its factors.
     if lay.alpha == "folded" and item.alpha is not None:  # musubi-tuner: sqrt(alpha / rank) in each factor
+        assert item.rank is not None  # an alpha is scale * rank
         tensors = algorithms.get(item.algorithm).fold_scale(tensors, item.alpha / item.rank, True)
     elif lay.alpha == "none" and item.scale != 1.0:
         tensors = algorithms.get(item.algorithm).fold_scale(tensors, item.scale, False)
@@ -146,7 +148,7 @@ def _put(sd: dict, lay: Layout, item: Item) -> None:
         sd[stem + spelled] = m.contiguous()
 
 
-def peft_config(items: list[Item]) -> dict:
+def peft_config(items: list[Item]) -> dict[str, object]:
     """The PEFT `LoraConfig` of `items`: the most common rank and alpha, the others as patterns."""
     ranks = {i.name: i.rank for i in items}
     alphas = {i.name: _clean(i.alpha) for i in items}
@@ -174,13 +176,13 @@ def _clean(x: float | None) -> float | int | None:
 
 
 def save(items: list[Item], name: str, out: str | Path, *, where: str = "adapter",
-         extra_metadata: dict | None = None) -> Path:
+         extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `items` in layout `name` at `out` (a .safetensors file, or a folder for PEFT)."""
     return save_state_dict(*state_dict(items, name, where), layout(name), out, extra_metadata)
 
 
-def save_state_dict(sd: dict, metadata: dict, config: dict | None, lay: Layout, out: str | Path,
-                    extra_metadata: dict | None = None) -> Path:
+def save_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], config: dict[str, object] | None,
+                    lay: Layout, out: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
     # Split q/k/v targets of a fused file share their down tensor: give each key its own storage.
@@ -188,7 +190,8 @@ def save_state_dict(sd: dict, metadata: dict, config: dict | None, lay: Layout, 
     out = Path(out)
     if lay.folder:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        # What the file records (combine's inputs, hashes, errors) goes in the tensors' file here too.
+        save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt", **(extra_metadata or {})})
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
         return out
     metadata = {**metadata, **(extra_metadata or {})}

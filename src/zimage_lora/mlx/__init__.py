@@ -1,20 +1,18 @@
 """The MLX backend: the public API on an `mlx.nn.Module` (mflux's Z-Image transformer, or any MLX model
 whose module tree uses Z-Image's names). Install with the `[mlx]` extra.
 
-`is_mlx` is the one test the public functions make; it never imports MLX (a model can only be an MLX
-module when `mlx.nn` is already imported), so the PyTorch path pays nothing for this package.
+`dispatcher` is the one test the public functions make (`probe.is_mlx`); neither imports MLX, so the
+PyTorch path pays nothing for this package.
 """
 
 from __future__ import annotations
 
-import sys
 from types import ModuleType
 from typing import Any
 
+from .probe import is_mlx
 
-def is_mlx(obj: Any) -> bool:
-    nn = sys.modules.get("mlx.nn")
-    return nn is not None and isinstance(obj, nn.Module)
+__all__ = ["dispatcher", "is_mlx"]
 
 
 def dispatcher(obj: Any) -> ModuleType | None:

@@ -9,8 +9,9 @@ Arrays cross between MLX and torch only here: fp32 on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +28,12 @@ RENAMES: tuple[tuple[str, str], ...] = (
     ("t_embedder.linear2", "t_embedder.mlp.2"),
     ("adaLN_modulation.0", "adaLN_modulation.1"),  # final layer only: diffusers puts a SiLU at .0 there
 )
+
+
+def transformer_of(model: Any) -> nn.Module:
+    """mflux's `ZImage` (text encoder, VAE and transformer in one module) stands for its transformer."""
+    inner = getattr(model, "transformer", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def is_linear(module: Any) -> bool:
@@ -57,7 +64,7 @@ class _Shape:
     out_features: int
     bias: object = None
 
-    def children(self) -> list:
+    def children(self) -> list[Any]:
         return []
 
 
@@ -66,7 +73,7 @@ class _Norm:
     weight: torch.Tensor  # a meta tensor: only its shape is read
     bias: object = None
 
-    def children(self) -> list:
+    def children(self) -> list[Any]:
         return []
 
 
@@ -76,7 +83,7 @@ class _Proxy:
     def __init__(self, entries: list[tuple[str, Any]]) -> None:
         self.entries = entries
 
-    def named_modules(self):
+    def named_modules(self) -> Iterator[tuple[str, Any]]:
         return iter(self.entries)
 
 
@@ -87,7 +94,7 @@ class Tree:
         self.model = model
         self.path: dict[str, str] = {}  # diffusers name -> MLX path
         entries: list[tuple[str, Any]] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not name:
                 continue
             if is_linear(module):
@@ -100,13 +107,18 @@ class Tree:
             torch_name = diffusers_name(name)
             self.path[torch_name] = name
             entries.append((torch_name, proxy))
-        self.index = ModuleIndex(_Proxy(entries))
+        self.index = ModuleIndex(cast(Any, _Proxy(entries)))  # read as a torch module tree
 
     def get(self, torch_name: str) -> nn.Module:
-        return get_path(self.model, self.path[torch_name])
+        return cast(nn.Module, get_path(self.model, self.path[torch_name]))
 
     def set(self, torch_name: str, module: nn.Module) -> None:
         set_path(self.model, self.path[torch_name], module)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` (untyped in mlx)."""
+    return cast(Callable[[], list[tuple[str, nn.Module]]], model.named_modules)()
 
 
 def _step(node: Any, part: str) -> Any:
@@ -144,4 +156,4 @@ def to_mx(t: torch.Tensor, dtype: mx.Dtype) -> mx.array:
     return mx.array(t.detach().float().contiguous().numpy()).astype(dtype)
 
 
-__all__ = ["Tree", "ModuleShape", "diffusers_name", "is_linear", "linear_shape", "to_mx", "to_torch"]
+__all__ = ["Tree", "ModuleShape", "diffusers_name", "is_linear", "linear_shape", "to_mx", "to_torch", "transformer_of"]

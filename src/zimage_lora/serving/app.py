@@ -53,7 +53,7 @@ def _error(message: str, status: int, rid: str, openai: bool = False, **headers:
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-def affinity_key(loras: tuple[tuple[str, float], ...]) -> str:
+def affinity_key(loras: tuple[tuple[str, Any], ...]) -> str:
     """The adapter set of a request, as the model id Ray routes by ("" without adapters: any replica)."""
     sources = sorted({source for source, _ in loras})
     return hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest()[:24] if sources else ""
@@ -63,7 +63,7 @@ def affinity_key(loras: tuple[tuple[str, float], ...]) -> str:
 class ZImageIngress:
     """HTTP in front of the model replicas: keys, bodies, validation, affinity, status codes."""
 
-    def __init__(self, server: DeploymentHandle, options: dict[str, Any]) -> None:
+    def __init__(self, server: DeploymentHandle[Any], options: dict[str, Any]) -> None:
         log_to_stderr()
         loopback_replica_server()
         self.server = server
@@ -144,7 +144,7 @@ class ZImageIngress:
         """The jobs' PNGs from a model replica (one holding their adapters, when one is free)."""
         key = affinity_key(jobs[0].loras) if self.options.affinity else ""
         handle = self.server.options(multiplexed_model_id=key) if key else self.server
-        outcomes = await handle.run.remote(jobs)
+        outcomes: list[Any] = await handle.run.remote(jobs)
         for outcome in outcomes:
             if not isinstance(outcome, bytes):
                 status, message = outcome
@@ -177,9 +177,14 @@ def build_app(args: dict[str, Any]) -> Application:
         num_gpus = 1 if torch.cuda.is_available() and options.device in (None, "cuda") else 0
     if replicas < 1 or options.max_queue < 1:
         raise InvalidFormatError(f"replicas and max_queue must be >= 1, got {replicas} and {options.max_queue}")
-    server = ZImageServer.options(
+    # serve.deployment made these classes Deployments (its decorator is untyped): typed loosely here.
+    model_deployment: Any = ZImageServer
+    ingress_deployment: Any = ZImageIngress
+    server = model_deployment.options(
         num_replicas=replicas, ray_actor_options={"num_gpus": float(num_gpus), "num_cpus": num_cpus},
         # Past the queue bound calls must still reach the replica, which answers them 503 at once.
         max_ongoing_requests=options.max_queue + 16,
     ).bind(asdict(options))
-    return ZImageIngress.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind(server, asdict(options))
+    app: Application = ingress_deployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind(
+        server, asdict(options))
+    return app

@@ -105,6 +105,7 @@ class Engine:
         self.batches = 0  # batches run, and the largest seen: what GET /stats reports beside the store
         self.largest_batch = 0
         self.retried_batches = 0  # batches that failed as a whole and were rerun one request at a time
+        self.requests = 0  # requests (images) that reached a batch
         self.store = AdapterStore(
             self.pipe, host_budget_bytes=options.host_budget_bytes, device_budget_bytes=options.device_budget_bytes,
             roots=roots, allow_hub=options.allow_hub,
@@ -114,6 +115,7 @@ class Engine:
         """PNG bytes per job, or the job's own error; a failure fails only the requests that cause it."""
         results: list[bytes | LoRAError | InternalError | None] = [None] * len(jobs)
         self.batches += 1
+        self.requests += len(jobs)
         self.largest_batch = max(self.largest_batch, len(jobs))
         lease = self.store.lease(source for job in jobs for source, _ in job.loras)
         with lease:
@@ -126,8 +128,11 @@ class Engine:
                     continue
                 todo.append(i)
                 r = job.request
+                name = lease.name
                 requests.append(Request(r.prompt, r.seed, r.steps, r.width, r.height, r.guidance,
-                                        lease.spec(job.loras), r.negative_prompt))
+                                        lease.spec(job.loras), r.negative_prompt,
+                                        {name(s): points for s, points in job.schedules},
+                                        {name(s): mask for s, mask in job.regions}))
             try:
                 images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
                 outcomes: list[Any] = [png_bytes(image) for image in images]
@@ -137,6 +142,16 @@ class Engine:
         for i, outcome in zip(todo, outcomes, strict=True):
             results[i] = outcome
         return results  # type: ignore[return-value]
+
+    def check(self, job: Job) -> None:
+        """What only the model can tell about a request, before it joins a batch: its per-block
+        strengths' patterns name modules of the model (else a `LoRAError` naming the nearest ones)."""
+        from ..apply.blockwise import names_of
+        from ..blocks import resolve
+
+        for i, (_, strength) in enumerate(job.loras):
+            if isinstance(strength, dict):
+                resolve(strength, names_of(self.store.model), [], f"loras[{i}].strength")
 
     def _alone(self, request_id: str, request: Request) -> bytes | LoRAError | InternalError:
         try:
@@ -148,8 +163,8 @@ class Engine:
             return InternalError(request_id, exc)
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": self.batches, "largest_batch": self.largest_batch, "retried_batches": self.retried_batches,
-                "store": asdict(self.store.stats())}
+        return {"batches": self.batches, "requests": self.requests, "largest_batch": self.largest_batch,
+                "retried_batches": self.retried_batches, "store": asdict(self.store.stats())}
 
 
 def png_bytes(image: Any) -> bytes:

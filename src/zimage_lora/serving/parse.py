@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..batch import LIMITS, Request, check_request, check_strength
+from ..batch import LIMITS, Request, Strength, check_region, check_request, check_schedule, check_strength_spec
 from ..errors import InvalidFormatError
 from ..store_loader import check_source_name
 
@@ -30,11 +30,14 @@ class BodyTooLargeError(InvalidFormatError):
 
 @dataclass(frozen=True)
 class Job:
-    """One request: the settings, its (source, strength) adapters, and the id its answers carry."""
+    """One request: the settings, its (source, strength) adapters, and the id its answers carry;
+    `schedules` and `regions` by source (see `batch.Request`)."""
 
     request: Request
-    loras: tuple[tuple[str, float], ...]
+    loras: tuple[tuple[str, Strength], ...]
     request_id: str = ""
+    schedules: tuple[tuple[str, Any], ...] = ()
+    regions: tuple[tuple[str, Any], ...] = ()
 
 
 def _number(kind: type) -> Any:
@@ -73,20 +76,52 @@ def _quote(name: str) -> str:
 FIELDS = ("prompt", "seed", "steps", "width", "height", "guidance", "loras", "negative_prompt")
 
 
-def parse_loras(loras: Any, where: str = "loras") -> tuple[tuple[str, float], ...]:
-    """`[{"source": str, "strength": number}, ...]` -> ((source, strength), ...), each checked."""
+LORA_FIELDS = ("source", "strength", "schedule", "region")
+
+
+Adapters = tuple[tuple[tuple[str, Strength], ...], tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]
+
+
+def parse_loras(loras: Any, where: str = "loras") -> Adapters:
+    """`[{"source": str, "strength": number or {pattern: number}, "schedule": [[fraction, factor], ...],
+    "region": {"box": [x0, y0, x1, y1]} or {"mask": [[weight, ...], ...]}}, ...]` (only `source`
+    required) -> (loras, schedules, regions) as a `Job` holds them."""
     if not isinstance(loras, list) or len(loras) > LIMITS.max_adapters:
         raise InvalidFormatError(
             f"'{where}' must be a list of at most {LIMITS.max_adapters} {{source, strength}} objects"
         )
-    pairs = []
+    pairs, schedules, regions = [], [], []
     for i, item in enumerate(loras):
-        if not isinstance(item, dict) or set(item) - {"source", "strength"} or not isinstance(item.get("source"), str):
+        if not isinstance(item, dict) or set(item) - set(LORA_FIELDS) or not isinstance(item.get("source"), str):
             shown = repr(item).encode("utf-8", "backslashreplace").decode()[:200]
-            raise InvalidFormatError(f"{where}[{i}] must be {{\"source\": str, \"strength\": number}}, got {shown}")
-        check_source_name(item["source"], f"{where}[{i}].source")
-        pairs.append((item["source"], check_strength(item.get("strength", 1.0), f"{where}[{i}].strength")))
-    return tuple(pairs)
+            raise InvalidFormatError(f"{where}[{i}] must be an object with \"source\" (a string) and optionally "
+                                     f"{list(LORA_FIELDS[1:])}, got {shown}")
+        source = item["source"]
+        check_source_name(source, f"{where}[{i}].source")
+        pairs.append((source, check_strength_spec(item.get("strength", 1.0), f"{where}[{i}].strength")))
+        if item.get("schedule") is not None:
+            schedules.append((source, check_schedule(item["schedule"], f"{where}[{i}].schedule")))
+        if item.get("region") is not None:
+            regions.append((source, _region(item["region"], f"{where}[{i}].region")))
+    sources = [s for s, _ in pairs]
+    fine = {s for s, strength in pairs if not isinstance(strength, dict)} - {s for s, _ in schedules + regions}
+    twice = sorted({s for s in sources if sources.count(s) > 1} - fine)
+    if twice:  # two numbers add up (as attaching a file twice would); two schedules or regions do not
+        raise InvalidFormatError(f"{where}: {twice} given twice with a per-block strength, a schedule or a region; "
+                                 "give each source once")
+    return tuple(pairs), tuple(schedules), tuple(regions)
+
+
+def _region(value: Any, where: str) -> Any:
+    if not isinstance(value, dict) or len(value) != 1 or not set(value) <= {"box", "mask"}:
+        raise InvalidFormatError(f"{where} must be {{\"box\": [x0, y0, x1, y1]}} (fractions of the image) or "
+                                 f"{{\"mask\": [[weight, ...], ...]}} (weights in [0, 1])")
+    ((kind, mask),) = value.items()
+    if kind == "box" and not (isinstance(mask, list) and len(mask) == 4):
+        raise InvalidFormatError(f"{where}.box must be [x0, y0, x1, y1], got {str(mask)[:80]}")
+    if kind == "mask" and isinstance(mask, list) and len(mask) == 4 and not isinstance(mask[0], list):
+        raise InvalidFormatError(f"{where}.mask must be a 2-D list of weights, got {str(mask)[:80]}")
+    return check_region(mask, f"{where}.{kind}")
 
 
 def parse_job(body: Any, request_id: str = "") -> Job:
@@ -97,15 +132,16 @@ def parse_job(body: Any, request_id: str = "") -> Job:
     if unknown:
         shown = [k.encode("utf-8", "backslashreplace").decode()[:40] for k in unknown[:10]]
         raise InvalidFormatError(f"unknown fields {shown}; known: {sorted(FIELDS)}")
+    prompt: Any = body.get("prompt")  # any JSON value: check_request says what is wrong with it
     request = Request(
-        body.get("prompt"), seed=body.get("seed", 0), steps=body.get("steps", 9), width=body.get("width", 1024),
+        prompt, seed=body.get("seed", 0), steps=body.get("steps", 9), width=body.get("width", 1024),
         height=body.get("height", 1024), guidance=body.get("guidance", 0.0),
         negative_prompt=body.get("negative_prompt"),
     )
     check_request(request, quote=_quote)
-    loras = parse_loras(body.get("loras", []))
+    loras, schedules, regions = parse_loras(body.get("loras", []))
     return Job(Request(request.prompt, request.seed, request.steps, request.width, request.height,
-                       float(request.guidance), {}, request.negative_prompt), loras, request_id)
+                       float(request.guidance), {}, request.negative_prompt), loras, request_id, schedules, regions)
 
 
 MAX_IMAGES = 8  # `n` of one OpenAI-style request
@@ -115,7 +151,8 @@ OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation
 def parse_openai(body: Any, request_id: str = "") -> list[Job]:
     """An OpenAI `POST /v1/images/generations` body -> one Job per image (seeds seed, seed+1, ...).
     `size` is "WIDTHxHEIGHT"; only `response_format` "b64_json" (images are never stored for URLs).
-    Extension fields: `loras` as in /generate, `seed`, `steps`, `guidance`, `negative_prompt`."""
+    Extension fields: `loras` as in /generate (with per-block strengths, schedules and regions),
+    `seed`, `steps`, `guidance`, `negative_prompt`."""
     if not isinstance(body, dict):
         raise InvalidFormatError("the body must be a JSON object")
     known = {"prompt", "n", "size", "response_format", "loras", "seed", "steps", "guidance", "negative_prompt",
@@ -139,5 +176,4 @@ def parse_openai(body: Any, request_id: str = "") -> list[Job]:
     r = first.request
     if r.seed + n - 1 >= 2**63:
         raise InvalidFormatError(f"'seed' + 'n' - 1 must be below 2**63, got {r.seed} + {n} - 1")
-    return [Job(Request(r.prompt, r.seed + i, r.steps, r.width, r.height, r.guidance, {}, r.negative_prompt),
-                first.loras, request_id) for i in range(n)]
+    return [replace(first, request=replace(r, seed=r.seed + i)) for i in range(n)]

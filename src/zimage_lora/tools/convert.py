@@ -140,15 +140,18 @@ def build_state_dict(items: list[Item], to: str, where: str = "adapter",
     `ComfyUIDifferenceWarning` says how."""
     target = targets.get(to)
     comfyui = target.loader == "comfyui"
+    differences: list[str] = []
+    if comfyui:  # measured on the items as read; written with OFT's constraint applied (comfyui_items)
+        differences = targets.comfyui_differences((i.name, i.algorithm, i.dora, i.tensors) for i in items)
+        items = targets.comfyui_items(items)
     sd, metadata, config = write.state_dict(
         items, targets.layout_for(target, items), where, shown=to, families=target.families,
         reasons=targets.COMFYUI_REFUSED if comfyui else None,
     )
     modules = {n: m for n, m in _inventory(model).named_modules() if n}
     loaders.require_loadable(loaders.LOADERS[target.loader], sd, modules, where, to, target.fix)
-    if comfyui:
-        for line in targets.comfyui_differences([(i.name, i.algorithm, i.dora) for i in items]):
-            warnings.warn(f"{where}: in ComfyUI, {line}", ComfyUIDifferenceWarning, stacklevel=stacklevel)
+    for line in differences:
+        warnings.warn(f"{where}: in ComfyUI, {line}", ComfyUIDifferenceWarning, stacklevel=stacklevel)
     return sd, metadata, config
 
 

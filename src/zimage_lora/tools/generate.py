@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from ..scheduling import parse as parse_schedule
 from ..scheduling import schedule as scheduled
 from ..sources import LoRAConfiguration
 from . import generate_checks as checks
+from .generate_regions import check_region_caption, parse_regions
 from .output import output_error, written_aside
 from .specs import parse_lora_spec
 
@@ -181,6 +183,8 @@ def generate(
     revision: str | None = None,
     blocks: Mapping[str, float] | str | None = None,
     schedule: Sequence[tuple[float, float]] | str | None = None,
+    regions: Mapping[int, Any] | Sequence[str] | None = None,
+    region_caption: float | str = "mean",
 ) -> GenerateResult:
     """Generate one image and save it at `out` (an existing file only with `overwrite`).
 
@@ -189,16 +193,22 @@ def generate(
     and hub revision of the one adapter given. `blocks`: per-block strengths ({pattern: number}, or the
     command line's "layers.0-9=0.4,noise_refiner=0" or a JSON file) multiplying each adapter's scale
     (see `zimage_lora.blocks`). `schedule`: (fraction, factor) points, or "0:1.0,0.6:0.3", multiplying
-    each adapter's strength over the steps (see `zimage_lora.scheduling`). Everything that can be checked
+    each adapter's strength over the steps (see `zimage_lora.scheduling`). `regions`: {position of an
+    adapter in `loras`, from 1: mask or box}, or the command line's "1=0,0,0.5,1" / "2=mask.png", each
+    adapter acting only there (`zimage_lora.regional_adapters`; dynamic mode); `region_caption`: the
+    weight of caption tokens, a number or "mean" (the mask's mean). Everything that can be checked
     without the pipeline (output, adapters, device, size, model) is checked before it is loaded.
     """
     from ..apply import apply_adapter, remove_adapter
+    from ..apply.regional import regional_adapters
 
     started = time.perf_counter()
     out = Path(out)
     specs = _specs(loras, filename, revision)
     points = parse_schedule(schedule) if isinstance(schedule, str) else check_points(schedule) if schedule else None
     per_block = parse_blocks(blocks) if isinstance(blocks, str) else dict(check_patterns(blocks)) if blocks else None
+    masks = parse_regions(regions, len(specs), mode) if regions else None
+    caption = check_region_caption(region_caption)
     checks.check_image_out(out, overwrite)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checks.check_device(device)
@@ -218,7 +228,9 @@ def generate(
         for spec, name in zip(specs, _names(specs), strict=True):
             result.adapters.append(apply_adapter(pipe, spec, mode=mode, name=name, scale=per_block or 1.0))
         over_steps = scheduled(pipe, {r.name: points for r in result.adapters}) if points and result.adapters else None
-        with over_steps or nullcontext():
+        named = {result.adapters[i - 1].name: mask for i, mask in (masks or {}).items()}
+        in_regions = regional_adapters(pipe, named, caption=caption) if named else None
+        with over_steps or nullcontext(), in_regions or nullcontext():
             image = _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress)
     finally:
         if pipeline is not None and result.adapters:

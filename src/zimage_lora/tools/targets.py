@@ -8,8 +8,10 @@ difference is said here once (`comfyui_differences`), for convert's warnings and
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
 
 from .. import algorithms
 from ..adapter import Dora
@@ -29,9 +31,10 @@ class ConvertTarget:
     fix: str = "Convert to 'kohya', which keeps every module."  # when its loader would skip a module
 
 
-# What ComfyUI's weight adapters apply as the trainers do (comfy/weight_adapter/ at 3cd7b32):
-# LoRA, LoKr, LoHa and diffs. GLoRA, OFT, BOFT and IA3 are refused or warned about below.
-COMFYUI_FAMILIES = ("lora", "lokr", "loha", "full")
+# What ComfyUI's weight adapters apply (comfy/weight_adapter/ at 3cd7b32): LoRA, LoKr, LoHa and diffs as
+# the trainers do; LyCORIS's OFT and BOFT with the differences `comfyui_differences` measures. GLoRA,
+# IA3 and PEFT's input-rotation OFT/BOFT are refused (`COMFYUI_REFUSED`).
+COMFYUI_FAMILIES = ("lora", "lokr", "loha", "full", "oft")
 
 TARGETS: dict[str, ConvertTarget] = {t.name: t for t in (
     ConvertTarget("comfyui", "comfy", "comfyui", "ComfyUI (LoraLoader) and front ends that run on it (SwarmUI)",
@@ -84,35 +87,102 @@ COMFYUI_REFUSED = {
     "ia3": "ComfyUI has no IA3 adapter (comfy/weight_adapter/ holds LoRA, LoHa, LoKr, GLoRA, OFT, BOFT): "
            "it would skip every key",
     "glora": "ComfyUI reads GLoRA's factors by another rule than LyCORIS writes them",
-    "oft": "ComfyUI bounds an OFT rotation by alpha where LyCORIS bounds it by alpha x out_features",
+    "oft_r": "ComfyUI's OFT rotates a weight's output rows; PEFT's OFT rotates its input, which no "
+             "ComfyUI key can say",
+    "boft_r": "ComfyUI's BOFT rotates a weight's output rows; PEFT's BOFT rotates its input, which no "
+              "ComfyUI key can say",
 }
 
 
-def comfyui_differences(parts: Iterable[tuple[str, str, Dora | None]]) -> list[str]:
+def comfyui_items(items: list[Item]) -> list[Item]:
+    """`items` as a ComfyUI target writes them: OFT/BOFT with their constraint applied to the blocks and
+    alpha 0 (`oft.baked`), since ComfyUI reads `.alpha` as an absolute bound where LyCORIS and this
+    library's other readers read alpha x out; every reader then builds the same rotations."""
+    from ..algorithms import oft
+
+    return [replace(i, tensors=oft.baked(i.tensors)) if algorithms.get(i.algorithm).family == "oft" else i
+            for i in items]
+
+
+#: (module, algorithm, DoRA or None, tensors or None): what `comfyui_differences` reads of one module.
+Part = tuple[str, str, Dora | None, Mapping[str, torch.Tensor] | None]
+
+
+def comfyui_differences(parts: Iterable[Part]) -> list[str]:
     """One line per way ComfyUI would apply an adapter differently from the trainers (PEFT, LyCORIS);
-    `parts` is (module, algorithm, DoRA or None) per module."""
+    `parts` is (module, algorithm, DoRA or None, tensors or None) per module. Where the tensors are
+    given, OFT's and BOFT's differences are measured (`comfyui_gap`)."""
     parts = list(parts)
     out = []
-    dora_out = [name for name, _, dora in parts if dora is not None and dora.on_out]
+    dora_out = [name for name, _, dora, _ in parts if dora is not None and dora.on_out]
     if dora_out:
         out.append(
             f"DoRA with a magnitude per output row on {len(dora_out)} module(s) (e.g. {dora_out[0]}): ComfyUI "
             "divides by the base weight's row norms ||W||, PEFT and LyCORIS by ||W + dW||, so each output row "
             "differs by the factor ||W + dW|| / ||W||, also at strength 1 (it depends on the base weights)."
         )
-    algos = {algorithm for _, algorithm, _ in parts}
-    if "oft" in algos:
-        out.append(
-            "OFT: ComfyUI scales both the rotation and its result by the strength, so strength s acts as "
-            "s^2 (the same at strength 1; at 0.5 ComfyUI applies a quarter of the change, not half)."
-        )
-    if "boft" in algos:
+    oft_parts = [(n, t) for n, a, _, t in parts if a == "oft"]
+    if oft_parts:
+        line = ("OFT: ComfyUI scales both the rotation and its result by the strength, so strength s acts as "
+                "s^2 (at 0.5 ComfyUI applies a quarter of the change, not half)")
+        rescaled = [n for n, t in oft_parts if t is not None and "rescale" in t]
+        if rescaled:
+            line += (f"; it also ignores OFT's per-row rescale ({len(rescaled)} module(s)), so at strength 1 "
+                     "the weight change differs: " + _measured(oft_parts, "oft", 1.0))
+        else:
+            line += "; the same at strength 1 (" + _measured(oft_parts, "oft", 1.0) + ")"
+        out.append(line + ".")
+    boft_parts = [(n, t) for n, a, _, t in parts if a == "boft"]
+    if boft_parts:
         out.append(
             "BOFT: ComfyUI moves each butterfly stage toward the identity by the strength and then scales "
             "the change by it again (LyCORIS does the first only, this library is linear in the strength): "
-            "the same at strength 1 only."
+            "the same at strength 1 (" + _measured(boft_parts, "boft", 1.0) + "), at strength 0.5 it "
+            "differs: " + _measured(boft_parts, "boft", 0.5) + "."
         )
     return out
+
+
+def _measured(parts: list[tuple[str, Mapping[str, torch.Tensor] | None]], algorithm: str, strength: float) -> str:
+    """'measured ... at most 0.031 (layers.0...; ...)': the largest `comfyui_gap` over the modules."""
+    gaps = [(comfyui_gap(algorithm, t, strength), n) for n, t in parts if t is not None]
+    if not gaps:
+        return "not measured: no tensors"
+    worst, name = max(gaps)
+    return (f"measured ||dW_ComfyUI - dW|| / ||dW|| at most {worst:.3g} ({name}; for a base weight of "
+            "independent entries)")
+
+
+def comfyui_gap(algorithm: str, tensors: Mapping[str, torch.Tensor], strength: float) -> float:
+    """||dW_ComfyUI - dW|| / ||dW|| at `strength` for W = I (the expected ratio for a base weight of
+    i.i.d. entries; exact for out <= 1024, else on 256 fixed Gaussian columns), fp64.
+
+    dW is this library's (LyCORIS's at strength 1), linear in the strength. ComfyUI's, restated from
+    comfy/weight_adapter/oft.py and boft.py at 3cd7b32: OFT s^2 (R^T - I) W blockwise, `rescale` unused;
+    BOFT s (rescale * B_s W - W), B_s the butterfly of stages I + s (R - I)."""
+    from ..algorithms import boft, oft
+
+    t = dict(tensors)
+    s = float(strength)
+    if algorithm == "oft":
+        parts = oft.row_parts(t)
+        rot = parts["rot"].double()  # R - I per block (n, b, b); W = I makes the delta block-diagonal
+        n, b, _ = rot.shape
+        eye = torch.eye(b, dtype=torch.float64)
+        rescale = parts["rescale"].double().reshape(n, b, 1) if "rescale" in parts else torch.ones(n, b, 1)
+        ours = s * (rescale * (eye + rot.transpose(1, 2)) - eye)
+        theirs = s * s * rot.transpose(1, 2)
+    else:
+        parts = boft.row_parts(t)
+        rot = parts["rot"].double()
+        out = rot.shape[1] * rot.shape[2]
+        probe = (torch.eye(out, dtype=torch.float64) if out <= 1024 else
+                 torch.randn(out, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        rescale = parts["rescale"].double()[:, None] if "rescale" in parts else torch.ones(out, 1)
+        ours = s * (rescale * (probe + boft.butterfly_rows(probe, rot)) - probe)
+        theirs = s * (rescale * (probe + boft.butterfly_rows(probe, s * rot)) - probe)
+    base = float(torch.linalg.vector_norm(ours))
+    return float(torch.linalg.vector_norm(theirs - ours)) / base if base else 0.0
 
 
 def comfyui_refusal(family: str) -> str | None:
