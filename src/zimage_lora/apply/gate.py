@@ -37,7 +37,7 @@ from ..errors import LoRAError
 
 if TYPE_CHECKING:
     from .layer import AdapterLinear
-    from .per_sample import Routing
+    from .per_sample_routing import Routing
 
 ATTR = "_zimage_lora_state"  # the EngineState on the model (see apply.state)
 

@@ -21,7 +21,8 @@ import torch
 from ..errors import InvalidArgumentError
 from .gate import BLOCKS, Forward, gate_of
 from .layer import AdapterLinear, rows_of
-from .per_sample import Routing, _runs, per_sample_adapters
+from .per_sample import per_sample_adapters
+from .per_sample_routing import Routing, _runs
 from .regional import _add_rows, _Block, _check_masks, _kind, _Regions
 
 WHOLE = (0.0, 0.0, 1.0, 1.0)  # the mask of a sample that names no region for an adapter others confine
