@@ -50,14 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stats_inside(_actor: object) -> dict:
+def _stats_inside(actor: object) -> dict:
     """Run inside a model replica's process (Ray's `__ray_call__`): that replica's counters."""
-    import gc
-
     from zimage_lora.serving.replica import MULTIPLEX_ATTR
 
-    # By class name: Ray rebuilds the deployment's class in the replica (not the object imported here).
-    server = next(o for o in gc.get_objects() if type(o).__name__ == "ZImageServer" and hasattr(o, "engine"))
+    # Ray Serve 2.x keeps the deployment's instance here (private; fine for a benchmark).
+    server = getattr(getattr(getattr(actor, "_replica_impl", None), "_user_callable_wrapper", None),
+                     "user_callable", None)
+    if server is None or not hasattr(server, "engine"):
+        raise RuntimeError(f"no ZImageServer instance found in {type(actor).__name__} (Ray's layout changed?)")
     advertised = getattr(getattr(server, MULTIPLEX_ATTR, None), "models", ())
     return {**server.engine.stats(), "advertised_sets": len(advertised)}
 
