@@ -1,18 +1,21 @@
 """The MLX backend's dynamic overhead and switching time, beside mflux's own LoRA layers.
 
-1. One layer at Z-Image-Turbo widths (attention 3840x3840, feed-forward w1 10240x3840), as `nn.Linear`
-   and as a 4-bit `nn.QuantizedLinear` (group 64, affine: mflux's `-q 4`), rank-32 LoRA: the base layer
-   alone, ours (`apply_adapter(..., mode="dynamic")`), mflux's `LoRALinear`; then two LoRAs: ours (one
-   concatenated product) vs mflux's `FusedLoRALinear`. Median per-round ratios over interleaved rounds.
+1. One layer at each Z-Image-Turbo width (attention 3840x3840; feed-forward w1/w3 3840 -> 10240 and w2
+   10240 -> 3840), as `nn.Linear` and as a 4-bit `nn.QuantizedLinear` (group 64, affine: mflux's `-q 4`),
+   rank-32 LoRA: the base layer alone, ours (`apply_adapter(..., mode="dynamic")`), mflux's `LoRALinear`
+   on the same base; then two LoRAs: ours (one concatenated product) vs mflux's `FusedLoRALinear`.
+   Interleaved rounds; medians of each case's time and median per-round ratios.
 2. Switching on a model with Turbo's 276 Linear names (tiny widths), two dynamic LoRAs attached:
    `set_adapter_scale` and `set_active_adapters` per call.
 
-    PYTHONPATH=src python bench/mlx_dynamic.py [--tokens 256] [--rounds 7] [--dtype bf16]
+    PYTHONPATH=src python bench/mlx_dynamic.py [--tokens 256] [--rounds 7] [--dtype bf16] [--only w2]
+    PYTHONPATH=src python bench/mlx_dynamic.py --quick     # checks it runs: fp32, 4 tokens, 1 round
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,8 +34,11 @@ import _mlx  # noqa: E402 - the tests' MLX mirror of a diffusers model
 
 from zimage_lora.mlx.tree import get_path
 
-SHAPES = {"attention 3840x3840": ("layers.0.attention.to_q", 3840, 3840),
-          "feed-forward w1 10240x3840": ("layers.0.feed_forward.w1", 10240, 3840)}
+# label -> (layer name, out features, in features)
+SHAPES = {"attention 3840 -> 3840": ("layers.0.attention.to_q", 3840, 3840),
+          "feed-forward w1 3840 -> 10240": ("layers.0.feed_forward.w1", 10240, 3840),
+          "feed-forward w2 10240 -> 3840": ("layers.0.feed_forward.w2", 3840, 10240)}
+CASES = ("base", "ours", "mflux", "ours x2", "mflux x2")
 RANK = 32
 
 
@@ -92,17 +98,18 @@ def layer_overhead(tokens: int, rounds: int, dtype: mx.Dtype, only: str = "") ->
                           "mflux x2": theirs2}.items()}
                 t = interleaved(cases, "cpu", rounds, inner=1)
                 b = t["base"]
-                rows.append([label, kind, median(b) * 1e3,
-                             median_ratio(t["ours"], b) - 1, median_ratio(t["mflux"], b) - 1,
-                             median_ratio(t["ours x2"], b) - 1, median_ratio(t["mflux x2"], b) - 1])
+                rows.append([label, kind, *(median(t[c]) * 1e3 for c in CASES),
+                             *(median_ratio(t[c], b) - 1 for c in CASES[1:]),
+                             median_ratio(t["ours"], t["mflux"]), median_ratio(t["ours x2"], t["mflux x2"])])
                 print(rows[-1], flush=True)
     return rows
 
 
-def switching(repeats: int = 200) -> dict[str, float]:
+def switching(repeats: int = 210) -> dict[str, float]:
     model = tiny_model(0, n_layers=30, n_refiner_layers=2)
     twin = _mlx.mirror(model)
     out = {"layers": float(len(linear_names(model)))}
+    assert out["layers"] == 276, out  # Z-Image-Turbo's count
     with tempfile.TemporaryDirectory() as tmp:
         for i, k in enumerate("ab"):
             zl.apply_adapter(twin, make_adapter("diffusers", Path(tmp) / f"{k}.safetensors", model, seed=i), name=k)
@@ -121,23 +128,34 @@ def switching(repeats: int = 200) -> dict[str, float]:
     return out
 
 
+HEADER = ["layer", "base", *(f"{c} ms" for c in CASES), "ours +", "mflux LoRALinear +", "ours, 2 LoRAs +",
+          "mflux Fused, 2 LoRAs +", "ours / mflux", "ours / mflux, 2 LoRAs"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--only", default="", help="shapes whose label contains this (e.g. attention)")
+    ap.add_argument("--only", default="", help="shapes whose label contains this (e.g. attention, w2)")
+    ap.add_argument("--quick", action="store_true", help="a check that it runs: fp32, 4 tokens, 1 round")
     args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.rounds, args.dtype = 4, 1, "fp32"
     dtype = {"bf16": mx.bfloat16, "fp32": mx.float32}[args.dtype]
     mx.set_default_device(mx.cpu)
     rows = layer_overhead(args.tokens, args.rounds, dtype, args.only)
-    table = md_table(["layer", "base", "base ms", "ours +", "mflux LoRALinear +", "ours, 2 LoRAs +",
-                      "mflux Fused, 2 LoRAs +"], rows)
-    sw = switching()
-    table += "\n\n" + md_table(["switching, 276 layers, 2 dynamic LoRAs", "ms per call"],
+    table = md_table(HEADER, [[*r[:7], *(f"{v:+.1%}" for v in r[7:11]), *(f"{v:.2f}" for v in r[11:])]
+                              for r in rows])
+    sw = switching(21 if args.quick else 210)
+    table += "\n\n" + md_table([f"switching, {sw['layers']:.0f} layers, 2 dynamic LoRAs", "ms per call"],
                                [[k, v] for k, v in sw.items() if k != "layers"])
+    print(f"MLX {mx.__version__} CPU, {args.dtype}, {args.tokens} tokens, rank {RANK}, {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print(table)
-    save(f"mlx-cpu-{args.dtype}", {"tokens": args.tokens, "rank": RANK, "rows": rows, "switching": sw}, table)
+    save(f"mlx-cpu-{args.dtype}" + ("-quick" if args.quick else ""),
+         {"tokens": args.tokens, "rank": RANK, "rounds": args.rounds, "rows": rows, "switching": sw,
+          "load": os.getloadavg()}, table)
 
 
 if __name__ == "__main__":

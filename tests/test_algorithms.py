@@ -104,7 +104,7 @@ def test_dynamic_memory_estimate_is_what_dynamic_mode_holds(name):
     algo, tensors = CASES[name]
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     n_out = algorithms.delta_shape(algo, shapes)[0]
-    _kind, prepared = algorithms.prepare(algo, tensors, 1.0, Placement(0, n_out, 0, n_out), lambda: None)
+    _kind, prepared = algorithms.kernel_inputs(algo, tensors, 1.0, Placement(0, n_out, 0, n_out), lambda: None)
     assert algorithms.get(algo).dynamic_numel(shapes) == sum(t.numel() for t in prepared.values())
 
 
@@ -113,7 +113,7 @@ def test_dynamic_memory_estimate_is_what_dynamic_mode_holds(name):
 def test_prepared_kernel_adds_the_scaled_delta_rows(name, lo, hi):
     """Each dynamic kernel (or the dense fallback) on delta rows [lo, hi) adds x @ (s * delta[lo:hi]).T."""
     algo, tensors = CASES[name]
-    _kind, prepared = algorithms.prepare(algo, tensors, 0.5, Placement(0, hi - lo, lo, hi - lo), lambda: None)
+    _kind, prepared = algorithms.kernel_inputs(algo, tensors, 0.5, Placement(0, hi - lo, lo, hi - lo), lambda: None)
     x = r(5, 24)
     out = torch.zeros(5, hi - lo)
     algorithms.kernel(_kind).add_(out, x, None, prepared, 2.0)

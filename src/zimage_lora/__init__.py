@@ -14,6 +14,7 @@ _EXPORTS = {
     "Adapter": ".adapter",
     "Dora": ".adapter",
     "Target": ".adapter",
+    "Provenance": ".adapter",
     "Unmatched": ".adapter",
     "LoRAConfiguration": ".sources",
     "load_adapter": ".loading",

@@ -37,15 +37,25 @@ class Dora:
     on_out: bool = True
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What reports say about a target (`inspect`, `summary`, error messages); no number depends on it."""
+
+    source_keys: tuple[str, ...] = ()  # the file keys it was read from
+    alpha: float | None = None  # the file's alpha for this module
+    scale_rule: str = ""  # how `Target.scale` was derived (e.g. "alpha/rank (.alpha key)")
+    alpha_used: bool = True  # False where the file's alpha never enters the math (full-factor LoKr)
+
+
 @dataclass
 class Target:
-    """One delta for one module.
+    """One delta for one module: what the math reads. What reports say about it is `about`.
 
     `rows`: the slice of the module's output rows this delta covers (a split `to_q` adapter on a fused
     `qkv` Linear); None means all rows. `delta_rows`: the slice of the built delta that is kept (a fused
     `qkv` LoKr/LoHa/diff adapter on a split `to_q`); None means all of it (`placement` does the rows
-    arithmetic once). `scale` is the one implied by
-    alpha and rank for this module; the user's strength multiplies it at apply time.
+    arithmetic once). `scale` is the one implied by alpha and rank for this module; the user's
+    strength multiplies it at apply time. `rank` is the factors' rank (None for full-rank forms).
     """
 
     module: str
@@ -55,11 +65,25 @@ class Target:
     rows: tuple[int, int] | None = None
     delta_rows: tuple[int, int] | None = None
     dora: Dora | None = None
-    source_keys: tuple[str, ...] = ()
     rank: int | None = None
-    alpha: float | None = None  # the file's alpha for this module
-    scale_rule: str = ""  # how `scale` was derived, for reports (e.g. "alpha/rank (.alpha key)")
-    alpha_used: bool = True  # False where the file's alpha never enters the math (full-factor LoKr)
+    about: Provenance = field(default_factory=Provenance)
+
+    # Read-only views of `about` under the names reports have always used.
+    @property
+    def source_keys(self) -> tuple[str, ...]:
+        return self.about.source_keys
+
+    @property
+    def alpha(self) -> float | None:
+        return self.about.alpha
+
+    @property
+    def scale_rule(self) -> str:
+        return self.about.scale_rule
+
+    @property
+    def alpha_used(self) -> bool:
+        return self.about.alpha_used
 
     @property
     def label(self) -> str:

@@ -22,6 +22,7 @@ import torch
 from .apply.per_sample import per_sample_adapters
 from .apply.regional_samples import per_sample_regions
 from .errors import InvalidArgumentError, InvalidFormatError
+from .mlx.probe import refuse
 from .scheduling import Points, check_points
 from .scheduling import schedule as scheduled
 
@@ -213,6 +214,7 @@ def generate_batch(
 ) -> list[Any]:
     """One image per request, in order. Compatible requests (same steps, size, guidance) share a
     pipeline call with per-sample generators and per-sample adapters (`per_sample_adapters`)."""
+    refuse(pipe, "generate_batch")
     reqs = [check_request(r) for r in requests]
     if max_batch_size is not None and max_batch_size < 1:
         raise InvalidFormatError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import InvalidArgumentError, LoRAError
+from .mlx.probe import refuse
 
 Points = tuple[tuple[float, float], ...]
 INTERPOLATIONS = ("linear", "step")
@@ -190,6 +191,7 @@ def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any
     """
     from .apply.access import _model_of
 
+    refuse(pipe, "schedule")
     if interpolation not in INTERPOLATIONS:
         raise InvalidArgumentError(f"schedule: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     per_sample = isinstance(schedules, Sequence) and not isinstance(schedules, str)

@@ -33,6 +33,7 @@ from .adapter import Adapter
 from .apply.attach import apply_resolved
 from .apply.engine import _model_of, attached, remove_adapter
 from .errors import InvalidArgumentError, LoRAError
+from .mlx.probe import refuse
 from .store_loader import load_host, source_key, stage_upload
 
 LOAD_TIMEOUT_S = 600.0
@@ -81,6 +82,7 @@ class AdapterStore:
         roots: Sequence[str | Path] | None = None,
         allow_hub: bool = True,
     ) -> None:
+        refuse(model, "AdapterStore")
         self.model: nn.Module = _model_of(model)
         self.host_budget = host_budget_bytes
         self.device_budget = device_budget_bytes

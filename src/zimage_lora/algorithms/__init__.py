@@ -107,7 +107,7 @@ def bypass(algorithm: str, x: torch.Tensor, tensors: dict[str, torch.Tensor]) ->
     return get(algorithm).bypass(x, tensors)
 
 
-def prepare(
+def kernel_inputs(
     algorithm: str,
     tensors: dict[str, torch.Tensor],
     scale: float,
@@ -157,5 +157,5 @@ def add_rows_(rows: torch.Tensor, r0: int, algorithm: str, parts: Tensors, place
 
 __all__ = [
     "Algorithm", "Kernel", "get", "names", "titles", "by_priority", "kernel", "register", "unregister",
-    "delta_shape", "rank", "delta", "bypass", "prepare", "add_rows_", "dora_row_factor",
+    "delta_shape", "rank", "delta", "bypass", "kernel_inputs", "add_rows_", "dora_row_factor",
 ]

@@ -15,7 +15,8 @@ How to add an algorithm (one module plus its layout rows, nothing else):
    `family` is the key-table family its roles come from (formats/grammar); `priority` orders it when
    one module's keys hold several families (lower wins: LoKr 10, LoHa 20, LoRA 30, full 90).
 2. The registry (`algorithms/__init__.py`) imports every module of the package that declares an
-   `ALGORITHM`; add the key suffixes of its roles to the layout table. Merged mode, validation,
+   `ALGORITHM`; add the key suffixes of its roles to the rows of the trainers that write it
+   (`trainers/spelling.py` for LyCORIS's, which several rows share). Merged mode, validation,
    inspect and conversion then work through this protocol.
 3. Dynamic mode: give `prepare` (tensors, scale, placement, weight) -> (kernel name, fp32 tensors),
    and a `Kernel` for that name, unless the dense fallback (`DENSE`, the cached scaled delta rows) is
@@ -35,7 +36,7 @@ How to add an algorithm (one module plus its layout rows, nothing else):
 6. Reading: `claims` picks between algorithms sharing a family by shape; `check_weight` checks what
    `delta_shape` cannot (a side that is the weight's own, a flag's value); `alpha_role` takes a file's
    alpha as a tensor of the algorithm, not a scale; `value_roles` may be integer flags. A role that
-   counts only beside another (a bare `.weight`) is a layout rule: `layouts.tables.COMPANIONS`.
+   counts only beside another (a bare `.weight`) is a layout rule: a trainer's `companions`.
 7. Writing (convert, examples): `canonical` gives what a written file holds (LoRA: a LoCon mid folded
    into down, the rank of down; LoKr: a full-factor scale other than 1 folded into w2); `fold_scale`
    folds a scale into the factors for layouts that keep no alpha (LoRA only; others refuse).

@@ -7,7 +7,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from ..sources import LoRAConfiguration
 from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
-from .layer import Slot, prepare, weight_rows
+from .layer import AdapterLinear, Slot, slot_tensors, weight_rows
 from .report import ApplyReport
 from .state import Record, Strength
 from .transaction import Transaction
@@ -64,8 +64,9 @@ def apply_adapter(
     block: a {pattern: number} mapping (see `zimage_lora.blocks`; the text encoder takes its '*' value).
     """
     if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
-        return mlx.apply(model, source, scale=scale, mode=mode, name=name, filename=filename, strict=strict,
-                         compute_dtype=compute_dtype)
+        report: ApplyReport = mlx.apply(model, source, scale=scale, mode=mode, name=name, filename=filename,
+                                        strict=strict, compute_dtype=compute_dtype)
+        return report
     parts = components_of(model)
     mode = check_mode(mode)
     strength = blockwise.check_strength(scale)
@@ -85,6 +86,7 @@ def apply_adapter(
     else:
         adapters, left = load_parts(parts, source, name=name, filename=filename, strict=strict)
     name = name if explicit else check_name(next(iter(adapters.values())).name)
+    assert name is not None  # given (explicit) or the source's
     # The loader scanned what it read for NaN/Inf; an Adapter object is scanned here, before any change.
     reports = apply_parts(parts, adapters, name=name, mode=mode, strength=strength, compute_dtype=compute_dtype,
                           explicit=explicit, scanned=not isinstance(source, Adapter))
@@ -129,6 +131,7 @@ def apply_parts(
             renamed_from = name if final != name else None
         for c, txn in scope.entries:
             if c.part in adapters:
+                assert txn is not None  # a component with a part of the adapter has a transaction
                 reports[c.part] = attach(txn, adapters[c.part], checked[c.part], final, mode, strengths[c.part],
                                          compute_dtype,
                                          active=active, renamed_from=renamed_from,
@@ -195,7 +198,7 @@ def attach(
         )
     dynamic = [p for p in checked if mode == "dynamic" and not p.is_patch]
     patches = [p.target for p in checked if mode == "merged" or p.is_patch]
-    prepared = [(p, *prepare(p.target, p.module, p.backend, p.out_features)) for p in dynamic]
+    prepared = [(p, *slot_tensors(p.target, p.module, p.backend, p.placement)) for p in dynamic]
     headroom = math.inf
     for p, kind, tensors in prepared:  # merged mode's overflow rule, before anything changes
         where = f"adapter '{name}', module '{p.target.label}'"
@@ -245,17 +248,19 @@ def attach(
     return report
 
 
-def _same_slots(model: nn.Module, old: Record, prepared: list[tuple[Checked, str, dict]]) -> list[Slot] | None:
+def _same_slots(
+    model: nn.Module, old: Record, prepared: list[tuple[Checked, str, dict[str, torch.Tensor]]]
+) -> list[Slot] | None:
     """The slots of `old` that a same-shaped adapter can be hot-swapped into (in `prepared`'s order),
     or None when it cannot: then the adapter is attached afresh."""
     if old.mode != "dynamic" or not old.active:
         return None
     by_place: dict[tuple[str, int, int], Slot] = {}
     for module_name, keys in old.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast(AdapterLinear, model.get_submodule(module_name))
         for k in keys:
-            slot = wrapper.slots[k]
-            by_place[(module_name, slot.lo, slot.hi)] = slot
+            held = wrapper.slots[k]
+            by_place[(module_name, held.lo, held.hi)] = held
     if len(by_place) != len(prepared):
         return None
     slots: list[Slot] = []

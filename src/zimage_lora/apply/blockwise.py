@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
@@ -22,9 +22,12 @@ from ..keys.index import named_modules
 from .state import Record
 from .validate import check_scale
 
+if TYPE_CHECKING:
+    from .layer import AdapterLinear
+
 Strengthish = float | Blocks
 # model -> (its module names, {(patterns, modules): resolved}); names are read once per model.
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[list[str], dict[Any, Any]]] = weakref.WeakKeyDictionary()
 _MAX_RESOLVED = 64
 
 
@@ -108,7 +111,7 @@ def set_strength(model: nn.Module, record: Record, value: Strengthish) -> None:
 def rebind(model: nn.Module, record: Record) -> None:
     """Point every slot of `record` at its module's Strength (a plain attribute: no module lookups)."""
     for module_name, keys in record.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast("AdapterLinear", model.get_submodule(module_name))
         want = record.strength.at(module_name)
         for k in keys:
             slot = wrapper.slots[k]

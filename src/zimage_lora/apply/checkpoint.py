@@ -31,15 +31,17 @@ def install(model: nn.Module) -> None:
     """Register the two root hooks once per model."""
     if any(h is _save for h in model._state_dict_hooks.values()):
         return
-    model.register_state_dict_post_hook(_save)
-    model.register_load_state_dict_pre_hook(_load)
+    model.register_state_dict_post_hook(_save)  # type: ignore[no-untyped-call]  # unannotated in torch
+    model.register_load_state_dict_pre_hook(_load)  # type: ignore[no-untyped-call]  # unannotated in torch
 
 
 def _dynamic_patched(state: EngineState) -> dict[str, tuple[list[tuple[Target, float]], list[tuple[Target, float]]]]:
     """Per module patched by a dynamic adapter: (merged adapters' contributions, every contribution),
     in the order the engine's rebuild adds them."""
     names = {t.module for r in state.records.values() if r.mode == "dynamic" for t in r.patches}
-    out: dict[str, tuple[list, list]] = {n: ([], []) for n in names if n in state.snapshots}
+    out: dict[str, tuple[list[tuple[Target, float]], list[tuple[Target, float]]]] = {
+        n: ([], []) for n in names if n in state.snapshots
+    }
     for record in state.records.values():
         if not record.active:
             continue
@@ -52,7 +54,7 @@ def _dynamic_patched(state: EngineState) -> dict[str, tuple[list[tuple[Target, f
     return out
 
 
-def _save(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _save(model: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
     state = get_state(model)
     if state is None:
         return
@@ -66,7 +68,8 @@ def _save(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict)
 
 
 def _load(
-    model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, *_lists: Any
+    model: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+    *_lists: Any,
 ) -> None:
     # Runs before any parameter is loaded, on load_state_dict's own copy of the caller's dict.
     state = get_state(model)
@@ -81,11 +84,12 @@ def _load(
         if not loaded or any(not _fits(state_dict[keys[leaf]], getattr(snap, leaf)) for leaf in loaded):
             continue  # nothing for this layer, or a mismatch that load_state_dict reports itself
         for leaf in loaded:
-            incoming, kept = state_dict[keys[leaf]], getattr(snap, leaf)
-            if torch.equal(incoming.to(kept.device, kept.dtype), saved[leaf].to(kept.dtype)):
+            incoming, kept, value = state_dict[keys[leaf]], getattr(snap, leaf), saved[leaf]
+            assert value is not None  # `loaded` holds the leaves with a value
+            if torch.equal(incoming.to(kept.device, kept.dtype), value.to(kept.dtype)):
                 continue  # what state_dict() gave: the kept original stays exactly as it is
             # The new original: the loaded value less the merged adapters' share (exact when there is none).
-            share = saved[leaf] - kept.float()
+            share = value - kept.float()
             setattr(snap, leaf, (incoming.to(kept.device).float() - share).to(kept.dtype))
         # What the engine's rebuild writes from the originals: every patch on top.
         weight, bias = merge.norm_values(snap, every)

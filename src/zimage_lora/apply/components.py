@@ -143,6 +143,7 @@ def pipeline_report(reports: dict[str, ApplyReport], left: list[Unmatched]) -> P
     """One report for an apply over a pipeline, from each component's own."""
     tr, te = reports.get(TRANSFORMER), reports.get(TEXT_ENCODER)
     first = tr or te
+    assert first is not None  # an apply reports on at least one component
     prefix = TEXT_ENCODER + "."
     out = PipelineReport(
         name=first.name, mode=first.mode, scale=first.scale, source=first.source,

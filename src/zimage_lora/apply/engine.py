@@ -10,8 +10,8 @@ component as it was. Applying lives in `apply.attach`, the fast-switching tables
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from torch import nn
 
@@ -22,7 +22,7 @@ from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import REQUANT_WARN, apply_adapter, apply_resolved, attach, warn_requant
 from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
-from .layer import weight_rows
+from .layer import AdapterLinear, weight_rows
 from .report import AdapterInfo, ApplyReport
 from .state import Record
 from .transaction import Transaction
@@ -49,7 +49,8 @@ def remove_adapter(model: Any, name: str | None = None) -> list[str]:
     the model's parameters, buffers and module tree are bit-identical to before the first apply.
     """
     if (mlx := dispatcher(model)) is not None:  # an MLX model: the MLX engine (zimage_lora.mlx)
-        return mlx.remove(model, name)
+        removed: list[str] = mlx.remove(model, name)
+        return removed
     return remove_adapters(model, None if name is None else [check_name(name)])
 
 
@@ -74,7 +75,8 @@ def set_adapter_scale(model: Any, name: str, scale: float | Mapping[str, float])
     original of every module whose strength changed. A scale whose delta overflows is refused in both
     modes. `scale` may be per block, a {pattern: number} mapping (see `zimage_lora.blocks`)."""
     if (mlx := dispatcher(model)) is not None:
-        return mlx.set_scale(model, name, scale)
+        mlx.set_scale(model, name, scale)
+        return
     parts = components_of(model)
     check_name(name)
     asked = blockwise.check_strength(scale)
@@ -106,7 +108,7 @@ def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthi
     if not record.wrapped or blockwise.largest(value) <= record.headroom:
         return
     for module_name, keys in record.wrapped.items():
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast(AdapterLinear, model.get_submodule(module_name))
         for k in keys:
             slot = wrapper.slots[k]
             tensors = {n: getattr(slot, n) for n in slot.names}
@@ -118,7 +120,7 @@ def _check_strength(model: nn.Module, record: Record, value: blockwise.Strengthi
 
 
 def set_active_adapters(
-    model: Any, names: str | list[str] | None, weights: list[float | Mapping[str, float]] | None = None
+    model: Any, names: str | Sequence[str] | None, weights: Sequence[float | Mapping[str, float]] | None = None
 ) -> None:
     """Make exactly `names` active (None: all), optionally with new scales (one per name); the others stay
     attached but off.
@@ -127,7 +129,8 @@ def set_active_adapters(
     are re-merged from the kept originals.
     """
     if (mlx := dispatcher(model)) is not None:
-        return mlx.set_active(model, names, weights)
+        mlx.set_active(model, names, weights)
+        return
     parts = components_of(model)
     asked = None if names is None else check_names(names)
 
@@ -162,12 +165,13 @@ def set_active_adapters(
     Scope(parts).run(change)
 
 
-def switch_mode(model: Any, names: str | list[str] | None, mode: str) -> None:
+def switch_mode(model: Any, names: str | Sequence[str] | None, mode: str) -> None:
     """Run `names` (None: all) in `mode` ("merged": fuse, "dynamic": unfuse), at the scale, compute dtype
     and active state each has: a disabled adapter stays disabled (fused, it changes no weight until it
     is enabled). All or nothing: if one fails, those already switched go back."""
     if (mlx := dispatcher(model)) is not None:
-        return mlx.switch_mode(model, names, mode)
+        mlx.switch_mode(model, names, mode)
+        return
     parts = components_of(model)
     mode = check_mode(mode)
     asked = None if names is None else check_names(names)
@@ -196,7 +200,8 @@ def list_adapters(model: Any) -> list[AdapterInfo]:
     """The attached adapters in the order they were applied: name, mode, scale, source, format, size.
     Over a pipeline, one entry per name naming the components it is on."""
     if (mlx := dispatcher(model)) is not None:
-        return mlx.list_all(model)
+        infos: list[AdapterInfo] = mlx.list_all(model)
+        return infos
     parts = components_of(model)
     listed = [
         (c.part, AdapterInfo(

@@ -35,6 +35,10 @@ import torch
 
 from ..errors import LoRAError
 
+if TYPE_CHECKING:
+    from .layer import AdapterLinear
+    from .per_sample import Routing
+
 ATTR = "_zimage_lora_state"  # the EngineState on the model (see apply.state)
 
 # Wrappers and views are numbered in creation order: a wrapper newer than a forward's view was made
@@ -62,7 +66,7 @@ class Forward:
 
     def __init__(self, gate: ForwardGate, view: View) -> None:
         self.gate, self.view = gate, view
-        self.routes: dict[Any, Any] | None = None
+        self.routes: dict[AdapterLinear, Routing] | None = None
         self.total: int | None = None
         self.bounds: dict[str, list[int]] = {}
 

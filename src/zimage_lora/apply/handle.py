@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -104,7 +105,7 @@ class Adapters:
         return list_adapters(self.model)
 
     @property
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:  # `list` here is the method above
         return [a.name for a in self.list()]
 
     def __repr__(self) -> str:

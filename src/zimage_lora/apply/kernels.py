@@ -22,7 +22,12 @@ import torch
 
 from .. import algorithms
 from ..algorithms import lora
-from ..algorithms.base import AddFn, Alpha, dense_add_, scaled_add_, scaled_addcmul_  # noqa: F401 - re-exported
+from ..algorithms.base import AddFn as AddFn  # re-exported
+from ..algorithms.base import Alpha as Alpha
+from ..algorithms.base import Tensors
+from ..algorithms.base import dense_add_ as dense_add_
+from ..algorithms.base import scaled_add_ as scaled_add_
+from ..algorithms.base import scaled_addcmul_ as scaled_addcmul_
 
 _TRITON: list[ModuleType | None] = []  # imported on first use on CUDA: CPU start-up never imports triton
 
@@ -34,9 +39,9 @@ def _triton(*tensors: torch.Tensor) -> ModuleType | None:
     if not _TRITON:
         try:
             from . import triton_lora
+            _TRITON.append(triton_lora)
         except ImportError:  # pragma: no cover - depends on the install
-            triton_lora = None
-        _TRITON.append(triton_lora)
+            _TRITON.append(None)
     mod = _TRITON[0]
     if mod is None or not mod.available(*tensors):
         return None
@@ -61,7 +66,7 @@ def _plain_lora(slot: Any, out: torch.Tensor, x: torch.Tensor) -> bool:
     """A slot the fused kernel takes as it is: plain LoRA on every row, tensors already in x's dtype."""
     if not slot.plain_lora:
         return False
-    down = slot.down
+    down: torch.Tensor = slot.down
     return down.dtype == x.dtype == out.dtype and down.device == x.device
 
 
@@ -133,7 +138,7 @@ def lora_add_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
 _torch_lora_add_ = lora.add_factors_
 
 
-def _lora_kernel_add_(out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t, alpha: Alpha) -> None:
+def _lora_kernel_add_(out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, t: Tensors, alpha: Alpha) -> None:
     lora_add_(out, x, t["down"], t["up"], alpha)
 
 

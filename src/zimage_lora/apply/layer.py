@@ -13,8 +13,8 @@ base checkpoint loads into it with the adapters kept on top.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, ItemsView, ValuesView
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -36,10 +36,12 @@ def weight_rows(base: nn.Module, backend: Any, placement: Placement) -> Callable
     return lambda: backend.get_base_weight(base).float()[lo:hi]
 
 
-def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) -> tuple[str, dict[str, torch.Tensor]]:
-    """(kernel name, fp32 tensors) for one target: what `algorithms.prepare` makes of it on this layer."""
-    placement = target.placement(out_features)
-    return algorithms.prepare(
+def slot_tensors(
+    target: Target, base: nn.Module, backend: Any, placement: Placement
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kernel name, fp32 tensors) a slot holds for one target at its placement (computed once, by
+    validation): what `algorithms.kernel_inputs` makes of it on this layer."""
+    return algorithms.kernel_inputs(
         target.algorithm, target.tensors, target.scale, placement, weight_rows(base, backend, placement), target.dora,
     )
 
@@ -47,6 +49,10 @@ def prepare(target: Target, base: nn.Module, backend: Any, out_features: int) ->
 class Slot(nn.Module):
     """One adapter on one layer: its prepared tensors as non-persistent buffers (they follow `.to()`
     but never appear in the state_dict)."""
+
+    # LoRA's prepared tensors (kind "lora"), read as attributes by the fused and batched products.
+    down: torch.Tensor
+    up: torch.Tensor
 
     def __init__(
         self,
@@ -105,7 +111,7 @@ class Slot(nn.Module):
 
     def recast(self, dtype: torch.dtype, device: torch.device) -> None:
         # One assignment of a new buffer dict: a forward running on another thread keeps the dict it read.
-        new = dict(self._buffers)
+        new = cast("dict[str, torch.Tensor]", dict(self._buffers))
         for key in self.names:
             new[key] = new[key].to(device=device, dtype=dtype)
         self.__dict__["_buffers"] = new
@@ -113,19 +119,23 @@ class Slot(nn.Module):
     def _ready(self, x: torch.Tensor) -> tuple[torch.dtype, dict[str, torch.Tensor]]:
         """The dtype this slot computes in for input x, and its tensors in it (recast on the first call
         with a new dtype or device: once, not per call)."""
-        t = self._buffers
+        # Every buffer of a slot is a tensor (registered in __init__, never None).
+        t = cast("dict[str, torch.Tensor]", self._buffers)
         probe = t[self.names[0]]
         want = self.compute_dtype or x.dtype
         if probe.dtype != want or probe.device != x.device:
             self.recast(want, x.device)
-            t = self._buffers
+            t = cast("dict[str, torch.Tensor]", self._buffers)
         return want, t
 
     def shift(self, x: torch.Tensor, alpha: kernels.Alpha) -> torch.Tensor:
         """alpha * g(x) of an input-transforming kernel, in x's dtype and shape."""
         want, t = self._ready(x)
-        g = algorithms.kernel(self.kind).transform(x.reshape(-1, x.shape[-1]).to(want), t)
-        return (g * alpha).to(x.dtype).reshape(x.shape)
+        transform = algorithms.kernel(self.kind).transform
+        assert transform is not None  # only slots with `transforms_input` shift
+        g = transform(x.reshape(-1, x.shape[-1]).to(want), t)
+        shifted: torch.Tensor = (g * alpha).to(x.dtype).reshape(x.shape)
+        return shifted
 
     def add_(self, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | None, alpha: kernels.Alpha) -> None:
         """out (n, out_features) += this adapter's share for input x (n, in_features)."""
@@ -144,9 +154,11 @@ class Slot(nn.Module):
              alpha: kernels.Alpha) -> None:
         part = None
         if self.needs_wx:
+            assert wx is not None  # the layer computes wx when any active slot needs it
             part = wx if self.whole else wx[:, self.span]
         kernels.add_fn(self.kind)(rows, x, part, t, alpha)
         if "fm1" in t:  # DoRA per output row: + alpha * (f - 1) * W x
+            assert part is not None  # "fm1" sets needs_wx
             scaled_addcmul_(rows, part, t["fm1"], alpha)
         if "bias" in t:
             scaled_add_(rows, t["bias"], alpha)
@@ -158,7 +170,7 @@ class AdapterLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, out_features: int, in_features: int) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.slots = nn.ModuleDict()
+        self.slots = SlotDict()
         self.out_features = out_features
         self.in_features = in_features
         # `active_state`: (slots in order, whether any needs the base output without bias, whether any
@@ -166,12 +178,12 @@ class AdapterLinear(nn.Module):
         self._active: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
         self._next_key = 0
         self._serial = next(SERIAL)  # creation order, against the views of running forwards (apply.gate)
-        self.register_state_dict_post_hook(_as_base_state)
-        self.register_load_state_dict_post_hook(_after_load)
+        self.register_state_dict_post_hook(_as_base_state)  # type: ignore[no-untyped-call]  # unannotated in torch
+        self.register_load_state_dict_post_hook(_after_load)  # type: ignore[no-untyped-call]  # unannotated in torch
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -223,7 +235,7 @@ class AdapterLinear(nn.Module):
         backend = backend_for(base)
         with torch.no_grad():
             for slot in slots:
-                _kind, tensors = prepare(slot.target, base, backend, slot.placement.out_features)
+                _kind, tensors = slot_tensors(slot.target, base, backend, slot.placement)
                 slot.load_(tensors)
 
     # -- state_dict: as if unwrapped --------------------------------------------------------------
@@ -231,7 +243,7 @@ class AdapterLinear(nn.Module):
         self,
         state_dict: dict[str, Any],
         prefix: str,
-        local_metadata: dict,
+        local_metadata: dict[str, Any],
         strict: bool,
         missing: list[str],
         unexpected: list[str],
@@ -255,7 +267,7 @@ class AdapterLinear(nn.Module):
             values = None
         else:
             if fwd.routes is not None:  # inside a per-sample block (apply.per_sample): its routing only
-                out = self.base_layer(x, *args, **kwargs)
+                out: torch.Tensor = self.base_layer(x, *args, **kwargs)
                 routing = fwd.routes.get(self)
                 return out if routing is None else routing.add_(self, out, x, fwd)
             state = fwd.view.layers.get(self)
@@ -285,6 +297,17 @@ class AdapterLinear(nn.Module):
         return f"adapters=[{names}]"
 
 
+if TYPE_CHECKING:
+    class SlotDict(nn.ModuleDict):
+        """What `AdapterLinear.slots` holds: a ModuleDict of Slots, typed as such."""
+
+        def __getitem__(self, key: str) -> Slot: ...
+        def values(self) -> ValuesView[Slot]: ...
+        def items(self) -> ItemsView[str, Slot]: ...
+else:
+    SlotDict = nn.ModuleDict  # the plain ModuleDict at run time
+
+
 _BASE = "base_layer."
 _QUIET: tuple[tuple[Slot, ...], bool, bool] = ((), False, False)
 
@@ -310,7 +333,9 @@ def _alpha(slot: Slot, values: dict[Strength, float] | None, compiling: bool) ->
     return slot.strength.tensor if compiling else slot.strength.value
 
 
-def _as_base_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _as_base_state(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
     """state_dict post-hook of `AdapterLinear`: the base's entries under the wrapper's prefix.
 
     The wrapper's subtree is the tail of `state_dict` when this runs, so popping and re-inserting its
@@ -334,7 +359,7 @@ def _as_base_state(module: nn.Module, state_dict: dict, prefix: str, local_metad
 
 def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
     """load_state_dict post-hook of `AdapterLinear`: the loaded weight is the new base under the adapters."""
-    module.refresh_dora()
+    cast(AdapterLinear, module).refresh_dora()
 
 
 def refresh_dora(model: nn.Module, module_names: list[str]) -> None:

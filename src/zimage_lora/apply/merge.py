@@ -9,21 +9,22 @@ layers go through their backend, which dequantizes, and we report how much requa
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
 from ..adapter import Target
-from ..backends import PlainLinearBackend
+from ..backends import Backend, PlainLinearBackend
 from ..numerics import check_landed, surely_finite
 from .gate import exclude_changing
-from .rows import Prepared, add_rows, add_scaled_
+from .rows import MergeFactors, add_rows, add_scaled_
 from .state import Snapshot
 
 # About 4 MiB of fp32 per block: large enough for fast matmuls, small next to any real layer.
 CHUNK_ELEMENTS = 1 << 20
 
 
-def take_snapshot(module: torch.nn.Module, backend, touches_bias: bool) -> Snapshot:
+def take_snapshot(module: torch.nn.Module, backend: Backend, touches_bias: bool) -> Snapshot:
     bias = getattr(module, "bias", None)
     kept_bias = bias.detach().clone() if touches_bias and isinstance(bias, torch.Tensor) else None
     return Snapshot(backend=backend, weight=backend.snapshot(module), bias=kept_bias)
@@ -34,17 +35,18 @@ def restore(module: torch.nn.Module, snap: Snapshot) -> None:
     snap.backend.restore(module, snap.weight)
     if snap.bias is not None:
         with torch.no_grad():
-            module.bias.copy_(snap.bias)
+            cast(torch.Tensor, module.bias).copy_(snap.bias)
 
 
 def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[tuple[Target, float]]) -> float | None:
     """Set `module` to original + contributions (in order). Returns the requantization loss, if any."""
     exclude_changing()  # weights change in place: no forward may run meanwhile (apply.gate)
     shape = snap.backend.shape(module)
-    device = module.weight.device if isinstance(getattr(module, "weight", None), torch.Tensor) else None
-    prepared = [(Prepared(t, shape[0], device), s) for t, s in contribs]
-    _rebuild_bias(name, module, snap, prepared)
-    weighted = [(p, s) for p, s in prepared if p.has_weight_delta]
+    weight = getattr(module, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) else None
+    factors = [(MergeFactors(t, shape[0], device), s) for t, s in contribs]
+    _rebuild_bias(name, module, snap, factors)
+    weighted = [(p, s) for p, s in factors if p.has_weight_delta]
     if type(snap.backend) is PlainLinearBackend:  # subclasses may requantize: they go through their backend
         return _rebuild_plain(name, module, snap, weighted)
     snap.backend.restore(module, snap.weight)
@@ -53,17 +55,20 @@ def rebuild(name: str, module: torch.nn.Module, snap: Snapshot, contribs: list[t
     return _rebuild_backend(name, module, snap, weighted)
 
 
-def _rebuild_bias(name: str, module: torch.nn.Module, snap: Snapshot, prepared: list[tuple[Prepared, float]]) -> None:
+def _rebuild_bias(
+    name: str, module: torch.nn.Module, snap: Snapshot, factors: list[tuple[MergeFactors, float]]
+) -> None:
     if snap.bias is None:
         return
+    bias = cast(torch.Tensor, module.bias)  # a snapshot keeps a bias only where there is one
     with torch.no_grad():
-        module.bias.copy_(_bias_value(snap.bias, prepared))
-    check_landed(name + ".bias", module.bias)
+        bias.copy_(_bias_value(snap.bias, factors))
+    check_landed(name + ".bias", bias)
 
 
-def _bias_value(original: torch.Tensor, prepared: list[tuple[Prepared, float]]) -> torch.Tensor:
+def _bias_value(original: torch.Tensor, factors: list[tuple[MergeFactors, float]]) -> torch.Tensor:
     bias = original.float().clone()
-    for p, s in prepared:
+    for p, s in factors:
         placed = p.bias_delta()
         if placed is not None:
             lo, hi, db = placed
@@ -71,7 +76,7 @@ def _bias_value(original: torch.Tensor, prepared: list[tuple[Prepared, float]]) 
     return bias
 
 
-def _vector_value(original: torch.Tensor, weighted: list[tuple[Prepared, float]]) -> torch.Tensor:
+def _vector_value(original: torch.Tensor, weighted: list[tuple[MergeFactors, float]]) -> torch.Tensor:
     """A norm's weight (1-D) plus its full diffs, fp32."""
     w = original.to(torch.float32, copy=True)
     for p, s in weighted:
@@ -83,12 +88,12 @@ def norm_values(snap: Snapshot, contribs: list[tuple[Target, float]]) -> tuple[t
     """A norm layer's weight and bias (fp32, bias None when not kept) = kept original + contributions,
     computed as `rebuild` writes them but without touching the layer."""
     weight: torch.Tensor = snap.weight
-    prepared = [(Prepared(t, weight.shape[0], weight.device), s) for t, s in contribs]
-    w = _vector_value(weight, [(p, s) for p, s in prepared if p.has_weight_delta])
-    return w, (_bias_value(snap.bias, prepared) if snap.bias is not None else None)
+    factors = [(MergeFactors(t, weight.shape[0], weight.device), s) for t, s in contribs]
+    w = _vector_value(weight, [(p, s) for p, s in factors if p.has_weight_delta])
+    return w, (_bias_value(snap.bias, factors) if snap.bias is not None else None)
 
 
-def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int:
+def _step(shape: tuple[int, ...], weighted: list[tuple[MergeFactors, float]]) -> int:
     if any(p.target.dora is not None and not p.target.dora.on_out for p, _ in weighted):
         return shape[0]  # column norms need every row
     cols = shape[1] if len(shape) > 1 else 1
@@ -102,10 +107,10 @@ def _step(shape: tuple[int, ...], weighted: list[tuple[Prepared, float]]) -> int
 
 
 def _rebuild_plain(
-    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]
+    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[MergeFactors, float]]
 ) -> float | None:
     """Returns the rounding loss for float8 weights (e.g. diffusers' layerwise casting), else None."""
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)  # the plain backend: a Linear-like weight
     original: torch.Tensor = snap.weight
     if not weighted:
         with torch.no_grad():
@@ -145,7 +150,7 @@ def _rebuild_plain(
 
 
 def _rebuild_backend(
-    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[Prepared, float]]
+    name: str, module: torch.nn.Module, snap: Snapshot, weighted: list[tuple[MergeFactors, float]]
 ) -> float:
     backend = snap.backend
     base = backend.get_base_weight(module).float()

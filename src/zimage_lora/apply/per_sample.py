@@ -20,7 +20,7 @@ shared active set meanwhile, and each forward of the block keeps its own batch s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .state import EngineState, Record
 __all__ = ["ATTR", "Routing", "Spec", "check_specs", "per_sample_adapters"]
 # Wrapped modules whose input is the samples' tokens concatenated (no batch dim), by name prefix.
 FLAT_INPUTS = {"all_x_embedder.": "x", "cap_embedder.": "cap"}
+Level = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # stacked down, up, per-sample strength
 Run = tuple[int, int, float]  # samples [j0, j1) at one strength
 
 
@@ -47,7 +48,7 @@ class _Context:
         self.records = records
         self.routes: dict[AdapterLinear, Routing] = {}
 
-    def begin(self, fwd: Forward, args: tuple, kwargs: dict[str, Any]) -> None:
+    def begin(self, fwd: Forward, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A forward of the model starts inside the block: check its batch, hand it the routing."""
         x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
         if isinstance(x, list | tuple):
@@ -91,7 +92,8 @@ class _Context:
         )
 
     def _even(self, total: int, per: int) -> list[int]:
-        cache = self.__dict__.setdefault("_even_cache", {})  # shared by threads: values never change
+        # shared by threads: values never change
+        cache: dict[tuple[int, int], list[int]] = self.__dict__.setdefault("_even_cache", {})
         offsets = cache.get((total, per))
         if offsets is None:
             offsets = cache[(total, per)] = [j * per for j in range(total + 1)]
@@ -112,8 +114,8 @@ class Routing:
         # Plain LoRA slots over all rows can run stacked: one bmm pair per level for the whole batch.
         self.stackable = [(s, w) for s, w in slots if _stackable(s)]
         self.rest = [(s, w) for s, w in slots if not _stackable(s)]
-        self._runs: dict[int, list[tuple[Slot, list[Run]]]] = {}
-        self._stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = {}
+        self._runs: dict[tuple[int, int], list[tuple[Slot, list[Run]]]] = {}
+        self._stacks: dict[tuple[int, torch.dtype, torch.device], list[Level] | None] = {}
 
     def runs(self, total: int, slots: list[tuple[Slot, list[float | None]]]) -> list[tuple[Slot, list[Run]]]:
         """Per slot, the maximal runs of consecutive samples at equal strength (cached per batch size)."""
@@ -137,8 +139,9 @@ class Routing:
         per_sample: list[list[tuple[Slot, float]]] = [[] for _ in range(total)]
         for slot, strengths in self.stackable:
             for j in range(total):
-                if strengths[j % n] is not None:
-                    per_sample[j].append((slot, strengths[j % n]))
+                s = strengths[j % n]
+                if s is not None:
+                    per_sample[j].append((slot, s))
         depth = max(len(p) for p in per_sample)
         calls = sum(len(runs) for _, runs in self.runs(total, self.stackable))
         levels = None
@@ -162,8 +165,8 @@ class Routing:
                 looped = self.rest
                 x3 = x2.view(total, -1, x2.shape[-1])
                 out3 = out2.view(total, -1, out2.shape[-1])
-                for down, up, alpha in levels:
-                    out3.baddbmm_(torch.bmm(x3, down.transpose(1, 2)).mul_(alpha), up.transpose(1, 2))
+                for down, up, per_row in levels:
+                    out3.baddbmm_(torch.bmm(x3, down.transpose(1, 2)).mul_(per_row), up.transpose(1, 2))
         for slot, runs in self.runs(total, looped):
             for j0, j1, alpha in runs:
                 a, b = bounds[j0], bounds[j1]
@@ -171,7 +174,9 @@ class Routing:
         return out
 
 
-def _level(per_sample: list[list[tuple[Slot, float]]], k: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _level(
+    per_sample: list[list[tuple[Slot, float]]], k: int, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k-th LoRA of every sample, stacked: one copy when all have one of one rank, else zero-padded."""
     chosen = [p[k] if k < len(p) else None for p in per_sample]
     alpha = torch.tensor([c[1] if c else 0.0 for c in chosen], dtype=x.dtype, device=x.device).view(-1, 1, 1)
@@ -219,7 +224,7 @@ def _routings(model: nn.Module, ctx: _Context) -> dict[AdapterLinear, Routing]:
             per_layer = slots_of.setdefault(module_name, [])
             if name not in ctx.records:
                 continue
-            wrapper = model.get_submodule(module_name)
+            wrapper = cast(AdapterLinear, model.get_submodule(module_name))
             strengths = [None if name not in spec else value_at(spec[name], module_name) for spec in ctx.specs]
             per_layer.extend((wrapper.slots[k], strengths) for k in keys)
             if any(wrapper.slots[k].transforms_input for k in keys):  # its share lands before the base call
@@ -228,6 +233,6 @@ def _routings(model: nn.Module, ctx: _Context) -> dict[AdapterLinear, Routing]:
     out = {}
     for module_name, slots in slots_of.items():
         flat = next((kind for prefix, kind in FLAT_INPUTS.items() if module_name.startswith(prefix)), None)
-        wrapper = model.get_submodule(module_name)
+        wrapper = cast(AdapterLinear, model.get_submodule(module_name))
         out[wrapper] = Routing(ctx, module_name, flat, slots)
     return out

@@ -11,13 +11,14 @@ when opening failed half way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ..errors import InvalidFormatError, LoRAError
+from ..mlx.probe import refuse
 from .gate import BLOCKS, current, end_change
 from .state import Record, gate_of, get_state
 
@@ -75,7 +76,7 @@ def check_specs(model: nn.Module, specs: Sequence[Spec]) -> tuple[list[dict[str,
 def _patchify_recorder(model: nn.Module) -> Any:
     """The model's own `patchify_and_embed`, noting each sample's padded image and caption lengths into
     the per-sample forward running it (and passing through for any other)."""
-    original = model.patchify_and_embed
+    original = cast(Callable[..., Any], model.patchify_and_embed)
 
     def patchify_and_embed(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
@@ -109,6 +110,7 @@ def per_sample_adapters(model: Any, specs: Sequence[Spec]) -> Iterator[None]:
     from .engine import _model_of
     from .per_sample import _Context, _routings  # that module imports this one: no top-level import
 
+    refuse(model, "per_sample_adapters")
     model = _model_of(model)
     gate = gate_of(model)
     opened = BLOCKS.get()

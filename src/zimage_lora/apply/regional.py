@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 from ..errors import InvalidArgumentError, LoRAError
+from ..mlx.probe import refuse
 from .gate import BLOCKS, gate_of
 from .layer import AdapterLinear, Slot, rows_of
 
@@ -94,7 +95,7 @@ class _Geometry:
         self.grids = grids
         self.x_len = [_padded(h * w) for h, w in grids]
         self.cap_len = [_padded(c) for c in caps]
-        self.cache: dict[tuple, torch.Tensor] = {}
+        self.cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
 class _Regions:
@@ -106,7 +107,7 @@ class _Regions:
         self.local = threading.local()
 
     def geometry(self) -> _Geometry:
-        g = getattr(self.local, "geometry", None)
+        g: _Geometry | None = getattr(self.local, "geometry", None)
         if g is None:
             raise LoRAError("regional_adapters: a wrapped layer ran outside a forward of the model of the block.")
         return g
@@ -224,7 +225,7 @@ class _Block:
         self.regions = regions
         self.routes = routes
 
-    def begin(self, fwd: Any, args: tuple, kwargs: dict) -> None:
+    def begin(self, fwd: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("x")
         caps = args[2] if len(args) > 2 else kwargs.get("cap_feats")
         p, fp = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
@@ -244,6 +245,7 @@ def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "me
     of the model started in this context (thread, task) inside the block run regionally; eager mode."""
     from .access import _model_of, attached
 
+    refuse(pipe, "regional_adapters")
     model = _model_of(pipe)
     checked = _check_masks(masks)
     if not (caption == "mean" or isinstance(caption, (int, float, Mapping))):

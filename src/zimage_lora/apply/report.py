@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..adapter import Unmatched
 
@@ -38,7 +39,7 @@ class ApplyReport:
         """Applied module names without row slices, in order, without repeats."""
         return list(dict.fromkeys(a.split("[", 1)[0] for a in self.applied))
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)  # JSON-ready: Unmatched entries become {"key", "reason"} objects
 
     def __str__(self) -> str:
@@ -71,8 +72,8 @@ class AdapterInfo:
     algorithms: tuple[str, ...]
     active: bool = True
 
-    def __getitem__(self, key: str):
+    def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "algorithms": list(self.algorithms)}

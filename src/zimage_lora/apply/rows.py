@@ -15,7 +15,7 @@ from ..algorithms.dora import dora_merged
 from ..fp32 import fits_fp32
 
 
-class Prepared:
+class MergeFactors:
     """A target's factors cast to fp32 once per merge, with its row placement in the module."""
 
     def __init__(self, target: Target, out_features: int, device: torch.device | None = None) -> None:
@@ -62,6 +62,7 @@ class Prepared:
             return
         lo, hi, d_lo, d_hi = met
         view = chunk[lo - r0 : hi - r0]
+        assert self.target.dora is not None  # called for DoRA targets only
         mag = self.placement.local(self.target.dora.magnitude.float(), lo, hi).to(view.device)
         merged = dora_merged(view, self.target.scale * self.block(d_lo, d_hi, view), mag, strength, True)
         view.copy_(merged)
@@ -72,6 +73,7 @@ class Prepared:
         view = weight[p.lo : p.hi]
         dw = self.block(*p.delta_span, view)
         d = self.target.dora
+        assert d is not None  # called for DoRA targets only
         view.copy_(dora_merged(view, self.target.scale * dw, d.magnitude.to(view.device), strength, d.on_out))
 
     def bias_delta(self) -> tuple[int, int, torch.Tensor] | None:
@@ -83,7 +85,7 @@ class Prepared:
         return p.lo, p.hi, p.take(db.float().reshape(-1)).to(self.device)
 
 
-def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[Prepared, float]]) -> None:
+def add_rows(chunk: torch.Tensor, r0: int, weighted: list[tuple[MergeFactors, float]]) -> None:
     """fp32 `chunk` (module rows r0 .. r0+len) += every (prepared target, strength), DoRA included."""
     for p, s in weighted:
         d = p.target.dora

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ class Strength:
     def set(self, value: float | Blocks) -> None:
         blocks = value if isinstance(value, Blocks) else None
         self.blocks = blocks
-        self.value = blocks.default if blocks is not None else float(value)
+        self.value = value.default if isinstance(value, Blocks) else float(value)
         self.tensor.fill_(self.value)
         grown = False
         if blocks is not None:
@@ -55,7 +56,8 @@ class Strength:
                     grown = True
         if not self.children:
             return
-        get = blocks.values.get if blocks is not None else {}.get
+        empty: dict[str, float] = {}
+        get: Callable[[str, float], float] = blocks.values.get if blocks is not None else empty.get
         numbers = [get(m, self.value) for m in self.children]
         for child, v in zip(self.children.values(), numbers, strict=True):
             child.value = v
@@ -77,7 +79,7 @@ class Strength:
         """The Strength a slot on `module` reads."""
         return self.children.get(module, self)
 
-    def __deepcopy__(self, memo: dict) -> Strength:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Strength:
         new = Strength(self.value)
         memo[id(self)] = new
         new.blocks = self.blocks
@@ -128,9 +130,10 @@ class EngineState:
         self.gate = gate
         # Switching: per wrapped layer, each adapter's slots; and the active tuples of every set seen so
         # far, so switching back to a known set is one attribute assignment per layer.
-        self.plan: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
-        self.switch_cache: dict[tuple[str, ...], tuple[list[tuple[Any, tuple]], dict[Any, tuple]]] = {}
-        self.view_layers: tuple[int, dict[Any, tuple]] | None = None  # see apply.switching.publish_fast
+        self.layer_slots: list[tuple[Any, list[tuple[str, tuple[Any, ...]]]]] | None = None
+        self.switch_cache: dict[tuple[str, ...], tuple[list[tuple[Any, tuple[Any, ...]]], dict[Any, tuple[Any, ...]]]]
+        self.switch_cache = {}
+        self.view_layers: tuple[int, dict[Any, tuple[Any, ...]]] | None = None  # see apply.switching.publish_fast
         self._wrappers: list[nn.Module] | None = None  # every wrapped layer, for the published view
 
     @property
@@ -139,7 +142,7 @@ class EngineState:
 
     def invalidate(self) -> None:
         """The set of wrapped layers or slots changed: forget the switching tables."""
-        self.plan = None
+        self.layer_slots = None
         self.switch_cache = {}
         self._wrappers = None
         self.view_layers = None
@@ -152,7 +155,7 @@ class EngineState:
             self._wrappers = [model.get_submodule(name) for name in names]
         return self._wrappers
 
-    def __deepcopy__(self, memo: dict) -> EngineState:
+    def __deepcopy__(self, memo: dict[int, Any]) -> EngineState:
         new = EngineState.__new__(EngineState)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -160,8 +163,8 @@ class EngineState:
         new.invalidate()
         return new
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "plan": None, "switch_cache": {}, "_wrappers": None, "view_layers": None}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "layer_slots": None, "switch_cache": {}, "_wrappers": None, "view_layers": None}
 
 
 def get_state(model: torch.nn.Module, create: bool = False) -> EngineState | None:

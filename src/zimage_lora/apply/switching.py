@@ -4,10 +4,12 @@ assignment per layer and no tensor work."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from .gate import touched
-from .layer import AdapterLinear
+from .layer import AdapterLinear, Slot
 from .state import EngineState
 
 # Sets remembered per model before the table starts afresh (each entry: one tuple per wrapped layer).
@@ -19,11 +21,11 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
     names = tuple(n for n, r in state.records.items() if r.active)
     cached = state.switch_cache.get(names)
     if cached is None:
-        if state.plan is None:
-            state.plan = switch_plan(model, state)
+        if state.layer_slots is None:
+            state.layer_slots = layer_slots(model, state)
         on = set(names)
         table = []
-        for wrapper, entries in state.plan:
+        for wrapper, entries in state.layer_slots:
             slots = tuple(s for rec_name, rec_slots in entries if rec_name in on for s in rec_slots)
             table.append((wrapper, AdapterLinear.active_state(slots)))
         if len(state.switch_cache) > _MAX_SETS:
@@ -36,14 +38,14 @@ def publish_fast(model: nn.Module, state: EngineState) -> None:
     state.view_layers = (touched(), layers)
 
 
-def switch_plan(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple]]]]:
+def layer_slots(model: nn.Module, state: EngineState) -> list[tuple[AdapterLinear, list[tuple[str, tuple[Slot, ...]]]]]:
     """Per wrapped layer: (its wrapper, [(adapter name, that adapter's slots there)] in adapter order)."""
-    entries: dict[str, list[tuple[str, tuple]]] = {}
+    entries: dict[str, list[tuple[str, tuple[Slot, ...]]]] = {}
     wrappers: dict[str, AdapterLinear] = {}
     for record in state.records.values():
         for module_name, keys in record.wrapped.items():
             if module_name not in wrappers:
-                wrappers[module_name] = model.get_submodule(module_name)
+                wrappers[module_name] = cast(AdapterLinear, model.get_submodule(module_name))
                 entries[module_name] = []
             wrapper = wrappers[module_name]
             entries[module_name].append((record.name, tuple(wrapper.slots[k] for k in keys)))

@@ -10,13 +10,15 @@ subtraction). A failed change therefore leaves the model exactly as it was.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from ..adapter import Target
 from ..backends import backend_for
 from . import merge
-from .layer import AdapterLinear, Slot, prepare, refresh_dora
+from .layer import AdapterLinear, Slot, refresh_dora, slot_tensors
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
 from .validate import Checked, base_of, slot_dtype
@@ -107,7 +109,8 @@ class Transaction:
             out_f = getattr(current, "out_features", None)
             in_f = getattr(current, "in_features", None)
             if not isinstance(out_f, int) or not isinstance(in_f, int):
-                out_f, in_f = current.weight.shape[0], current.weight.shape[1]
+                weight = cast(torch.Tensor, current.weight)
+                out_f, in_f = weight.shape[0], weight.shape[1]
             wrapper = AdapterLinear(current, out_f, in_f)
             # Recorded before it is installed: an interrupt in between leaves nothing the undo misses.
             self.wrappers[module_name] = (wrapper, {}, [], True)
@@ -126,6 +129,7 @@ class Transaction:
 
     def attach(self, record: Record, p: Checked, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         wrapper = self._wrapper(p.target.module, create=True)
+        assert wrapper is not None  # create=True always gives one
         weight = getattr(p.module, "weight", None)
         dtype = slot_dtype(p.module, None)
         device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
@@ -183,7 +187,7 @@ class Transaction:
                 self.state.snapshots[module_name] = snap
             elif snap.bias is None and any("diff_b" in t.tensors for t, _ in contribs):
                 merge.restore(module, snap)  # bias untouched so far; keep it from now on
-                snap.bias = module.bias.detach().clone()
+                snap.bias = cast(torch.Tensor, module.bias).detach().clone()
             if not contribs:
                 # Nothing patches it any more: the original goes back (a rollback takes it again if needed).
                 merge.restore(module, snap)
@@ -206,7 +210,7 @@ class Transaction:
             record.strength.set(value)
         for slot, target, adapter_name in reversed(self.swapped):
             base = base_of(self.model.get_submodule(target.module))
-            slot.load_(prepare(target, base, backend_for(base), slot.placement.out_features)[1])
+            slot.load_(slot_tensors(target, base, backend_for(base), slot.placement)[1])
             slot.target, slot.adapter_name = target, adapter_name
         state.invalidate()
         # Wrappers: put back their slots and active sets; unwrap the ones created here.

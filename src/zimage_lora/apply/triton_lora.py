@@ -49,7 +49,8 @@ def supported(x: torch.Tensor, rank: int) -> bool:
 
 
 def _rank_block(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))  # tl.dot needs an inner dimension >= 16
+    block: int = max(16, triton.next_power_of_2(rank))  # tl.dot needs an inner dimension >= 16
+    return block
 
 
 if triton is not None:

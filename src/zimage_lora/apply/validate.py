@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ def check_scale(scale: Any, what: str = "scale", error: type[InvalidArgumentErro
 def check_mode(mode: Any) -> str:
     if mode not in MODES:
         raise _LegacyArgumentError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return cast(str, mode)
 
 
 def check_name(name: Any, what: str = "adapter name") -> str:
@@ -88,7 +88,7 @@ def check_weights(weights: Any, names: list[str]) -> list[Any] | None:
 
 def check_compute_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None or dtype in COMPUTE_DTYPES:
-        return dtype
+        return cast("torch.dtype | None", dtype)
     raise InvalidArgumentError(
         f"compute_dtype must be None (the input's dtype) or one of torch.float16, torch.bfloat16, torch.float32, "
         f"torch.float64, got {dtype!r}."
@@ -194,8 +194,8 @@ def _check_tensor(at: str, role: str, tensor: torch.Tensor, scan: bool, flag: bo
             "(.to_dense(), or load it with load_adapter)."
         )
     if not tensor.is_floating_point() and not flag:
-        kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {kind}.")
+        found = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise IncompatibleWeightsError(f"{at}: tensor '{role}' must be floating point, found {found}.")
     if scan:
         require_finite({role: tensor}, lambda key, n: f"{at}: tensor '{key}' holds {n} NaN/Inf value(s); the "
                        "adapter is broken and was not applied.")

@@ -6,6 +6,8 @@ delta is truncated to its best approximation of that rank (Eckart-Young), from t
 part of a module is a LoRA (`lowrank.from_factors`), else from the dense delta one module at a time.
 ties / dare / dare_ties merge each module's dense task vectors (`merging.py`), then truncate (default
 rank: the largest input rank, as PEFT does). Biases and norm diffs are summed at their strengths.
+DoRA, OFT, BOFT, GLoRA and IA3 inputs need the base weights (`model`: a checkpoint or a torch model
+with its weights, `base.py`); each module's dense delta is built, used and dropped in turn.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, Target
+from ..adapter import Adapter, Provenance, Target
 from ..errors import InvalidArgumentError, UnsupportedError
 from ..keys import ModuleIndex
 from ..numerics import one_thread, require_finite
 from . import lowrank, ranks
+from .base import BaseWeights, base_weights, require
 from .common import Input, Source, metadata_json, module_index, out_dtype, progress, read_input
 from .merging import METHODS, combine_dense
-from .shares import Share, add_target, refuse_weight_dependent, weighted_sum
+from .shares import Share, add_target, weight_dependent, weighted_sum
 
 COMBINE_METHODS = ("concat", *METHODS)
 
@@ -105,7 +108,8 @@ def combine_report(inputs, *, method="concat", rank=None, energy=None, density=N
     if method != "concat" and not rule.given:
         rule = ranks.rule(rank=_default_rank(loaded))
         report.rule = rule.as_dict()
-    adapter = build(loaded, index, method, rule, density or 1.0, seed, dtype, name, report, show_progress)
+    adapter = build(loaded, index, method, rule, density or 1.0, seed, dtype, name, report, show_progress,
+                    base=base_weights(model))
     report.bytes_after = adapter.nbytes()
     report.seconds = time.perf_counter() - started
     adapter.metadata = report.metadata()
@@ -119,32 +123,51 @@ def _default_rank(loaded: list[Input]) -> int:
     return max(found)
 
 
-def shares_of(loaded: list[Input], index: ModuleIndex) -> dict[str, list[tuple[Share, float]]]:
-    """module -> [(share, strength)] per input touching it, in the model's module order."""
-    by_module: dict[str, list[tuple[Share, float]]] = {}
+Parts = list[tuple[list[Target], float, str]]  # per input touching a module: (its targets, strength, file)
+
+
+def parts_of(loaded: list[Input], index: ModuleIndex, base: BaseWeights | None = None) -> dict[str, Parts]:
+    """module -> the inputs' targets on it, in the model's module order. A weight-dependent target
+    without base weights is refused here, before any work."""
+    by_module: dict[str, Parts] = {}
     for inp in loaded:
-        mine: dict[str, Share] = {}
+        mine: dict[str, list[Target]] = {}
         for t in inp.adapter.targets:
-            refuse_weight_dependent(inp.file, t)
-            add_target(mine.setdefault(t.module, Share(source=inp.file)), t, index.shapes[t.module])
-        for module, share in mine.items():
-            by_module.setdefault(module, []).append((share, inp.strength))
+            what = weight_dependent(t)
+            if what is not None:
+                require(base, inp.file, t.label, what)
+            mine.setdefault(t.module, []).append(t)
+        for module, targets in mine.items():
+            by_module.setdefault(module, []).append((targets, inp.strength, inp.file))
     order = {m: i for i, m in enumerate(index.shapes)}
     return dict(sorted(by_module.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
+def shares_of(module: str, parts: Parts, index: ModuleIndex, base: BaseWeights | None) -> list[tuple[Share, float]]:
+    """One module's [(share, strength)] per input: built when the module's turn comes, dropped after."""
+    out = []
+    for targets, strength, source in parts:
+        share = Share(source=source)
+        for t in targets:
+            add_target(share, t, index.shapes[module], base)
+        out.append((share, strength))
+    return out
+
+
 def build(loaded: list[Input], index: ModuleIndex, method: str, rule: ranks.RankRule, density: float, seed: int,
-          dtype, name: str, report: ArithmeticReport, show_progress: bool = False) -> Adapter:
+          dtype, name: str, report: ArithmeticReport, show_progress: bool = False, *,
+          base: BaseWeights | None = None) -> Adapter:
     dt = out_dtype(dtype, [v for i in loaded for t in i.adapter.targets for v in t.tensors.values()])
     generator = torch.Generator().manual_seed(seed)
     targets: list[Target] = []
-    by_module = shares_of(loaded, index)
+    by_module = parts_of(loaded, index, base)
     for inp in loaded:
         if inp.strength == 0:
             report.notes.append(f"{inp.file}: strength 0 adds nothing.")
     with progress(show_progress, len(by_module), report.operation) as step:
-        for module, shares in by_module.items():
+        for module, parts in by_module.items():
             shape = index.shapes[module].shape
+            shares = shares_of(module, parts, index, base)
             summed = weighted_sum(shares, shape)
             if len(shape) == 1:  # a norm's weight: its diffs add
                 if summed.dense is not None:
@@ -171,9 +194,9 @@ def _weight_target(module, shape, shares, summed: Share, method, rule, density, 
         if not summed.factored:
             culprit = next(s for s, _ in shares if not s.factored)
             raise UnsupportedError(
-                f"module {module}: input {culprit.source} is not a "
-                "LoRA there (LoKr, LoHa or a full diff), so stacking factors cannot hold it exactly. Give --rank R "
-                "or --energy E to write the best LoRA of that rank of the summed delta."
+                f"module {module}: input {culprit.source} is not a LoRA there (LoKr, LoHa, a full diff, or a "
+                "delta of the base weight), so stacking factors cannot hold it exactly. Give --rank R or --energy E "
+                "to write the best LoRA of that rank of the summed delta."
             )
         up, down = summed.up(), summed.down()
         report.modules.append({"module": module, "rank": up.shape[1], "error": 0.0})
@@ -197,7 +220,7 @@ def _weight_target(module, shape, shares, summed: Share, method, rule, density, 
 def _lora(module: str, up: torch.Tensor, down: torch.Tensor, dt: torch.dtype) -> Target:
     r = down.shape[0]
     return Target(module, "lora", {"down": down.to(dt).contiguous(), "up": up.to(dt).contiguous()},
-                  scale=1.0, rank=r, alpha=float(r), scale_rule="alpha = rank (written by combine)")
+                  scale=1.0, rank=r, about=Provenance(alpha=float(r), scale_rule="alpha = rank (written by combine)"))
 
 
 def _put_bias(targets: list[Target], module: str, bias: torch.Tensor) -> None:

@@ -48,6 +48,8 @@ def module_index(model: str | Path | torch.nn.Module | ModuleIndex | None) -> Mo
     mlx = index_of(model)  # an MLX model: its own tree under diffusers' names
     if mlx is not None:
         return mlx
+    if isinstance(model, (str, Path)) and Path(str(model)).is_file() and Path(str(model)).suffix == ".safetensors":
+        return ModuleIndex(inventory_model(load_config(None)))  # a single-file checkpoint: Z-Image-Turbo's modules
     return ModuleIndex(inventory_model(load_config(model)))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, Target
+from ..adapter import Adapter, Provenance, Target
 from ..errors import IncompatibleWeightsError, InvalidArgumentError
 from ..formats.safetensors_file import DTYPES
 from ..keys.aliases import FUSED_QKV, alias_names, native_name, qkv_names
@@ -150,7 +150,8 @@ def _lora(targets: dict, module: str, up: torch.Tensor, down: torch.Tensor) -> N
     if r == 0:
         return
     bias = targets.pop(module).tensors.get("diff_b") if module in targets else None
-    t = Target(module, "lora", {"down": down, "up": up.contiguous()}, scale=1.0, rank=r, alpha=float(r))
+    t = Target(module, "lora", {"down": down, "up": up.contiguous()}, scale=1.0, rank=r,
+               about=Provenance(alpha=float(r)))
     if bias is not None:
         t.tensors["diff_b"] = bias
     targets[module] = t

@@ -2,7 +2,8 @@
 an energy fraction, or kohya's sv_fro / sv_ratio / sv_cumulative).
 
 A LoRA is reduced from its factors (QR + SVD of the r x r core, `lowrank.from_factors`), any other
-algorithm (LoKr, LoHa, full diffs) from its dense delta one module at a time; bias and norm diffs are
+algorithm (LoKr, LoHa, full diffs; DoRA, OFT, BOFT, GLoRA, IA3 given the base weights) from its dense
+delta one module at a time; bias and norm diffs are
 carried over unchanged. The size before and after and the error per module are reported.
 """
 
@@ -18,6 +19,7 @@ from ..errors import InvalidArgumentError
 from ..keys import ModuleIndex
 from ..numerics import one_thread
 from . import ranks
+from .base import base_weights
 from .combine import ArithmeticReport, build
 from .common import Source, module_index, read_input
 
@@ -33,8 +35,9 @@ def resize(
     model: str | Path | torch.nn.Module | ModuleIndex | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Adapter:
-    """A LoRA `Adapter` of lower rank from `source` (any weight-free algorithm); `fro`, `ratio` and
-    `cumulative` follow kohya's resize_lora.py, with `rank` as their cap when given too."""
+    """A LoRA `Adapter` of lower rank from `source` (any algorithm: DoRA, OFT, BOFT, GLoRA and IA3 need
+    `model` with its weights, a checkpoint or a torch model); `fro`, `ratio` and `cumulative` follow
+    kohya's resize_lora.py, with `rank` as their cap when given too."""
     return resize_report(source, rank=rank, energy=energy, fro=fro, ratio=ratio, cumulative=cumulative,
                          model=model, dtype=dtype)[0]
 
@@ -51,7 +54,7 @@ def resize_report(source, *, rank=None, energy=None, fro=None, ratio=None, cumul
     report = ArithmeticReport("resize", [inp.record()], "svd", rule.as_dict())
     report.bytes_before = inp.adapter.nbytes()
     adapter = build([inp], index, "concat", rule, 1.0, 0, dtype, inp.adapter.name + "_resized", report,
-                    show_progress)
+                    show_progress, base=base_weights(model))
     before = {t.module: t.rank for t in inp.adapter.targets}
     for m in report.modules:
         m["rank_before"] = before.get(m["module"])

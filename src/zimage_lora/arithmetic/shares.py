@@ -4,7 +4,9 @@ A share keeps a LoRA as factors (up placed on the module's rows, scale folded in
 LoRAs stay factored; every other algorithm becomes its dense delta through the same row-block merge
 as the engine (`tools/target_math.merge_weight` on zeros), so LoKr, LoHa, full diffs and fused q/k/v
 placements mean exactly what they mean when applied. Deltas that depend on the base weight (DoRA,
-OFT, GLoRA, IA3) have no meaning without it and are refused by name.
+OFT, BOFT, GLoRA, IA3) are what merging them at strength 1 into the base adds (`base.py` reads the
+weight; without one they are refused, naming the flag that gives it). The engine is linear in the
+strength for every algorithm, so strength t of the input is t times that delta.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 
 from .. import algorithms
 from ..adapter import Target
-from ..errors import UnsupportedError
 from ..keys.index import ModuleShape
 from ..tools.target_math import merge_bias, merge_weight
+from .base import BaseWeights, require
 
 
 @dataclass
@@ -54,21 +56,24 @@ class Share:
         return total
 
 
-def refuse_weight_dependent(source: str, target: Target) -> None:
+def weight_dependent(target: Target) -> str | None:
+    """What makes `target`'s delta depend on the base weight ("DoRA", "OFT", ...), or None."""
     algo = algorithms.get(target.algorithm)
     if target.dora is None and not algo.needs_weight:
-        return
-    what = "DoRA" if target.dora is not None else (algo.title or algo.name)
-    raise UnsupportedError(
-        f"{source}: module {target.label} holds a {what} delta, which depends on the base weight; adapter "
-        "arithmetic works on weight-free deltas (LoRA, LoKr, LoHa, full diffs). Apply this adapter at run time "
-        "beside the result, or merge it into a checkpoint (`zimage-lora merge`) and extract from that."
-    )
+        return None
+    return "DoRA" if target.dora is not None else (algo.title or algo.name)
 
 
-def add_target(share: Share, target: Target, shape: ModuleShape) -> None:
+def add_target(share: Share, target: Target, shape: ModuleShape, base: BaseWeights | None = None) -> None:
     """Add one target of an input (a module may get several: a fused copy beside split q/k/v)."""
-    if shape.is_linear and target.algorithm == "lora":
+    what = weight_dependent(target)
+    if what is not None:
+        w = require(base, share.source, target.label, what).weight(target.module, tuple(shape.shape))
+        # fp64, so the base cancels without eating the delta's digits (one rounding to fp32 at the end).
+        w64 = w.double()
+        dense = merge_weight(w64.clone(), [(target, 1.0)]).sub_(w64).float()
+        share.dense = dense if share.dense is None else share.dense + dense
+    elif shape.is_linear and target.algorithm == "lora":
         out = shape.shape[0]
         parts = algorithms.get("lora").row_parts(target.tensors)
         placement = target.placement(out)

@@ -16,7 +16,7 @@ parameter to `module.state`, aliasing the same tensors, so writes go in place in
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import bitsandbytes.functional as F
 import torch
@@ -48,7 +48,8 @@ def _dequantize_cpu_layout(data: torch.Tensor, state: Any) -> torch.Tensor:
     table = state.code.to(torch.float32)
     absmax = state.absmax.float().T  # stored (cols/blocksize, rows); back to one value per block of a row
     scales = absmax.repeat_interleave(state.blocksize, dim=1)
-    return table[codes] * scales
+    dense: torch.Tensor = table[codes] * scales
+    return dense
 
 
 def _pack_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -161,14 +162,16 @@ class BnB4bitBackend:
 
     def get_base_weight(self, module: torch.nn.Module) -> torch.Tensor:
         state = _quant_state(module)
+        data = cast(torch.Tensor, module.weight).data
         if getattr(state, "packing_format_for_cpu", False):
-            return _dequantize_cpu_layout(module.weight.data, state)
-        return F.dequantize_4bit(module.weight.data, state).float()
+            return _dequantize_cpu_layout(data, state)
+        return F.dequantize_4bit(data, state).float()
 
     def set_base_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         state = _quant_state(module)
         packed = getattr(state, "packing_format_for_cpu", False)
-        weight = weight.reshape(state.shape).to(module.weight.device)
+        stored = cast(torch.Tensor, module.weight).data  # Params4bit: the packed codes
+        weight = weight.reshape(state.shape).to(stored.device)
         kept = _blocks_keeping_scales(weight, state, packed)
         if kept is not None:
             codes, new_state, err = kept
@@ -176,14 +179,14 @@ class BnB4bitBackend:
                 data = _pack_cpu_layout(codes)
             else:
                 flat = codes.reshape(-1).to(torch.uint8)
-                data = ((flat[::2] << 4) | flat[1::2]).view(module.weight.data.dtype).unsqueeze(1)
+                data = ((flat[::2] << 4) | flat[1::2]).view(stored.dtype).unsqueeze(1)
             if err is None or err <= _squared_error(*_fresh(module, weight, state), weight):
-                self._put(module, data.reshape(module.weight.data.shape), new_state)
+                self._put(module, data.reshape(stored.shape), new_state)
                 return
         self._put(module, *_fresh(module, weight, state))
 
     def snapshot(self, module: torch.nn.Module) -> Any:
-        return (module.weight.data.clone(), copy.deepcopy(_quant_state(module)))
+        return (cast(torch.Tensor, module.weight).data.clone(), copy.deepcopy(_quant_state(module)))
 
     def restore(self, module: torch.nn.Module, state: Any) -> None:
         data, quant_state = state
@@ -191,15 +194,16 @@ class BnB4bitBackend:
 
     @staticmethod
     def _put(module: torch.nn.Module, data: torch.Tensor, quant_state: Any) -> None:
-        module.weight.data = data
-        module.weight.quant_state = quant_state
+        weight: Any = module.weight  # Params4bit, which carries its quant_state
+        weight.data = data
+        weight.quant_state = quant_state
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = quant_state
 
 
 def _int8_parts(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = module.weight
-    scb = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+    weight: Any = module.weight  # Int8Params, which may carry SCB
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else cast(Any, module).state.SCB
     return weight.data, scb
 
 
@@ -213,11 +217,13 @@ class BnB8bitBackend:
         return getattr(module.weight, "SCB", None) is not None or module.state.SCB is not None
 
     def shape(self, module: torch.nn.Module) -> tuple[int, int]:
-        return (module.weight.shape[0], module.weight.shape[1])
+        w = cast(torch.Tensor, module.weight)
+        return (w.shape[0], w.shape[1])
 
     def get_base_weight(self, module: torch.nn.Module) -> torch.Tensor:
         cb, scb = _int8_parts(module)
-        return F.int8_vectorwise_dequant(cb, scb).float()
+        dense: torch.Tensor = F.int8_vectorwise_dequant(cb, scb).float()
+        return dense
 
     def set_base_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
         cb, scb = _int8_parts(module)

@@ -14,7 +14,7 @@ is not rounded a second time (`_requant`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -70,28 +70,32 @@ def _encode_keeping_scales(dense: np.ndarray, old: np.ndarray, qtype: Q) -> np.n
     out = fresh.reshape(-1, size).copy()
     mask = kept.numpy()
     out[mask] = _pack(header[mask], (q[kept] + off).numpy(), bits)
-    return out.reshape(fresh.shape)
+    packed: np.ndarray = out.reshape(fresh.shape)
+    return packed
 
 
 def _qtype(module: torch.nn.Module) -> Q | None:
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, GGUFParameter) or weight.quant_type is None:
+    if not isinstance(weight, GGUFParameter):
         return None
-    return Q(weight.quant_type)
+    quant_type = weight.quant_type  # type: ignore[attr-defined]  # diffusers sets it in __new__, undeclared
+    return None if quant_type is None else Q(quant_type)
 
 
 def _raw(module: torch.nn.Module) -> torch.Tensor:
     """The weight's bytes as a plain tensor sharing its storage."""
-    return module.weight.as_tensor().detach()
+    raw: torch.Tensor = cast(Any, module.weight).as_tensor().detach()  # a GGUFParameter
+    return raw
 
 
 def _shape(module: torch.nn.Module) -> tuple[int, int]:
-    rows, cols = module.weight.quant_shape
+    rows, cols = cast(Any, module.weight).quant_shape  # a GGUFParameter
     return (int(rows), int(cols))
 
 
 def _dequantize(module: torch.nn.Module) -> torch.Tensor:
-    return dequantize_gguf_tensor(module.weight).float().reshape(_shape(module))
+    dense: torch.Tensor = dequantize_gguf_tensor(module.weight)  # type: ignore[no-untyped-call]  # unannotated in diffusers
+    return dense.float().reshape(_shape(module))
 
 
 def _snapshot(module: torch.nn.Module) -> torch.Tensor:
@@ -122,7 +126,9 @@ class GGUFBackend:
         raw = _raw(module)
         dense = weight.detach().reshape(_shape(module)).to("cpu", torch.float32).numpy()
         stored = raw.detach().cpu().contiguous().view(torch.uint8).numpy()
-        encoded = np.ascontiguousarray(_encode_keeping_scales(dense, stored, _qtype(module)))
+        qtype = _qtype(module)
+        assert qtype is not None  # `matches` found a writable quant type
+        encoded = np.ascontiguousarray(_encode_keeping_scales(dense, stored, qtype))
         new = torch.from_numpy(encoded).view(raw.dtype).reshape(raw.shape)
         with torch.no_grad():
             raw.copy_(new)

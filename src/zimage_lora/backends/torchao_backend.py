@@ -23,14 +23,16 @@ from ..errors import UnsupportedError
 from ._requant import keep_stored, uniform_codes
 
 _TYPES = (Int8Tensor, Float8Tensor, IntxUnpackedToInt8Tensor)
+# One of `_TYPES`: torchao ships no type information, so its tensor subclasses are opaque to the checker.
+QuantTensor = Any
 
 
-def _inner(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def _inner(weight: QuantTensor) -> dict[str, torch.Tensor]:
     names, _meta = weight.__tensor_flatten__()
     return {n: getattr(weight, n) for n in names if isinstance(getattr(weight, n, None), torch.Tensor)}
 
 
-def _granularity(weight: torch.Tensor) -> PerRow | PerTensor:
+def _granularity(weight: QuantTensor) -> PerRow | PerTensor:
     block = list(weight.block_size)
     if block == list(weight.shape):
         return PerTensor()
@@ -42,7 +44,7 @@ def _granularity(weight: torch.Tensor) -> PerRow | PerTensor:
     )
 
 
-def _requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def _requantize(old: QuantTensor, dense: torch.Tensor) -> QuantTensor:
     # Quantize from the layer's own high-precision dtype, as quantize_ did when the model was loaded.
     hp = dense.to(device=old.qdata.device, dtype=old.dtype)
     if isinstance(old, Int8Tensor):
@@ -73,7 +75,7 @@ def _requantize(old: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _keep_group_scales(old: torch.Tensor, new: torch.Tensor, dense: torch.Tensor) -> None:
+def _keep_group_scales(old: QuantTensor, new: QuantTensor, dense: torch.Tensor) -> None:
     """In `new` (an `IntxUnpackedToInt8Tensor` requantized from `dense`), put back each group's stored
     scale and zero point from `old`, with codes rounded on that grid, where that decodes closer to
     `dense` than the freshly picked ones (`_requant`): the base is then not rounded a second time."""
@@ -84,7 +86,7 @@ def _keep_group_scales(old: torch.Tensor, new: torch.Tensor, dense: torch.Tensor
     lo, hi = _DTYPE_TO_QVALUE_BOUNDS[old.target_dtype]
     v = dense.float().reshape(-1, g)
 
-    def grid(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def grid(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor]:
         return t.scale.float().reshape(-1, 1), t.zero_point.float().reshape(-1, 1)
 
     d, zp = grid(old)
@@ -107,13 +109,16 @@ class TorchAOBackend:
         return isinstance(weight, _TYPES) and weight.dim() == 2
 
     def shape(self, module: torch.nn.Module) -> tuple[int, int]:
-        return (module.weight.shape[0], module.weight.shape[1])
+        w: QuantTensor = module.weight
+        return (w.shape[0], w.shape[1])
 
     def get_base_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        return module.weight.dequantize().float()
+        w: QuantTensor = module.weight
+        dense: torch.Tensor = w.dequantize().float()
+        return dense
 
     def set_base_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> None:
-        old = module.weight
+        old: QuantTensor = module.weight
         new = _requantize(old, weight.reshape(old.shape))
         if isinstance(old, IntxUnpackedToInt8Tensor):
             _keep_group_scales(old, new, weight.reshape(old.shape))

@@ -12,7 +12,8 @@ HELP = """Combine adapters, each at a strength, into one LoRA file.
                     the inputs together, exactly; rank = the sum of the ranks
   --rank R / --energy E   the best rank-R LoRA of the summed delta (or the fewest singular values
                     holding fraction E of its squared norm), per module; LoRA inputs are reduced from
-                    their factors, LoKr / LoHa / full diffs from the dense delta; the error is reported
+                    their factors, LoKr / LoHa / full diffs from the dense delta (DoRA, OFT, BOFT,
+                    GLoRA, IA3 too, given the base weights with --model); the error is reported
   ties, dare, dare_ties   TIES-Merging / DARE per module on the dense deltas (--density, --seed),
                     then to rank R (default: the largest input rank)
 
@@ -53,7 +54,9 @@ def add_output_options(p: argparse.ArgumentParser, formats) -> None:
     p.add_argument("--to", default="kohya", choices=formats, help="output layout (default: kohya)")
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
                    help="dtype of the written factors (default: the inputs')")
-    p.add_argument("--model", help="diffusers transformer folder or config.json (default: Z-Image-Turbo)")
+    p.add_argument("--model", help="diffusers transformer folder or config.json (default: Z-Image-Turbo); a "
+                   "checkpoint (a folder with its weights, or a .safetensors file) also gives the base weights "
+                   "that DoRA, OFT, BOFT, GLoRA and IA3 inputs need")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON object (what was written and the errors)")

@@ -19,14 +19,15 @@ from .trainer_meta import OFTConstraint, TrainerMeta, trainer_meta
 from .untrusted import pattern_value as pattern_value  # PEFT patterns: read by callers from here too
 
 
-class Slot(NamedTuple):
-    """Where a key sits in its module's group: the key-table family and the role within it."""
+class KeyRole(NamedTuple):
+    """Where a key sits in its module's group: the key-table family and the role within it (not
+    `apply.layer.Slot`, an adapter on a wrapped layer)."""
 
     family: str
     role: str
 
 
-Roles = dict[Slot, str]  # slot -> file key, for one module stem
+Roles = dict[KeyRole, str]  # (family, role) -> file key, for one module stem
 
 
 @dataclass
@@ -112,11 +113,11 @@ def _read_adapter_file(path: str | Path, config: dict[str, object] | None, compo
             continue
         stem, family, role = split
         roles = raw.setdefault((te_keys if text_encoder else grammar).strip_prefix(stem), {})
-        slot = Slot(family, role)
-        if slot in roles:
-            unmatched.append(Unmatched(key, f"duplicate of '{roles[slot]}' (same module and role); ignored"))
+        where = KeyRole(family, role)
+        if where in roles:
+            unmatched.append(Unmatched(key, f"duplicate of '{roles[where]}' (same module and role); ignored"))
             continue
-        roles[slot] = key
+        roles[where] = key
 
     for roles in raw.values():
         _drop_lonely(roles, unmatched)
@@ -157,22 +158,22 @@ def _no_suffix(key: str) -> str:
     return "no known adapter suffix (expected e.g. .lora_A.weight, .lora_down.weight, .lokr_w1, .diff)"
 
 
-_ALPHA = Slot("scale", "alpha")
+_ALPHA = KeyRole("scale", "alpha")
 
 
 def _drop_lonely(roles: Roles, unmatched: list[Unmatched]) -> None:
     """A role that counts only beside its companion (`tables.COMPANIONS`: a bare `.weight`) is no
     adapter key without it: reported as any key without a known suffix."""
-    for slot in [s for s in roles if s in grammar.COMPANIONS]:
-        if Slot(slot.family, grammar.COMPANIONS[slot]) not in roles:
-            key = roles.pop(slot)
+    for kr in [s for s in roles if s in grammar.COMPANIONS]:
+        if KeyRole(kr.family, grammar.COMPANIONS[kr]) not in roles:
+            key = roles.pop(kr)
             unmatched.append(Unmatched(key, _no_suffix(key)))
 
 
 def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     """The family of the first algorithm (by priority) the roles hold; of the algorithms sharing it,
     the first that claims its shapes, else the first (its shape check then says what is wrong)."""
-    families = {slot.family for slot in roles}
+    families = {kr.family for kr in roles}
     present = [a for a in algorithms.by_priority() if a.family in families]
     if not present:
         return None
@@ -180,7 +181,7 @@ def _choose(header: Header, roles: Roles) -> algorithms.Algorithm | None:
     same = [a for a in present if a.family == family]
     if len(same) == 1:
         return same[0]
-    shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == family}
+    shapes = {kr.role: header.tensors[key].shape for kr, key in roles.items() if kr.family == family}
     return next((a for a in same if a.claims is None or a.claims(shapes)), same[0])
 
 
@@ -203,7 +204,7 @@ def _make_group(
     if form is not None:  # PEFT options that change how R is built: reported, never applied another way
         form += "; re-save with the defaults (use_cayley_neumann=true, 5 terms, coft=false) or merge it with PEFT"
     elif chosen.unsupported is not None:
-        shapes = {slot.role: header.tensors[key].shape for slot, key in roles.items() if slot.family == chosen.family}
+        shapes = {kr.role: header.tensors[key].shape for kr, key in roles.items() if kr.family == chosen.family}
         form = chosen.unsupported(shapes)
     if form is not None:
         for key in roles.values():
@@ -264,4 +265,4 @@ def _looks_like_model(header: Header) -> bool:
 
 def _bare(split: tuple[str, str, str] | None) -> bool:
     """No adapter role, or one that counts only beside a companion (a bare `.weight`, `tables.COMPANIONS`)."""
-    return split is None or Slot(split[1], split[2]) in grammar.COMPANIONS
+    return split is None or KeyRole(split[1], split[2]) in grammar.COMPANIONS

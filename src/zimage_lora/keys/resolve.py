@@ -11,7 +11,7 @@ from typing import TypedDict
 import torch
 
 from .. import algorithms, shapes
-from ..adapter import Adapter, Dora, Target, Unmatched
+from ..adapter import Adapter, Dora, Provenance, Target, Unmatched
 from ..errors import IncompatibleWeightsError, InvalidFormatError, LoRAError
 from ..formats.reader import AdapterFile, Group
 from ..numerics import require_finite
@@ -37,11 +37,8 @@ class _Common(TypedDict):
 
     algorithm: str
     scale: float
-    source_keys: tuple[str, ...]
     rank: int | None
-    alpha: float | None
-    scale_rule: str
-    alpha_used: bool
+    about: Provenance
 
 
 def resolve(
@@ -293,8 +290,8 @@ def _targets(p: _Placed, tensors: dict[str, torch.Tensor], index: ModuleIndex) -
         dora = Dora(mag.reshape(-1), on_out=shapes.dora_on_out(tuple(mag.shape)))
     sc = p.scale
     common = _Common(
-        algorithm=g.algorithm, scale=sc.scale, source_keys=g.source_keys, rank=sc.rank, alpha=sc.alpha,
-        scale_rule=sc.rule, alpha_used=sc.alpha_used,
+        algorithm=g.algorithm, scale=sc.scale, rank=sc.rank,
+        about=Provenance(source_keys=g.source_keys, alpha=sc.alpha, scale_rule=sc.rule, alpha_used=sc.alpha_used),
     )
     if site.kind == "direct":
         return [Target(module=site.modules[0], tensors=own, dora=dora, **common)]

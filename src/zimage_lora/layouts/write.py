@@ -190,7 +190,8 @@ def save_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], confi
     out = Path(out)
     if lay.folder:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        # What the file records (combine's inputs, hashes, errors) goes in the tensors' file here too.
+        save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt", **(extra_metadata or {})})
         (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
         return out
     metadata = {**metadata, **(extra_metadata or {})}

@@ -2,11 +2,13 @@
 
 Same arguments, reports, errors and rules as the PyTorch engine: keys resolved by the same reader and
 index, scales by the same rules, deltas by the same algorithm code in fp32 on the CPU. Every change
-plans all new layers first and swaps them in only when everything succeeded.
+computes all new layers first and swaps them in only when everything succeeded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,17 @@ from .. import algorithms, shapes
 from ..adapter import Adapter
 from ..apply.attach import REQUANT_WARN, _free_name, warn_requant
 from ..apply.report import AdapterInfo, ApplyReport
-from ..apply.validate import check_mode, check_name, check_names, check_scale, check_weights
+from ..apply.validate import check_mode, check_name, check_names, check_weights
+from ..blocks import Blocks
 from ..errors import IncompatibleWeightsError, InvalidArgumentError, LoRAError
 from ..loading import load_adapter
 from ..numerics import require_finite
 from ..sources import LoRAConfiguration
 from . import build
-from .layer import Strength
+from . import strength as strengths
 from .state import Record, State, get_state
+from .strength import Strength, Strengthish
+from .swap import hot_swap
 from .tree import Tree, linear_shape, transformer_of
 
 __all__ = ["apply", "remove", "set_scale", "set_active", "switch_mode", "list_all", "REQUANT_WARN"]
@@ -41,15 +46,15 @@ def _dtype(value: Any) -> mx.Dtype | None:
     raise InvalidArgumentError(f"compute_dtype must be None or a float dtype (mlx.core.float32, ...), got {value!r}")
 
 
-def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *, scale: float = 1.0,
-          mode: str = "dynamic", name: str | None = None, filename: str | None = None, strict: bool = False,
-          compute_dtype: Any = None) -> ApplyReport:
+def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
+          scale: float | Mapping[str, float] = 1.0, mode: str = "dynamic", name: str | None = None,
+          filename: str | None = None, strict: bool = False, compute_dtype: Any = None) -> ApplyReport:
     model = transformer_of(model)
     mode = check_mode(mode)
-    strength = check_scale(scale)
+    asked = strengths.check(scale)
     dtype = _dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        strength = check_scale(strength * source.scale)
+        asked = strengths.scaled(asked, source.scale)
         name = name if name is not None else source.name
     explicit = name is not None
     if explicit:
@@ -63,13 +68,16 @@ def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
     else:
         adapter = load_adapter(source, tree.index, name=name, filename=filename, strict=strict)
     _check(tree, adapter, scan=isinstance(source, Adapter))
-    name = name if explicit else check_name(adapter.name)
+    strength = strengths.resolve_on(list(tree.path), adapter, asked)
+    name = name if name is not None else check_name(adapter.name)
     state = get_state(model, create=True)
+    assert state is not None
+    hotswapped = False
     with state.lock:
         notes = list(adapter.notes)
         renamed_from = None
         if not explicit:
-            free = _free_name(state, name, adapter.source)  # type: ignore[arg-type]
+            free = _free_name(state, name, adapter.source)
             if free != name:
                 notes.append(f"the name '{name}' is taken by the adapter from {state.records[name].adapter.source}; "
                              f"this one is attached as '{free}' (pass name='{name}' to replace that one instead).")
@@ -77,13 +85,18 @@ def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
         old = state.records.get(name)
         if old is not None:
             notes.append(f"replaced the attached adapter '{name}' (from {old.adapter.source or 'an Adapter object'}).")
-        record = Record(name, mode, adapter, Strength(strength), compute_dtype=dtype)
-        touched = list(dict.fromkeys([t.module for t in adapter.targets]
-                                     + ([t.module for t in old.adapter.targets] if old else [])))
-        losses = _change(state, tree, touched, put=record)
-    report = ApplyReport(name=name, mode=mode, scale=strength, source=adapter.source, format=adapter.format,
+        losses: dict[str, float] = {}
+        if old is not None and mode == "dynamic":
+            hotswapped = hot_swap(state, old, adapter, strength, dtype)
+        if not hotswapped:
+            record = Record(name, mode, adapter, Strength(strength), compute_dtype=dtype)
+            touched = list(dict.fromkeys([t.module for t in adapter.targets]
+                                         + ([t.module for t in old.adapter.targets] if old else [])))
+            losses = _change(state, tree, touched, put=record)
+    report = ApplyReport(name=name, mode=mode, scale=strength.default if isinstance(strength, Blocks) else strength,
+                         source=adapter.source, format=adapter.format,
                          applied=[t.label for t in adapter.targets], unmatched=list(adapter.unmatched), notes=notes,
-                         replaced=old is not None, renamed_from=renamed_from,
+                         replaced=old is not None, hotswapped=hotswapped, renamed_from=renamed_from,
                          requant_loss={m: v for m, v in losses.items() if any(t.module == m for t in adapter.targets)
                                        and mode == "merged"})
     warn_requant(report, stacklevel=4)  # the caller of zimage_lora.apply_adapter
@@ -110,13 +123,16 @@ def _check(tree: Tree, adapter: Adapter, scan: bool) -> None:
         else:
             shapes.check_norm_target(at, t, tuple(module.weight.shape), has_bias=has_bias)
         if scan:
-            require_finite(dict(t.tensors), lambda key, n, at=at: f"{at}: tensor '{key}' holds {n} NaN/Inf "
-                           "value(s); the adapter is broken and was not applied.")
+            require_finite(dict(t.tensors), partial(_broken, at))
+
+
+def _broken(at: str, key: str, n: int) -> str:
+    return f"{at}: tensor '{key}' holds {n} NaN/Inf value(s); the adapter is broken and was not applied."
 
 
 def _change(state: State, tree: Tree | None, touched: list[str], put: Record | None = None,
             drop: tuple[str, ...] = (), dynamic: tuple[Record, ...] = ()) -> dict[str, float]:
-    """Plan every touched layer with `put` attached, `drop` detached and `dynamic` records given fresh
+    """Compute every touched layer with `put` attached, `drop` detached and `dynamic` records given fresh
     slots, then commit; on any error nothing (records, layers, tree) has changed."""
     saved_records = dict(state.records)
     new_layers = [n for n in touched if n not in state.layers]
@@ -135,7 +151,7 @@ def _change(state: State, tree: Tree | None, touched: list[str], put: Record | N
             for n in dict.fromkeys(t.module for t in r.adapter.targets):
                 layer = state.layers[n]
                 layer.slots[r.name] = build.make_slots(layer, r)
-        changes = build.plan(state, touched)
+        changes = build.compute_changes(state, touched)
     except BaseException:
         state.records.clear()
         state.records.update(saved_records)
@@ -173,26 +189,34 @@ def remove(model: nn.Module, name: str | None = None) -> list[str]:
     return names
 
 
-def set_scale(model: nn.Module, name: str, scale: float) -> None:
+def set_scale(model: nn.Module, name: str, scale: float | Mapping[str, float]) -> None:
     model = transformer_of(model)
     check_name(name)
-    value = check_scale(scale)
+    asked = strengths.check(scale)
     state, _ = _records(model, [name])
     assert state is not None
     with state.lock:
         record = state.records[name]
-        old = record.strength.value
-        record.strength.value = value  # dynamic slots read it at their next forward: O(1)
+        value = strengths.resolve_on(state.names(), record.adapter, asked)
+        strengths.check_dynamic_strength(state, record, value)  # before anything changes
+        before = record.strength.get()
+        _set(state, record, value)  # dynamic slots read it at their next forward: O(1)
         if record.mode == "merged" or any(state.layers.get(t.module) and state.layers[t.module].is_norm
                                           for t in record.adapter.targets):
             try:
                 _change(state, None, [t.module for t in record.adapter.targets])
             except BaseException:
-                record.strength.value = old
+                _set(state, record, before)
                 raise
 
 
-def set_active(model: nn.Module, names: str | list[str] | None, weights: list[float] | None = None) -> None:
+def _set(state: State, record: Record, value: Strengthish) -> None:
+    if record.strength.set(value):
+        state.rebind(record)
+
+
+def set_active(model: nn.Module, names: str | list[str] | None,
+               weights: list[float | Mapping[str, float]] | None = None) -> None:
     model = transformer_of(model)
     asked = None if names is None else check_names(names)
     state, wanted = _records(model, asked)
@@ -200,19 +224,27 @@ def set_active(model: nn.Module, names: str | list[str] | None, weights: list[fl
     if state is None:
         return
     with state.lock:
-        before = {n: (r.active, r.strength.value) for n, r in state.records.items()}
+        resolved: dict[str, Strengthish] = {}
+        if values is not None:
+            for n, v in zip(wanted, values, strict=True):  # every check before any change
+                record = state.records[n]
+                checked = strengths.check(v, f"weight for '{n}'")
+                resolved[n] = strengths.resolve_on(state.names(), record.adapter, checked)
+                strengths.check_dynamic_strength(state, record, resolved[n])
+        before = {n: (r.active, r.strength.get()) for n, r in state.records.items()}
         touched = []
         for n, r in state.records.items():
             r.active = n in wanted
-            if values is not None and r.active:
-                r.strength.value = values[wanted.index(n)]
-            if (r.active, r.strength.value) != before[n]:
+            if n in resolved:
+                _set(state, r, resolved[n])
+            if (r.active, r.strength.get()) != before[n]:
                 touched += [t.module for t in r.adapter.targets]
         try:
             _change(state, None, touched)
         except BaseException:
             for n, (active, value) in before.items():
-                state.records[n].active, state.records[n].strength.value = active, value
+                state.records[n].active = active
+                _set(state, state.records[n], value)
             raise
 
 

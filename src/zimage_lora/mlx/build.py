@@ -1,20 +1,24 @@
 """Each touched layer is a pure function of its kept arrays and the attached adapters: merged deltas
 added in fp32 (the algorithms' row math, `apply.rows`) and rounded or requantized once, dynamic slots
-on a wrapper. Every change computes all new layers first (`plan`), then swaps them in (`commit`), so a
+on a wrapper. Every change computes all new layers first (`compute_changes`), then swaps them in (`commit`), so a
 failure leaves the model as it was; restore is putting the kept arrays back, never a subtraction."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import torch
 
 from .. import algorithms
-from ..apply.rows import Prepared, add_rows
+from ..adapter import Target
+from ..apply.rows import MergeFactors, add_rows
 from ..errors import IncompatibleWeightsError
+from ..placement import Placement
 from . import quant
-from .layer import Slot, prepare, set_slots, wrap
+from .layer import Slot, set_slots, slot_tensors, wrap
 from .state import Layer, Record, State
 from .tree import set_path, to_mx, to_torch
 
@@ -22,14 +26,14 @@ from .tree import set_path, to_mx, to_torch
 @dataclass
 class Change:
     layer: Layer
-    key: tuple
+    key: tuple[Any, ...]
     merged: dict[str, mx.array] | None
     loss: float | None
     slots: tuple[Slot, ...]
     refreshed: dict[str, list[Slot]]
 
 
-def make_slots(layer: Layer, record: Record, weight=None) -> list[Slot]:
+def make_slots(layer: Layer, record: Record, weight: torch.Tensor | None = None) -> list[Slot]:
     """`record`'s targets on `layer` prepared for the MLX forward (`weight`: fp32 weight to prepare
     weight-dependent algorithms from; default the layer's current one)."""
     out = []
@@ -38,10 +42,16 @@ def make_slots(layer: Layer, record: Record, weight=None) -> list[Slot]:
         if t.module != layer.name or layer.is_norm:
             continue
         placement = t.placement(layer.out_features)
-        rows = layer.rows(placement) if weight is None else (lambda p=placement: weight[p.lo : p.hi])
-        kind, tensors = prepare(t, placement, rows, dtype)
-        out.append(Slot(t, kind, tensors, placement, record.strength))
+        rows = layer.rows(placement) if weight is None else partial(_rows_of, weight, placement)
+        strength = record.strength.at(layer.name)
+        where = f"adapter '{record.name}', module '{t.label}'"
+        kind, tensors, room = slot_tensors(t, placement, rows, dtype, strength.value, where)
+        out.append(Slot(t, kind, tensors, placement, strength, room))
     return out
+
+
+def _rows_of(weight: torch.Tensor, placement: Placement) -> torch.Tensor:
+    return weight[placement.lo : placement.hi]
 
 
 def _depends_on_weight(slot: Slot) -> bool:
@@ -55,13 +65,13 @@ def _finite(name: str, a: mx.array) -> None:
             f"the weight's dtype {a.dtype}). Lower the scale or use mode='dynamic'.")
 
 
-def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[dict[str, mx.array] | None,
+def merged_arrays(layer: Layer, contribs: list[tuple[Record, Target]]) -> tuple[dict[str, mx.array] | None,
                                                                                  float | None]:
     """The layer's arrays with `contribs` merged (None: none), and the requantization loss."""
     if not contribs:
         return None, None
     kept = layer.kept
-    prepared = [(Prepared(t, layer.out_features), r.strength.value) for r, t in contribs]
+    prepared = [(MergeFactors(t, layer.out_features), r.strength.number(layer.name)) for r, t in contribs]
     new = dict(kept)
     if layer.is_norm:
         w = to_torch(kept["weight"])
@@ -78,7 +88,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
         w = w0.clone()
         add_rows(w, 0, weighted)
         if spec is not None:
-            stored = {k: kept[k] for k in ("weight", "scales", "biases") if k in kept}
+            stored: dict[str, mx.array] = {k: kept[k] for k in ("weight", "scales", "biases") if k in kept}
             arrays, decoded = quant.requantize(stored, spec, w)
             new.update(arrays)
             moved = float((w - w0).norm())
@@ -99,7 +109,7 @@ def merged_arrays(layer: Layer, contribs: list[tuple[Record, object]]) -> tuple[
     return new, loss
 
 
-def plan(state: State, names: list[str]) -> list[Change]:
+def compute_changes(state: State, names: list[str]) -> list[Change]:
     """The new contents of each named layer under the attached adapters; changes nothing."""
     changes = []
     merged_on = state.contributions()
@@ -107,7 +117,7 @@ def plan(state: State, names: list[str]) -> list[Change]:
     for name in dict.fromkeys(names):
         layer = state.layers[name]
         contribs = merged_on.get(name, [])
-        key = tuple((r.name, id(t), r.strength.value) for r, t in contribs)
+        key = tuple((r.name, id(t), r.strength.number(name)) for r, t in contribs)
         merged, loss = (layer.merged, layer.loss) if key == layer.merged_key else merged_arrays(layer, contribs)
         refreshed: dict[str, list[Slot]] = {}
         if key != layer.merged_key:  # DoRA and weight-reading algorithms see the weight under them
@@ -117,10 +127,10 @@ def plan(state: State, names: list[str]) -> list[Change]:
                     if weight is None:
                         weight = _decoded(layer, merged)
                     refreshed[rec_name] = make_slots(layer, state.records[rec_name], weight)
-        slots: list[Slot] = []
+        active: list[Slot] = []
         for r in dynamic:
-            slots += refreshed.get(r.name, layer.slots.get(r.name, []))
-        changes.append(Change(layer, key, merged, loss, tuple(slots), refreshed))
+            active += refreshed.get(r.name, layer.slots.get(r.name, []))
+        changes.append(Change(layer, key, merged, loss, tuple(active), refreshed))
     return changes
 
 
@@ -132,8 +142,9 @@ def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
 
 
 def commit(state: State, changes: list[Change]) -> dict[str, float]:
-    """Swap the planned contents in (nothing here can fail on valid arrays). Returns the losses."""
+    """Swap the computed contents in (nothing here can fail on valid arrays). Returns the losses."""
     losses = {}
+    state.version += 1
     for c in changes:
         layer = c.layer
         layer.merged_key, layer.merged, layer.loss = c.key, c.merged, c.loss

@@ -1,7 +1,7 @@
 """Dynamic mode on MLX: the base layer runs untouched (still quantized) and each active adapter's share
 is added into its output.
 
-Each target is prepared once, by its algorithm's own `prepare` in torch fp32 (scale folded in, DoRA
+Each target's kernel inputs are made once, by its algorithm's own `kernel_inputs` in torch fp32 (scale folded in, DoRA
 folded in), and converted once into the layer's compute dtype. The MLX forward then needs four
 kernels: LoRA as two small matmuls (every plain LoRA of a layer as one concatenated product), LoKr
 without the Kronecker product, a prepared dense delta, and a bias diff. Algorithms whose torch kernel
@@ -15,8 +15,9 @@ the last adapter puts the original layer object back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
@@ -26,25 +27,21 @@ from .. import algorithms
 from ..adapter import Target
 from ..algorithms import dora as dora_math
 from ..placement import Placement
+from .strength import Strength, headroom_of
 from .tree import to_mx
 
 #: Kernels with an MLX forward; any other kind runs from its dense delta rows.
 MLX_KERNELS = ("lora", "lokr", "dense", "bias")
 
 
-class Strength:
-    """One adapter's current strength, shared by all its slots: re-weighting is one assignment."""
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-
 class Slot:
-    """One target of one adapter on one layer, prepared for the MLX forward."""
+    """One target of one adapter on one layer, prepared for the MLX forward. `headroom`: the largest
+    |strength| its delta is known to stay finite at in its dtype (`strength.check_dynamic_strength`)."""
 
     def __init__(self, target: Target, kind: str, tensors: dict[str, mx.array], placement: Placement,
-                 strength: Strength) -> None:
+                 strength: Strength, headroom: float = math.inf) -> None:
         self.target, self.kind, self.t, self.placement, self.strength = target, kind, tensors, placement, strength
+        self.headroom = headroom
         self.plain_lora = kind == "lora" and set(tensors) == {"down", "up"}
 
     @property
@@ -52,22 +49,25 @@ class Slot:
         return None if self.placement.whole else self.placement.rows
 
 
-def prepare(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype
-            ) -> tuple[str, dict[str, mx.array]]:
-    """(kernel kind, MLX arrays in `dtype`) for one target; `weight()` gives the fp32 base rows."""
+def slot_tensors(target: Target, placement: Placement, weight: Callable[[], torch.Tensor], dtype: mx.Dtype,
+                 strength: float, where: str) -> tuple[str, dict[str, mx.array], float]:
+    """(kernel kind, MLX arrays in `dtype`, headroom) for one target; `weight()` gives the fp32 base rows.
+    Refuses (`where` names it) a delta that overflows `dtype` at `strength`, as the PyTorch engine does."""
     algo = algorithms.get(target.algorithm)
-    kind, tensors = algorithms.prepare(target.algorithm, target.tensors, target.scale, placement, weight,
-                                       target.dora)
+    kind, tensors = algorithms.kernel_inputs(target.algorithm, target.tensors, target.scale, placement, weight,
+                                           target.dora)
     if kind not in MLX_KERNELS:
         d_lo, d_hi = placement.delta_span
         w = weight() if (algo.needs_weight or target.dora is not None) else None
         delta = algo.delta_block(algo.row_parts(target.tensors), d_lo, d_hi, weight=w if algo.needs_weight else None)
         delta = delta * target.scale
         if target.dora is not None:
+            assert w is not None
             delta = dora_math.dense_rows(delta, w, target.dora.magnitude, target.dora.on_out)
         tensors = {"delta": delta, **({"bias": tensors["bias"]} if "bias" in tensors else {})}
         kind = "dense"
-    return kind, {k: to_mx(v, dtype) for k, v in tensors.items()}
+    room = headroom_of(where, kind, tensors, strength, dtype, weight)
+    return kind, {k: to_mx(v, dtype) for k, v in tensors.items()}, room
 
 
 def _lora(x: mx.array, down: mx.array, up: mx.array) -> mx.array:
@@ -94,6 +94,7 @@ def share(slot: Slot, x: mx.array, wx: mx.array | None) -> mx.array | None:
     else:
         y = None
     if "fm1" in t:  # DoRA per output row: + (f - 1) * W x on these rows
+        assert wx is not None  # the forward computes it whenever a slot has "fm1"
         part = wx if slot.placement.whole else wx[..., slot.placement.lo : slot.placement.hi]
         y = part * t["fm1"] if y is None else y + part * t["fm1"]
     if "bias" in t:
@@ -101,7 +102,7 @@ def share(slot: Slot, x: mx.array, wx: mx.array | None) -> mx.array | None:
     return y
 
 
-def _stacked(slots: list[Slot], cache: dict) -> tuple[mx.array, mx.array]:
+def _stacked(slots: list[Slot], cache: dict[str, Any]) -> tuple[mx.array, mx.array]:
     """(down, up) of one product for every plain whole-layer LoRA slot: ranks concatenated, each up
     scaled by its strength; rebuilt only when the slots or a strength change."""
     key = tuple((id(s), s.strength.value) for s in slots)
@@ -110,17 +111,19 @@ def _stacked(slots: list[Slot], cache: dict) -> tuple[mx.array, mx.array]:
         cache["down"] = mx.concatenate([s.t["down"] for s in slots], axis=0)
         ups = [s.t["up"] * mx.array(s.strength.value, dtype=s.t["up"].dtype) for s in slots]
         cache["up"] = mx.concatenate(ups, axis=1)
-    return cache["down"], cache["up"]
+    down: mx.array = cache["down"]
+    up: mx.array = cache["up"]
+    return down, up
 
 
 class AdapterMixin:
     """Forward of a wrapped layer: the base layer's own `__call__`, then each active slot's share."""
 
     _zl_slots: tuple[Slot, ...]
-    _zl_cache: dict
+    _zl_cache: dict[str, Any]
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = super().__call__(x)  # type: ignore[misc]
+        out: mx.array = super().__call__(x)  # type: ignore[misc]
         slots = self._zl_slots
         if not slots:
             return out
@@ -156,12 +159,12 @@ def wrap(base: nn.Module, slots: tuple[Slot, ...]) -> nn.Module:
     sub = _CLASSES.get(cls)
     if sub is None:
         sub = _CLASSES[cls] = type(f"Adapter{cls.__name__}", (AdapterMixin, cls), {})
-    layer: Any = sub.__new__(sub)
+    layer: Any = cast(Any, sub).__new__(sub)  # no __init__: the base's arrays and attributes are copied in
     dict.update(layer, base)
     layer.__dict__.update(base.__dict__)
     object.__setattr__(layer, "_zl_slots", slots)
     object.__setattr__(layer, "_zl_cache", {})
-    return layer
+    return cast(nn.Module, layer)
 
 
 def is_wrapped(module: Any) -> bool:

@@ -31,8 +31,10 @@ class Spec:
     mode: str
 
     @classmethod
-    def of(cls, module: nn.QuantizedLinear) -> Spec:
-        return cls(int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine")))
+    def of(cls, module: nn.Module) -> Spec:
+        """The format of a `QuantizedLinear` (given as any module: a layer's kept original)."""
+        return cls(int(getattr(module, "group_size")), int(getattr(module, "bits")),  # noqa: B009
+                   str(getattr(module, "mode", "affine")))
 
 
 def stored(module: nn.QuantizedLinear) -> dict[str, mx.array]:
@@ -58,14 +60,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     per = 32 // bits
     c = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)
     shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    return np.bitwise_or.reduce(c << shifts, axis=2).astype(np.uint32)
-
-
-def unpack(words: np.ndarray, bits: int) -> np.ndarray:
-    per = 32 // bits
-    shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-    c = (words.astype(np.uint32)[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    return c.reshape(words.shape[0], -1)
+    words: np.ndarray = np.bitwise_or.reduce(c << shifts, axis=2).astype(np.uint32)
+    return words
 
 
 def _code_values(arrays: dict[str, mx.array], spec: Spec, rows: int, cols: int) -> torch.Tensor:
@@ -114,11 +110,10 @@ def requantize(arrays: dict[str, mx.array], spec: Spec, target: torch.Tensor
     a fresh quantization. Returns the new arrays and what they decode to (fp32)."""
     rows, cols = target.shape
     gs = spec.group_size
-    kw = {"mode": spec.mode}
     src = mx.array(target.numpy())
     if spec.mode == "affine":  # scales in the dtype the layer was quantized from, as `quantize` keeps them
         src = src.astype(arrays["scales"].dtype)
-    fresh_list = mx.quantize(src, gs, spec.bits, **kw)
+    fresh_list = mx.quantize(src, gs, spec.bits, mode=spec.mode)
     fresh = {"weight": fresh_list[0], "scales": fresh_list[1]}
     if "biases" in arrays:
         fresh["biases"] = fresh_list[2]

@@ -4,8 +4,9 @@ original object and stored arrays (the only source of every rebuild and of exact
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import torch
@@ -14,7 +15,8 @@ from mlx import nn
 from ..adapter import Adapter, Target
 from ..placement import Placement
 from . import quant
-from .layer import Slot, Strength
+from .layer import Slot
+from .strength import Strength
 from .tree import Tree, linear_shape, to_torch
 
 _ATTR = "_zimage_lora_mlx"
@@ -28,6 +30,7 @@ class Record:
     strength: Strength
     active: bool = True
     compute_dtype: mx.Dtype | None = None
+    room: tuple[int, float] | None = None  # (State.version, least headroom of its slots): `strength.headroom`
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Layer:
     path: str  # where it sits in the MLX tree
     original: nn.Module
     kept: dict[str, mx.array]
-    merged_key: tuple = ()
+    merged_key: tuple[Any, ...] = ()
     merged: dict[str, mx.array] | None = None  # the arrays with every merged contribution, or None
     loss: float | None = None
     slots: dict[str, list[Slot]] = field(default_factory=dict)  # adapter name -> its slots here
@@ -67,16 +70,17 @@ class Layer:
         """fp32 weight under the dynamic adapters (merged ones included)."""
         a = self.arrays()
         if self.quantized:
-            return to_torch(quant.decode(a, quant.Spec.of(self.original)))
+            return to_torch(quant.decode(a, quant.Spec.of(cast(nn.QuantizedLinear, self.original))))
         return to_torch(a["weight"])
 
-    def rows(self, placement: Placement):
+    def rows(self, placement: Placement) -> Callable[[], torch.Tensor]:
         return lambda: self.dense_weight()[placement.lo : placement.hi]
 
     def compute_dtype(self) -> mx.Dtype:
         if self.quantized:
             scales = self.kept["scales"]
-            return scales.dtype if quant.Spec.of(self.original).mode == "affine" else mx.float32
+            spec = quant.Spec.of(cast(nn.QuantizedLinear, self.original))  # `quantized`: it is one
+            return scales.dtype if spec.mode == "affine" else mx.float32
         return self.kept["weight"].dtype
 
 
@@ -91,9 +95,23 @@ class State:
         self.records: dict[str, Record] = {}
         self.layers: dict[str, Layer] = {}
         self.lock = threading.RLock()
+        self._names: list[str] | None = None
+        self.version = 0  # counts changes of the layers' slots (what cached headrooms were read from)
 
     def tree(self) -> Tree:
         return Tree(self.model)
+
+    def names(self) -> list[str]:
+        """The model's adaptable layers under diffusers' names (what per-block patterns match), read once."""
+        if self._names is None:
+            self._names = list(Tree(self.model).path)
+        return self._names
+
+    def rebind(self, record: Record) -> None:
+        """Point each slot of `record` at its module's strength (after a module got a number of its own)."""
+        for name, layer in self.layers.items():
+            for slot in layer.slots.get(record.name, ()):
+                slot.strength = record.strength.at(name)
 
     def layer(self, tree: Tree | None, name: str) -> Layer:
         """The layer state of `name`, created (original object and arrays kept) on first touch."""

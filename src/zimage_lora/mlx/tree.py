@@ -9,8 +9,9 @@ Arrays cross between MLX and torch only here: fp32 on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -63,7 +64,7 @@ class _Shape:
     out_features: int
     bias: object = None
 
-    def children(self) -> list:
+    def children(self) -> list[Any]:
         return []
 
 
@@ -72,7 +73,7 @@ class _Norm:
     weight: torch.Tensor  # a meta tensor: only its shape is read
     bias: object = None
 
-    def children(self) -> list:
+    def children(self) -> list[Any]:
         return []
 
 
@@ -82,7 +83,7 @@ class _Proxy:
     def __init__(self, entries: list[tuple[str, Any]]) -> None:
         self.entries = entries
 
-    def named_modules(self):
+    def named_modules(self) -> Iterator[tuple[str, Any]]:
         return iter(self.entries)
 
 
@@ -93,7 +94,7 @@ class Tree:
         self.model = model
         self.path: dict[str, str] = {}  # diffusers name -> MLX path
         entries: list[tuple[str, Any]] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not name:
                 continue
             if is_linear(module):
@@ -106,13 +107,18 @@ class Tree:
             torch_name = diffusers_name(name)
             self.path[torch_name] = name
             entries.append((torch_name, proxy))
-        self.index = ModuleIndex(_Proxy(entries))
+        self.index = ModuleIndex(cast(Any, _Proxy(entries)))  # read as a torch module tree
 
     def get(self, torch_name: str) -> nn.Module:
-        return get_path(self.model, self.path[torch_name])
+        return cast(nn.Module, get_path(self.model, self.path[torch_name]))
 
     def set(self, torch_name: str, module: nn.Module) -> None:
         set_path(self.model, self.path[torch_name], module)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` (untyped in mlx)."""
+    return cast(Callable[[], list[tuple[str, nn.Module]]], model.named_modules)()
 
 
 def _step(node: Any, part: str) -> Any:

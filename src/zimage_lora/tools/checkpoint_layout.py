@@ -61,7 +61,7 @@ class Relayout:
     layout: str
     out: list[Entry] = field(init=False, default_factory=list)
     # input key -> (output key, row slice or None) for renames and splits; q/k/v parts of a fused key
-    _plan: dict[str, list[tuple[str, slice | None]]] = field(init=False, default_factory=dict)
+    _outputs: dict[str, list[tuple[str, slice | None]]] = field(init=False, default_factory=dict)
     _groups: dict[str, list[str]] = field(init=False, default_factory=dict)  # fused key -> its q, k, v input keys
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ class Relayout:
                 fused = _join(native_name(block + QKV), leaf)
                 parts = [self.prefix + _join(block + p, leaf) for p in SPLIT_QKV]
                 if all(p in shapes for p in parts):
-                    self._plan[key] = [(fused, None)]
+                    self._outputs[key] = [(fused, None)]
                     self._groups[fused] = parts
                     if key == max(parts, key=position.__getitem__):  # written when its last part arrives
                         rows = sum(shapes[p][1][0] for p in parts)
@@ -84,12 +84,12 @@ class Relayout:
             if self.layout == "diffusers" and module.endswith(QKV) and shape and shape[0] % 3 == 0:
                 block = module[: -len(QKV)]
                 third = shape[0] // 3
-                self._plan[key] = [(_join(_diffusers_name(block) + p, leaf), slice(i * third, (i + 1) * third))
+                self._outputs[key] = [(_join(_diffusers_name(block) + p, leaf), slice(i * third, (i + 1) * third))
                                    for i, p in enumerate(SPLIT_QKV)]
-                self.out += [(k, dtype, (third, *shape[1:])) for k, _s in self._plan[key]]
+                self.out += [(k, dtype, (third, *shape[1:])) for k, _s in self._outputs[key]]
                 continue
             renamed = native_name(module) if self.layout == "comfyui" else _diffusers_name(module)
-            self._plan[key] = [(_join(renamed, leaf), None)]
+            self._outputs[key] = [(_join(renamed, leaf), None)]
             self.out.append((_join(renamed, leaf), dtype, tuple(shape)))
         self._shapes = shapes
         self._held: dict[str, torch.Tensor] = {}
@@ -101,23 +101,23 @@ class Relayout:
 class _Sink:
     """Takes `write` / `write_raw` under input keys, writes the output keys to `writer`."""
 
-    def __init__(self, plan: Relayout, writer: StreamingWriter) -> None:
-        self.plan, self.writer = plan, writer
+    def __init__(self, relayout: Relayout, writer: StreamingWriter) -> None:
+        self.relayout, self.writer = relayout, writer
 
     def write_raw(self, key: str, data: torch.Tensor) -> None:
-        targets = self.plan._plan[key]
-        if len(targets) == 1 and targets[0][0] not in self.plan._groups:
+        targets = self.relayout._outputs[key]
+        if len(targets) == 1 and targets[0][0] not in self.relayout._groups:
             self.writer.write_raw(targets[0][0], data)
             return
-        dtype, shape = self.plan._shapes[key]
+        dtype, shape = self.relayout._shapes[key]
         self.write(key, data.view(dtype).reshape(shape) if data.numel() else torch.empty(shape, dtype=dtype))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        for out_key, rows in self.plan._plan[key]:
-            parts = self.plan._groups.get(out_key)
+        for out_key, rows in self.relayout._outputs[key]:
+            parts = self.relayout._groups.get(out_key)
             if parts is None:
                 self.writer.write(out_key, tensor if rows is None else tensor[rows])
                 continue
-            self.plan._held[key] = tensor
-            if all(p in self.plan._held for p in parts):
-                self.writer.write(out_key, torch.cat([self.plan._held.pop(p) for p in parts]))
+            self.relayout._held[key] = tensor
+            if all(p in self.relayout._held for p in parts):
+                self.writer.write(out_key, torch.cat([self.relayout._held.pop(p) for p in parts]))

@@ -77,7 +77,7 @@ def merge_checkpoint(
     ckpt = open_checkpoint(model)
     _check_out(out, ckpt)
     index = ckpt.module_index()
-    plan: dict[str, list[tuple[Target, float]]] = {}
+    by_module: dict[str, list[tuple[Target, float]]] = {}
     report = MergeReport(out=out)
     seen: dict[str, int] = {}
     for spec in loras:
@@ -85,13 +85,13 @@ def merge_checkpoint(
         _note_repeats(adapter, strength, seen, report)
         if strength != 0:
             for target in adapter.targets:
-                plan.setdefault(target.module, []).append((target, strength))
+                by_module.setdefault(target.module, []).append((target, strength))
         report.adapters.append({
             "name": adapter.name, "source": adapter.source, "format": adapter.format, "scale": strength,
             "targets": len(adapter.targets), "unmatched": len(adapter.unmatched),
             "unmatched_sample": [(u.key, u.reason) for u in adapter.unmatched[:5]],
         })
-    by_key = _plan_by_key(ckpt, plan)
+    by_key = _targets_by_key(ckpt, by_module)
     metadata = {"zimage_lora_merged": json.dumps([{k: a[k] for k in ("source", "scale")} for a in report.adapters])}
     _write_atomically(ckpt, by_key, out, out_dtype, metadata, report, progress, layout)
     report.seconds = time.perf_counter() - started
@@ -173,11 +173,11 @@ def _load(spec, index, strict: bool) -> tuple[Adapter, float]:
     return load_adapter(cfg, index, strict=strict), cfg.scale
 
 
-def _plan_by_key(ckpt: Checkpoint, plan: dict[str, list[tuple[Target, float]]]) -> dict[str, tuple[str, list]]:
+def _targets_by_key(ckpt: Checkpoint, by_module: dict[str, list[tuple[Target, float]]]) -> dict[str, tuple[str, list]]:
     """checkpoint key -> ("weight" | "bias", targets); every target must find its tensor, with its shape."""
     infos = {info.key: info for _p, info in ckpt.tensors()}
     by_key: dict[str, tuple[str, list]] = {}
-    for module, targets in plan.items():
+    for module, targets in by_module.items():
         key = f"{ckpt.prefix}{module}.weight"
         info = infos.get(key)
         if info is None:
@@ -275,14 +275,14 @@ def _stream(ckpt, tensors, entries, by_key, writer, report, bar, task) -> None:
                 handles[path] = open(path, "rb")  # noqa: SIM115 - closed below
             raw = _read_raw(handles[path], ckpt.headers[path].data_start, info)
             src_dtype = DTYPES[info.dtype][0]
-            plan = by_key.get(info.key)
-            if plan is None and dtype == src_dtype:
+            merge_into = by_key.get(info.key)
+            if merge_into is None and dtype == src_dtype:
                 writer.write_raw(info.key, raw)  # untouched: bytes copied as they are
             else:
                 tensor = _decode(raw, src_dtype, info.shape)
                 result = tensor.to(dtype)
-                if plan is not None:
-                    kind, targets = plan
+                if merge_into is not None:
+                    kind, targets = merge_into
                     merged = tensor.float() if src_dtype != torch.float32 else tensor.clone()
                     merged = merge_weight(merged, targets) if kind == "weight" else merge_bias(merged, targets)
                     merged = merged.to(dtype)  # checked as written: fp32 may be finite where fp16/bf16 is not

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..adapter import Target
-from ..apply.rows import Prepared, add_rows, add_scaled_
+from ..apply.rows import MergeFactors, add_rows, add_scaled_
 
 
-def _prepared(targets: list[tuple[Target, float]], out_features: int, device) -> list[tuple[Prepared, float]]:
-    return [(Prepared(t, out_features, device), s) for t, s in targets]
+def _factors(targets: list[tuple[Target, float]], out_features: int, device) -> list[tuple[MergeFactors, float]]:
+    return [(MergeFactors(t, out_features, device), s) for t, s in targets]
 
 
 def merge_weight(weight: torch.Tensor, targets: list[tuple[Target, float]]) -> torch.Tensor:
@@ -24,7 +24,7 @@ def merge_weight(weight: torch.Tensor, targets: list[tuple[Target, float]]) -> t
     A `rows` target changes only those rows.
     """
     # Shapes were validated when the adapters were resolved against the checkpoint's inventory.
-    weighted = [(p, s) for p, s in _prepared(targets, weight.shape[0], weight.device) if p.has_weight_delta]
+    weighted = [(p, s) for p, s in _factors(targets, weight.shape[0], weight.device) if p.has_weight_delta]
     if weight.dim() == 1:  # a norm's weight: the diff is a vector
         for p, s in weighted:
             add_scaled_(weight, p.parts["diff"].reshape(-1), p.target.scale, s)
@@ -36,7 +36,7 @@ def merge_weight(weight: torch.Tensor, targets: list[tuple[Target, float]]) -> t
 def merge_bias(bias: torch.Tensor, targets: list[tuple[Target, float]]) -> torch.Tensor:
     """`bias` (fp32, in place) plus strength * diff_b of each target (bias diffs carry no alpha scale).
     That each diff fits was checked before anything was written (`shapes.check_bias`)."""
-    for p, s in _prepared(targets, bias.shape[0], bias.device):
+    for p, s in _factors(targets, bias.shape[0], bias.device):
         placed = p.bias_delta()
         if placed is None:
             continue

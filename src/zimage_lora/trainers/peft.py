@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import InvalidFormatError
 from ..formats.untrusted import pattern_value
 from .base import ConfigAlpha, Evidence, Label, Layout, Note, Trainer
-from .scale import AlphaFrom, ConfigSource, Scale
+from .scale import AlphaFrom, ConfigSource, Scale, check_scale
 from .spelling import PEFT
 
 if TYPE_CHECKING:
@@ -71,6 +71,27 @@ def _config_alpha(file: AdapterFile, group: Group) -> ConfigAlpha | None:
     return ConfigAlpha(_finite(file, group, alpha), where, bool(cfg.get("use_rslora")))
 
 
+def _lokr_scale(file: AdapterFile, group: Group, shapes: Mapping[str, tuple[int, ...]]) -> Scale | None:
+    """PEFT LoKrConfig (tuners/lokr/layer.py `update_layer`): scaling = alpha / r, the config's r and
+    alpha (`rank_pattern` / `alpha_pattern` per module, defaults 8 and 8), whatever the factors' shapes:
+    a full lokr_w2 does not show r, so the config is where it is."""
+    cfg = file.meta.peft
+    if group.algorithm != "lokr" or cfg is None or str(cfg.get("peft_type", "")).upper() != "LOKR":
+        return None
+    r = pattern_value(cfg.get("rank_pattern") or {}, group.stem, file.path)
+    r = cfg.get("r", 8) if r is None else r
+    alpha = pattern_value(cfg.get("alpha_pattern") or {}, group.stem, file.path)
+    alpha = _finite(file, group, cfg.get("alpha", 8) if alpha is None else alpha)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or alpha is None:
+        raise InvalidFormatError(
+            f"{file.path}: the LoKr config gives r {r!r} and alpha {alpha!r} for module '{group.stem}'; expected a "
+            "positive integer and a number. Fix 'r' / 'rank_pattern' / 'alpha' in adapter_config.json."
+        )
+    scale = alpha / r
+    check_scale(file, group, alpha, r, scale)
+    return Scale(r, scale, alpha, f"alpha/r (PEFT LoKrConfig, {cfg.source.value})", _CONFIG_ALPHA[cfg.source])
+
+
 def _finite(file: AdapterFile, group: Group, alpha: object) -> float | None:
     # Config values come from JSON in the file or folder: anything may be there.
     if alpha is None:
@@ -123,5 +144,6 @@ TRAINER = Trainer(
     },
     labels=(Label(40, _label),),
     config_alpha=_config_alpha,
+    module_scale=_lokr_scale,
     notes=(Note(30, _ignored_notes),),
 )
