@@ -3,8 +3,11 @@ written to a temporary folder and deleted afterwards): wall time and peak RSS of
 (from wait4's rusage), and the error it reports. The tuned checkpoint is the base plus a planted
 rank-16 difference on every Linear weight, so --rank 32 should recover it to bf16 rounding.
 Target: peak RSS under 2 GB (one tensor pair at a time). Needs ~26 GB of free disk; run it once.
+`--quick` runs the same steps on the tiny test model (examples.tiny_model, bf16): a smoke run of the
+script in seconds, not a measurement.
 
     python bench/arith_extract.py [--workdir /tmp/x] [--keep]
+    python bench/arith_extract.py --quick
 """
 
 from __future__ import annotations
@@ -50,20 +53,30 @@ def write_tuned(base: Path, tuned: Path) -> None:
         print(f"  wrote tuned {f.name}", flush=True)
 
 
+def write_quick(folder: Path) -> int:
+    """The tiny test model in bf16 as a diffusers folder (one safetensors file + config.json)."""
+    from zimage_lora.examples import tiny_model
+
+    if not (folder / "config.json").is_file():
+        tiny_model(seed=0).to(torch.bfloat16).save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", type=Path)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--keep", action="store_true", help="keep the generated pair")
     p.add_argument("--tag", default="")
+    p.add_argument("--quick", action="store_true", help="the tiny test model instead of the full-size pair")
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="arith_extract_"))
     work.mkdir(parents=True, exist_ok=True)
-    if _free_gb(work) < 2 * 12.4 + 1 and not (work / "tuned").is_dir():
+    if not args.quick and _free_gb(work) < 2 * 12.4 + 1 and not (work / "tuned").is_dir():
         sys.exit(f"not enough disk at {work}: {_free_gb(work):.1f} GB free, ~26 GB needed")
     try:
         t0 = time.perf_counter()
-        total = write_checkpoint(work / "base")
+        total = write_quick(work / "base") if args.quick else write_checkpoint(work / "base")
         if not (work / "tuned" / "config.json").is_file():
             write_tuned(work / "base", work / "tuned")
         t_write = time.perf_counter() - t0
@@ -85,11 +98,12 @@ def main() -> None:
         ranks = sorted({m["rank"] for m in doc.get("modules", [])})
         rows = [[f"zimage-lora extract --rank {args.rank} (subprocess)", 2 * total / 1e9, peak_gb, wall,
                  2 * total / 1e9 / wall, len(doc.get("modules", [])), ranks, doc.get("error"), rc, verdict]]
-        table = (f"Extract from a full-size random bf16 Z-Image-Turbo pair (tuned = base + rank-{PLANTED} "
+        size = "the tiny test model's (--quick: a smoke run)" if args.quick else "a full-size"
+        table = (f"Extract from {size} random bf16 Z-Image-Turbo pair (tuned = base + rank-{PLANTED} "
                  f"difference per Linear; pair written in {t_write:.0f} s), 2-core Xeon CPU. Target: peak RSS "
                  "< 2 GB.\n\n" + md_table(["what", "pair GB", "peak RSS GB", "wall s", "GB/s read", "modules",
                                            "ranks", "relative error", "exit", "target"], rows))
-        save("arith-extract-cpu" + (f"-{args.tag}" if args.tag else ""),
+        save("arith-extract-cpu" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else ""),
              {"machine": machine("cpu"), "peak_rss_gb": peak_gb, "wall_s": wall, "rc": rc, "report": doc,
               "checkpoint_bytes": total}, table)
         print(table)

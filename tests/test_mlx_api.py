@@ -171,3 +171,21 @@ def test_dynamic_reweight_refuses_overflow(tmp_path, dtype, huge):
     zl.set_adapter_scale(twin, "a", 100.0)  # fits: accepted by both
     zl.set_adapter_scale(reference, "a", 100.0)
     assert zl.list_adapters(twin)[0].scale == 100.0
+
+
+def test_reweight_after_hot_swap_checks_the_new_tensors(tmp_path):
+    """The headroom kept for re-weighting is the swapped-in adapter's, not the one it replaced."""
+    torch = pytest.importorskip("torch")
+    model = tiny_model(0)
+    small = make_adapter("diffusers", tmp_path / "s.safetensors", model, alpha=0.01)
+    large = make_adapter("diffusers", tmp_path / "l.safetensors", model, alpha=400.0)  # same shapes
+    twin = _mlx.mirror(model)
+    twin.apply(lambda a: a.astype(mx.float16))
+    reference = tiny_model(0, dtype=torch.float16)
+    for m in (reference, twin):
+        zl.apply_adapter(m, small, name="a", scale=0.5)
+        zl.set_adapter_scale(m, "a", 1e4)  # fits for the small one
+        assert zl.apply_adapter(m, large, name="a", scale=0.5).hotswapped
+        with pytest.raises(zl.LoRAError, match="overflows the compute dtype"):
+            zl.set_adapter_scale(m, "a", 1e4)
+    assert [(i.name, i.scale) for i in zl.list_adapters(twin)] == [("a", 0.5)]

@@ -68,3 +68,20 @@ def test_load_adapter_resolves_against_mflux_tree(tmp_path):
     assert modules == sorted((t.module, t.rows, t.scale) for t in theirs.targets)
     assert {"t_embedder.mlp.0", "all_final_layer.2-1.adaLN_modulation.1"} <= {m for m, *_ in modules}
     assert zl.apply_adapter(twin, ours).applied == [t.label for t in theirs.targets]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "merged"])
+def test_per_block_strengths_on_mflux_tree(tmp_path, mode):
+    """Patterns name diffusers' layers; on mflux's tree (its own spellings of the timestep MLP and the
+    final adaLN) they land where they land on the diffusers model."""
+    model = tiny_model(0)
+    twin = _mlx.mflux_twin(model)
+    inp = _mlx.inputs(4)
+    path = make_adapter("kohya", tmp_path / "a.safetensors", model)
+    base_t, base_m = run_model(model, inp), _mlx.run_twin(twin, inp)
+    blocks = {"*": 0.8, "t_embedder": -1.5, "final_layer": 2.0, "layers.1": 0.0, "attention": 0.4}
+    for m in (model, twin):
+        zl.apply_adapter(m, path, scale=blocks, mode=mode)
+    effect = run_model(model, inp) - base_t
+    got = _mlx.run_twin(twin, inp) - base_m
+    assert float((got - effect).norm() / effect.norm()) < 1e-4

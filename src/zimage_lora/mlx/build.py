@@ -144,6 +144,7 @@ def _decoded(layer: Layer, merged: dict[str, mx.array] | None) -> torch.Tensor:
 def commit(state: State, changes: list[Change]) -> dict[str, float]:
     """Swap the computed contents in (nothing here can fail on valid arrays). Returns the losses."""
     losses = {}
+    state.version += 1
     for c in changes:
         layer = c.layer
         layer.merged_key, layer.merged, layer.loss = c.key, c.merged, c.loss

@@ -30,6 +30,7 @@ class Record:
     strength: Strength
     active: bool = True
     compute_dtype: mx.Dtype | None = None
+    room: tuple[int, float] | None = None  # (State.version, least headroom of its slots): `strength.headroom`
 
 
 @dataclass
@@ -95,6 +96,7 @@ class State:
         self.layers: dict[str, Layer] = {}
         self.lock = threading.RLock()
         self._names: list[str] | None = None
+        self.version = 0  # counts changes of the layers' slots (what cached headrooms were read from)
 
     def tree(self) -> Tree:
         return Tree(self.model)

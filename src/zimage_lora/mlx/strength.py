@@ -112,6 +112,14 @@ def slots_of(state: State, record: Record) -> Iterator[tuple[str, Slot]]:
             yield name, slot
 
 
+def headroom(state: State, record: Record) -> float:
+    """The least headroom of `record`'s slots, kept on the record until the slots change (so that
+    re-weighting a 276-layer adapter does not walk its slots each time)."""
+    if record.room is None or record.room[0] != state.version:
+        record.room = (state.version, min((s.headroom for _, s in slots_of(state, record)), default=math.inf))
+    return record.room[1]
+
+
 def check_dynamic_strength(state: State, record: Record, value: Strengthish) -> None:
     """Dynamic mode's overflow rule for a new strength of `record`: each slot's delta times its new number
     must be finite in the dtype it computes in; raises naming the module, changes nothing.
@@ -119,7 +127,7 @@ def check_dynamic_strength(state: State, record: Record, value: Strengthish) -> 
     Every slot passed the rule at strength max(|s|, 1) when it was made, so any |s| <= 1 is free, and
     a larger one within a slot's headroom (a cheap bound found then) too: only past it is the exact
     check run, from the slot's tensors."""
-    if largest(value) <= 1.0:
+    if largest(value) <= max(1.0, headroom(state, record)):
         return
     for name, slot in slots_of(state, record):
         number = value.at(name) if isinstance(value, Blocks) else value

@@ -47,6 +47,7 @@ def hot_swap(state: State, old: Record, adapter: Adapter, strength: Strengthish,
         if layer.wrapper is not None:
             layer.wrapper._zl_cache.clear()  # the stacked product of its LoRAs holds the old arrays
     old.adapter = adapter
+    state.version += 1
     if old.strength.set(strength):
         state.rebind(old)
     return True
