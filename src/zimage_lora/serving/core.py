@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +129,11 @@ class Engine:
                 todo.append(i)
                 r = job.request
                 name = lease.name
-                requests.append(Request(r.prompt, r.seed, r.steps, r.width, r.height, r.guidance,
-                                        lease.spec(job.loras), r.negative_prompt,
-                                        {name(s): points for s, points in job.schedules},
-                                        {name(s): mask for s, mask in job.regions}))
+                # The parsed request with its sources swapped for attached names; every other field as sent.
+                requests.append(replace(
+                    r, adapters=lease.spec(job.loras), schedules={name(s): points for s, points in job.schedules},
+                    regions={name(s): mask for s, mask in job.regions},
+                ))
             try:
                 images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
                 outcomes: list[Any] = [png_bytes(image) for image in images]
