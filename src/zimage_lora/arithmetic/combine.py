@@ -80,7 +80,8 @@ def combine(
     name: str = "combined",
 ) -> Adapter:
     """One LoRA `Adapter` from `inputs` (each "SOURCE[:S]", (source, strength), a LoRAConfiguration or an
-    Adapter), resolved against `model` (default: the Z-Image-Turbo inventory). Its `metadata` records the
+    Adapter), resolved against `model` (default: the Z-Image-Turbo inventory; a torch model with its
+    weights or a checkpoint also gives DoRA / OFT / BOFT / GLoRA / IA3 inputs their base). Its `metadata` records the
     inputs (file, sha256, strength), the method, the rank rule and the error per module and in total."""
     return combine_report(inputs, method=method, rank=rank, energy=energy, density=density, seed=seed,
                           model=model, dtype=dtype, name=name)[0]

@@ -91,6 +91,7 @@ class ZImageServer:
             serve.context._serve_request_context.set(without_id)  # type: ignore[arg-type]
         if self.pending + len(jobs) > self.options.max_queue:
             message = f"the server is busy ({self.pending} requests queued, at most {self.options.max_queue})"
+            self.advertise_held()  # this request's set, recorded above, is not held: not advertised either
             return [(503, message)] * len(jobs)
         self.pending += len(jobs)
         try:
