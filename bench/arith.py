@@ -13,6 +13,9 @@ our factor path (QR of the stacked factors + SVD of the small core) against the 
 
     python bench/arith.py            # ~5-10 minutes on 2 CPU cores
     python bench/arith.py --quick    # one round, the 3840x3840 shape only
+
+On a machine shared with busy processes, `--cpu --threads 1` gives process CPU seconds without the
+time idle worker threads spin on contended cores (every way runs under the same setting).
 """
 
 from __future__ import annotations
@@ -156,7 +159,10 @@ def main() -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--cpu", action="store_true", help="report process CPU seconds instead of wall seconds")
     p.add_argument("--skip-e2e", action="store_true", help="per-module comparison only")
+    p.add_argument("--threads", type=int, help="torch intra-op threads for every way (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     global USE_CPU
     USE_CPU = args.cpu
     rounds = 1 if args.quick else args.rounds
@@ -171,7 +177,7 @@ def main() -> None:
     name = "arith-cpu" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     unit = "CPU s" if args.cpu else "s"
     table = ("Combine / resize of a 276-module rank-32 LoRA pair (bf16 files, Z-Image-Turbo shapes), "
-             f"2-core Xeon CPU, times in {unit}.\n\n"
+             f"2-core Xeon CPU, {torch.get_num_threads()} torch thread(s), times in {unit}.\n\n"
              + md_table(["end to end (ours)", "median s", "rounds"],
                         [[r["what"], r["median_s"], r["rounds"]] if r["median_s"] is not None
                          else [r["what"] + f" = {r['error']:.3%}", None, None] for r in e2e])
@@ -180,7 +186,8 @@ def main() -> None:
                         [[r["shape"], r["count"], r["way"], r["median_s"], r["rounds"], r["vs_ours"]] for r in mods])
              + "\n\nEstimated over those modules (per-module median x count):\n\n"
              + md_table(["way", "total s", "x ours"], [[k, v, v / ours_total] for k, v in totals.items()]))
-    save(name, {"machine": machine("cpu"), "end_to_end": e2e, "per_module": mods, "totals": totals}, table)
+    save(name, {"machine": machine("cpu"), "threads": torch.get_num_threads(), "end_to_end": e2e,
+                "per_module": mods, "totals": totals}, table)
     print(table)
 
 

@@ -50,20 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def replica_stats(url: str, replicas: int) -> dict[str, dict]:
-    """The latest /stats of every replica (a /stats call reaches one, at random)."""
-    seen: dict[str, dict] = {}
-    for _ in range(50 * replicas):
-        with urllib.request.urlopen(f"{url}/stats", timeout=30) as r:
-            stats = json.loads(r.read())
-        seen[stats["replica"]] = stats
-        if len(seen) == replicas:
-            break
-    return seen
+def _stats_inside(actor: object) -> dict:
+    """Run inside a model replica's process (Ray's `__ray_call__`): that replica's counters."""
+    from zimage_lora.serving.replica import MULTIPLEX_ATTR
+
+    # Ray Serve 2.x keeps the deployment's instance here (private; fine for a benchmark).
+    server = getattr(getattr(getattr(actor, "_replica_impl", None), "_user_callable_wrapper", None),
+                     "user_callable", None)
+    if server is None or not hasattr(server, "engine"):
+        raise RuntimeError(f"no ZImageServer instance found in {type(actor).__name__} (Ray's layout changed?)")
+    advertised = getattr(getattr(server, MULTIPLEX_ATTR, None), "models", ())
+    return {**server.engine.stats(), "advertised_sets": len(advertised)}
+
+
+def replica_stats(replicas: int) -> dict[str, dict]:
+    """Every model replica's counters, asked of each replica actor directly (an HTTP /stats call
+    reaches one replica, as the router chooses, so it cannot be relied on to reach them all)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ZImageServer" in a["name"]]
+    assert len(names) == replicas, names
+    actors = [ray.get_actor(name, namespace="serve") for name in names]
+    return dict(zip(names, ray.get([a.__ray_call__.remote(_stats_inside) for a in actors], timeout=60), strict=True))
 
 
 def run_mode(url: str, replicas: int, bodies: list[dict], concurrency: int) -> dict:
-    before = replica_stats(url, replicas)
+    before = replica_stats(replicas)
 
     def one(body: dict) -> float:
         t = time.perf_counter()
@@ -77,10 +89,10 @@ def run_mode(url: str, replicas: int, bodies: list[dict], concurrency: int) -> d
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         latencies = sorted(pool.map(one, bodies))
     wall = time.perf_counter() - t0
-    after = replica_stats(url, replicas)
+    after = replica_stats(replicas)
 
     def delta(field: str) -> int:
-        return sum(after[k]["store"][field] - before.get(k, after[k])["store"][field] for k in after)
+        return sum(after[k]["store"][field] - before[k]["store"][field] for k in after)
 
     misses, hits = delta("host_misses"), delta("host_hits")
     attaches, attached = delta("device_misses"), delta("device_hits")
@@ -88,7 +100,8 @@ def run_mode(url: str, replicas: int, bodies: list[dict], concurrency: int) -> d
             "device_hit_rate": attached / max(attached + attaches, 1), "attaches_per_request": attaches / len(bodies),
             "requests_per_s": len(bodies) / wall, "p50_s": statistics.median(latencies),
             "p95_s": latencies[int(0.95 * (len(latencies) - 1))],
-            "advertised_sets": {k[:8]: v.get("advertised_sets") for k, v in after.items()}}
+            "advertised_sets": {k[-8:]: v["advertised_sets"] for k, v in after.items()},
+            "requests_per_replica": {k[-8:]: v["requests"] - before[k]["requests"] for k, v in after.items()}}
 
 
 def main() -> None:
@@ -128,9 +141,10 @@ def main() -> None:
              f"adapters with Zipf(1) popularity, host budget {args.slots} adapters per replica, {args.requests} "
              f"requests (1 step, 32x32) from {args.concurrency} concurrent clients over loopback.")
     table = md_table(["routing", "host hit rate", "disk loads / request", "device hit rate", "attaches / request",
-                      "requests/s", "p50 s", "p95 s", "sets advertised at the end"],
+                      "requests/s", "p50 s", "p95 s", "images per replica", "sets advertised at the end"],
                      [[m, r["host_hit_rate"], r["disk_loads_per_request"], r["device_hit_rate"],
                        r["attaches_per_request"], r["requests_per_s"], r["p50_s"], r["p95_s"],
+                       " ".join(str(v) for v in r["requests_per_replica"].values()),
                        " ".join(str(v) for v in r["advertised_sets"].values())] for m, r in results.items()])
     text = "machine: " + str(machine("cpu")) + "\n\n" + title + "\n\n" + table
     print(text)

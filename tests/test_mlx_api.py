@@ -58,7 +58,8 @@ def _pipe(twin):
 REFUSED = {
     "per_sample_adapters": ("per_sample_adapters", lambda m: zl.per_sample_adapters(m, [{"a": 1.0}]).__enter__()),
     "Adapters.per_sample": ("per_sample_adapters", lambda m: zl.Adapters(m).per_sample([{"a": 1.0}]).__enter__()),
-    "schedule": ("schedule", lambda m: zl.schedule(_pipe(m), {"a": [(0.0, 1.0), (1.0, 0.0)]}).__enter__()),
+    "per-sample schedule": ("per_sample_adapters", lambda m: zl.schedule(
+        _pipe(m), [{"a": [(0.0, 1.0), (1.0, 0.0)]}], specs=[{"a": 1.0}]).__enter__()),
     "regional_adapters": ("regional_adapters",
                           lambda m: zl.regional_adapters(_pipe(m), {"a": (0.0, 0.0, 0.5, 1.0)}).__enter__()),
     "AdapterStore": ("AdapterStore", lambda m: zl.AdapterStore(m)),

@@ -85,3 +85,34 @@ def test_per_block_strengths_on_mflux_tree(tmp_path, mode):
     effect = run_model(model, inp) - base_t
     got = _mlx.run_twin(twin, inp) - base_m
     assert float((got - effect).norm() / effect.norm()) < 1e-4
+
+
+def test_schedule_runs_through_mflux_callbacks(tmp_path):
+    """`zl.schedule` on mflux's model: its callback registry (what `ZImage.generate_image` calls before
+    the loop and after each step) sets each step's strength; leaving the block restores it."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    from mflux.callbacks.callback_registry import CallbackRegistry
+
+    model = tiny_model(0)
+    pipe = _mlx._Node()  # as mflux's `ZImage`: the transformer and the callback registry
+    pipe.transformer, pipe.callbacks = _mlx.mflux_twin(model), CallbackRegistry()
+    zl.apply_adapter(pipe, make_adapter("diffusers", tmp_path / "a.safetensors", model), name="a", scale=0.8)
+    config = SimpleNamespace(num_inference_steps=4, init_time_step=0, time_steps=range(4))
+    seen = []
+    latents = mx.zeros((1,))
+    with zl.schedule(pipe, {"a": [(0.0, 1.0), (1.0, 0.0)]}):
+        ctx = pipe.callbacks.start(seed=1, prompt="a fox", config=config)  # the loop of generate_image
+        ctx.before_loop(latents)
+        for t in config.time_steps:
+            seen.append(zl.list_adapters(pipe)[0].scale)
+            ctx.in_loop(t, latents)
+        ctx.after_loop(latents)
+    assert seen == pytest.approx([0.8, 0.6, 0.4, 0.2])  # step t at fraction t / 4
+    assert zl.list_adapters(pipe)[0].scale == 0.8
+    assert not pipe.callbacks.in_loop and not pipe.callbacks.before_loop
+    bare = _mlx._Node()
+    bare.transformer = pipe.transformer
+    with pytest.raises(zl.UnsupportedError, match="callbacks"), zl.schedule(bare, {"a": [(0.0, 1.0)]}):
+        pass

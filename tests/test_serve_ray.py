@@ -1,7 +1,8 @@
 """`zimage-lora serve` on a local Ray instance (loopback only): health, concurrent mixed-adapter
 requests batched together with the images `generate` makes, 4xx errors with their messages, every
-listening socket on loopback, API keys, 413 without reading, 503 when the queue is full, the
-OpenAI-shaped route (through the `openai` client) and bad requests mixed into good ones."""
+listening socket on loopback, API keys, 413 without reading, 503 when the queue is full, the OpenAI
+route (the `openai` client), bad requests mixed into good ones, per-block strengths, schedules and
+masks in a request, a forced 500, and a client that leaves while queued."""
 
 from __future__ import annotations
 
@@ -280,14 +281,6 @@ def test_blocks_schedule_and_region_in_a_request_equal_the_python_api(server):
     assert status == 422 and "nearest: layers" in json.loads(raw)["error"], raw[:300]
 
 
-def _replicas():
-    """Ray actor handles of the model replicas (Ray's own naming of Serve replica actors)."""
-    import ray
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ZImageServer" in a["name"]]
-    return [ray.get_actor(name, namespace="serve") for name in names]
-
-
 def test_an_unexpected_error_answers_500_with_the_request_id_logged(server, capfd):
     """A fault injected into the replica (through Ray's `__ray_call__`, which runs a function inside the
     actor's process): the request that hits it gets JSON {"error", "request_id"} and 500, the id is the
@@ -295,6 +288,8 @@ def test_an_unexpected_error_answers_500_with_the_request_id_logged(server, capf
     import ray
 
     url, _, _ = server
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "ZImageServer" in a["name"]]
+    replicas = [ray.get_actor(name, namespace="serve") for name in names]  # the model replicas' actors
 
     def inject(_actor, on: bool) -> None:
         from zimage_lora.serving import core
@@ -309,13 +304,13 @@ def test_an_unexpected_error_answers_500_with_the_request_id_logged(server, capf
 
         core.generate_batch = faulty if on else real
 
-    ray.get([r.__ray_call__.remote(inject, True) for r in _replicas()], timeout=30)
+    ray.get([r.__ray_call__.remote(inject, True) for r in replicas], timeout=30)
     try:
         body = {"prompt": "inject a fault", "steps": 1, "width": 32, "height": 32}
         status, raw, headers = post(url, body, full=True)
         ok, png = post(url, {**body, "prompt": "no fault"})
     finally:
-        ray.get([r.__ray_call__.remote(inject, False) for r in _replicas()], timeout=30)
+        ray.get([r.__ray_call__.remote(inject, False) for r in replicas], timeout=30)
     assert ok == 200 and png[:4] == b"\x89PNG"
     answer = json.loads(raw)
     assert status == 500 and set(answer) == {"error", "request_id"}, raw[:300]

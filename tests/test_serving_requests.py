@@ -171,3 +171,32 @@ def test_api_keys(tmp_path, monkeypatch):
     keys.write_text("short\n")
     with pytest.raises(zl.InvalidFormatError, match="shorter than 16"):
         load_key_hashes(keys, {})
+
+
+def test_a_replica_advertises_only_the_adapter_sets_its_store_holds(root):
+    """The router's picture (Ray Serve's multiplexed ids of the replica) loses a set as soon as the
+    store evicted one of its adapters; what the store still holds stays advertised."""
+    pytest.importorskip("ray.serve", reason="Ray Serve (the [serve] extra) is not installed")
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from zimage_lora.serving.replica import MULTIPLEX_ATTR, ZImageServer
+    from zimage_lora.store import AdapterStore
+
+    make_adapter("diffusers", root / "other.safetensors", tiny_pipeline(0).transformer, seed=2)
+    store = AdapterStore(tiny_pipeline(0), roots=[str(root)], host_budget_bytes=None)
+    replica = object.__new__(ZImageServer.func_or_class)  # the class Ray deploys, without a Ray context
+    replica.engine = SimpleNamespace(store=store)
+    replica.sets = {"held": ("style.safetensors",), "evicted": ("style.safetensors", "other.safetensors"),
+                    "dropped by Ray": ("style.safetensors",)}
+    wrapper = SimpleNamespace(models=OrderedDict(held=1, evicted=1, unknown=1), _push_multiplexed_replica_info=False)
+    setattr(replica, MULTIPLEX_ATTR, wrapper)
+    store.lease(["style.safetensors"]).close()  # in the host tier; "other" is not
+    assert sorted(replica.advertise_held()) == ["evicted", "unknown"]
+    assert list(wrapper.models) == ["held"] and list(replica.sets) == ["held"]
+    assert wrapper._push_multiplexed_replica_info  # Ray pushes the shorter list to the routers
+    store.lease(["other.safetensors"]).close()
+    wrapper.models["evicted"] = 1
+    replica.sets["evicted"] = ("style.safetensors", "other.safetensors")
+    wrapper._push_multiplexed_replica_info = False
+    assert replica.advertise_held() == [] and not wrapper._push_multiplexed_replica_info

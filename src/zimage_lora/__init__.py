@@ -7,6 +7,7 @@ The public names are imported on first use (PEP 562), so `import zimage_lora.cli
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'zimage_lora' has no attribute {name!r}")

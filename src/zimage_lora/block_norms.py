@@ -24,6 +24,7 @@ def block_norms(adapter: Adapter) -> dict[str, float | None]:
         with torch.no_grad():
             d = algorithms.delta(t.algorithm, {k: v.float() for k, v in t.tensors.items()})
             sq = float(torch.linalg.vector_norm(d).square()) * t.scale**2
-        if squares.get(block, 0.0) is not None:
-            squares[block] = squares.get(block, 0.0) + sq
-    return {b: None if squares[b] is None else math.sqrt(squares[b]) for b in sorted(squares, key=block_key)}
+        so_far = squares.get(block, 0.0)
+        if so_far is not None:
+            squares[block] = so_far + sq
+    return {b: None if (s := squares[b]) is None else math.sqrt(s) for b in sorted(squares, key=block_key)}

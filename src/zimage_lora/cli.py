@@ -12,6 +12,8 @@ import argparse
 import importlib
 import re
 import sys
+from types import ModuleType
+from typing import NoReturn
 
 from .errors import LoRAError
 
@@ -49,11 +51,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the README's promise: one `error:` line and exit status 1 (argparse alone prints
     the usage and exits 2). Subcommand parsers are made of the same class."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}. See '{self.prog} --help'.")
 
 
-def _module(name: str):
+def _module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(f".commands.{name}", __package__)
     except ModuleNotFoundError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from .keys.aliases import FUSED_QKV, qkv_block, qkv_groups
 from .layouts import LAYOUTS as _LAYOUT_ROWS
 from .layouts import Item, Layout, write
 
-TINY_CONFIG: dict = {
+TINY_CONFIG: dict[str, Any] = {
     "all_patch_size": [2],
     "all_f_patch_size": [1],
     "in_channels": 16,
@@ -38,11 +39,11 @@ TINY_CONFIG: dict = {
 }
 
 
-def tiny_config(**overrides) -> dict:
+def tiny_config(**overrides: Any) -> dict[str, Any]:
     return {**TINY_CONFIG, **overrides}
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
     """A small random `ZImageTransformer2DModel` (dim 64, 2 layers, 1 refiner layer) in eval mode."""
     from .quiet import quiet_imports
 
@@ -50,7 +51,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
         from diffusers import ZImageTransformer2DModel
 
     torch.manual_seed(seed)
-    model = ZImageTransformer2DModel(**tiny_config(**overrides))
+    make: Any = ZImageTransformer2DModel  # diffusers' register_to_config leaves its constructor untyped
+    model: torch.nn.Module = make(**tiny_config(**overrides))
     # diffusers zero-initialises some layers; random weights make every layer matter for comparisons.
     with torch.no_grad():
         for p in model.parameters():
@@ -70,7 +72,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return model.eval()
 
 
-def tiny_inputs(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict | None = None) -> dict:
+def tiny_inputs(
+    seed: int = 0, dtype: torch.dtype = torch.float32, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Inputs for a tiny model's forward: one 8x8 latent and a 7-token caption."""
     cfg = config or TINY_CONFIG
     g = torch.Generator().manual_seed(seed)
@@ -82,9 +86,10 @@ def tiny_inputs(seed: int = 0, dtype: torch.dtype = torch.float32, config: dict 
 
 
 @torch.no_grad()
-def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+def run_model(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     out = model(inputs["x"], inputs["t"], inputs["cap_feats"], return_dict=False)[0]
-    return out[0].float()
+    first: torch.Tensor = out[0]
+    return first.float()
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
@@ -97,7 +102,7 @@ def _rand(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * scale
 
 
-def _lora(g, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
+def _lora(g: torch.Generator, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
     return {"down": _rand(g, rank, in_f, scale=1 / math.sqrt(in_f)), "up": _rand(g, out_f, rank, scale=0.2)}
 
 
@@ -110,7 +115,9 @@ def _split(n: int) -> tuple[int, int]:
     return best, n // best
 
 
-def _lokr(g, out_f: int, in_f: int, rank: int, factorized: bool, tucker: bool = False) -> dict[str, torch.Tensor]:
+def _lokr(
+    g: torch.Generator, out_f: int, in_f: int, rank: int, factorized: bool, tucker: bool = False
+) -> dict[str, torch.Tensor]:
     o1, o2 = _split(out_f)
     i1, i2 = _split(in_f)
     t = {"w1": _rand(g, o1, i1, scale=0.5)}
@@ -126,7 +133,7 @@ def _lokr(g, out_f: int, in_f: int, rank: int, factorized: bool, tucker: bool = 
     return t
 
 
-def _loha(g, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
+def _loha(g: torch.Generator, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
     s = 1 / math.sqrt(math.sqrt(in_f))
     return {
         "w1_a": _rand(g, out_f, rank, scale=0.3), "w1_b": _rand(g, rank, in_f, scale=s),
@@ -134,7 +141,9 @@ def _loha(g, out_f: int, in_f: int, rank: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _factors(kind: str, g: torch.Generator, module: torch.nn.Linear, rank: int) -> tuple[str, dict, Dora | None]:
+def _factors(
+    kind: str, g: torch.Generator, module: torch.nn.Linear, rank: int
+) -> tuple[str, dict[str, torch.Tensor], Dora | None]:
     """(algorithm, tensors, DoRA) of one example module of `kind`."""
     o, i = module.out_features, module.in_features
     if kind in ("lora", "dora"):

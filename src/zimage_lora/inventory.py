@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,13 +20,14 @@ from .errors import AdapterNotFoundError, InvalidFormatError
 MODULES_FILE = "data/zimage_turbo_modules.json"
 
 
-def default_config() -> dict:
+def default_config() -> dict[str, Any]:
     """The Z-Image-Turbo transformer config (30 layers, width 3840), shipped with the package."""
     text = resources.files("zimage_lora").joinpath("data/zimage_turbo_config.json").read_text()
-    return json.loads(text)
+    config: dict[str, Any] = json.loads(text)
+    return config
 
 
-def load_config(path: str | Path | None) -> dict:
+def load_config(path: str | Path | None) -> dict[str, Any]:
     """A diffusers transformer folder, its config.json, or None for the default config."""
     if path is None:
         return default_config()
@@ -47,7 +49,7 @@ def load_config(path: str | Path | None) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def meta_model(config: dict | None = None) -> torch.nn.Module:
+def meta_model(config: dict[str, Any] | None = None) -> torch.nn.Module:
     """A `ZImageTransformer2DModel` with no storage: module names and shapes only."""
     from .quiet import quiet_imports
 
@@ -57,12 +59,14 @@ def meta_model(config: dict | None = None) -> torch.nn.Module:
     cfg = default_config() if config is None else config
     try:
         with torch.device("meta"):
-            return ZImageTransformer2DModel(**cfg)
+            make: Any = ZImageTransformer2DModel  # diffusers' register_to_config leaves its constructor untyped
+            model: torch.nn.Module = make(**cfg)
+            return model
     except TypeError as exc:
         raise InvalidFormatError(f"the config does not fit ZImageTransformer2DModel: {exc}") from None
 
 
-def inventory_model(config: dict | None = None) -> torch.nn.Module:
+def inventory_model(config: dict[str, Any] | None = None) -> torch.nn.Module:
     """What the key resolver needs of a model (adaptable module names and shapes), as cheaply as
     possible: the bundled stand-in for the default config, else the meta-device diffusers model."""
     if config is None or config == default_config():
@@ -72,11 +76,11 @@ def inventory_model(config: dict | None = None) -> torch.nn.Module:
 
 # --- bundled data --------------------------------------------------------------------------------------
 
-def module_entries(model: torch.nn.Module) -> dict[str, dict]:
+def module_entries(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Every module the key resolver indexes, as JSON-ready {name: {shape, bias, linear}}."""
     from .keys.index import module_shape
 
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         shape = module_shape(module) if name else None
         if shape is not None:
@@ -84,9 +88,10 @@ def module_entries(model: torch.nn.Module) -> dict[str, dict]:
     return out
 
 
-def bundled_modules() -> dict[str, dict]:
+def bundled_modules() -> dict[str, dict[str, Any]]:
     text = resources.files("zimage_lora").joinpath(MODULES_FILE).read_text()
-    return json.loads(text)["modules"]
+    modules: dict[str, dict[str, Any]] = json.loads(text)["modules"]
+    return modules
 
 
 class StandInNorm(torch.nn.Module):
@@ -98,7 +103,7 @@ class StandInNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(n, device="meta")) if bias else None
 
 
-def stand_in_tree(entries: dict[str, dict]) -> torch.nn.Module:
+def stand_in_tree(entries: dict[str, dict[str, Any]]) -> torch.nn.Module:
     """A module tree of meta Linear / norm layers with the given names, shapes and biases."""
     leaves: dict[str, torch.nn.Module] = {}
     for name, e in entries.items():

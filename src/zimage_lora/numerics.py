@@ -44,7 +44,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def _bits_below(bits: torch.Tensor, mask: int) -> bool:
     scratch = torch.empty(min(bits.numel(), _CHUNK), dtype=torch.int16)
-    for chunk in bits.split(_CHUNK):
+    for chunk in torch.split(bits, _CHUNK):
         part = scratch[: chunk.numel()]
         torch.bitwise_and(chunk, 0x7FFF, out=part)
         if int(part.max()) >= mask:

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import InvalidArgumentError, LoRAError
-from .mlx.probe import refuse
+from .mlx import dispatcher
+from .mlx.probe import is_mlx, unsupported
 
 Points = tuple[tuple[float, float], ...]
 INTERPOLATIONS = ("linear", "step")
@@ -82,12 +83,14 @@ class _Run:
         self.schedules = schedules
         self.interpolation = interpolation
         self.base: dict[str, Any] = {}
+        mlx = dispatcher(model)
         for name in schedules:
-            record = attached(model, name)
-            if record is None:
+            record = attached(model, name) if mlx is None else None
+            base = record.strength.get() if record is not None else mlx.strength_of(model, name) if mlx else None
+            if base is None:
                 raise LoRAError(f"schedule: no adapter named '{name}' is attached to the transformer; apply it "
                                 "first with apply_adapter(pipe, source, name=...).")
-            self.base[name] = record.strength.get()
+            self.base[name] = base
         self.last: dict[str, float] = {}
 
     def at(self, fraction: float) -> None:
@@ -191,13 +194,23 @@ def schedule(pipe: Any, schedules: Mapping[str, Any] | Sequence[Mapping[str, Any
     """
     from .apply.access import _model_of
 
-    refuse(pipe, "schedule")
     if interpolation not in INTERPOLATIONS:
         raise InvalidArgumentError(f"schedule: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     per_sample = isinstance(schedules, Sequence) and not isinstance(schedules, str)
     if not all(isinstance(s, Mapping) for s in (schedules if per_sample else [schedules])) or not schedules:
         raise InvalidArgumentError(f"schedule: expected {{adapter name: [(fraction, factor), ...]}} (or a list of "
                                    f"them, one per sample, with specs=...), got {schedules!r}")
+    if is_mlx(pipe) or is_mlx(getattr(pipe, "transformer", None)):  # mflux: its own step hook (mlx.steps)
+        from .mlx.steps import scheduled
+
+        if not isinstance(schedules, Mapping):
+            raise unsupported("per_sample_adapters")
+        if specs is not None or block is not None:
+            raise InvalidArgumentError("schedule: specs=... and block=... go with a list of per-sample schedules.")
+        checked = {name: check_points(points, f"schedule of '{name}'") for name, points in schedules.items()}
+        with scheduled(pipe, _Run(pipe, checked, interpolation)):
+            yield
+        return
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise InvalidArgumentError(f"schedule: expected a Z-Image pipeline (with a transformer), got {type(pipe)}")
     run: _Run | _PerSampleRun

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import algorithms
 from .adapter import Target
@@ -36,7 +37,7 @@ def check_delta(
     where: str, algorithm: str, shapes: Mapping[str, Shape], *, out_rows: int, in_features: int,
     delta_rows: tuple[int, int] | None = None,
     inconsistent: tuple[type[LoRAError], str] = (IncompatibleWeightsError, ""),
-    values: Mapping | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> int:
     """The delta the factors describe must take the module's inputs and cover its `out_rows` rows
     (rows `delta_rows` of it, when given). Returns the delta's row count. `inconsistent`: the error

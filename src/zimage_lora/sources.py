@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from .errors import (
     AdapterNotFoundError,
@@ -56,7 +57,7 @@ def parse_strength(value: object, *, where: str = "scale") -> float:
     try:
         if isinstance(value, bool):  # float(True) is 1.0, but True is no strength anyone meant
             raise TypeError
-        number = float(value)  # numbers, numpy scalars, 0-d tensors, numeric text
+        number = float(cast(Any, value))  # numbers, numpy scalars, 0-d tensors, numeric text; else it raises
     except (TypeError, ValueError, OverflowError):
         raise _LegacyArgumentError(f"{where}: bad strength {value!r}; expected a number such as 0.8 or -0.5.") from None
     if not fits_fp32(number):
@@ -70,7 +71,7 @@ def parse_strength(value: object, *, where: str = "scale") -> float:
 @dataclass
 class ResolvedSource:
     path: Path
-    config: dict | None  # PEFT adapter_config.json, when the source is a PEFT folder
+    config: dict[str, object] | None  # PEFT adapter_config.json, when the source is a PEFT folder
 
     @property
     def default_name(self) -> str:
@@ -81,16 +82,18 @@ class ResolvedSource:
 
 
 # Indirection so tests can stand in for the network.
-def _hf_hub_download(**kwargs) -> str:
+def _hf_hub_download(**kwargs: Any) -> str:
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(**kwargs)
+    path: str = hf_hub_download(**kwargs)
+    return path
 
 
-def _snapshot_download(**kwargs) -> str:
+def _snapshot_download(**kwargs: Any) -> str:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(**kwargs)
+    path: str = snapshot_download(**kwargs)
+    return path
 
 
 def resolve_source(cfg: LoRAConfiguration | str | Path) -> ResolvedSource:
@@ -213,7 +216,7 @@ def _listing(folder: Path) -> str:
     return ", ".join(names) if names else "(empty)"
 
 
-def _read_peft_config(folder: Path) -> dict | None:
+def _read_peft_config(folder: Path) -> dict[str, object] | None:
     path = folder / PEFT_CONFIG
     if not path.is_file():
         return None

@@ -97,7 +97,7 @@ class AdapterStore:
         self._names = 0
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._cuda = device if device.type == "cuda" else None
-        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None  # type: ignore[no-untyped-call]
+        self._stream = torch.cuda.Stream(device) if self._cuda is not None else None
 
     # -- keys and the allow-list (the policy itself: store_loader.source_key) ----------------------
     def key(self, source: str | Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Any
 
 from . import algorithms
 from .adapter import Adapter, Target
@@ -50,7 +51,7 @@ def factor_shapes(target: Target) -> str:
         return ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
 
 
-def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
+def summarize(adapter: Adapter, index: ModuleIndex) -> dict[str, Any]:
     """A JSON-ready description; `format`, `matched` and `unmatched` are read by outside tools."""
     linear = index.linear_names()
     matched = adapter.modules
@@ -59,7 +60,7 @@ def summarize(adapter: Adapter, index: ModuleIndex) -> dict:
     by_kind_total = Counter(layer_kind(m) for m in linear)
     by_kind_hit = Counter(layer_kind(m) for m in set(matched) if m in index.shapes and index.shapes[m].is_linear)
     ranks = Counter(t.rank for t in adapter.targets if t.rank is not None)
-    alphas: Counter = Counter(_num(t.alpha) for t in adapter.targets if t.alpha is not None and t.alpha_used)
+    alphas: Counter[str] = Counter(_num(t.alpha) for t in adapter.targets if t.alpha is not None and t.alpha_used)
     unused = sum(1 for t in adapter.targets if t.alpha is not None and not t.alpha_used)
     if unused:
         alphas["unused"] = unused

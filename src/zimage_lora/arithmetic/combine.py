@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,10 +39,10 @@ class ArithmeticReport:
     """What was done: inputs, rule, and the error per module (relative Frobenius norm of the lost part)."""
 
     operation: str
-    inputs: list[dict]
+    inputs: list[dict[str, Any]]
     method: str
-    rule: dict
-    modules: list[dict] = field(default_factory=list)  # {"module", "rank", "error"}
+    rule: dict[str, Any]
+    modules: list[dict[str, Any]] = field(default_factory=list)  # {"module", "rank", "error"}
     lost: float = 0.0  # sum over modules of ||lost||^2
     total: float = 0.0  # sum over modules of ||delta||^2
     notes: list[str] = field(default_factory=list)
@@ -49,14 +50,14 @@ class ArithmeticReport:
     out: str = ""
     bytes_before: int = 0
     bytes_after: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def error(self) -> float:
         """The relative error over every module together."""
         return math.sqrt(self.lost / self.total) if self.total > 0 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"operation": self.operation, "inputs": self.inputs, "method": self.method, "rule": self.rule,
                 "error": self.error, "modules": self.modules, "notes": self.notes, "seconds": self.seconds,
                 "out": self.out, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, **self.extra}
@@ -80,14 +81,18 @@ def combine(
     name: str = "combined",
 ) -> Adapter:
     """One LoRA `Adapter` from `inputs` (each "SOURCE[:S]", (source, strength), a LoRAConfiguration or an
-    Adapter), resolved against `model` (default: the Z-Image-Turbo inventory). Its `metadata` records the
+    Adapter), resolved against `model` (default: the Z-Image-Turbo inventory; a torch model with its
+    weights or a checkpoint also gives DoRA / OFT / BOFT / GLoRA / IA3 inputs their base). Its `metadata` records the
     inputs (file, sha256, strength), the method, the rank rule and the error per module and in total."""
     return combine_report(inputs, method=method, rank=rank, energy=energy, density=density, seed=seed,
                           model=model, dtype=dtype, name=name)[0]
 
 
-def combine_report(inputs, *, method="concat", rank=None, energy=None, density=None, seed=0, model=None,
-                   dtype=None, name="combined", show_progress=False) -> tuple[Adapter, ArithmeticReport]:
+def combine_report(inputs: Sequence[Source], *, method: str = "concat", rank: int | None = None,
+                   energy: float | None = None, density: float | None = None, seed: int = 0,
+                   model: str | Path | torch.nn.Module | ModuleIndex | None = None,
+                   dtype: str | torch.dtype | None = None,
+                   name: str = "combined", show_progress: bool = False) -> tuple[Adapter, ArithmeticReport]:
     started = time.perf_counter()
     if method not in COMBINE_METHODS:
         raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(COMBINE_METHODS)}.")
@@ -155,7 +160,7 @@ def shares_of(module: str, parts: Parts, index: ModuleIndex, base: BaseWeights |
 
 
 def build(loaded: list[Input], index: ModuleIndex, method: str, rule: ranks.RankRule, density: float, seed: int,
-          dtype, name: str, report: ArithmeticReport, show_progress: bool = False, *,
+          dtype: str | torch.dtype | None, name: str, report: ArithmeticReport, show_progress: bool = False, *,
           base: BaseWeights | None = None) -> Adapter:
     dt = out_dtype(dtype, [v for i in loaded for t in i.adapter.targets for v in t.tensors.values()])
     generator = torch.Generator().manual_seed(seed)
@@ -180,16 +185,19 @@ def build(loaded: list[Input], index: ModuleIndex, method: str, rule: ranks.Rank
                 _put_bias(targets, module, summed.bias.to(dt))
             step()
     for t in targets:  # strengths near float32's limit can overflow a sum, or the output dtype
-        require_finite(t.tensors, lambda role, n, t=t: (
-            f"{report.operation}: module {t.module} ({role}) would hold {n} non-finite values in {dt}; "
-            "lower the strengths or write --dtype fp32."))
+        def message(role: str, n: int, t: Target = t) -> str:
+            return (f"{report.operation}: module {t.module} ({role}) would hold {n} non-finite values in {dt}; "
+                    "lower the strengths or write --dtype fp32.")
+
+        require_finite(t.tensors, message)
     if not targets:
         raise UnsupportedError(f"{report.operation}: the result is empty (every delta is zero).")
     return Adapter(name=name, format=report.operation, source="", targets=targets)
 
 
-def _weight_target(module, shape, shares, summed: Share, method, rule, density, generator, dt,
-                   report) -> Target | None:
+def _weight_target(module: str, shape: tuple[int, ...], shares: list[tuple[Share, float]], summed: Share,
+                   method: str, rule: ranks.RankRule, density: float, generator: torch.Generator, dt: torch.dtype,
+                   report: ArithmeticReport) -> Target | None:
     if method == "concat" and not rule.given:
         if not summed.factored:
             culprit = next(s for s, _ in shares if not s.factored)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,8 @@ from ..keys import ModuleIndex
 from ..mlx.probe import index_of
 from ..sources import LoRAConfiguration, parse_strength, resolve_source
 
-Source = str | Path | LoRAConfiguration | Adapter | tuple
+SourceItem = str | Path | LoRAConfiguration | Adapter
+Source = SourceItem | tuple[SourceItem, object]  # (source, strength)
 
 #: Output dtypes by name (None: keep the inputs' promoted dtype).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,7 +34,7 @@ class Input:
     file: str
     sha256: str
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {"file": self.file, "sha256": self.sha256, "strength": self.strength, "format": self.adapter.format}
 
 
@@ -62,7 +64,8 @@ def read_input(spec: Source, index: ModuleIndex) -> Input:
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise InvalidArgumentError(f"an input pair is (source, strength); got {len(spec)} items: {spec!r}.")
-        spec, strength = spec[0], parse_strength(spec[1], where=f"strength of {spec[0]}")
+        source, number = spec
+        spec, strength = source, parse_strength(number, where=f"strength of {source}")
     if isinstance(spec, Adapter):
         return Input(spec, strength, spec.source or spec.name, _sha256(spec.source))
     cfg = parse_lora_spec(spec) if isinstance(spec, str) else (
@@ -102,7 +105,7 @@ def out_dtype(dtype: str | torch.dtype | None, tensors: Sequence[torch.Tensor]) 
 
 
 @contextmanager
-def progress(enabled: bool, total: int, what: str) -> Iterator:
+def progress(enabled: bool, total: int, what: str) -> Iterator[Callable[..., None]]:
     """A rich progress bar over `total` steps (a no-op callable when disabled)."""
     if not enabled:
         yield lambda n=1: None

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
 from ..adapter import Adapter, Provenance, Target
 from ..errors import IncompatibleWeightsError, InvalidArgumentError
-from ..formats.safetensors_file import DTYPES
+from ..formats.safetensors_file import DTYPES, TensorInfo
 from ..keys.aliases import FUSED_QKV, alias_names, native_name, qkv_names
 from ..tools.checkpoint import Checkpoint, open_checkpoint
 from ..tools.checkpoint_merge import _decode, _read_raw
@@ -35,8 +36,9 @@ def extract(base: str | Path, tuned: str | Path, *, rank: int | None = None, ene
                           niter=niter, seed=seed)[0]
 
 
-def extract_report(base, tuned, *, rank=None, energy=None, diffs=False, dtype=None, oversample=10, niter=2,
-                   seed=0, show_progress=False) -> tuple[Adapter, ArithmeticReport]:
+def extract_report(base: str | Path, tuned: str | Path, *, rank: int | None = None, energy: float | None = None,
+                   diffs: bool = False, dtype: str | torch.dtype | None = None, oversample: int = 10, niter: int = 2,
+                   seed: int = 0, show_progress: bool = False) -> tuple[Adapter, ArithmeticReport]:
     started = time.perf_counter()
     rule = ranks.rule(rank=rank, energy=energy)
     if not rule.given:
@@ -50,7 +52,7 @@ def extract_report(base, tuned, *, rank=None, energy=None, diffs=False, dtype=No
     report.extra = {"oversample": oversample, "niter": niter, "seed": seed, "diffs": diffs}
     targets: dict[str, Target] = {}
     dt = None
-    handles: dict[Path, object] = {}
+    handles: dict[Path, BinaryIO] = {}
     try:
         with progress(show_progress, sum(i.nbytes for (_p, i), _ in pairs.values()), "extracting") as step:
             for key, ((p0, i0), (p1, i1)) in pairs.items():
@@ -76,7 +78,7 @@ def extract_report(base, tuned, *, rank=None, energy=None, diffs=False, dtype=No
     return adapter, report
 
 
-def _matched(c0: Checkpoint, c1: Checkpoint) -> dict:
+def _matched(c0: Checkpoint, c1: Checkpoint) -> dict[str, Any]:
     """base key -> ((path, info) in the base, (path, info) in the tuned one); refusing the first config
     field, key, shape or dtype that differs."""
     if (c0.config or {}) != (c1.config or {}):
@@ -102,7 +104,7 @@ def _matched(c0: Checkpoint, c1: Checkpoint) -> dict:
     return {c0.prefix + k: (v, k1[k]) for k, v in k0.items()}
 
 
-def _read(ckpt: Checkpoint, handles: dict, path: Path, info) -> torch.Tensor:
+def _read(ckpt: Checkpoint, handles: dict[Path, BinaryIO], path: Path, info: TensorInfo) -> torch.Tensor:
     if path not in handles:
         handles[path] = open(path, "rb")  # noqa: SIM115 - closed by the caller
     return _decode(_read_raw(handles[path], ckpt.headers[path].data_start, info), DTYPES[info.dtype][0], info.shape)
@@ -113,8 +115,9 @@ def _diffusers(module: str) -> str:
     return next((a for a in alias_names(module) if native_name(a) != a), module)
 
 
-def _one(name: str, diff: torch.Tensor, rule, diffs: bool, targets: dict, report, dt, oversample, niter, seed,
-         src_dtype) -> None:
+def _one(name: str, diff: torch.Tensor, rule: ranks.RankRule, diffs: bool, targets: dict[str, Target],
+         report: ArithmeticReport, dt: torch.dtype, oversample: int, niter: int, seed: int,
+         src_dtype: torch.dtype) -> None:
     if not src_dtype.is_floating_point or not bool(diff.any()):
         return
     module, _, leaf = name.rpartition(".")
@@ -139,13 +142,13 @@ def _one(name: str, diff: torch.Tensor, rule, diffs: bool, targets: dict, report
     if module.endswith(FUSED_QKV):
         d = diff.shape[0] // 3
         parts = [(p, diff[i * d:(i + 1) * d]) for i, p in enumerate(qkv_names(module[: -len(FUSED_QKV)]))]
-    for m, d in parts:
+    for m, piece in parts:
         role = "diff_b" if leaf == "bias" else "diff"
         t = targets.setdefault(m, Target(m, "full", {}))
-        t.tensors[role] = d.to(dt).clone()
+        t.tensors[role] = piece.to(dt).clone()
 
 
-def _lora(targets: dict, module: str, up: torch.Tensor, down: torch.Tensor) -> None:
+def _lora(targets: dict[str, Target], module: str, up: torch.Tensor, down: torch.Tensor) -> None:
     r = down.shape[0]
     if r == 0:
         return

@@ -38,7 +38,8 @@ class RankRule:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
-def rule(rank=None, energy=None, fro=None, ratio=None, cumulative=None) -> RankRule:
+def rule(rank: int | None = None, energy: float | None = None, fro: float | None = None, ratio: float | None = None,
+         cumulative: float | None = None) -> RankRule:
     """A checked `RankRule`: one of energy / fro / ratio / cumulative at most, rank optional beside it."""
     dynamic = {n: v for n, v in (("energy", energy), ("fro", fro), ("ratio", ratio), ("cumulative", cumulative))
                if v is not None}

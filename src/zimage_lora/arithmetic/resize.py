@@ -42,8 +42,11 @@ def resize(
                          model=model, dtype=dtype)[0]
 
 
-def resize_report(source, *, rank=None, energy=None, fro=None, ratio=None, cumulative=None, model=None,
-                  dtype=None, show_progress=False) -> tuple[Adapter, ArithmeticReport]:
+def resize_report(source: Source, *, rank: int | None = None, energy: float | None = None, fro: float | None = None,
+                  ratio: float | None = None, cumulative: float | None = None,
+                  model: str | Path | torch.nn.Module | ModuleIndex | None = None,
+                  dtype: str | torch.dtype | None = None,
+                  show_progress: bool = False) -> tuple[Adapter, ArithmeticReport]:
     started = time.perf_counter()
     rule = ranks.rule(rank=rank, energy=energy, fro=fro, ratio=ratio, cumulative=cumulative)
     if not rule.given:

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from ..adapter import Adapter
+    from ..arithmetic.combine import ArithmeticReport
 
 SUMMARY = "combine adapters into one LoRA (exact stack, truncated SVD, TIES, DARE)"
 
@@ -27,7 +35,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.convert import FORMATS
 
     p = sub.add_parser("combine", help=SUMMARY, description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +58,7 @@ def add_rule_options(p: argparse.ArgumentParser, *, kohya: bool) -> None:
         p.add_argument("--cumulative", type=float, help="kohya sv_cumulative: keep fraction C of the sum of values")
 
 
-def add_output_options(p: argparse.ArgumentParser, formats) -> None:
+def add_output_options(p: argparse.ArgumentParser, formats: Sequence[str]) -> None:
     p.add_argument("--to", default="kohya", choices=formats, help="output layout (default: kohya)")
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
                    help="dtype of the written factors (default: the inputs')")
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def finish(args: argparse.Namespace, adapter, report) -> None:
+def finish(args: argparse.Namespace, adapter: Adapter, report: ArithmeticReport) -> None:
     """Write the result and tell: one JSON object, or a few lines (the worst modules by error)."""
     from ..arithmetic.common import save
     from .output import console, emit_json
@@ -102,7 +110,7 @@ def finish(args: argparse.Namespace, adapter, report) -> None:
             c.print(f"  {m['module']}: rank {m['rank']}, error {m['error']:.2%}")
 
 
-def _size(path) -> int:
+def _size(path: str | Path) -> int:
     from pathlib import Path
 
     p = Path(path)

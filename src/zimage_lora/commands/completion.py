@@ -44,7 +44,7 @@ complete -o filenames -o bashdefault -F _zimage_lora zimage-lora
 SHELLS = {"bash": "", "zsh": "autoload -U +X bashcompinit && bashcompinit\n"}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "completion", help=SUMMARY, description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

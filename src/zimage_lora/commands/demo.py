@@ -17,7 +17,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -22,7 +22,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.convert import FORMATS
 
     p = sub.add_parser("extract", help=SUMMARY, description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

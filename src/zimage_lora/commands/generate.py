@@ -22,7 +22,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.generate import DEFAULT_MODEL, DTYPES, QUANTIZE
 
     p = sub.add_parser(

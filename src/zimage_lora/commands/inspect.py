@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..adapter import Adapter
 
 SUMMARY = "describe an adapter file and how it maps onto the model"
 
@@ -23,7 +29,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "inspect", help=SUMMARY,
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _comfyui_notes(adapter) -> list[str]:
+def _comfyui_notes(adapter: Adapter) -> list[str]:
     """Where ComfyUI would apply this file differently from its trainer (tools/targets.py says how)."""
     from ..tools.targets import comfyui_differences
 
@@ -90,7 +96,7 @@ def _comfyui_notes(adapter) -> list[str]:
             comfyui_differences((t.module, t.algorithm, t.dora, t.tensors) for t in adapter.targets)]
 
 
-def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False) -> None:
+def _print_tables(info: dict[str, Any], show_all: bool = False, list_targets: bool = False) -> None:
     from collections import Counter
 
     from rich.table import Table
@@ -156,7 +162,7 @@ def _print_tables(info: dict, show_all: bool = False, list_targets: bool = False
             console.print(f"... {more} more unmatched keys: --all lists every one, --json gives them all too")
 
 
-def _norm_table(norms: dict[str, float | None]):
+def _norm_table(norms: dict[str, float | None]) -> Table:
     """Per block, the delta's norm with a bar scaled to the largest (n/a: the delta needs the weight)."""
     from rich.table import Table
 

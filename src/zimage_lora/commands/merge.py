@@ -30,7 +30,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "merge", help=SUMMARY, description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 import json
 import os
 import sys
@@ -14,7 +19,7 @@ from typing import Any
 PIPE_WIDTH = 10_000
 
 
-def console(stderr: bool = False, markup: bool = False):
+def console(stderr: bool = False, markup: bool = False) -> Console:
     """A rich Console: the terminal's width on a terminal; in a pipe or file, no wrapping at all
     (unless COLUMNS says otherwise)."""
     from rich.console import Console

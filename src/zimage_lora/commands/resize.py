@@ -22,7 +22,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.convert import FORMATS
     from .combine import add_output_options, add_rule_options
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 DRAIN_TIMEOUT_S = 60.0  # SIGINT/SIGTERM: how long requests in flight may take to finish
 SUMMARY = "serve generation with per-request adapters (Ray Serve)"
@@ -34,7 +35,7 @@ examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..tools.generate import DTYPES, QUANTIZE
 
     p = sub.add_parser("serve", help=SUMMARY, description=HELP,
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def quiet_stderr():
+def quiet_stderr() -> Iterator[None]:
     """Ray's own shutdown chatter (its actors and workers going away, printed by its log streamer)
     is not the user's concern once the drain message is out: stderr goes to /dev/null meanwhile."""
     sys.stderr.flush()

@@ -32,7 +32,7 @@ from .strength import Strength, Strengthish
 from .swap import hot_swap
 from .tree import Tree, linear_shape, transformer_of
 
-__all__ = ["apply", "remove", "set_scale", "set_active", "switch_mode", "list_all", "REQUANT_WARN"]
+__all__ = ["apply", "remove", "set_scale", "set_active", "switch_mode", "list_all", "strength_of", "REQUANT_WARN"]
 
 _DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
@@ -272,6 +272,13 @@ def switch_mode(model: nn.Module, names: str | list[str] | None, mode: str) -> N
             warn_requant(ApplyReport(name=r.name, mode=mode, scale=r.strength.value,
                                      requant_loss={lay.name: lay.loss for lay in layers if lay.loss is not None}),
                          stacklevel=4)
+
+
+def strength_of(model: nn.Module, name: str) -> Strengthish | None:
+    """The strength the adapter `name` was last given (a number or a per-block one); None: not attached."""
+    state = get_state(transformer_of(model))
+    record = state.records.get(name) if state is not None else None
+    return record.strength.get() if record is not None else None
 
 
 def list_all(model: nn.Module) -> list[AdapterInfo]:

@@ -21,8 +21,6 @@ UNSUPPORTED = {
     "weights) before its call.",
     "regional_adapters": "masks are routed onto the token rows of diffusers' Z-Image forward, which the MLX "
     "layers do not see. Use the PyTorch model for regional adapters.",
-    "schedule": "it hooks diffusers' callback_on_step_end, which mflux's pipeline does not have. Call "
-    "set_adapter_scale(model, name, value) between steps yourself (O(1) in dynamic mode).",
     "AdapterStore": "the store serves adapters through per-sample blocks, which the MLX backend does not have. "
     "Use apply_adapter / set_active_adapters on the MLX model.",
     "generate_batch": "it batches diffusers pipeline calls with per-sample adapters, which the MLX backend does "
@@ -49,4 +47,8 @@ def refuse(obj: Any, feature: str) -> None:
     """Raise `UnsupportedError` naming `feature` and why (`UNSUPPORTED`) when `obj` is an MLX model, or a
     pipeline holding one as its `transformer`."""
     if is_mlx(obj) or is_mlx(getattr(obj, "transformer", None)):
-        raise UnsupportedError(f"{feature} is not supported on MLX models: {UNSUPPORTED[feature]}")
+        raise unsupported(feature)
+
+
+def unsupported(feature: str) -> UnsupportedError:
+    return UnsupportedError(f"{feature} is not supported on MLX models: {UNSUPPORTED[feature]}")

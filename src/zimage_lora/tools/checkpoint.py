@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,15 +32,15 @@ class Checkpoint:
     kind: str  # "folder" or "file"
     files: list[Path]
     headers: dict[Path, Header]
-    config: dict | None = None
+    config: dict[str, Any] | None = None
     index_name: str | None = None
-    index_doc: dict | None = None
+    index_doc: dict[str, Any] | None = None
     prefix: str = ""
     extra_files: list[Path] = field(default_factory=list)
 
     def tensors(self) -> list[tuple[Path, TensorInfo]]:
         """Every tensor in file order, then in data order within each file."""
-        out = []
+        out: list[tuple[Path, TensorInfo]] = []
         for path in self.files:
             infos = sorted(self.headers[path].tensors.values(), key=lambda t: t.start)
             out.extend((path, info) for info in infos)
@@ -137,7 +138,7 @@ def _open_folder(folder: Path) -> Checkpoint:
 _FIX_INDEX = "Re-create the index, or delete it to merge every .safetensors file in the folder."
 
 
-def _read_index(path: Path) -> tuple[dict, dict[str, str]]:
+def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     doc = read_json_file(path, what="the shard index", fix=_FIX_INDEX)
     if not isinstance(doc, dict):
         kind = type(doc).__name__
@@ -176,7 +177,7 @@ _CONFIG_INT_LISTS = {"all_patch_size": (1, 64), "all_f_patch_size": (1, 64), "ax
                      "axes_lens": (1, 1 << 20)}
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> dict[str, Any]:
     fix = "Fix config.json or use the model's original one."
     doc = read_json_file(path, what="the model config", fix=fix)
     if not isinstance(doc, dict):
@@ -230,7 +231,7 @@ def stand_in_model(tensors: list[tuple[Path, TensorInfo]], prefix: str = "") -> 
     from ..inventory import stand_in_tree
 
     keys = {info.key: info for _p, info in tensors}
-    entries: dict[str, dict] = {}
+    entries: dict[str, dict[str, Any]] = {}
     for key, info in keys.items():
         if not key.startswith(prefix) or not key.endswith(".weight"):
             continue

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -33,13 +34,23 @@ from .output import check_out, check_space, clean_leftovers, output_error, writt
 from .specs import parse_lora_spec
 from .target_math import merge_bias, merge_weight
 
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from ..keys import ModuleIndex
+    from .checkpoint_layout import Entry, _Sink
+
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# checkpoint key -> ("weight" | "bias", the (target, strength) pairs merged into it)
+ByKey = dict[str, tuple[str, list[tuple[Target, float]]]]
 
 
 @dataclass
 class MergeReport:
     out: Path
-    adapters: list[dict] = field(default_factory=list)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
     tensors: int = 0
     merged_tensors: int = 0
     bytes_written: int = 0
@@ -111,8 +122,8 @@ def _note_repeats(adapter: Adapter, strength: float, seen: dict[str, int], repor
     seen[key] = seen.get(key, 0) + 1
 
 
-def _write_atomically(ckpt, by_key, out: Path, out_dtype, metadata, report: MergeReport, progress: bool,
-                      layout: str) -> None:
+def _write_atomically(ckpt: Checkpoint, by_key: ByKey, out: Path, out_dtype: torch.dtype | None,
+                      metadata: dict[str, str], report: MergeReport, progress: bool, layout: str) -> None:
     removed, kept = clean_leftovers(out)
     report.notes += [f"removed {p.name}, left by an interrupted merge" for p in removed]
     report.notes += [f"{p.name} belongs to a merge still running; left alone" for p in kept]
@@ -163,7 +174,7 @@ def _check_out(out: Path, ckpt: Checkpoint) -> None:
         raise LoRAError(f"{out} is inside the input folder {ckpt.root}; write it somewhere else.")
 
 
-def _load(spec, index, strict: bool) -> tuple[Adapter, float]:
+def _load(spec: LoRAConfiguration | str | Path | Adapter, index: ModuleIndex, strict: bool) -> tuple[Adapter, float]:
     if isinstance(spec, Adapter):
         return spec, 1.0
     if isinstance(spec, str):
@@ -173,10 +184,10 @@ def _load(spec, index, strict: bool) -> tuple[Adapter, float]:
     return load_adapter(cfg, index, strict=strict), cfg.scale
 
 
-def _targets_by_key(ckpt: Checkpoint, by_module: dict[str, list[tuple[Target, float]]]) -> dict[str, tuple[str, list]]:
+def _targets_by_key(ckpt: Checkpoint, by_module: dict[str, list[tuple[Target, float]]]) -> ByKey:
     """checkpoint key -> ("weight" | "bias", targets); every target must find its tensor, with its shape."""
     infos = {info.key: info for _p, info in ckpt.tensors()}
-    by_key: dict[str, tuple[str, list]] = {}
+    by_key: ByKey = {}
     for module, targets in by_module.items():
         key = f"{ckpt.prefix}{module}.weight"
         info = infos.get(key)
@@ -227,8 +238,8 @@ def _out_files(ckpt: Checkpoint, out: Path) -> list[tuple[Path, list[tuple[Path,
     return groups
 
 
-def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: MergeReport, progress: bool,
-           layout: str = "same") -> None:
+def _write(ckpt: Checkpoint, by_key: ByKey, out: Path, tmp: Path, out_dtype: torch.dtype | None,
+           metadata: dict[str, str], report: MergeReport, progress: bool, layout: str = "same") -> None:
     single = out.suffix == ".safetensors"
     if not single:
         tmp.mkdir()
@@ -267,8 +278,9 @@ def _write(ckpt, by_key, out: Path, tmp: Path, out_dtype, metadata, report: Merg
             bar.stop()
 
 
-def _stream(ckpt, tensors, entries, by_key, writer, report, bar, task) -> None:
-    handles: dict[Path, object] = {}
+def _stream(ckpt: Checkpoint, tensors: list[tuple[Path, TensorInfo]], entries: list[Entry], by_key: ByKey,
+            writer: StreamingWriter | _Sink, report: MergeReport, bar: Progress | None, task: TaskID | None) -> None:
+    handles: dict[Path, BinaryIO] = {}
     try:
         for (path, info), (_key, dtype, _shape) in zip(tensors, entries, strict=True):
             if path not in handles:
@@ -294,18 +306,18 @@ def _stream(ckpt, tensors, entries, by_key, writer, report, bar, task) -> None:
                     result = merged
                 writer.write(info.key, result)
             report.tensors += 1
-            if bar:
+            if bar and task is not None:  # the task exists whenever the bar does
                 bar.advance(task, info.nbytes)
     finally:
         for fh in handles.values():
             fh.close()
 
 
-def _read_raw(fh, start: int, info: TensorInfo) -> torch.Tensor:
+def _read_raw(fh: BinaryIO, start: int, info: TensorInfo) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
         fh.seek(start + info.start)
-        got = fh.readinto(memoryview(buf.numpy()))
+        got = fh.readinto(memoryview(buf.numpy()))  # type: ignore[arg-type, attr-defined]  # numpy types its buffer for 3.12+; a file opened "rb" has readinto
         if got != info.nbytes:
             raise InvalidFormatError(f"{fh.name}: '{info.key}' is truncated ({got} of {info.nbytes} bytes).")
     return buf
@@ -327,7 +339,7 @@ def _write_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str],
         (tmp / ckpt.index_name).write_text(json.dumps(doc, indent=2))
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool) -> Progress | None:
     if not enabled:
         return None
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn

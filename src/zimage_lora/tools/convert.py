@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -73,7 +74,7 @@ def _inventory(model: str | Path | torch.nn.Module | None) -> torch.nn.Module:
     return model if isinstance(model, torch.nn.Module) else inventory_model(load_config(model))
 
 
-def _load(source, model: torch.nn.Module) -> Adapter:
+def _load(source: str | Path | LoRAConfiguration, model: torch.nn.Module) -> Adapter:
     from ..loading import load_adapter
 
     return load_adapter(source, model)
@@ -112,18 +113,21 @@ def _item(t: Target) -> Item:
 def _fused_item(adapter: Adapter, parts: list[Target]) -> Item:
     block = qkv_block(parts[0].module)
     expected = list(qkv_names(block)) if block is not None else []
-    if [p.module for p in parts] != expected or parts[0].delta_rows[0] != 0:
+    rows = parts[0].delta_rows
+    assert rows is not None  # the caller passes the parts of a fused delta
+    if [p.module for p in parts] != expected or rows[0] != 0:
         raise UnsupportedError(
             f"{adapter.source}: a fused delta ({parts[0].source_keys[0]}) lands on {[p.label for p in parts]}; "
             "only a whole q/k/v block can be written back."
         )
+    assert block is not None  # `expected` matched
     first = _item(parts[0])
     dora = None
     if parts[0].dora is not None:
         if not parts[0].dora.on_out:
             dora = parts[0].dora
         else:
-            dora = Dora(torch.cat([p.dora.magnitude for p in parts]), on_out=True)
+            dora = Dora(torch.cat([cast(Dora, p.dora).magnitude for p in parts]), on_out=True)
     return Item(block + FUSED_QKV, first.algorithm, first.tensors, first.scale, first.rank, dora, first.source_keys)
 
 
@@ -133,7 +137,8 @@ def target_layout(to: str, items: list[Item]) -> Layout:
 
 
 def build_state_dict(items: list[Item], to: str, where: str = "adapter",
-                     model: torch.nn.Module | None = None, *, stacklevel: int = 2) -> tuple[dict, dict, dict | None]:
+                     model: torch.nn.Module | None = None, *, stacklevel: int = 2
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, object] | None]:
     """(tensors, safetensors metadata, PEFT config or None) of `items` for the `convert --to` target `to`,
     checked against the key rules of the application it names on `model`'s modules (default: the
     Z-Image-Turbo inventory). Where ComfyUI computes part of it differently, a

@@ -7,6 +7,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +15,11 @@ from ..errors import LoRAError
 from ..examples import EXAMPLES, LAYOUTS, make_adapter, run_model, tiny_inputs, tiny_model
 from ..layouts import LAYOUTS as LAYOUT_ROWS
 from ..numerics import one_thread
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..adapter import Adapter
 
 #: dynamic and merged outputs must agree to this relative error (fp32).
 AGREEMENT = 1e-4
@@ -91,7 +97,7 @@ def _run(chosen: list[str], workdir: str | Path | None, seed: int) -> list[DemoR
     return rows
 
 
-def _algorithms(adapter) -> str:
+def _algorithms(adapter: Adapter) -> str:
     algos = list(adapter.algorithms)
     if any(t.dora is not None for t in adapter.targets):
         algos.append("dora")
@@ -117,7 +123,7 @@ def _reset(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(original)
 
 
-def demo_summary(rows: list[DemoRow]) -> dict:
+def demo_summary(rows: list[DemoRow]) -> dict[str, Any]:
     """What `demo --json` prints: every row (one layout in one mode) and the verdict."""
     failed = [r for r in rows if not r.passed]
     return {
@@ -129,7 +135,7 @@ def demo_summary(rows: list[DemoRow]) -> dict:
     }
 
 
-def print_table(rows: list[DemoRow], console=None) -> None:
+def print_table(rows: list[DemoRow], console: Console | None = None) -> None:
     """One line per layout: both modes side by side."""
     from rich.markup import escape
     from rich.table import Table

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,13 @@ from .generate_regions import check_region_caption, parse_regions
 from .output import output_error, written_aside
 from .specs import parse_lora_spec
 
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..apply.report import ApplyReport
+
+# A diffusers pipeline, of whatever class its model_index.json names; diffusers types none of their calls.
+Pipeline = Any
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZE = ("int8", "float8", "int4")
@@ -35,7 +42,7 @@ QUANTIZE = ("int8", "float8", "int4")
 class GenerateResult:
     out: Path
     seconds: float
-    adapters: list = field(default_factory=list)  # the engine's ApplyReports
+    adapters: list[ApplyReport] = field(default_factory=list)  # the engine's reports
 
 
 @contextmanager
@@ -56,18 +63,18 @@ def _loading_bars(shown: bool) -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str | Path, dtype: torch.dtype, progress: bool = True):
+def load_pipeline(model: str | Path, dtype: torch.dtype, progress: bool = True) -> Pipeline:
     """The folder's Z-Image pipeline (any class, from its model_index.json), from the local cache first;
     online only when that fails. `progress=False` hides the loading bars too."""
     with _loading_bars(progress):
         return _load_pipeline(model, dtype)
 
 
-def _load_pipeline(model: str | Path, dtype: torch.dtype):
+def _load_pipeline(model: str | Path, dtype: torch.dtype) -> Pipeline:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=True)  # type: ignore[no-untyped-call]  # unannotated in diffusers
     except (OSError, ValueError) as local_exc:
         if Path(str(model)).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise DownloadError(
@@ -76,7 +83,7 @@ def _load_pipeline(model: str | Path, dtype: torch.dtype):
                 f"once while online (`hf download {model}`)."
             ) from None
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype)  # type: ignore[no-untyped-call]  # unannotated in diffusers
         except (OSError, ValueError) as exc:
             raise DownloadError(
                 f"{_named(model)}: not in the Hugging Face cache and the download failed ({_cause(exc)}). "
@@ -102,7 +109,7 @@ def _cause(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200].rsplit(" ", 1)[0] + " ..."
 
 
-def text_to_image(pipe):
+def text_to_image(pipe: Pipeline) -> Pipeline:
     """A pipeline that draws from a prompt alone, sharing `pipe`'s modules (and so its adapters):
     `pipe` itself for ZImagePipeline and Omni (no image given), a ZImagePipeline view of the image-
     and control-conditioned ones."""
@@ -130,7 +137,8 @@ def quantize_transformer(transformer: torch.nn.Module, kind: str) -> None:
     configs = {
         "int8": Int8WeightOnlyConfig,
         "float8": Float8WeightOnlyConfig,
-        "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+        # torch.int4 exists at run time (torch 2.6+) but not in torch's stubs
+        "int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),  # type: ignore[attr-defined]
     }
     try:
         quantize_(transformer, configs[kind]())
@@ -147,7 +155,9 @@ def _names(specs: list[LoRAConfiguration]) -> list[str | None]:
     return names
 
 
-def _specs(loras, filename: str | None, revision: str | None) -> list[LoRAConfiguration]:
+def _specs(
+    loras: Sequence[LoRAConfiguration | str], filename: str | None, revision: str | None
+) -> list[LoRAConfiguration]:
     specs = [parse_lora_spec(s) if isinstance(s, str) else s for s in loras]
     if filename is not None or revision is not None:
         if len(specs) != 1:
@@ -177,7 +187,7 @@ def generate(
     dtype: str | torch.dtype = "bf16",
     device: str | None = None,
     progress: bool = False,
-    pipeline=None,
+    pipeline: Pipeline | None = None,
     overwrite: bool = False,
     filename: str | None = None,
     revision: str | None = None,
@@ -240,7 +250,7 @@ def generate(
     return result
 
 
-def _save(image, out: Path) -> None:
+def _save(image: PIL.Image.Image, out: Path) -> None:
     """Written aside and moved into place: an existing image is replaced whole or not at all."""
     from PIL import Image
 
@@ -251,7 +261,8 @@ def _save(image, out: Path) -> None:
         raise output_error(exc, out) from None
 
 
-def _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, device, progress: bool):
+def _run(pipe: Pipeline, prompt: str, negative_prompt: str | None, seed: int, steps: int, width: int, height: int,
+         guidance: float, device: str | None, progress: bool) -> PIL.Image.Image:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(
@@ -261,14 +272,16 @@ def _run(pipe, prompt, negative_prompt, seed, steps, width, height, guidance, de
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     if not progress:
-        return pipe(**kwargs).images[0]
+        image: PIL.Image.Image = pipe(**kwargs).images[0]
+        return image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("steps", total=steps)
 
-        def on_step(_pipe, _i, _t, callback_kwargs):
+        def on_step(_pipe: Pipeline, _i: int, _t: torch.Tensor, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             bar.advance(task)
             return callback_kwargs
 
-        return pipe(**kwargs, callback_on_step_end=on_step).images[0]
+        stepped: PIL.Image.Image = pipe(**kwargs, callback_on_step_end=on_step).images[0]
+        return stepped

@@ -119,4 +119,5 @@ def _multiple_from(vae_config: Path) -> int:
     blocks = doc.get("block_out_channels") if isinstance(doc, dict) else None
     if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
         return DEFAULT_SIZE_MULTIPLE
-    return 2 * 2 ** (len(blocks) - 1)
+    multiple: int = 2 * 2 ** (len(blocks) - 1)
+    return multiple

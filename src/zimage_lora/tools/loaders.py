@@ -8,7 +8,7 @@ The rules are facts about each loader's code, restated as data:
 
 - ComfyUI (pollockjj/ComfyUI at 3cd7b32): `comfy/lora.py` `model_lora_keys_unet` accepts a module
   stem as `lora_unet_` + its native name with '_' for '.', or `diffusion_model.` + its native name
-  (both from the model's own state dict), and for Z-Image (`Lumina2`) also the diffusers name
+  (both from the model's own state dict[str, Any]), and for Z-Image (`Lumina2`) also the diffusers name
   (`comfy/utils.py` `z_image_to_diffusers`) behind `diffusion_model.`, `transformer.` or `lycoris_`
   (flattened). `load_lora` and the `comfy/weight_adapter/` classes then read only the role suffixes
   in `COMFYUI_SUFFIXES`; any other key is logged "lora key not loaded" and skipped.
@@ -72,7 +72,8 @@ def comfyui_stems(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
     stems: dict[str, str] = {}
     for name in modules:
         native = _native(name)
-        target = name if qkv_block(name) is None else qkv_block(name) + FUSED_QKV
+        block = qkv_block(name)
+        target = name if block is None else block + FUSED_QKV
         stems["lora_unet_" + _flat(native)] = target
         stems["diffusion_model." + native] = target
         for stem in ("diffusion_model." + name, "transformer." + name, "lycoris_" + _flat(name)):
@@ -81,7 +82,7 @@ def comfyui_stems(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
 
 
 def _diffusers_stems(prefix: str, flat: bool, linear_only: bool, fused: bool = False
-                     ) -> Callable[[dict], dict[str, str]]:
+                     ) -> Callable[[dict[str, torch.nn.Module]], dict[str, str]]:
     def stems(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
         names = [n for n, m in modules.items() if not linear_only or hasattr(m, "in_features")]
         if fused:  # a q/k/v delta that cannot be split exactly stays on the block's `attention.qkv`

@@ -106,7 +106,8 @@ def clean_leftovers(out: Path) -> tuple[list[Path], list[Path]]:
     Returns (removed, kept): those of a process still running (another merge at work) are kept.
     """
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-(\d+)$")
-    removed, kept = [], []
+    removed: list[Path] = []
+    kept: list[Path] = []
     try:
         entries = list(out.parent.iterdir())
     except OSError:

@@ -13,7 +13,9 @@ from ..adapter import Target
 from ..apply.rows import MergeFactors, add_rows, add_scaled_
 
 
-def _factors(targets: list[tuple[Target, float]], out_features: int, device) -> list[tuple[MergeFactors, float]]:
+def _factors(
+    targets: list[tuple[Target, float]], out_features: int, device: torch.device | None
+) -> list[tuple[MergeFactors, float]]:
     return [(MergeFactors(t, out_features, device), s) for t, s in targets]
 
 

@@ -46,11 +46,15 @@ def _constraint_notes(file: AdapterFile, scales: list[tuple[Group, Scale]]) -> l
     assert role is not None  # `mine` holds only groups with one
     bounds = [(float(v.float().reshape(-1)[0]), tuple(g.shapes.get("oft_blocks", ())))
               for g in mine for v in file.load([g.keys[role]]).values()]
+    # alpha <= 0 bounds nothing under either rule (convert writes ComfyUI's OFT so): no difference to note.
+    bounds = [(a, shape) for a, shape in bounds if a > 0]
+    if not bounds:
+        return []
     shown = ", ".join(f"{a:g}" for a in sorted({a for a, _s in bounds})[:5])
     lycoris = sorted({a * shape[-3] * shape[-1] for a, shape in bounds if len(shape) >= 3})
     titles = sorted({algorithms.get(g.algorithm).title for g in mine})
     return [
-        f"{len(mine)} {'/'.join(titles)} module(s) follow ComfyUI's constraint, ||Q||_F <= alpha (here {shown}; "
+        f"{len(bounds)} {'/'.join(titles)} module(s) follow ComfyUI's constraint, ||Q||_F <= alpha (here {shown}; "
         f"comfy/weight_adapter/oft.py and boft.py): the file is ComfyUI-native ({file.meta.oft_constraint.value} "
         "rule: diffusion_model. keys, no LyCORIS metadata). LyCORIS bounds ||Q||_F by alpha * out "
         f"({', '.join(f'{v:g}' for v in lycoris[:5])}), so it applies a larger rotation wherever a module's blocks "
