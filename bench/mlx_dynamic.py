@@ -150,8 +150,8 @@ def main() -> None:
     sw = switching(21 if args.quick else 210)
     table += "\n\n" + md_table([f"switching, {sw['layers']:.0f} layers, 2 dynamic LoRAs", "ms per call"],
                                [[k, v] for k, v in sw.items() if k != "layers"])
-    print(f"MLX {mx.__version__} CPU, {args.dtype}, {args.tokens} tokens, rank {RANK}, {args.rounds} rounds, "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+    table = (f"MLX {mx.__version__} CPU ({os.cpu_count()} cores), {args.dtype}, {args.tokens} tokens, rank {RANK}, "
+             f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f} at the end\n\n" + table)
     print(table)
     save(f"mlx-cpu-{args.dtype}" + ("-quick" if args.quick else ""),
          {"tokens": args.tokens, "rank": RANK, "rounds": args.rounds, "rows": rows, "switching": sw,

@@ -28,8 +28,9 @@ import functools
 import itertools
 import threading
 import weakref
+from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -37,7 +38,6 @@ from ..errors import LoRAError
 
 if TYPE_CHECKING:
     from .layer import AdapterLinear
-    from .per_sample import Routing
 
 ATTR = "_zimage_lora_state"  # the EngineState on the model (see apply.state)
 
@@ -58,6 +58,12 @@ class View:
         self.serial = next(SERIAL)
 
 
+class LayerRoute(Protocol):
+    """What a per-sample or regional block routes one wrapped layer through, for the forwards it owns."""
+
+    def add_(self, layer: AdapterLinear, out: torch.Tensor, x: torch.Tensor, fwd: Forward) -> torch.Tensor: ...
+
+
 class Forward:
     """One running root forward: its gate and view, and inside a per-sample block that block's routing
     and this call's batch (`total`) and per-sample row offsets (`bounds`)."""
@@ -66,7 +72,7 @@ class Forward:
 
     def __init__(self, gate: ForwardGate, view: View) -> None:
         self.gate, self.view = gate, view
-        self.routes: dict[AdapterLinear, Routing] | None = None
+        self.routes: Mapping[AdapterLinear, LayerRoute] | None = None
         self.total: int | None = None
         self.bounds: dict[str, list[int]] = {}
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 from ..errors import InvalidArgumentError, LoRAError
 from ..mlx.probe import refuse
-from .gate import BLOCKS, gate_of
+from .gate import BLOCKS, LayerRoute, gate_of
 from .layer import AdapterLinear, Slot, rows_of
 
 SEQ_MULTI_OF = 32  # diffusers' Z-Image pads each sample's image and caption tokens to a multiple of this
@@ -221,7 +221,7 @@ def _add_rows(slot: Slot, out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor |
 class _Block:
     """What the model's gate finds for a forward started inside the block (`apply.gate.BLOCKS`)."""
 
-    def __init__(self, regions: _Regions, routes: dict[AdapterLinear, RegionRouting]) -> None:
+    def __init__(self, regions: _Regions, routes: Mapping[AdapterLinear, LayerRoute]) -> None:
         self.regions = regions
         self.routes = routes
 

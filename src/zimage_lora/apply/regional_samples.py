@@ -96,7 +96,7 @@ def per_sample_regions(model: Any, specs: Sequence[Mapping[str, Any]],
         ctx = opened[gate]
         confined = _Regions(masks, "mean")
         routes = {layer: _SampleRegions(routing, confined) for layer, routing in ctx.routes.items()}
-        token = BLOCKS.set({**opened, gate: _Begin(ctx, _Block(confined, routes))})  # type: ignore[arg-type]
+        token = BLOCKS.set({**opened, gate: _Begin(ctx, _Block(confined, routes))})
         try:
             yield
         finally:

@@ -123,13 +123,13 @@ class AdapterMixin:
     _zl_cache: dict[str, Any]
 
     def __call__(self, x: mx.array) -> mx.array:
-        out: mx.array = super().__call__(x)  # type: ignore[misc]
+        out: mx.array = super().__call__(x)  # type: ignore[misc]  # the base layer class is mixed in by `wrap`
         slots = self._zl_slots
         if not slots:
             return out
         wx = None
         if any("fm1" in s.t for s in slots):
-            wx = out - self["bias"] if "bias" in self else out  # type: ignore[index,operator]
+            wx = out - self["bias"] if "bias" in self else out  # type: ignore[index,operator]  # an mlx Module (a dict)
         plain = [s for s in slots if s.plain_lora and s.rows is None]
         rest = [s for s in slots if not (s.plain_lora and s.rows is None)]
         if len(plain) > 1:

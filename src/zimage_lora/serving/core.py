@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..batch import Request, generate_batch
 from ..errors import AdapterNotFoundError, AmbiguousSourceError, InvalidFormatError, LoRAError, UnsafeFileError
@@ -129,10 +129,11 @@ class Engine:
                 todo.append(i)
                 r = job.request
                 name = lease.name
-                requests.append(Request(r.prompt, r.seed, r.steps, r.width, r.height, r.guidance,
-                                        lease.spec(job.loras), r.negative_prompt,
-                                        {name(s): points for s, points in job.schedules},
-                                        {name(s): mask for s, mask in job.regions}))
+                # The parsed request with its sources swapped for attached names; every other field as sent.
+                requests.append(replace(
+                    r, adapters=lease.spec(job.loras), schedules={name(s): points for s, points in job.schedules},
+                    regions={name(s): mask for s, mask in job.regions},
+                ))
             try:
                 images = generate_batch(self.pipe, requests, max_batch_size=self.options.max_batch_size)
                 outcomes: list[Any] = [png_bytes(image) for image in images]
@@ -141,7 +142,7 @@ class Engine:
                 outcomes = [self._alone(jobs[i].request_id, request) for i, request in zip(todo, requests, strict=True)]
         for i, outcome in zip(todo, outcomes, strict=True):
             results[i] = outcome
-        return results  # type: ignore[return-value]
+        return cast("list[bytes | LoRAError | InternalError]", results)  # every slot is filled above
 
     def check(self, job: Job) -> None:
         """What only the model can tell about a request, before it joins a batch: its per-block

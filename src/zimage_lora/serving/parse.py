@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..batch import LIMITS, Request, Strength, check_region, check_request, check_schedule, check_strength_spec
@@ -73,7 +73,11 @@ def _quote(name: str) -> str:
     return f"'{name}'"
 
 
-FIELDS = ("prompt", "seed", "steps", "width", "height", "guidance", "loras", "negative_prompt")
+# What `loras` fills in; every other field of `Request` is a body field of the same name and default.
+_FROM_LORAS = ("adapters", "schedules", "regions")
+FIELDS = (*(f.name for f in fields(Request) if f.name not in _FROM_LORAS), "loras")
+# The OpenAI route takes `size` for these two.
+_SIZED = ("width", "height")
 
 
 LORA_FIELDS = ("source", "strength", "schedule", "region")
@@ -133,19 +137,19 @@ def parse_job(body: Any, request_id: str = "") -> Job:
         shown = [k.encode("utf-8", "backslashreplace").decode()[:40] for k in unknown[:10]]
         raise InvalidFormatError(f"unknown fields {shown}; known: {sorted(FIELDS)}")
     prompt: Any = body.get("prompt")  # any JSON value: check_request says what is wrong with it
-    request = Request(
-        prompt, seed=body.get("seed", 0), steps=body.get("steps", 9), width=body.get("width", 1024),
-        height=body.get("height", 1024), guidance=body.get("guidance", 0.0),
-        negative_prompt=body.get("negative_prompt"),
-    )
+    request = Request(prompt, **{k: body[k] for k in FIELDS if k in body and k not in ("prompt", "loras")})
     check_request(request, quote=_quote)
     loras, schedules, regions = parse_loras(body.get("loras", []))
-    return Job(Request(request.prompt, request.seed, request.steps, request.width, request.height,
-                       float(request.guidance), {}, request.negative_prompt), loras, request_id, schedules, regions)
+    return Job(replace(request, guidance=float(request.guidance)), loras, request_id, schedules, regions)
 
 
 MAX_IMAGES = 8  # `n` of one OpenAI-style request
 OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_format")
+
+
+def _native() -> tuple[str, ...]:
+    """/generate's fields the OpenAI route takes under the same names."""
+    return tuple(k for k in FIELDS if k not in _SIZED)
 
 
 def parse_openai(body: Any, request_id: str = "") -> list[Job]:
@@ -155,8 +159,7 @@ def parse_openai(body: Any, request_id: str = "") -> list[Job]:
     `seed`, `steps`, `guidance`, `negative_prompt`."""
     if not isinstance(body, dict):
         raise InvalidFormatError("the body must be a JSON object")
-    known = {"prompt", "n", "size", "response_format", "loras", "seed", "steps", "guidance", "negative_prompt",
-             *OPENAI_IGNORED}
+    known = {"n", "size", "response_format", *_native(), *OPENAI_IGNORED}
     unknown = sorted(set(body) - known)
     if unknown:
         shown = [k.encode("utf-8", "backslashreplace").decode()[:40] for k in unknown[:10]]
@@ -171,7 +174,7 @@ def parse_openai(body: Any, request_id: str = "") -> list[Job]:
     match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size) if isinstance(size, str) else None
     if match is None:
         raise InvalidFormatError(f"'size' must be 'WIDTHxHEIGHT', e.g. '1024x1024', got {size!r}")
-    native = {k: body[k] for k in ("prompt", "seed", "steps", "guidance", "negative_prompt", "loras") if k in body}
+    native = {k: body[k] for k in _native() if k in body}
     first = parse_job({**native, "width": int(match[1]), "height": int(match[2])}, request_id)
     r = first.request
     if r.seed + n - 1 >= 2**63:

@@ -50,6 +50,7 @@ def loopback_replica_server() -> None:
     from ray.serve._private import replica as replica_module
 
     replica: Any = replica_module  # Ray's private module: patched by name, typed loosely
+    # ray.util.get_node_ip_address is unannotated in ray
     if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(replica, "_zimage_loopback", False):  # type: ignore[no-untyped-call]
         return
     add_port = replica.add_port_to_grpc_server
@@ -75,7 +76,7 @@ class ZImageServer:
         self.metrics = BatchMetrics()
         self.sets: dict[str, tuple[str, ...]] = {}  # advertised set id -> its sources
 
-    @serve.multiplexed(max_num_models_per_replica=AFFINITY_SETS)  # type: ignore[untyped-decorator]
+    @serve.multiplexed(max_num_models_per_replica=AFFINITY_SETS)  # type: ignore[untyped-decorator]  # unannotated in ray
     async def adapter_set(self, key: str) -> str:
         return key  # nothing to hold (the store keeps the adapters): this records the affinity Ray routes by
 
@@ -88,7 +89,7 @@ class ZImageServer:
             # Ray Serve's @serve.batch splits batches by model id: drop it, so any mix shares a batch.
             context = serve.context._get_serve_request_context()
             without_id = dataclasses.replace(context, multiplexed_model_id="")
-            serve.context._serve_request_context.set(without_id)  # type: ignore[arg-type]
+            serve.context._serve_request_context.set(without_id)  # type: ignore[arg-type]  # ray types the var as its own class
         if self.pending + len(jobs) > self.options.max_queue:
             message = f"the server is busy ({self.pending} requests queued, at most {self.options.max_queue})"
             self.advertise_held()  # this request's set, recorded above, is not held: not advertised either
