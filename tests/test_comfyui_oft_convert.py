@@ -1,5 +1,5 @@
 """`convert --to comfyui` of LyCORIS OFT and BOFT: the file ComfyUI loads, applied as ComfyUI applies it,
-and a warning that carries the measured difference from the trainers' rule.
+and a warning that carries the measured difference from the trainers' rule (DoRA's too, last test).
 
 ComfyUI's weight update is restated here from its source, independently of the library
 (pollockjj/ComfyUI at commit 3cd7b32, `comfy/weight_adapter/oft.py` and `boft.py`, `calculate_weight`;
@@ -178,3 +178,42 @@ def test_peft_input_rotation_is_refused_with_the_reason(model, tmp_path):
                "transformer.layers.0.feed_forward.w1.boft_s": torch.ones(w.out_features, 1)}, str(src))
     with pytest.raises(LoRAError, match=r"boft-input .*PEFT's BOFT rotates its input"):
         convert_adapter(src, "comfyui", tmp_path / "c.safetensors", model=model)
+
+
+def test_dora_warning_carries_the_difference_measured_on_the_models_weights(model, tmp_path):
+    """ComfyUI's DoRA (`comfy/weight_adapter/base.py` `weight_decompose`, 3cd7b32, magnitude per output
+    row): m (W + a dW) / (||W||_row + eps32), a = alpha / rank, restated here on the converted file's
+    keys; ours is the engine's merged weight of the source (PEFT's and LyCORIS's rule)."""
+    import copy
+
+    from test_convert_targets import comfyui_native_params
+
+    from zimage_lora import apply_adapter
+    from zimage_lora.examples import make_adapter
+
+    src = make_adapter("peft-dora", tmp_path / "src", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ComfyUIDifferenceWarning)
+        out = convert_adapter(src, "comfyui", tmp_path / "dora.safetensors", model=model)
+    (line,) = [str(c.message) for c in caught if "DoRA" in str(c.message)]
+    measured = float(re.search(r"\|\|W' - W\|\| at most ([0-9.e+-]+) \(", line).group(1))
+    merged = copy.deepcopy(model)
+    apply_adapter(merged, src, mode="merged")
+    sd, state, after = load_file(str(out)), model.state_dict(), merged.state_dict()
+    natives: dict[str, list[str]] = {}
+    for diffusers, native in comfyui_native_params(model).items():
+        natives.setdefault(native, []).append(diffusers)
+    gaps = []
+    for native, params in natives.items():
+        stem = "diffusion_model." + native.removesuffix(".weight")
+        if stem + ".dora_scale" not in sd:
+            continue
+        w = torch.cat([state[p] for p in params]).double()
+        up, down = sd[stem + ".lora_B.weight"].double(), sd[stem + ".lora_A.weight"].double()
+        v = w + float(sd[stem + ".alpha"]) / down.shape[0] * (up @ down)
+        theirs = sd[stem + ".dora_scale"].double().reshape(-1, 1) * v / (w.norm(dim=1, keepdim=True) + 1.1920929e-07)
+        ours = torch.cat([after[p] for p in params]).double()
+        # Rows are independent (norms per row): the gap per diffusers module, q, k, v apart.
+        for rows in torch.arange(w.shape[0]).chunk(len(params)):
+            gaps.append(float((theirs[rows] - ours[rows]).norm() / (ours[rows] - w[rows]).norm()))
+    assert len(gaps) > 10 and measured == pytest.approx(max(gaps), rel=1e-3) and measured > 1e-3

@@ -31,6 +31,11 @@ class BaseWeights:
         self._read = read
         self.where = where
 
+    def get(self, module: str) -> torch.Tensor | None:
+        """The fp32 weight, or None where the model has none of that name."""
+        w = self._read(module)
+        return None if w is None else w.float()
+
     def weight(self, module: str, shape: tuple[int, ...]) -> torch.Tensor:
         w = self._read(module)
         if w is None:

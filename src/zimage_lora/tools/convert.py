@@ -12,6 +12,7 @@ application the target names (`tools/loaders.py`) before the file is kept.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -51,7 +52,11 @@ def convert_adapter(
     inventory = _inventory(model)
     adapter = source if isinstance(source, Adapter) else _load(source, inventory)
     items = canonical_items(adapter)
-    sd, metadata, config = build_state_dict(items, to, adapter.source, inventory, stacklevel=3)
+    from ..arithmetic.base import base_weights
+
+    base = base_weights(model)  # a model with its weights lets the ComfyUI warnings measure DoRA too
+    sd, metadata, config = build_state_dict(items, to, adapter.source, inventory, stacklevel=3,
+                                            weight=None if base is None else base.get)
     layout = target_layout(to, items)
     if not layout.folder and out.suffix != ".safetensors":
         raise LoRAError(f"{out}: the output of --to {to} is one file; give a name ending in .safetensors.")
@@ -137,7 +142,8 @@ def target_layout(to: str, items: list[Item]) -> Layout:
 
 
 def build_state_dict(items: list[Item], to: str, where: str = "adapter",
-                     model: torch.nn.Module | None = None, *, stacklevel: int = 2
+                     model: torch.nn.Module | None = None, *, stacklevel: int = 2,
+                     weight: Callable[[str], torch.Tensor | None] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, object] | None]:
     """(tensors, safetensors metadata, PEFT config or None) of `items` for the `convert --to` target `to`,
     checked against the key rules of the application it names on `model`'s modules (default: the
@@ -147,7 +153,9 @@ def build_state_dict(items: list[Item], to: str, where: str = "adapter",
     comfyui = target.loader == "comfyui"
     differences: list[str] = []
     if comfyui:  # measured on the items as read; written with OFT's constraint applied (comfyui_items)
-        differences = targets.comfyui_differences((i.name, i.algorithm, i.dora, i.tensors) for i in items)
+        measured = None if weight is None else targets.dora_gaps(items, weight)
+        differences = targets.comfyui_differences(((i.name, i.algorithm, i.dora, i.tensors) for i in items),
+                                                  measured)
         items = targets.comfyui_items(items)
     sd, metadata, config = write.state_dict(
         items, targets.layout_for(target, items), where, shown=to, families=target.families,

@@ -8,7 +8,7 @@ difference is said here once (`comfyui_differences`), for convert's warnings and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -108,18 +108,25 @@ def comfyui_items(items: list[Item]) -> list[Item]:
 Part = tuple[str, str, Dora | None, Mapping[str, torch.Tensor] | None]
 
 
-def comfyui_differences(parts: Iterable[Part]) -> list[str]:
+def comfyui_differences(parts: Iterable[Part], dora_measured: list[tuple[float, str]] | None = None) -> list[str]:
     """One line per way ComfyUI would apply an adapter differently from the trainers (PEFT, LyCORIS);
     `parts` is (module, algorithm, DoRA or None, tensors or None) per module. Where the tensors are
-    given, OFT's and BOFT's differences are measured (`comfyui_gap`)."""
+    given, OFT's and BOFT's differences are measured (`comfyui_gap`); DoRA's where the base weights
+    were (`dora_gaps`: (gap, module) per module)."""
     parts = list(parts)
     out = []
     dora_out = [name for name, _, dora, _ in parts if dora is not None and dora.on_out]
     if dora_out:
+        if dora_measured:
+            worst, name = max(dora_measured)
+            size = (f"measured ||W'_ComfyUI - W'|| / ||W' - W|| at most {worst:.3g} ({name}; on this model's "
+                    "weights)")
+        else:
+            size = "it depends on the base weights: give the model with its weights to measure it"
         out.append(
             f"DoRA with a magnitude per output row on {len(dora_out)} module(s) (e.g. {dora_out[0]}): ComfyUI "
             "divides by the base weight's row norms ||W||, PEFT and LyCORIS by ||W + dW||, so each output row "
-            "differs by the factor ||W + dW|| / ||W||, also at strength 1 (it depends on the base weights)."
+            f"differs by the factor ||W + dW|| / ||W||, also at strength 1 ({size})."
         )
     oft_parts = [(n, t) for n, a, _, t in parts if a == "oft"]
     if oft_parts:
@@ -188,6 +195,38 @@ def comfyui_gap(algorithm: str, tensors: Mapping[str, torch.Tensor], strength: f
         theirs = s * (rescale * (probe + boft.butterfly_rows(probe, s * rot)) - probe)
     base = float(torch.linalg.vector_norm(ours))
     return float(torch.linalg.vector_norm(theirs - ours)) / base if base else 0.0
+
+
+def dora_gaps(items: Iterable[Item], weight: Callable[[str], torch.Tensor | None]) -> list[tuple[float, str]]:
+    """(`dora_gap`, module) for every item with a DoRA magnitude per output row whose base weight
+    `weight(module)` gives (a fused q/k/v item: the three weights stacked)."""
+    from ..keys.aliases import FUSED_QKV, qkv_names
+    from ..numerics import one_thread
+
+    out = []
+    with one_thread():
+        for i in items:
+            if i.dora is None or not i.dora.on_out:
+                continue
+            names = list(qkv_names(i.name[: -len(FUSED_QKV)])) if i.name.endswith(FUSED_QKV) else [i.name]
+            ws = [weight(n) for n in names]
+            if any(w is None for w in ws):
+                continue
+            w = torch.cat([x for x in ws if x is not None]).double()
+            dw = algorithms.get(i.algorithm).delta(dict(i.tensors), w.float()).double() * i.scale
+            out.append((dora_gap(w, dw, i.dora.magnitude.double().reshape(-1, 1)), i.name))
+    return out
+
+
+def dora_gap(w: torch.Tensor, dw: torch.Tensor, m: torch.Tensor) -> float:
+    """||W'_ComfyUI - W'|| / ||W' - W|| at strength 1 for DoRA per output row: W' = m V / ||V|| (PEFT,
+    LyCORIS), ComfyUI's `weight_decompose` (comfy/weight_adapter/base.py at 3cd7b32) m V / (||W|| + eps),
+    V = W + dW, norms per row."""
+    v = w + dw
+    ours = m * v / v.norm(dim=1, keepdim=True)
+    theirs = m * v / (w.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps)
+    change = float((ours - w).norm())
+    return float((theirs - ours).norm()) / change if change else 0.0
 
 
 def comfyui_refusal(family: str) -> str | None:
