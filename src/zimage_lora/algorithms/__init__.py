@@ -19,7 +19,7 @@ import torch
 
 from ..placement import Placement
 from . import dora as dora_math
-from .base import BIAS, DENSE, Algorithm, DeltaShape, Kernel, Reserved, Shapes, Tensors, check_prepared
+from .base import BIAS, DENSE, Algorithm, DeltaShape, Kernel, KernelKind, Reserved, Shapes, Tensors, check_prepared
 from .dora import dora_row_factor
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def kernel_inputs(
     a bias diff. `weight()` gives the fp32 base weight rows of the placement (read only when needed)."""
     algo = get(algorithm)
     out: dict[str, torch.Tensor] = {}
-    kind: str = Reserved.BIAS
+    kind: str = KernelKind.BIAS
     if algo.has_weight(tensors):
         w = weight() if (algo.needs_weight or dora is not None) else None
         prepared: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -139,7 +139,7 @@ def kernel_inputs(
             if dora is not None:
                 assert w is not None  # read above whenever there is a DoRA
                 dense = dora_math.dense_rows(dense, w, dora.magnitude, dora.on_out)
-            prepared = ("dense", {"delta": dense.contiguous()})
+            prepared = (KernelKind.DENSE, {"delta": dense.contiguous()})
         kind, out = prepared[0], dict(prepared[1])
     if "diff_b" in tensors:
         out[Reserved.BIAS] = placement.take(tensors["diff_b"].float().reshape(-1)).contiguous()

@@ -61,8 +61,8 @@ from ..placement import Placement
 from ._shapes import as_matrix
 
 
-class Reserved(str, Enum):
-    """Prepared-tensor names the dynamic dispatcher handles for every kernel (equal to their strings)."""
+class _Names(str, Enum):
+    """Names that are their strings (compare, hash, print and format as their values)."""
 
     # enum.StrEnum is Python 3.11+ and the package supports 3.10: str's own printing makes a member
     # print and format as its value, as StrEnum's does.
@@ -72,8 +72,24 @@ class Reserved(str, Enum):
     def __format__(self, format_spec: str) -> str:
         return str.__format__(self, format_spec)
 
+
+class Reserved(_Names):
+    """Prepared-tensor names the dynamic dispatcher handles for every kernel (equal to their strings)."""
+
     BIAS = "bias"  # the bias diff's kept rows, added times the strength
     DORA_FM1 = "fm1"  # DoRA per output row: f - 1, added as alpha * (f - 1) * W x
+
+
+class KernelKind(_Names):
+    """The dynamic kernels the engines decide on by kind, one home for their names (equal to their
+    strings, like `Reserved`): each one's `Kernel.name`, what a `prepare` returns to pick it, and what
+    a slot runs. An algorithm may bring a kernel of its own (OFT, BOFT, IA3 do), named by its module
+    with any other string: the engines look it up (`algorithms.kernel`) and decide nothing on it."""
+
+    LORA = "lora"  # down/up: fused across adapters and Triton on CUDA (apply.kernels), an MLX forward
+    LOKR = "lokr"  # w1/w2 Kronecker factors: an MLX forward
+    DENSE = "dense"  # the scaled dense delta rows: every algorithm's fallback (and DoRA's), an MLX forward
+    BIAS = "bias"  # a bias diff alone (its one tensor is `Reserved.BIAS`): adds no weight delta
 
 
 def check_prepared(kind: str, tensors: Mapping[str, object]) -> None:
@@ -278,9 +294,9 @@ def probe_abs_max(kernel: Kernel, tensors: Tensors, weight: torch.Tensor) -> flo
 
 
 DENSE = Kernel(
-    name="dense",
+    name=KernelKind.DENSE,
     add_=lambda rows, x, wx, t, alpha: dense_add_(rows, x, t["delta"], alpha),
     bound=lambda t: amax(t["delta"]),
     dense=lambda t: t["delta"],
 )
-BIAS = Kernel(name=Reserved.BIAS, add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)
+BIAS = Kernel(name=KernelKind.BIAS, add_=lambda rows, x, wx, t, alpha: None, bound=lambda t: 0.0)

@@ -23,7 +23,7 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm, Alpha, Shapes, Tensors
+from .base import Algorithm, Alpha, KernelKind, Shapes, Tensors
 
 FACTORS = ("a1", "a2", "b1", "b2")
 
@@ -82,7 +82,7 @@ def prepare(
     p = row_parts(tensors)
     d0, n = placement.d0, placement.n
     up = torch.cat([_need(weight).float() @ p["a1"], p["b1"][d0 : d0 + n]], dim=1) * scale
-    return "lora", {"down": torch.cat([p["a2"], p["b2"]]).contiguous(), "up": up.contiguous()}
+    return KernelKind.LORA, {"down": torch.cat([p["a2"], p["b2"]]).contiguous(), "up": up.contiguous()}
 
 
 def transform(x: torch.Tensor, t: Tensors) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix, product, product_shape
-from .base import Algorithm, Alpha, Kernel, Shapes, Tensors, amax, matrices
+from .base import Algorithm, Alpha, Kernel, KernelKind, Shapes, Tensors, amax, matrices
 
 
 def _factor_shape(shapes: Shapes, i: int) -> tuple[int, int]:
@@ -119,11 +119,11 @@ def prepare(
     d0, n = placement.d0, placement.n
     if d0 % o2 or n % o2:
         return None  # the dense fallback
-    return "lokr", {"w1": (w1[d0 // o2 : (d0 + n) // o2] * scale).contiguous(), "w2": w2.contiguous()}
+    return KernelKind.LOKR, {"w1": (w1[d0 // o2 : (d0 + n) // o2] * scale).contiguous(), "w2": w2.contiguous()}
 
 
 KERNEL = Kernel(
-    name="lokr",
+    name=KernelKind.LOKR,
     add_=lambda rows, x, wx, t, alpha: kron_add_(rows, x, t["w1"], t["w2"], alpha),
     bound=lambda t: amax(t["w1"]) * amax(t["w2"]),  # kron's values are exactly the products: exact
 )

@@ -8,7 +8,7 @@ import torch
 
 from ..placement import Placement
 from ._shapes import as_matrix, matrix
-from .base import Algorithm, Alpha, Kernel, RowPart, Shapes, Tensors, amax, matrices, row_blocks
+from .base import Algorithm, Alpha, Kernel, KernelKind, RowPart, Shapes, Tensors, amax, matrices, row_blocks
 
 
 def delta_shape(shapes: Shapes) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def prepare(
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """(down with mid folded in, the kept rows of up times the scale), fp32."""
     up = placement.take(as_matrix(tensors["up"]).float()) * scale
-    return "lora", {"down": _down(tensors).contiguous(), "up": up.contiguous()}
+    return KernelKind.LORA, {"down": _down(tensors).contiguous(), "up": up.contiguous()}
 
 
 def add_factors_(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: Alpha) -> None:
@@ -116,7 +116,7 @@ def _abs_max(t: Tensors) -> float:
 
 
 KERNEL = Kernel(
-    name="lora",
+    name=KernelKind.LORA,
     add_=lambda rows, x, wx, t, alpha: add_factors_(rows, x, t["down"], t["up"], alpha),
     bound=_bound,
     abs_max=_abs_max,

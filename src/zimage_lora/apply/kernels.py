@@ -24,7 +24,7 @@ from .. import algorithms
 from ..algorithms import lora
 from ..algorithms.base import AddFn as AddFn  # re-exported
 from ..algorithms.base import Alpha as Alpha
-from ..algorithms.base import Tensors
+from ..algorithms.base import KernelKind, Tensors
 from ..algorithms.base import dense_add_ as dense_add_
 from ..algorithms.base import scaled_add_ as scaled_add_
 from ..algorithms.base import scaled_addcmul_ as scaled_addcmul_
@@ -143,7 +143,7 @@ def _lora_kernel_add_(out: torch.Tensor, x: torch.Tensor, wx: torch.Tensor | Non
 
 
 # Kernels with a faster path on this backend than the algorithm's torch code (Triton for LoRA).
-_ACCELERATED: dict[str, AddFn] = {"lora": _lora_kernel_add_}
+_ACCELERATED: dict[str, AddFn] = {KernelKind.LORA: _lora_kernel_add_}
 
 
 def add_fn(kind: str) -> AddFn:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import algorithms
 from ..adapter import Target
-from ..algorithms.base import scaled_add_, scaled_addcmul_
+from ..algorithms.base import KernelKind, Reserved, scaled_add_, scaled_addcmul_
 from ..backends import backend_for
 from ..placement import Placement
 from . import kernels
@@ -50,7 +50,7 @@ class Slot(nn.Module):
     """One adapter on one layer: its prepared tensors as non-persistent buffers (they follow `.to()`
     but never appear in the state_dict)."""
 
-    # LoRA's prepared tensors (kind "lora"), read as attributes by the fused and batched products.
+    # LoRA's prepared tensors (`KernelKind.LORA`), read as attributes by the fused and batched products.
     down: torch.Tensor
     up: torch.Tensor
 
@@ -79,7 +79,7 @@ class Slot(nn.Module):
         kernel = algorithms.kernel(kind)
         self.needs_wx = kernel.uses_wx or "fm1" in tensors  # the base output without bias, "wx"
         # Plain LoRA on every row, nothing else: what the fused and the per-sample batched products take.
-        self.plain_lora = kind == "lora" and not self.needs_wx and "bias" not in tensors and self.whole
+        self.plain_lora = kind == KernelKind.LORA and not self.needs_wx and Reserved.BIAS not in tensors and self.whole
         self.transforms_input = kernel.transform is not None  # base(x + alpha * g(x)) (see forward)
         # Prepared from the base weight (as DoRA is): re-prepared when that weight changes.
         self.reads_weight = algorithms.get(target.algorithm).needs_weight
@@ -160,8 +160,8 @@ class Slot(nn.Module):
         if "fm1" in t:  # DoRA per output row: + alpha * (f - 1) * W x
             assert part is not None  # "fm1" sets needs_wx
             scaled_addcmul_(rows, part, t["fm1"], alpha)
-        if "bias" in t:
-            scaled_add_(rows, t["bias"], alpha)
+        if Reserved.BIAS in t:
+            scaled_add_(rows, t[Reserved.BIAS], alpha)
 
 
 class AdapterLinear(nn.Module):

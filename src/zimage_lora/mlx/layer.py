@@ -26,12 +26,13 @@ from mlx import nn
 from .. import algorithms
 from ..adapter import Target
 from ..algorithms import dora as dora_math
+from ..algorithms.base import KernelKind
 from ..placement import Placement
 from .strength import Strength, headroom_of
 from .tree import to_mx
 
 #: Kernels with an MLX forward; any other kind runs from its dense delta rows.
-MLX_KERNELS = ("lora", "lokr", "dense", "bias")
+MLX_KERNELS = (KernelKind.LORA, KernelKind.LOKR, KernelKind.DENSE, KernelKind.BIAS)
 
 
 class Slot:
@@ -42,7 +43,7 @@ class Slot:
                  strength: Strength, headroom: float = math.inf) -> None:
         self.target, self.kind, self.t, self.placement, self.strength = target, kind, tensors, placement, strength
         self.headroom = headroom
-        self.plain_lora = kind == "lora" and set(tensors) == {"down", "up"}
+        self.plain_lora = kind == KernelKind.LORA and set(tensors) == {"down", "up"}
 
     @property
     def rows(self) -> tuple[int, int] | None:
@@ -65,7 +66,7 @@ def slot_tensors(target: Target, placement: Placement, weight: Callable[[], torc
             assert w is not None
             delta = dora_math.dense_rows(delta, w, target.dora.magnitude, target.dora.on_out)
         tensors = {"delta": delta, **({"bias": tensors["bias"]} if "bias" in tensors else {})}
-        kind = "dense"
+        kind = KernelKind.DENSE
     room = headroom_of(where, kind, tensors, strength, dtype, weight)
     return kind, {k: to_mx(v, dtype) for k, v in tensors.items()}, room
 
@@ -85,11 +86,11 @@ def _lokr(x: mx.array, w1: mx.array, w2: mx.array) -> mx.array:
 def share(slot: Slot, x: mx.array, wx: mx.array | None) -> mx.array | None:
     """The slot's output rows, unscaled by its strength; None when it adds nothing to the weight path."""
     t = slot.t
-    if slot.kind == "lora":
+    if slot.kind == KernelKind.LORA:
         y = _lora(x, t["down"], t["up"])
-    elif slot.kind == "lokr":
+    elif slot.kind == KernelKind.LOKR:
         y = _lokr(x, t["w1"], t["w2"])
-    elif slot.kind == "dense":
+    elif slot.kind == KernelKind.DENSE:
         y = x @ t["delta"].T
     else:
         y = None
