@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from zimage_lora import examples
 from zimage_lora.apply.state import ForwardGate
+
+#: Relative error (`rel_err`) within which two computations of one adapter's effect agree in fp32.
+TOL = 2e-5
+
+
+def adapter_file(tmp_path: Path, model: torch.nn.Module, layout: str, seed: int = 0, **kw: Any) -> Path:
+    """An example adapter file (a folder for the PEFT layouts) of `layout` for `model`, named by layout and seed."""
+    suffix = "" if layout.startswith("peft") else ".safetensors"
+    return examples.make_adapter(layout, tmp_path / f"{layout}-{seed}{suffix}", model, seed=seed, **kw)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:

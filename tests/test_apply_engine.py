@@ -1,4 +1,5 @@
-"""Engine behaviour: exact restore, stacking, re-weighting, replacing, fused targets, failures mid-way."""
+"""Engine behaviour: exact restore, stacking, re-weighting, replacing, failures mid-way (fused targets:
+test_apply_fused.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import math
 
 import pytest
 import torch
-from _apply_util import Pristine, output, rel_err
-from safetensors.torch import load_file, save_file
-from torch import nn
+from _apply_util import TOL, Pristine, adapter_file, output, rel_err
+from safetensors.torch import save_file
 
 from zimage_lora import (
     Adapter,
@@ -24,13 +24,6 @@ from zimage_lora import (
 )
 from zimage_lora.apply import AdapterLinear, merge
 from zimage_lora.apply.layer import Slot
-
-TOL = 2e-5
-
-
-def _file(tmp_path, model, layout, seed=0, **kw):
-    suffix = "" if layout.startswith("peft") else ".safetensors"
-    return examples.make_adapter(layout, tmp_path / f"{layout}-{seed}{suffix}", model, seed=seed, **kw)
 
 
 def _norm_adapter(model, seed=0) -> Adapter:
@@ -53,11 +46,11 @@ def _norm_adapter(model, seed=0) -> Adapter:
 def test_stacked_adapters_restore_bit_exact(tmp_path, dtype):
     model = examples.tiny_model(seed=1, dtype=dtype)
     files = {
-        "lora": _file(tmp_path, model, "kohya", seed=1),
-        "lokr": _file(tmp_path, model, "lycoris-lokr-factorized", seed=2),
-        "loha": _file(tmp_path, model, "lycoris-loha", seed=3),
-        "dora": _file(tmp_path, model, "peft-dora", seed=4),
-        "full": _file(tmp_path, model, "lycoris-full", seed=5),
+        "lora": adapter_file(tmp_path, model, "kohya", seed=1),
+        "lokr": adapter_file(tmp_path, model, "lycoris-lokr-factorized", seed=2),
+        "loha": adapter_file(tmp_path, model, "lycoris-loha", seed=3),
+        "dora": adapter_file(tmp_path, model, "peft-dora", seed=4),
+        "full": adapter_file(tmp_path, model, "lycoris-full", seed=5),
     }
     pristine = Pristine(model)
     base = output(model, dtype)
@@ -84,7 +77,7 @@ def test_stacked_adapters_restore_bit_exact(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_removing_one_merged_adapter_equals_never_applying_it(tmp_path, dtype):
     model = examples.tiny_model(seed=2, dtype=dtype)
-    a, b = _file(tmp_path, model, "kohya", seed=1), _file(tmp_path, model, "lycoris-loha", seed=2)
+    a, b = adapter_file(tmp_path, model, "kohya", seed=1), adapter_file(tmp_path, model, "lycoris-loha", seed=2)
     apply_adapter(model, b, mode="merged", name="b", scale=0.7)
     only_b = {k: v.clone() for k, v in model.state_dict().items()}
     remove_adapter(model)
@@ -97,7 +90,7 @@ def test_removing_one_merged_adapter_equals_never_applying_it(tmp_path, dtype):
 
 def test_merged_rounds_once_and_rescale_is_an_exact_remerge(tmp_path):
     model = examples.tiny_model(seed=3, dtype=torch.bfloat16)
-    path = _file(tmp_path, model, "ai-toolkit", seed=3)
+    path = adapter_file(tmp_path, model, "ai-toolkit", seed=3)
     name = "layers.0.feed_forward.w1"
     w0 = model.get_submodule(name).weight.detach().clone()
     adapter = load_adapter(path, model)
@@ -110,7 +103,7 @@ def test_merged_rounds_once_and_rescale_is_an_exact_remerge(tmp_path):
 
 def test_small_chunks_give_the_same_merge(tmp_path, monkeypatch):
     model = examples.tiny_model(seed=4)
-    path = _file(tmp_path, model, "lycoris-lokr", seed=4)
+    path = adapter_file(tmp_path, model, "lycoris-lokr", seed=4)
     apply_adapter(model, path, mode="merged")
     whole = {k: v.clone() for k, v in model.state_dict().items()}
     remove_adapter(model)
@@ -123,7 +116,7 @@ def test_small_chunks_give_the_same_merge(tmp_path, monkeypatch):
 # --- dynamic specifics ------------------------------------------------------------------------------
 
 def test_dynamic_scale_zero_and_negative(tmp_path, tiny):
-    path = _file(tmp_path, tiny, "lycoris-lokr", seed=6)
+    path = adapter_file(tmp_path, tiny, "lycoris-lokr", seed=6)
     base = output(tiny)
     apply_adapter(tiny, path, name="k", scale=1.0)
     plus = output(tiny)
@@ -138,7 +131,7 @@ def test_dynamic_scale_zero_and_negative(tmp_path, tiny):
 
 
 def test_reapplying_a_name_replaces_it_and_hotswaps_in_place(tmp_path, tiny):
-    first, second = _file(tmp_path, tiny, "kohya", seed=1), _file(tmp_path, tiny, "kohya", seed=2)
+    first, second = adapter_file(tmp_path, tiny, "kohya", seed=1), adapter_file(tmp_path, tiny, "kohya", seed=2)
     apply_adapter(tiny, second, name="x", scale=0.6)
     want = output(tiny)
     remove_adapter(tiny)
@@ -150,7 +143,7 @@ def test_reapplying_a_name_replaces_it_and_hotswaps_in_place(tmp_path, tiny):
     assert tiny.layers[0].attention.to_q.slots["s1"] is slot and slot.up.data_ptr() == ptr
     assert torch.equal(output(tiny), want)
     # Different shapes: a full replacement, same result as a fresh apply.
-    other = _file(tmp_path, tiny, "lycoris-loha", seed=3)
+    other = adapter_file(tmp_path, tiny, "lycoris-loha", seed=3)
     report = apply_adapter(tiny, other, name="x", mode="merged")
     assert report.replaced and not report.hotswapped
     assert [(a.name, a.mode) for a in list_adapters(tiny)] == [("x", "merged")]
@@ -173,7 +166,7 @@ def test_hot_swap_never_writes_into_the_callers_adapter(tmp_path, tiny, layout):
 def test_fp32_compute_on_bf16_model_is_closer_to_fp32_reference(tmp_path):
     ref_model = examples.tiny_model(seed=5)
     model = examples.tiny_model(seed=5, dtype=torch.bfloat16)
-    path = _file(tmp_path, ref_model, "kohya", seed=5)
+    path = adapter_file(tmp_path, ref_model, "kohya", seed=5)
     linear = ref_model.layers[0].feed_forward.w1
     x = torch.randn(16, 64)
     apply_adapter(ref_model, path, name="x")
@@ -186,131 +179,10 @@ def test_fp32_compute_on_bf16_model_is_closer_to_fp32_reference(tmp_path):
     assert (high - ref).norm() <= (low - ref).norm()
 
 
-# --- fused targets ----------------------------------------------------------------------------------
-
-class _Attention(nn.Module):
-    def __init__(self, fused: bool) -> None:
-        super().__init__()
-        self.fused = fused
-        if fused:
-            self.qkv = nn.Linear(64, 192)
-        else:
-            self.to_q, self.to_k, self.to_v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
-
-    def forward(self, x):
-        return self.qkv(x) if self.fused else torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
-
-
-class _Tree(nn.Module):
-    """Two blocks with only attention: the fused (ComfyUI) or split (diffusers) spelling of qkv."""
-
-    def __init__(self, fused: bool) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"attention": _Attention(fused)}) for _ in range(2))
-
-    def forward(self, x):
-        return torch.cat([blk["attention"](x) for blk in self.layers], -1)
-
-
-def _twins(seed=0):
-    torch.manual_seed(seed)
-    fused, split = _Tree(True), _Tree(False)
-    with torch.no_grad():
-        for i in range(2):
-            qkv = fused.layers[i]["attention"].qkv
-            qkv.weight.normal_(0, 0.125)
-            qkv.bias.normal_(0, 0.1)
-            att = split.layers[i]["attention"]
-            for j, part in enumerate((att.to_q, att.to_k, att.to_v)):
-                part.weight.copy_(qkv.weight[64 * j : 64 * (j + 1)])
-                part.bias.copy_(qkv.bias[64 * j : 64 * (j + 1)])
-    return fused, split
-
-
-@pytest.mark.parametrize("mode", ["dynamic", "merged"])
-@pytest.mark.parametrize("layout", ["kohya", "lycoris-lokr-factorized", "lycoris-loha", "lycoris-dora", "lycoris-full"])
-def test_split_files_on_a_fused_qkv_tree(tmp_path, layout, mode):
-    fused, split = _twins()
-    x = torch.randn(5, 64)
-    path = _file(tmp_path, split, layout, seed=1)
-    base = split(x)
-    pristine = Pristine(fused)
-    r_fused = apply_adapter(fused, path, mode=mode)
-    assert any(a.endswith("attention.qkv[64:128]") for a in r_fused.applied)
-    apply_adapter(split, path, mode=mode)
-    assert rel_err(fused(x), split(x), base) < TOL
-    remove_adapter(fused)
-    pristine.assert_same(fused)
-
-
-@pytest.mark.parametrize("mode", ["dynamic", "merged"])
-@pytest.mark.parametrize("algo", ["lora", "lokr", "loha", "full"])
-def test_fused_qkv_file_on_split_layers(tmp_path, algo, mode):
-    fused, split = _twins(1)
-    g = torch.Generator().manual_seed(2)
-    sd: dict[str, torch.Tensor] = {}
-    for i in range(2):
-        stem = f"diffusion_model.layers.{i}.attention.qkv"
-        if algo == "lora":
-            sd |= {f"{stem}.lora_A.weight": torch.randn(4, 64, generator=g) / 8,
-                   f"{stem}.lora_B.weight": torch.randn(192, 4, generator=g) / 4, f"{stem}.alpha": torch.tensor(2.0)}
-        elif algo == "lokr":
-            sd |= {f"{stem}.lokr_w1": torch.randn(12, 8, generator=g) / 4,
-                   f"{stem}.lokr_w2": torch.randn(16, 8, generator=g) / 4}
-        elif algo == "loha":
-            sd |= {f"{stem}.hada_w1_a": torch.randn(192, 2, generator=g) / 2,
-                   f"{stem}.hada_w1_b": torch.randn(2, 64, generator=g) / 2,
-                   f"{stem}.hada_w2_a": torch.randn(192, 2, generator=g) / 2,
-                   f"{stem}.hada_w2_b": torch.randn(2, 64, generator=g) / 2, f"{stem}.alpha": torch.tensor(1.0)}
-        else:
-            sd |= {f"{stem}.diff": torch.randn(192, 64, generator=g) / 50,
-                   f"{stem}.diff_b": torch.randn(192, generator=g)}
-    path = tmp_path / f"fused-{algo}.safetensors"
-    save_file(sd, str(path))
-    x = torch.randn(5, 64)
-    base = fused(x)
-    pristine = Pristine(split)
-    report = apply_adapter(split, path, mode=mode, scale=0.9)
-    assert "layers.1.attention.to_v" in report.applied
-    apply_adapter(fused, path, mode=mode, scale=0.9)  # direct on the fused tree: the reference
-    assert rel_err(split(x), fused(x), base) < TOL
-    remove_adapter(split)
-    pristine.assert_same(split)
-
-
-def test_fused_kohya_file_equals_the_split_file_it_was_made_from(tmp_path, tiny):
-    fused_path = _file(tmp_path, tiny, "kohya-fused", seed=3, rank=2, alpha=1.0)
-    sd = load_file(str(fused_path))
-    split: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():  # undo the block-diagonal packing by hand: q, k, v get their own factors
-        if "_qkv." not in key:
-            split[key] = value
-            continue
-        stem, suffix = key.split("_qkv.")
-        for j, part in enumerate(("to_q", "to_k", "to_v")):
-            name = f"{stem}_{part}.{suffix}"
-            if suffix == "lora_down.weight":
-                split[name] = value[2 * j : 2 * j + 2].contiguous()
-            elif suffix == "lora_up.weight":
-                split[name] = value[64 * j : 64 * j + 64, 2 * j : 2 * j + 2].contiguous()
-            else:
-                split[name] = value / 3  # alpha x3 over rank x3 -> same scale
-    split_path = tmp_path / "split.safetensors"
-    save_file(split, str(split_path))
-    base = output(tiny)
-    for mode in ("dynamic", "merged"):
-        apply_adapter(tiny, split_path, mode=mode, name="s")
-        ref = output(tiny)
-        remove_adapter(tiny)
-        apply_adapter(tiny, fused_path, mode=mode, name="f")
-        assert rel_err(output(tiny), ref, base) < TOL
-        remove_adapter(tiny)
-
-
 # --- everything or nothing --------------------------------------------------------------------------
 
 def test_bad_target_found_before_any_change(tmp_path, tiny):
-    adapter = load_adapter(_file(tmp_path, tiny, "kohya", seed=1), tiny)
+    adapter = load_adapter(adapter_file(tmp_path, tiny, "kohya", seed=1), tiny)
     adapter.targets[-1].tensors["up"][0, 0] = math.nan
     pristine = Pristine(tiny)
     for mode in ("dynamic", "merged"):
@@ -340,8 +212,8 @@ def _fail_after(n: int, fn):
 @pytest.mark.parametrize("where", ["merge", "wrap"])
 def test_failure_mid_apply_restores_exactly(tmp_path, monkeypatch, dtype, where):
     model = examples.tiny_model(seed=6, dtype=dtype)
-    first = _file(tmp_path, model, "lycoris-loha", seed=1)
-    second = _file(tmp_path, model, "kohya", seed=2)
+    first = adapter_file(tmp_path, model, "lycoris-loha", seed=1)
+    second = adapter_file(tmp_path, model, "kohya", seed=2)
     apply_adapter(model, first, name="a", mode="merged")
     apply_adapter(model, _norm_adapter(model), mode="dynamic")
     apply_adapter(model, second, name="b", mode="dynamic")
@@ -353,7 +225,7 @@ def test_failure_mid_apply_restores_exactly(tmp_path, monkeypatch, dtype, where)
     else:
         monkeypatch.setattr(Slot, "__init__", _fail_after(20, Slot.__init__))
         mode = "dynamic"
-    third = _file(tmp_path, model, "lycoris-lokr", seed=3)
+    third = adapter_file(tmp_path, model, "lycoris-lokr", seed=3)
     for name in ("c", "a", "b"):  # a new name, and replacing a merged and a dynamic one
         with pytest.raises(RuntimeError, match="injected"):
             apply_adapter(model, third, name=name, mode=mode)
@@ -369,7 +241,7 @@ def test_unknown_names_and_bad_arguments(tmp_path, tiny):
         remove_adapter(tiny, "nope")
     with pytest.raises(LoRAError):
         set_adapter_scale(tiny, "nope", 1.0)
-    path = _file(tmp_path, tiny, "kohya")
+    path = adapter_file(tmp_path, tiny, "kohya")
     with pytest.raises(LoRAError):
         apply_adapter(tiny, path, mode="fused")
     with pytest.raises(LoRAError):
@@ -394,7 +266,6 @@ def test_strength_beyond_float32_is_refused_before_anything_changes(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_that_overflows_the_weight_dtype_is_refused_and_rolled_back(tmp_path, dtype):
-    from safetensors.torch import save_file
 
     import zimage_lora as zl
     from zimage_lora import examples as ex
