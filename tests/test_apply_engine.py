@@ -23,7 +23,7 @@ from zimage_lora import (
     set_adapter_scale,
 )
 from zimage_lora.apply import AdapterLinear, merge
-from zimage_lora.apply.layer import Slot
+from zimage_lora.apply.slot import Slot
 
 
 def _norm_adapter(model, seed=0) -> Adapter:

@@ -19,8 +19,9 @@ from ..sources import LoRAConfiguration
 from . import blockwise, checkpoint
 from .access import Scope
 from .components import TRANSFORMER, Component, components_of, is_pipeline, load_parts, pipeline_report
-from .layer import AdapterLinear, Slot, slot_tensors, weight_rows
+from .layer import AdapterLinear
 from .report import ApplyReport, free_name, warn_requant
+from .slot import Slot, slot_tensors, weight_rows
 from .state import Record, Strength
 from .transaction import Transaction
 from .validate import (

@@ -22,9 +22,10 @@ from . import blockwise
 from .access import Scope, _model_of, attached, iter_records
 from .attach import apply_adapter, apply_resolved, attach
 from .components import TRANSFORMER, components_of, is_pipeline, pipeline_infos
-from .layer import AdapterLinear, weight_rows
+from .layer import AdapterLinear
 from .report import REQUANT_WARN, AdapterInfo, ApplyReport, warn_requant
 from .retune import retune
+from .slot import weight_rows
 from .state import Record
 from .transaction import Transaction
 from .validate import (

@@ -28,7 +28,8 @@ from torch import nn
 from ..blocks import value_at
 from ..errors import LoRAError
 from .gate import Forward
-from .layer import AdapterLinear, Slot, rows_of
+from .layer import AdapterLinear, rows_of
+from .slot import Slot
 from .state import EngineState, Record
 
 # Wrapped modules whose input is the samples' tokens concatenated (no batch dim), by name prefix.

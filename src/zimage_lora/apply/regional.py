@@ -34,7 +34,8 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from ..errors import InvalidArgumentError, LoRAError
 from ..mlx.probe import refuse
 from .gate import BLOCKS, LayerRoute, gate_of
-from .layer import AdapterLinear, Slot, rows_of
+from .layer import AdapterLinear, rows_of
+from .slot import Slot
 
 SEQ_MULTI_OF = 32  # diffusers' Z-Image pads each sample's image and caption tokens to a multiple of this
 

@@ -9,7 +9,8 @@ from typing import cast
 from torch import nn
 
 from .gate import touched
-from .layer import AdapterLinear, Slot
+from .layer import AdapterLinear
+from .slot import Slot
 from .state import EngineState
 
 # Sets remembered per model before the table starts afresh (each entry: one tuple per wrapped layer).

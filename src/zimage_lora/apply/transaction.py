@@ -18,7 +18,8 @@ from torch import nn
 from ..adapter import Target
 from ..backends import backend_for
 from . import merge
-from .layer import AdapterLinear, Slot, refresh_dora, slot_tensors
+from .layer import AdapterLinear, refresh_dora
+from .slot import Slot, slot_tensors
 from .state import EngineState, Record, drop_state
 from .switching import publish_fast
 from .validate import Checked, base_of, slot_dtype
