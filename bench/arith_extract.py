@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +63,34 @@ def write_quick(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+class _Sampler(threading.Thread):
+    """The child's RSS every 0.2 s with how much it had read then: where in the stream a peak happens."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, (0.0, 0.0, 0.0)
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        for _ in range(10 * 3600 * 5):  # bounded: ten hours of samples
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
+                with open(f"/proc/{self.pid}/io") as f:
+                    read = next(int(line.split()[1]) for line in f if line.startswith("rchar")) / 1e9
+            except (OSError, StopIteration, ValueError):
+                return  # the child has exited
+            if rss > self.peak[0]:
+                self.peak = (rss, read, time.perf_counter() - started)
+            time.sleep(0.2)
+
+
+def _sample_rss(pid: int) -> _Sampler:
+    sampler = _Sampler(pid)
+    sampler.start()
+    return sampler
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", type=Path)
@@ -85,7 +114,9 @@ def main() -> None:
                str(work / "tuned"), "--rank", str(args.rank), "--out", str(out), "--overwrite", "--json"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        timeline = _sample_rss(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
+        timeline.join(5)
         wall = time.perf_counter() - t0
         stdout = proc.stdout.read().decode() if proc.stdout else ""
         stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
@@ -94,6 +125,8 @@ def main() -> None:
         doc = json.loads(stdout) if rc == 0 else {}
         if rc:
             print(stderr[-3000:], flush=True)
+        print(f"sampled: peak RSS {timeline.peak[0]:.2f} GB after {timeline.peak[1]:.1f} of {2 * total / 1e9:.1f} GB "
+              f"read, at {timeline.peak[2]:.0f} s", flush=True)
         verdict = "MET" if rc == 0 and peak_gb < 2.0 else "MISSED"
         ranks = sorted({m["rank"] for m in doc.get("modules", [])})
         rows = [[f"zimage-lora extract --rank {args.rank} (subprocess)", 2 * total / 1e9, peak_gb, wall,

@@ -11,7 +11,10 @@ diffusers ones. With `diffs`, norm weights and biases that changed are carried a
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,6 +67,7 @@ def extract_report(base: str | Path, tuned: str | Path, *, rank: int | None = No
                 _one(key[len(c0.prefix):], diff, rule, diffs, targets, report, dt, oversample, niter, seed,
                      src_dtype)
                 del diff  # nothing of this pair outlives it but its factors
+                trim_heap()
                 step(i0.nbytes)
     finally:
         for fh in handles.values():
@@ -76,6 +80,24 @@ def extract_report(base: str | Path, tuned: str | Path, *, rank: int | None = No
                       targets=list(targets.values()))
     adapter.metadata = report.metadata()
     return adapter, report
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        return fn
+    except (AttributeError, OSError):  # not glibc (macOS, musl): nothing to hand back this way
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system. glibc keeps freed blocks under its mmap threshold
+    (raised to 32 MB by the first large free) in the heap; a stream of tensors of many sizes can leave
+    that heap far larger than what is live."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
 
 
 def _matched(c0: Checkpoint, c1: Checkpoint) -> dict[str, Any]:

@@ -39,6 +39,14 @@ class Truncated:
         return math.sqrt(self.lost / self.total) if self.total > 0 else 0.0
 
 
+def squared_norm(t: torch.Tensor, chunk_bytes: int = 1 << 24) -> float:
+    """The sum of squares in float64, 2M values at a time: a whole float64 copy of a 10240 x 3840 delta
+    (and its square) would be ~630 MB of temporaries beside it on every module of an extract."""
+    flat = t.reshape(-1)
+    step = chunk_bytes // 8
+    return float(sum(float(flat[i:i + step].double().square().sum()) for i in range(0, flat.numel(), step)))
+
+
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, total: float,
            lost: float | None = None) -> Truncated:
     root = s[:k].sqrt()
@@ -60,7 +68,7 @@ def from_factors(up: torch.Tensor, down: torch.Tensor, rule: RankRule) -> Trunca
 def from_dense(delta: torch.Tensor, rule: RankRule) -> Truncated:
     """Truncated SVD of a dense fp32 delta (out, in)."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    total = float((delta.double() ** 2).sum())
+    total = squared_norm(delta)
     return _split(u, s, vh, keep(s, rule, min(delta.shape)), total)
 
 
@@ -74,7 +82,7 @@ def randomized(delta: torch.Tensor, rule: RankRule, *, oversample: int = 10, nit
     """
     delta = delta.float()
     n = min(delta.shape)
-    total = float((delta.double() ** 2).sum())
+    total = squared_norm(delta)
     if total == 0:
         return Truncated(delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0, delta.shape[1]), 0.0, 0.0)
     width = (rule.rank + oversample) if rule.rank is not None else 64
@@ -88,7 +96,7 @@ def randomized(delta: torch.Tensor, rule: RankRule, *, oversample: int = 10, nit
         k = keep(s, rule, n, total)
         if _final(rule, s, k, total):
             residual = torch.addmm(delta, u[:, :k] * s[:k], v[:, :k].T, alpha=-1)  # one (out, in) temporary
-            return _split(u, s, v.T, k, total, float((residual.double() ** 2).sum()))
+            return _split(u, s, v.T, k, total, squared_norm(residual))
         width *= 2
 
 
