@@ -112,3 +112,16 @@ def test_two_nodes_serve_and_fail_over(tmp_path):
             serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
+
+
+def test_cluster_config_in_the_docs_is_valid():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from zimage_lora.serving.app import build_app
+
+    doc = yaml.safe_load((ROOT / "docs" / "serve-config.yaml").read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    built = build_app(app["args"])  # binds the deployment with its options; starts nothing
+    assert type(built).__name__ == "Application"
