@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _common import dtype_of, engine, interleaved, md_table, median, median_ratio
 
-from zimage_lora.adapter import Adapter, Target
+from zimage_lora.adapter import Adapter, Provenance, Target
 
 SHAPES = {"3840->3840": (3840, 3840), "3840->10240": (3840, 10240), "10240->3840": (10240, 3840)}
 
@@ -100,7 +100,8 @@ def lora_cases(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype
     if dtype != torch.float32:
         peft_fp32 = peft_holder(torch.float32)  # PEFT's default: fp32 adapters on a low-precision base
         cases["peft-fp32-adapter"] = lambda: peft_fp32(x)
-    target = Target(module="layer", algorithm="lora", tensors={"down": a, "up": b}, scale=s, rank=rank, alpha=alpha)
+    target = Target(module="layer", algorithm="lora", tensors={"down": a, "up": b}, scale=s, rank=rank,
+                    about=Provenance(alpha=alpha))
     ours = _ours(_linear(n_in, n_out, dtype, device), target)
     if ours is not None:
         cases["ours"] = lambda: ours(x)

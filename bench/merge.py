@@ -14,7 +14,7 @@ import time
 import torch
 from _common import PeakMemory, engine, md_table, median, sync
 
-from zimage_lora.adapter import Adapter, Target
+from zimage_lora.adapter import Adapter, Provenance, Target
 
 FULL_WIDTH = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -156,7 +156,7 @@ def run_merge(layers: int, rank: int, device: str, rounds: int, dtype: torch.dty
         apply_adapter, remove_adapter, _ = eng
         adapter = Adapter("bench", "bench", "bench", [
             Target(module=n, algorithm="lora", tensors={"down": factors[n][0], "up": factors[n][1]}, scale=s,
-                   rank=rank, alpha=alpha) for n in names])
+                   rank=rank, about=Provenance(alpha=alpha)) for n in names])
         with PeakMemory(device) as held:
             rec("ours", "apply", *_timed(lambda: apply_adapter(model, adapter, mode="merged", name="bench"), device))
         res["ours"].setdefault("held_after_apply", []).append(held.extra_bytes)

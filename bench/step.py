@@ -64,11 +64,12 @@ def _inputs(image: int, caption: int, cfg, dtype: torch.dtype, device: str) -> t
 
 def _ours(model: torch.nn.Module, adapters: list[dict], mode: str) -> list[str]:
     from zimage_lora import Adapter, Target, apply_adapter
+    from zimage_lora.adapter import Provenance
 
     names = []
     for i, factors in enumerate(adapters):
         targets = [Target(module=n, algorithm="lora", tensors={"down": a, "up": b}, scale=1.0, rank=RANK,
-                          alpha=float(RANK)) for n, (a, b) in factors.items()]
+                          about=Provenance(alpha=float(RANK))) for n, (a, b) in factors.items()]
         name = f"a{i}"
         apply_adapter(model, Adapter(name=name, format="bench", source="bench", targets=targets), mode=mode, name=name)
         names.append(name)
