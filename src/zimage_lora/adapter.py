@@ -67,6 +67,10 @@ class Target:
     dora: Dora | None = None
     rank: int | None = None
     about: Provenance = field(default_factory=Provenance)
+    # Placements made so far, by (rows, delta_rows, out_features): validation makes one, and every
+    # later reader (dynamic slots, merged row blocks, MLX, arithmetic) gets that same object.
+    _placed: dict[tuple[tuple[int, int] | None, tuple[int, int] | None, int], Placement] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     # Read-only views of `about` under the names reports have always used.
     @property
@@ -94,7 +98,11 @@ class Target:
 
     def placement(self, out_features: int) -> Placement:
         """Where this delta lands on a module with `out_features` rows."""
-        return Placement.of(self.rows, self.delta_rows, out_features)
+        key = (self.rows, self.delta_rows, out_features)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = self._placed[key] = Placement.of(self.rows, self.delta_rows, out_features)
+        return placed
 
     def __repr__(self) -> str:  # short: the tensors' values would fill a terminal
         shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in self.tensors.items())

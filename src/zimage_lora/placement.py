@@ -21,8 +21,14 @@ class Placement:
 
     @classmethod
     def of(cls, rows: tuple[int, int] | None, delta_rows: tuple[int, int] | None, out_features: int) -> Placement:
-        lo, hi = rows if rows is not None else (0, out_features)
+        lo, hi = cls.module_rows(rows, out_features)
         return cls(lo, hi, delta_rows[0] if delta_rows is not None else 0, out_features)
+
+    @staticmethod
+    def module_rows(rows: tuple[int, int] | None, out_features: int) -> tuple[int, int]:
+        """The module rows a target's `rows` cover (all of them for None)."""
+        lo, hi = rows if rows is not None else (0, out_features)
+        return lo, hi
 
     @property
     def n(self) -> int:

@@ -27,7 +27,7 @@ _ANOTHER_MODEL = "The adapter was made for another model (or another Z-Image var
 
 def check_rows(where: str, rows: tuple[int, int] | None, out_features: int) -> int:
     """The number of the module's output rows the delta lands on (all of them without `rows`)."""
-    lo, hi = Placement.of(rows, None, out_features).rows
+    lo, hi = Placement.module_rows(rows, out_features)
     if not (0 <= lo < hi <= out_features):
         raise IncompatibleWeightsError(f"{where}: rows {lo}:{hi} fall outside the module's {out_features} output rows.")
     return hi - lo
