@@ -107,7 +107,7 @@ class _Context:
 
 
 class Routing:
-    """One wrapped layer's per-sample plan: each slot a sample uses, with that sample's strength."""
+    """One wrapped layer's per-sample routing: each slot a sample uses, with that sample's strength."""
 
     def __init__(
         self, ctx: _Context, where: str, flat: str | None, slots: list[tuple[Slot, list[float | None]]],

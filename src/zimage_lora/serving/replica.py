@@ -98,14 +98,14 @@ class ZImageServer:
         try:
             sources = [s for s, _ in jobs[0].loras]  # every job of one request names the same adapters
 
-            def prepare() -> None:
+            def read_and_check() -> None:
                 # Read the adapters now (host tier); their failures surface in the batch, per request.
                 self.engine.store.lease(sources).close()
                 # What only the model can tell (per-block patterns) is refused before joining a batch.
                 self.engine.check(jobs[0])
 
             try:  # in a thread: the event loop keeps answering
-                await asyncio.to_thread(prepare)
+                await asyncio.to_thread(read_and_check)
             except LoRAError as exc:
                 return [(http_status(exc), str(exc))] * len(jobs)
             results = await asyncio.gather(*(self.generate_batched(job) for job in jobs))
