@@ -18,6 +18,7 @@ from mlx import nn
 
 from .. import algorithms, shapes
 from ..adapter import Adapter
+from ..apply.blockwise import check_strength, scaled
 from ..apply.report import REQUANT_WARN, AdapterInfo, ApplyReport, free_name, warn_requant
 from ..apply.validate import check_mode, check_name, check_names, check_weights
 from ..blocks import Blocks
@@ -50,10 +51,10 @@ def apply(model: nn.Module, source: str | Path | LoRAConfiguration | Adapter, *,
           filename: str | None = None, strict: bool = False, compute_dtype: Any = None) -> ApplyReport:
     model = transformer_of(model)
     mode = check_mode(mode)
-    asked = strengths.check(scale)
+    asked = check_strength(scale)
     dtype = _dtype(compute_dtype)
     if isinstance(source, LoRAConfiguration):
-        asked = strengths.scaled(asked, source.scale)
+        asked = scaled(asked, source.scale)
         name = name if name is not None else source.name
     explicit = name is not None
     if explicit:
@@ -192,7 +193,7 @@ def remove(model: nn.Module, name: str | None = None) -> list[str]:
 def set_scale(model: nn.Module, name: str, scale: float | Mapping[str, float]) -> None:
     model = transformer_of(model)
     check_name(name)
-    asked = strengths.check(scale)
+    asked = check_strength(scale)
     state, _ = _records(model, [name])
     assert state is not None
     with state.lock:
@@ -228,7 +229,7 @@ def set_active(model: nn.Module, names: str | list[str] | None,
         if values is not None:
             for n, v in zip(wanted, values, strict=True):  # every check before any change
                 record = state.records[n]
-                checked = strengths.check(v, f"weight for '{n}'")
+                checked = check_strength(v, f"weight for '{n}'")
                 resolved[n] = strengths.resolve_on(state.names(), record.adapter, checked)
                 strengths.check_dynamic_strength(state, record, resolved[n])
         before = {n: (r.active, r.strength.get()) for n, r in state.records.items()}

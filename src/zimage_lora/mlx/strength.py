@@ -15,7 +15,7 @@ import torch
 
 from ..adapter import Adapter
 from ..apply.validate import check_dynamic, check_scale
-from ..blocks import DEFAULT, Blocks, check_patterns, is_blocks, resolve
+from ..blocks import DEFAULT, TEXT_ENCODER_KEY, Blocks, check_patterns, is_blocks, resolve
 from .tree import to_torch
 
 if TYPE_CHECKING:
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 Strengthish = float | Blocks
 #: MLX float dtypes as the torch dtypes the overflow rule is stated in.
 TORCH_DTYPES = {mx.float32: torch.float32, mx.float16: torch.float16, mx.bfloat16: torch.bfloat16}
-#: A mapping's key that is a pipeline text encoder's one number (`apply.blockwise.for_part`); an MLX
-#: model is a transformer alone, so that key is not one of its patterns.
-TEXT_ENCODER = "text_encoder"
 
 
 class Strength:
@@ -69,31 +66,13 @@ class Strength:
         return self.at(module).value
 
 
-def check(value: Any, what: str = "scale") -> Any:
-    """A caller's strength checked for shape: a float, or a {pattern: number} mapping (resolved later,
-    once the adapter's modules are known)."""
-    if is_blocks(value):
-        check_patterns(value, what)
-        return value
-    return check_scale(value, what)
-
-
-def scaled(value: Any, factor: float) -> Any:
-    """A checked strength times a number (a `LoRAConfiguration`'s own scale)."""
-    if isinstance(value, Blocks):
-        return value.scaled(factor)
-    if is_blocks(value):
-        return {p: v * factor for p, v in check_patterns(value)}
-    return check_scale(value * factor)
-
-
 def resolve_on(names: list[str], adapter: Adapter, value: Any, what: str = "scale") -> Strengthish:
     """A checked strength as the engine keeps it: a float, or `Blocks` over `adapter`'s modules, its
     patterns matched against `names` (the model's adaptable layers under diffusers' names)."""
     if not is_blocks(value):
         return check_scale(value, what)
     patterns = dict(check_patterns(value, what))
-    patterns.pop(TEXT_ENCODER, None)
+    patterns.pop(TEXT_ENCODER_KEY, None)  # an MLX model is a transformer alone
     if not patterns:
         return DEFAULT
     return resolve(patterns, names, list(dict.fromkeys(t.module for t in adapter.targets)), what)
