@@ -125,3 +125,7 @@ def test_refusals(tiny_pipe):
     with pytest.raises(zl.InvalidArgumentError, match="2-D"):
         with zl.regional_adapters(tiny_pipe, {"hero": torch.ones(3)}):
             pass
+    for caption in (float("nan"), float("inf"), {"hero": float("nan")}, "median"):
+        with pytest.raises(zl.InvalidArgumentError, match="finite number"):
+            with zl.regional_adapters(tiny_pipe, {"hero": (0.0, 0.0, 1.0, 1.0)}, caption=caption):
+                pass

@@ -23,6 +23,7 @@ layer `[image, caption]` per sample, padded to the longest.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -239,6 +240,14 @@ class _Block:
         fwd.routes = self.routes
 
 
+def check_caption(caption: Any, what: str = "regional_adapters: caption") -> Any:
+    """The weight of caption tokens: "mean", a finite number, or {adapter name: finite number}."""
+    values = list(caption.values()) if isinstance(caption, Mapping) else [caption]
+    if not (caption == "mean" or all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        raise InvalidArgumentError(f"{what} must be a finite number, {{name: number}} or 'mean', got {caption!r}")
+    return caption
+
+
 @contextmanager
 def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "mean") -> Iterator[None]:
     """Inside the block, each named (dynamic, attached) adapter acts only where its mask says (see the
@@ -249,9 +258,7 @@ def regional_adapters(pipe: Any, masks: Mapping[str, Any], *, caption: Any = "me
     refuse(pipe, "regional_adapters")
     model = _model_of(pipe)
     checked = _check_masks(masks)
-    if not (caption == "mean" or isinstance(caption, (int, float, Mapping))):
-        raise InvalidArgumentError(f"regional_adapters: caption must be a number, {{name: number}} or 'mean', "
-                                   f"got {caption!r}")
+    check_caption(caption)
     for name in checked:
         record = attached(model, name)
         if record is None or record.mode != "dynamic" or record.patches:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..apply.regional import token_weights
+from ..apply.regional import check_caption, token_weights
 from ..errors import InvalidArgumentError
 
 
@@ -65,7 +65,6 @@ def check_region_caption(value: float | str) -> float | str:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        number = float("nan")
-    if not math.isfinite(number):
-        raise InvalidArgumentError(f"--region-caption must be 'mean' or a finite number, got {value!r}")
+        number = math.nan  # refused below, with the value as given
+    check_caption(number if math.isfinite(number) else value, "--region-caption")
     return number
