@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,3 +172,39 @@ def engine():
         return zimage_lora.apply_adapter, zimage_lora.remove_adapter, zimage_lora.set_adapter_scale
     except (ImportError, AttributeError):
         return None
+
+
+# Runs argv[1:] as a grandchild, waits for it, prints {"rc", "maxrss_kib"} as its last line and exits.
+_LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print("\\n" + json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
+@dataclass
+class MeasuredRun:
+    rc: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    peak_rss_gb: float
+
+
+def peak_rss_run(cmd: list[str]) -> MeasuredRun:
+    """Run `cmd` and measure its own peak RSS. A forked child's ru_maxrss starts at its parent's RSS at
+    the fork (the kernel keeps the old memory's high-water mark across exec), so a bench that has just
+    written a 12 GB checkpoint would report its own size; `cmd` is therefore forked by a small fresh
+    launcher process, whose wait4 reports the command alone."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.decode(errors="replace").rstrip("\n").rpartition("\n")
+    result = json.loads(out[2])
+    return MeasuredRun(result["rc"], out[0], proc.stderr.decode(errors="replace"), wall,
+                       result["maxrss_kib"] * 1024 / 1e9)

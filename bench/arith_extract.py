@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, md_table, save  # noqa: E402
+from _common import machine, md_table, peak_rss_run, save  # noqa: E402
 from checkpoint import _free_gb, write_checkpoint  # noqa: E402
 
 PLANTED = 16
@@ -63,35 +60,6 @@ def write_quick(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-class _Sampler(threading.Thread):
-    """The child's peak RSS since its exec (VmHWM) every 0.2 s, with how much it had read when it rose:
-    where in the stream the peak happens, and a check of wait4's number."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak = pid, (0.0, 0.0, 0.0)
-
-    def run(self) -> None:
-        started = time.perf_counter()
-        for _ in range(10 * 3600 * 5):  # bounded: ten hours of samples
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
-                with open(f"/proc/{self.pid}/io") as f:
-                    read = next(int(line.split()[1]) for line in f if line.startswith("rchar")) / 1e9
-            except (OSError, StopIteration, ValueError):
-                return  # the child has exited
-            if rss > self.peak[0]:
-                self.peak = (rss, read, time.perf_counter() - started)
-            time.sleep(0.2)
-
-
-def _sample_rss(pid: int) -> _Sampler:
-    sampler = _Sampler(pid)
-    sampler.start()
-    return sampler
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", type=Path)
@@ -99,46 +67,25 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated pair")
     p.add_argument("--tag", default="")
     p.add_argument("--quick", action="store_true", help="the tiny test model instead of the full-size pair")
-    p.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)  # the pair, in a child process
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="arith_extract_"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.quick and _free_gb(work) < 2 * 12.4 + 1 and not (work / "tuned").is_dir():
         sys.exit(f"not enough disk at {work}: {_free_gb(work):.1f} GB free, ~26 GB needed")
-    if args.write_only:
+    try:
+        t0 = time.perf_counter()
         total = write_quick(work / "base") if args.quick else write_checkpoint(work / "base")
         if not (work / "tuned" / "config.json").is_file():
             write_tuned(work / "base", work / "tuned")
-        print(json.dumps({"total": total}))
-        return
-    try:
-        t0 = time.perf_counter()
-        # Written by a child: a forked child's peak RSS (wait4's ru_maxrss) starts from its parent's RSS
-        # at the fork, so the measuring process must stay small (writing a shard holds ~2 GB, and a
-        # parent that wrote the pair measured 5.3 GB for an extract whose own peak was under 1 GB).
-        writer = subprocess.run([sys.executable, __file__, "--write-only", "--workdir", str(work),
-                                 *(["--quick"] if args.quick else [])], stdout=subprocess.PIPE, check=True)
-        total = json.loads(writer.stdout.decode().strip().splitlines()[-1])["total"]
         t_write = time.perf_counter() - t0
         out = work / "extracted.safetensors"
         cmd = [sys.executable, "-m", "zimage_lora.cli", "extract", "--base", str(work / "base"), "--tuned",
                str(work / "tuned"), "--rank", str(args.rank), "--out", str(out), "--overwrite", "--json"]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        timeline = _sample_rss(proc.pid)
-        _, status, usage = os.wait4(proc.pid, 0)
-        timeline.join(5)
-        wall = time.perf_counter() - t0
-        stdout = proc.stdout.read().decode() if proc.stdout else ""
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        rc = os.waitstatus_to_exitcode(status)
-        peak_gb = usage.ru_maxrss * 1024 / 1e9
-        doc = json.loads(stdout) if rc == 0 else {}
+        run = peak_rss_run(cmd)  # the extract's own peak, not this writer's (see `peak_rss_run`)
+        rc, wall, peak_gb = run.rc, run.wall_s, run.peak_rss_gb
+        doc = json.loads(run.stdout) if rc == 0 else {}
         if rc:
-            print(stderr[-3000:], flush=True)
-        rss, read, at = timeline.peak
-        print(f"sampled VmHWM: peak RSS {rss:.2f} GB after {read:.1f} of {2 * total / 1e9:.1f} GB read, at {at:.0f} s",
-              flush=True)
+            print(run.stderr[-3000:], flush=True)
         verdict = "MET" if rc == 0 and peak_gb < 2.0 else "MISSED"
         ranks = sorted({m["rank"] for m in doc.get("modules", [])})
         rows = [[f"zimage-lora extract --rank {args.rank} (subprocess)", 2 * total / 1e9, peak_gb, wall,

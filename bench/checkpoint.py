@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import md_table
+from _common import md_table, peak_rss_run
 
 from zimage_lora.inventory import default_config, meta_model
 
@@ -85,13 +84,8 @@ def run_checkpoint(workdir: Path, quick: bool = False) -> dict:
     out = workdir / "merged"
     cmd = [sys.executable, "-m", "zimage_lora.cli", "merge", "--model", str(workdir / "ckpt"),
            "--lora", f"{lora}:0.8", "--out", str(out), "--overwrite", "--quiet"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    log = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    rc = os.waitstatus_to_exitcode(status)
-    peak_gb = usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+    run = peak_rss_run(cmd)
+    rc, wall, peak_gb, log = run.rc, run.wall_s, run.peak_rss_gb, run.stdout + run.stderr
     out_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors")) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     print(f"  merge rc={rc} peak RSS {peak_gb:.2f} GB, {wall:.0f} s ({total / 1e9 / wall:.2f} GB/s), "
